@@ -1,0 +1,282 @@
+"""The admin REST API under /api/v1: apply manifests, read and delete objects, devices,
+slices and keys. Request and response bodies are pydantic models, so all of it is in
+/openapi.json."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from gpuvisor.api.oip import principal_of, read_body
+from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from gpuvisor.node import Node
+from gpuvisor.security.keys import KeyInfo, Principal
+from gpuvisor.spec.kinds import TENANT_SCOPED, Deployment, Model, Resource, resource_key
+from gpuvisor.spec.loader import load_documents, resource_from_dict, resource_to_dict, validate_references
+from gpuvisor.store.repo import StoredObject
+from gpuvisor.units import parse_duration
+
+__all__ = ["admin_router"]
+
+PLURALS = {
+    "tenants": "Tenant", "profiles": "Profile", "pools": "Pool", "models": "Model",
+    "deployments": "Deployment",
+}
+_MAX_MANIFEST = 4 << 20
+
+
+class ApplyResult(BaseModel):
+    kind: str
+    name: str
+    tenant: str | None = None
+    outcome: Literal["created", "configured", "unchanged"]
+
+
+class ApplyResponse(BaseModel):
+    results: list[ApplyResult]
+
+
+class ObjectList(BaseModel):
+    items: list[dict[str, Any]]
+
+
+class KeyCreate(BaseModel):
+    role: Literal["admin", "operator", "tenant"] = "tenant"
+    tenant: str | None = None
+    description: str = ""
+    expires_in: str | None = Field(default=None, alias="expiresIn",
+                                   description="lifetime like '30d' is not accepted; use '720h'")
+
+
+class KeyView(BaseModel):
+    id: str
+    role: str
+    tenant: str | None
+    description: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None = None
+
+
+class KeyCreated(KeyView):
+    key: str = Field(description="the secret, shown once")
+
+
+def _key_view(info: KeyInfo) -> dict[str, Any]:
+    return {"id": info.display_id, "role": info.role, "tenant": info.tenant,
+            "description": info.description, "created_at": info.created_at,
+            "expires_at": info.expires_at, "revoked_at": info.revoked_at,
+            "last_used_at": info.last_used_at}
+
+
+def require_admin(principal: Principal) -> None:
+    if principal.role != "admin":
+        raise Forbidden("this needs an admin key (the one in <state>/admin.key)")
+
+
+def _may_write(principal: Principal, resource: Resource) -> None:
+    if principal.role == "admin":
+        return
+    if principal.role == "tenant" and resource.kind in TENANT_SCOPED and resource.metadata.tenant == principal.tenant:
+        return
+    if principal.role == "tenant" and resource.kind in TENANT_SCOPED:
+        raise NotFound(f"tenant '{resource.metadata.tenant}' not found")
+    raise Forbidden(f"a {principal.role} key may not change {resource.kind} objects")
+
+
+def _visible(principal: Principal, tenant: str) -> bool:
+    return principal.role in ("admin", "operator") or (tenant != "" and tenant == principal.tenant)
+
+
+def admin_router(node: Node) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["admin"])
+
+    def store() -> Any:
+        assert node.store is not None
+        return node.store
+
+    async def all_resources() -> list[Resource]:
+        objects = await asyncio.to_thread(store().list)
+        return [resource_from_dict(o.body) for o in objects]
+
+    @router.post("/apply", response_model=ApplyResponse, summary="Apply YAML manifests (multi-document)")
+    async def apply(request: Request) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        raw = await read_body(request, _MAX_MANIFEST)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("manifests must be UTF-8 YAML text") from None
+        source = request.headers.get("x-gpuvisor-source", "request")
+        base = request.headers.get("x-gpuvisor-base-dir")
+        resources = load_documents(text, source=source, base_dir=Path(base) if base else None)
+        if not resources:
+            raise InvalidRequest(f"{source}: no documents to apply")
+        for resource in resources:
+            if resource.kind in ("Node", "Fleet"):
+                raise InvalidRequest(f"{resource.kind} documents are not applied to a running node: "
+                                     "pass a Node file to 'gpuvisor up --config', a Fleet to 'gpuvisor plan'")
+            _may_write(principal, resource)
+        validate_references(resources, await all_resources())
+        objects = [StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources]
+        applied = await asyncio.to_thread(store().apply, objects)
+        if node.controller is not None:
+            await node.controller.reconcile()
+        return {"results": [
+            {"kind": o.kind, "name": o.name, "tenant": o.tenant or None, "outcome": outcome}
+            for o, outcome in applied
+        ]}
+
+    async def _find(principal: Principal, kind: str, name: str, tenant: str | None) -> StoredObject:
+        if kind in TENANT_SCOPED:
+            tenant = tenant or principal.tenant
+            if not tenant:
+                raise InvalidRequest(f"{kind} objects belong to a tenant: add ?tenant=NAME")
+        else:
+            tenant = ""
+        candidates = await asyncio.to_thread(store().list, kind, tenant)
+        for o in candidates:
+            if (o.name == name or (kind == "Model" and o.body["metadata"]["name"] == name)) and (
+                    _visible(principal, o.tenant) or o.tenant == ""):
+                return o  # type: ignore[no-any-return]
+        raise NotFound(f"{kind} '{name}' not found" + (f" in tenant '{tenant}'" if tenant else ""))
+
+    def _with_status(body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("kind") != "Deployment" or node.controller is None:
+            return body
+        tenant, name = body["metadata"].get("tenant", ""), body["metadata"]["name"]
+        slices = node.controller.deployment_slices(tenant, name)
+        ready = sum(1 for s in slices if s.state == "Ready")
+        return {**body, "status": {
+            "replicas": len(slices), "readyReplicas": ready,
+            "unloaded": (tenant, name) in node.controller.unloaded,
+            "slices": [s.to_dict() for s in slices],
+        }}
+
+    # ---- devices, slices, node ------------------------------------------------------------
+
+    @router.get("/devices", summary="Devices this node serves on")
+    async def devices(request: Request) -> dict[str, Any]:
+        principal_of(node, request)
+        assert node.controller is not None
+        items = []
+        for device in node.topology.devices:
+            on_device = [s for s in node.controller.slices.values() if s.device_id == device.id]
+            items.append({**device.to_dict(), "slices": [s.id for s in on_device],
+                          "memoryReserved": sum(s.memory for s in on_device)})
+        return {"items": items}
+
+    @router.get("/slices", summary="Slices (placed replicas) with state and reason")
+    async def slices(request: Request) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        assert node.controller is not None
+        return {"items": [s.to_dict() for s in node.controller.slices.values() if _visible(principal, s.tenant)]}
+
+    @router.get("/status", summary="Node summary")
+    async def status(request: Request) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        assert node.controller is not None
+        visible = [s for s in node.controller.slices.values() if _visible(principal, s.tenant)]
+        states: dict[str, int] = {}
+        for s in visible:
+            states[s.state] = states.get(s.state, 0) + 1
+        return {"ready": node.ready, "startedAt": node.started_at, "devices": len(node.topology.devices),
+                "slices": states, "principal": {"role": principal.role, "tenant": principal.tenant}}
+
+    # ---- keys -------------------------------------------------------------------------------
+
+    @router.post("/keys", response_model=KeyCreated, status_code=201, summary="Create an API key")
+    async def create_key(request: Request, body: KeyCreate) -> dict[str, Any]:
+        require_admin(principal_of(node, request))
+        if body.role == "tenant" and body.tenant:
+            known = await asyncio.to_thread(store().get, "Tenant", "", body.tenant)
+            if known is None:
+                raise InvalidRequest(f"tenant '{body.tenant}' does not exist: apply a Tenant first")
+        expires_at = None
+        if body.expires_in:
+            try:
+                expires_at = datetime.now(timezone.utc) + timedelta(seconds=parse_duration(body.expires_in))
+            except ValueError as exc:
+                raise InvalidRequest(f"expiresIn: {exc}") from None
+        assert node.keys is not None
+        info, secret = await asyncio.to_thread(node.keys.create, body.role, body.tenant, body.description, expires_at)
+        return {**_key_view(info), "key": secret}
+
+    @router.get("/keys", summary="List API keys (never their secrets)")
+    async def list_keys(request: Request, tenant: str | None = None) -> dict[str, Any]:
+        require_admin(principal_of(node, request))
+        assert node.keys is not None
+        infos = await asyncio.to_thread(node.keys.list, tenant)
+        return {"items": [_key_view(i) for i in infos]}
+
+    @router.delete("/keys/{key_id}", summary="Revoke an API key")
+    async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
+        require_admin(principal_of(node, request))
+        assert node.keys is not None
+        plain = key_id.removeprefix("gvk_")
+        if not await asyncio.to_thread(node.keys.revoke, plain):
+            raise NotFound(f"API key {key_id} not found")
+        return {"revoked": f"gvk_{plain}"}
+
+    # generic kinds last: '/{plural}' would otherwise shadow /devices, /slices, /keys
+    @router.get("/{plural}", response_model=ObjectList, summary="List objects of a kind")
+    async def list_objects(request: Request, plural: str, tenant: str | None = None) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        kind = _kind(plural)
+        objects = await asyncio.to_thread(store().list, kind, tenant)
+        items = [_with_status(o.body) for o in objects if _visible(principal, o.tenant)
+                 or (o.tenant == "" and kind in ("Profile", "Pool") or (kind == "Tenant" and o.name == principal.tenant))]
+        return {"items": items}
+
+    @router.get("/{plural}/{name}", summary="Get one object (with status for deployments)")
+    async def get_object(request: Request, plural: str, name: str, tenant: str | None = None) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        kind = _kind(plural)
+        found = await _find(principal, kind, name, tenant)
+        return _with_status(found.body)
+
+    @router.delete("/{plural}/{name}", summary="Delete one object")
+    async def delete_object(request: Request, plural: str, name: str, tenant: str | None = None) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        kind = _kind(plural)
+        found = await _find(principal, kind, name, tenant)
+        _may_write(principal, resource_from_dict(found.body))
+        users = _users_of(await all_resources(), kind, found)
+        if users:
+            raise Conflict(f"{kind} {found.name} is used by {', '.join(users)}: delete or change those first")
+        await asyncio.to_thread(store().delete, kind, found.tenant, found.name)
+        if node.controller is not None:
+            await node.controller.reconcile()
+        return {"deleted": {"kind": kind, "name": found.name, "tenant": found.tenant or None}}
+
+    return router
+
+
+def _kind(plural: str) -> str:
+    kind = PLURALS.get(plural.lower())
+    if kind is None:
+        raise NotFound(f"unknown kind '{plural}' (expected one of {', '.join(PLURALS)})")
+    return kind
+
+
+def _users_of(resources: list[Resource], kind: str, obj: StoredObject) -> list[str]:
+    users = []
+    for r in resources:
+        if isinstance(r, Deployment):
+            if kind == "Profile" and r.spec.profile == obj.name:
+                users.append(f"Deployment {r.metadata.tenant}/{r.metadata.name}")
+            elif kind == "Pool" and r.spec.pool == obj.name:
+                users.append(f"Deployment {r.metadata.tenant}/{r.metadata.name}")
+            elif kind == "Model" and r.metadata.tenant == obj.tenant and r.spec.model_name == obj.body["metadata"]["name"]:
+                users.append(f"Deployment {r.metadata.tenant}/{r.metadata.name}")
+        if kind == "Tenant" and r.kind in TENANT_SCOPED and r.metadata.tenant == obj.name:
+            users.append(f"{r.kind} {r.metadata.tenant}/{r.metadata.name}")
+        if kind == "Pool" and isinstance(r, Model) is False and r.kind == "Tenant" and obj.name in getattr(r.spec, "pools", []):
+            users.append(f"Tenant {r.metadata.name}")
+    return users

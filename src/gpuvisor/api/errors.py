@@ -1,0 +1,75 @@
+"""Error responses: every failure on every route is ``{"error": "..."}`` with a fitting status."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from gpuvisor.errors import GpuvisorError
+
+__all__ = ["error_response", "install_error_handlers"]
+
+log = logging.getLogger("gpuvisor.api")
+
+
+def error_response(status: int, message: str, retry_after: float | None = None, **extra: object) -> Response:
+    """Return a JSON error response in the inference protocol's shape."""
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    body = {"error": message, **{k: v for k, v in extra.items() if v is not None}}
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+async def _gpuvisor_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GpuvisorError)
+    retry_after = getattr(exc, "retry_after", None)
+    fields = {k: v for k, v in exc.fields.items() if k != "retry_after" and _jsonable(v)}
+    log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.http_status, exc.code, exc.message,
+             extra={"request_id": request.headers.get("x-request-id", "")})
+    return error_response(exc.http_status, exc.message, retry_after, code=exc.code, **fields)
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return error_response(exc.status_code, message)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
+        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return error_response(400, "invalid request: " + "; ".join(problems))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(GpuvisorError, _gpuvisor_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,222 @@
+"""The KServe Open Inference Protocol v2 over HTTP, with Triton's binary tensor extension
+and model repository extension, on the caller's own deployments.
+
+The node never decodes tensors: a request body is forwarded as raw bytes to the
+slice's worker, which validates, runs and encodes; the node only authenticates,
+routes, bounds the body size and queues.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gpuvisor import __version__
+from gpuvisor.errors import InvalidRequest, PayloadTooLarge, Unavailable
+from gpuvisor.node import Node
+from gpuvisor.security.keys import Principal, extract_key
+from gpuvisor.units import format_size
+
+__all__ = ["oip_router", "read_body"]
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+_JSON = "application/json"
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=_JSON)
+
+
+def principal_of(node: Node, request: Request) -> Principal:
+    """Authenticate the request's key (``Authorization: Bearer`` or ``X-API-Key``)."""
+    headers = request.headers
+    return node.authenticate(extract_key(headers.get("authorization"), headers.get("x-api-key")))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Return the request body, refusing more than ``limit`` bytes (also after decompression)."""
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLarge(
+        f"request body is over the node's limit of {format_size(limit)} "
+        "(limits.maxBodySize in the node configuration)", limit=limit)
+    if declared is not None:
+        try:
+            declared_size = int(declared)
+        except ValueError:
+            raise InvalidRequest(f"invalid Content-Length header {declared!r}") from None
+        if declared_size > limit:
+            raise too_large
+        body = await request.body()
+    else:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidRequest(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidRequest(f"body is not valid {encoding} data: {exc}") from None
+    if len(plain) > limit or inflater.unconsumed_tail:
+        raise too_large
+    return plain
+
+
+def oip_router(node: Node) -> APIRouter:
+    router = APIRouter(tags=["inference"])
+
+    @router.get("/v2/health/live", summary="Is the node process alive")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @router.get("/v2/health/ready", summary="Is the node ready to serve")
+    async def ready() -> Response:
+        if not node.ready:
+            return _json({"ready": False, "error": "the node is starting or stopping"}, 503)
+        return _json({"ready": True})
+
+    @router.get("/v2", summary="Server metadata")
+    async def server_metadata() -> Response:
+        return _json({"name": "gpuvisor", "version": __version__, "extensions": EXTENSIONS})
+
+    def _metadata(request: Request, name: str, version: str | None) -> Response:
+        principal = principal_of(node, request)
+        dep = node.find_deployment(principal, name, version)
+        assert node.controller is not None
+        info = node.controller.model_info.get((principal.tenant or "", name))
+        if info is None:
+            raise Unavailable(f"model '{name}' has not been loaded yet; try again shortly", retry_after=1.0)
+        return _json({
+            "name": name,
+            "versions": [node.model_version(dep)],
+            "platform": info.platform,
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.outputs],
+        })
+
+    @router.get("/v2/models/{name}", summary="Model metadata")
+    async def model_metadata(request: Request, name: str) -> Response:
+        return _metadata(request, name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}", summary="Model metadata of one version")
+    async def model_version_metadata(request: Request, name: str, version: str) -> Response:
+        return _metadata(request, name, version)
+
+    def _ready(request: Request, name: str, version: str | None) -> Response:
+        principal = principal_of(node, request)
+        dep = node.find_deployment(principal, name, version)
+        assert node.controller is not None
+        is_ready = bool(node.controller.ready_slices(principal.tenant or "", dep.metadata.name))
+        body = {"name": name, "ready": is_ready}
+        if not is_ready:
+            body["error"] = f"model '{name}' is not ready"
+        return _json(body, 200 if is_ready else 400)
+
+    @router.get("/v2/models/{name}/ready", summary="Is the model ready")
+    async def model_ready(request: Request, name: str) -> Response:
+        return _ready(request, name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}/ready", summary="Is this model version ready")
+    async def model_version_ready(request: Request, name: str, version: str) -> Response:
+        return _ready(request, name, version)
+
+    async def _infer(request: Request, name: str, version: str | None) -> Response:
+        principal = principal_of(node, request)
+        dep = node.find_deployment(principal, name, version)
+        body = await read_body(request, node.spec.limits.max_body_size)
+        header_length = -1
+        raw_length = request.headers.get("inference-header-content-length")
+        if raw_length is not None:
+            try:
+                header_length = int(raw_length)
+            except ValueError:
+                raise InvalidRequest(
+                    f"invalid Inference-Header-Content-Length header {raw_length!r}: expected the "
+                    "byte length of the JSON header") from None
+            if not 0 <= header_length <= len(body):
+                raise InvalidRequest(
+                    f"Inference-Header-Content-Length {header_length} is outside the body's "
+                    f"{len(body)} bytes")
+        trace_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        outcome = await node.infer(dep, body, header_length, trace_id)
+        headers = {"X-Request-ID": trace_id}
+        if outcome.header_length >= 0:
+            headers["Inference-Header-Content-Length"] = str(outcome.header_length)
+            media_type = "application/octet-stream"
+        else:
+            media_type = _JSON
+        return Response(outcome.body, status_code=outcome.status, headers=headers, media_type=media_type)
+
+    @router.post("/v2/models/{name}/infer", summary="Run inference")
+    async def infer(request: Request, name: str) -> Response:
+        return await _infer(request, name, None)
+
+    @router.post("/v2/models/{name}/versions/{version}/infer", summary="Run inference on one version")
+    async def infer_version(request: Request, name: str, version: str) -> Response:
+        return await _infer(request, name, version)
+
+    # ---- model repository extension (the caller's own deployments) ------------------------
+
+    @router.post("/v2/repository/index", summary="List the caller's models and their state")
+    async def repository_index(request: Request) -> Response:
+        principal = principal_of(node, request)
+        assert node.controller is not None
+        entries = []
+        for dep in sorted(node.controller.resources_of_kind("Deployment"), key=lambda r: r.metadata.name):
+            tenant = dep.metadata.tenant or ""
+            if principal.tenant is not None and tenant != principal.tenant:
+                continue
+            slices = node.controller.deployment_slices(tenant, dep.metadata.name)
+            ready = any(s.state == "Ready" for s in slices)
+            unloaded = (tenant, dep.metadata.name) in node.controller.unloaded
+            state = "READY" if ready else ("UNAVAILABLE" if unloaded or not slices else "LOADING")
+            reason = "unloaded" if unloaded else "; ".join(s.reason for s in slices if s.reason)
+            entry = {"name": dep.metadata.name, "version": node.model_version(dep), "state": state,
+                     "reason": reason}
+            if principal.tenant is None:
+                entry["tenant"] = tenant
+            entries.append(entry)
+        return _json(entries)
+
+    async def _repository_body(request: Request) -> None:
+        raw = await read_body(request, 1 << 20)
+        if raw.strip():
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidRequest(f"invalid JSON body: {exc}") from None
+            if not isinstance(parsed, dict):
+                raise InvalidRequest("the body must be a JSON object like {\"parameters\": {}}")
+
+    @router.post("/v2/repository/models/{name}/load", summary="Load (start serving) a model")
+    async def repository_load(request: Request, name: str) -> Response:
+        principal = principal_of(node, request)
+        dep = node.find_deployment(principal, name)
+        await _repository_body(request)
+        assert node.controller is not None
+        await node.controller.load(dep.metadata.tenant or "", name)
+        await node.wait_deployment_loaded(dep, timeout=node.spec.workers.start_timeout)
+        return _json({})
+
+    @router.post("/v2/repository/models/{name}/unload", summary="Unload (stop serving) a model")
+    async def repository_unload(request: Request, name: str) -> Response:
+        principal = principal_of(node, request)
+        dep = node.find_deployment(principal, name)
+        await _repository_body(request)
+        assert node.controller is not None
+        await node.controller.unload(dep.metadata.tenant or "", name)
+        return _json({})
+
+    return router

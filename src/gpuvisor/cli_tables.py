@@ -1,0 +1,67 @@
+"""Tables the CLI prints for `gpuvisor get` and `gpuvisor keys list`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from gpuvisor.units import format_size
+
+__all__ = ["render_table"]
+
+
+def _spec(item: dict[str, Any], *path: str) -> Any:
+    value: Any = item.get("spec", {})
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _size(value: Any) -> str:
+    return format_size(value) if isinstance(value, (int, float)) else "-"
+
+
+_COLUMNS: dict[str, list[tuple[str, Any]]] = {
+    "tenants": [("NAME", lambda i: i["metadata"]["name"]), ("WEIGHT", lambda i: _spec(i, "weight")),
+                ("MEMORY QUOTA", lambda i: _size(_spec(i, "quota", "memory")))],
+    "profiles": [("NAME", lambda i: i["metadata"]["name"]), ("MEMORY", lambda i: _size(_spec(i, "memory"))),
+                 ("SHARE", lambda i: _spec(i, "computeShare")), ("ISOLATION", lambda i: _spec(i, "isolation")),
+                 ("CLASS", lambda i: _spec(i, "latencyClass"))],
+    "pools": [("NAME", lambda i: i["metadata"]["name"]), ("TENANCY", lambda i: _spec(i, "tenancy")),
+              ("SCHEDULER", lambda i: _spec(i, "scheduler")), ("SELECTOR", lambda i: _spec(i, "selector"))],
+    "models": [("TENANT", lambda i: i["metadata"].get("tenant")), ("NAME", lambda i: i["metadata"]["name"]),
+               ("VERSION", lambda i: _spec(i, "version")), ("FORMAT", lambda i: _spec(i, "format")),
+               ("SOURCE", lambda i: _spec(i, "source"))],
+    "deployments": [("TENANT", lambda i: i["metadata"].get("tenant")), ("NAME", lambda i: i["metadata"]["name"]),
+                    ("MODEL", lambda i: _spec(i, "model")), ("PROFILE", lambda i: _spec(i, "profile")),
+                    ("READY", lambda i: f"{i.get('status', {}).get('readyReplicas', 0)}/{_spec(i, 'replicas')}"),
+                    ("REASON", lambda i: "; ".join(s["reason"] for s in i.get("status", {}).get("slices", []) if s["reason"]))],
+    "devices": [("ID", lambda i: i["id"]), ("KIND", lambda i: i["kind"]), ("MODEL", lambda i: i["model"]),
+                ("MEMORY", lambda i: _size(i.get("memory_total"))),
+                ("RESERVED", lambda i: _size(i.get("memoryReserved"))),
+                ("THREADS/SMS", lambda i: i.get("threads") or i.get("sm_count") or "-"),
+                ("NUMA", lambda i: i.get("numa_node")), ("MIG", lambda i: "on" if i.get("mig_mode") else "off"),
+                ("HEALTHY", lambda i: "yes" if i.get("healthy", True) else "no"),
+                ("SLICES", lambda i: len(i.get("slices", [])))],
+    "slices": [("ID", lambda i: i["id"]), ("DEVICE", lambda i: i.get("device") or "-"),
+               ("STATE", lambda i: i["state"]), ("PID", lambda i: i.get("pid") or "-"),
+               ("RESTARTS", lambda i: i.get("restarts")), ("QUEUED", lambda i: i.get("queued")),
+               ("REASON", lambda i: i.get("reason"))],
+    "keys": [("ID", lambda i: i["id"]), ("ROLE", lambda i: i["role"]), ("TENANT", lambda i: i.get("tenant") or "-"),
+             ("CREATED", lambda i: str(i.get("created_at", ""))[:19]),
+             ("EXPIRES", lambda i: str(i.get("expires_at") or "-")[:19]),
+             ("REVOKED", lambda i: str(i.get("revoked_at") or "-")[:19]),
+             ("DESCRIPTION", lambda i: i.get("description"))],
+}
+
+
+def render_table(kind: str, items: list[dict[str, Any]]) -> Table:
+    """Return a rich table of ``items`` with the columns that matter for ``kind``."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns = _COLUMNS[kind]
+    for header, _ in columns:
+        table.add_column(header, overflow="fold")
+    for item in items:
+        table.add_row(*("" if (v := getter(item)) is None else str(v) for _, getter in columns))
+    return table

@@ -1,0 +1,67 @@
+"""A small client for a running node's admin API, used by the CLI (like kubectl's)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gpuvisor.errors import ConfigError, GpuvisorError, Unauthenticated, error_from_code
+from gpuvisor.security.keys import read_admin_key
+
+__all__ = ["DEFAULT_STATE", "DEFAULT_URL", "NodeClient", "resolve_state_dir"]
+
+DEFAULT_URL = "http://127.0.0.1:8700"
+DEFAULT_STATE = "~/.gpuvisor"
+
+
+def resolve_state_dir(state: str | None) -> Path:
+    """Return the state directory: ``--state``, else GPUVISOR_STATE, else ~/.gpuvisor."""
+    return Path(state or os.environ.get("GPUVISOR_STATE") or DEFAULT_STATE).expanduser()
+
+
+class NodeClient:
+    """Talks to the node at ``url`` with ``key`` (else GPUVISOR_KEY, else the state dir's admin key)."""
+
+    def __init__(self, url: str | None = None, key: str | None = None, state: str | None = None,
+                 timeout: float = 300.0) -> None:
+        self.url = (url or os.environ.get("GPUVISOR_URL") or DEFAULT_URL).rstrip("/")
+        state_dir = resolve_state_dir(state)
+        self.key = key or os.environ.get("GPUVISOR_KEY") or read_admin_key(state_dir)
+        if not self.key:
+            raise ConfigError(
+                f"no API key: pass --key, set GPUVISOR_KEY, or start the node once so that "
+                f"{state_dir / 'admin.key'} exists")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {self.key}"})
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a request; return the decoded JSON; raise the node's error as a GpuvisorError."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise ConfigError(
+                f"cannot reach a gpuvisor node at {self.url}: is 'gpuvisor up' running? "
+                "(use --url or GPUVISOR_URL for another address)") from None
+        except httpx.TimeoutException:
+            raise GpuvisorError(f"the node at {self.url} did not answer in time") from None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                message, code = body.get("error", response.text), body.get("code", "")
+            except ValueError:
+                message, code = response.text, ""
+            if response.status_code == 401:
+                raise Unauthenticated(message)
+            error = error_from_code(code, message) if code else GpuvisorError(message)
+            error.http_status = response.status_code
+            raise error
+        return response.json()
+
+    def apply(self, text: str, source: str, base_dir: Path | None) -> Any:
+        headers = {"Content-Type": "application/yaml", "X-Gpuvisor-Source": source}
+        if base_dir is not None:
+            headers["X-Gpuvisor-Base-Dir"] = str(base_dir.resolve())
+        return self.request("POST", "/api/v1/apply", content=text.encode(), headers=headers)

@@ -1,0 +1,287 @@
+"""The reconcile loop: make the slices this node runs match the deployments in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from gpuvisor.control.slices import SliceState, SliceSupervisor
+from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.queues import SliceQueue
+from gpuvisor.inventory.device import Device, Topology
+from gpuvisor.placement.placer import PlacedSlice, SliceRequest, place_slice
+from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
+from gpuvisor.spec.kinds import DEFAULT_POOL, Deployment, Model, Pool, Profile, Resource, Tenant
+from gpuvisor.spec.loader import find_model, resource_from_dict
+from gpuvisor.store.repo import Store
+from gpuvisor.telemetry.metrics import Metrics
+
+__all__ = ["Controller", "DesiredSlice"]
+
+log = logging.getLogger("gpuvisor.control")
+
+
+@dataclass(frozen=True)
+class DesiredSlice:
+    """One replica the store asks for, fully resolved (or with the reason it cannot be)."""
+
+    slice_id: str
+    tenant: str
+    deployment: Deployment
+    replica: int
+    spec_hash: str
+    model: Model | None
+    profile: Profile | None
+    pool: Pool | None
+    problem: str = ""
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _profile_batch_sizes(max_batch: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch)
+    return sizes
+
+
+def desired_slices(resources: Sequence[Resource], unloaded: set[tuple[str, str]]) -> list[DesiredSlice]:
+    """Return every replica the resources ask for, resolving model, profile and pool."""
+    models = [r for r in resources if isinstance(r, Model)]
+    profiles = {r.metadata.name: r for r in resources if isinstance(r, Profile)}
+    pools = {r.metadata.name: r for r in resources if isinstance(r, Pool)}
+    tenants = {r.metadata.name for r in resources if isinstance(r, Tenant)}
+    out: list[DesiredSlice] = []
+    for dep in (r for r in resources if isinstance(r, Deployment)):
+        tenant = dep.metadata.tenant or ""
+        if (tenant, dep.metadata.name) in unloaded:
+            continue
+        model = find_model(models, tenant, dep.spec.model_name, dep.spec.model_version)
+        profile = profiles.get(dep.spec.profile)
+        pool = pools.get(dep.spec.pool)
+        problem = ""
+        if tenant not in tenants:
+            problem = f"tenant '{tenant}' does not exist"
+        elif model is None:
+            problem = f"model '{dep.spec.model}' not found in tenant '{tenant}'"
+        elif profile is None:
+            problem = f"profile '{dep.spec.profile}' not found"
+        elif pool is None and dep.spec.pool != DEFAULT_POOL:
+            problem = f"pool '{dep.spec.pool}' not found"
+        spec_hash = _hash(
+            dep.spec.model_dump(mode="json"),
+            model.spec.model_dump(mode="json") if model else None,
+            profile.spec.model_dump(mode="json") if profile else None,
+            pool.spec.model_dump(mode="json") if pool else None,
+        )
+        for replica in range(dep.spec.replicas):
+            out.append(DesiredSlice(f"{tenant}/{dep.metadata.name}/{replica}", tenant, dep, replica,
+                                    spec_hash, model, profile, pool, problem))
+    return out
+
+
+class Controller:
+    """Reconciles desired slices (from the store) with running ones, on demand and periodically."""
+
+    def __init__(
+        self,
+        store: Store,
+        topology: Topology,
+        pool: WorkerPool,
+        dispatchers: dict[str, DeviceDispatcher],
+        metrics: Metrics,
+        cluster: str = "local",
+        backoff: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.topology = topology
+        self.pool = pool
+        self.dispatchers = dispatchers
+        self.metrics = metrics
+        self.cluster = cluster
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.slices: dict[str, SliceState] = {}
+        self.supervisors: dict[str, SliceSupervisor] = {}
+        self.unloaded: set[tuple[str, str]] = set()
+        self.model_info: dict[tuple[str, str], p.ModelLoaded] = {}
+        self.resources: list[Resource] = []
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- queries used by the API --------------------------------------------------------
+
+    def deployment_slices(self, tenant: str, deployment: str) -> list[SliceState]:
+        return [s for s in self.slices.values() if s.tenant == tenant and s.deployment == deployment]
+
+    def ready_slices(self, tenant: str, deployment: str) -> list[SliceState]:
+        return [s for s in self.deployment_slices(tenant, deployment) if s.state == "Ready" and s.queue]
+
+    def find_deployment(self, tenant: str, name: str) -> Deployment | None:
+        for r in self.resources:
+            if isinstance(r, Deployment) and r.metadata.tenant == tenant and r.metadata.name == name:
+                return r
+        return None
+
+    def resources_of_kind(self, kind: str) -> list[Resource]:
+        return [r for r in self.resources if r.kind == kind]
+
+    def tenant_weight(self, tenant: str) -> float:
+        for r in self.resources:
+            if isinstance(r, Tenant) and r.metadata.name == tenant:
+                return r.spec.weight
+        return 1.0
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def start(self, period: float) -> None:
+        self._task = asyncio.create_task(self._loop(period), name="controller")
+
+    async def _loop(self, period: float) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile failed; trying again in %.1fs", period)
+            await asyncio.sleep(period)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        async with self._lock:
+            await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
+            self.supervisors.clear()
+
+    async def reconcile(self) -> None:
+        """Bring running slices in line with the store: stop what is gone or changed, start what is new."""
+        objects = await asyncio.to_thread(self.store.list)
+        resources = [resource_from_dict(o.body) for o in objects]
+        async with self._lock:
+            self.resources = resources
+            desired = {d.slice_id: d for d in desired_slices(resources, self.unloaded)}
+            stale = [sid for sid, s in self.slices.items()
+                     if sid not in desired or desired[sid].spec_hash != s.spec_hash]
+            for sid in stale:
+                await self._stop_slice(sid)
+            for sid, want in desired.items():
+                current = self.slices.get(sid)
+                if current is None or (current.state == "Pending" and sid not in self.supervisors):
+                    self._start_slice(want)
+            self._publish_slice_counts()
+
+    def _placed(self, exclude: str) -> list[PlacedSlice]:
+        return [PlacedSlice(s.id, s.tenant, s.device_id, s.memory, s.compute_share, s.isolation)
+                for s in self.slices.values() if s.device_id is not None and s.id != exclude]
+
+    def _start_slice(self, want: DesiredSlice) -> None:
+        dep = want.deployment
+        profile = want.profile
+        state = SliceState(
+            id=want.slice_id, tenant=want.tenant, deployment=dep.metadata.name, replica=want.replica,
+            spec_hash=want.spec_hash, pool=dep.spec.pool, profile=dep.spec.profile,
+            memory=profile.spec.memory if profile else 0,
+            compute_share=profile.spec.compute_share if profile else 0.0,
+            isolation=profile.spec.isolation if profile else "process",
+            latency_class=profile.spec.latency_class if profile else "standard",
+            model_name=want.model.metadata.name if want.model else dep.spec.model_name,
+            model_version=want.model.spec.version if want.model else (dep.spec.model_version or "?"),
+        )
+        self.slices[state.id] = state
+        if want.problem or want.model is None or profile is None:
+            state.set_state("Pending", want.problem)
+            return
+        selector = want.pool.spec.selector if want.pool else {}
+        tenancy = want.pool.spec.tenancy if want.pool else "shared"
+        result = place_slice(
+            SliceRequest(state.id, state.tenant, state.pool, state.memory, state.compute_share, state.isolation),
+            self.topology.devices, self._placed(state.id), selector, tenancy,
+        )
+        if result.device_id is None:
+            state.set_state("Pending", result.explain())
+            return
+        device = self.topology.get(result.device_id)
+        state.device_id = device.id
+        launch = self._launch(state, want.model, dep, device)
+        sup = SliceSupervisor(
+            state, launch, self.pool, self.dispatchers[device.id], self.metrics, self._make_queue,
+            self.backoff, self.backoff_max, on_ready=self._remember_model,
+        )
+        self.supervisors[state.id] = sup
+        sup.start()
+
+    def _launch(self, state: SliceState, model: Model, dep: Deployment, device: Device) -> SliceLaunch:
+        max_batch = dep.spec.batching.max_batch_size
+        if model.spec.max_batch_size:
+            max_batch = min(max_batch, model.spec.max_batch_size)
+        load = p.LoadModel(
+            slice_id=state.id,
+            model_name=dep.metadata.name,
+            model_version=model.spec.version,
+            format=model.spec.format,
+            path=model.spec.source,
+            sha256=model.spec.sha256,
+            device_kind="cuda" if device.backend == "nvml" else "cpu",
+            device_index=device.index or 0,
+            threads=device.threads,
+            memory_limit=state.memory,
+            max_batch_size=max_batch,
+            declared_inputs=[p.TensorInfo(t.name, t.datatype, list(t.shape)) for t in model.spec.inputs]
+            if model.spec.inputs else None,
+            declared_outputs=[p.TensorInfo(t.name, t.datatype, list(t.shape)) for t in model.spec.outputs]
+            if model.spec.outputs else None,
+            profile_batch_sizes=_profile_batch_sizes(max_batch),
+        )
+        state.launch = load
+        return SliceLaunch(state.id, state.tenant, device.id, state.isolation, load)
+
+    def _make_queue(self, state: SliceState) -> SliceQueue:
+        dep = self.find_deployment(state.tenant, state.deployment)
+        batching = dep.spec.batching if dep else None
+        max_batch = state.launch.max_batch_size if state.launch else 1
+        if state.loaded is not None and not state.loaded.batchable:
+            max_batch = 1
+        return SliceQueue(
+            slice_id=state.id, tenant=state.tenant, deployment=state.deployment, pool=state.pool,
+            profile=state.profile, latency_class=state.latency_class, max_batch_size=max_batch,
+            max_queue_delay=batching.max_queue_delay if batching else 0.0,
+        )
+
+    def _remember_model(self, state: SliceState) -> None:
+        if state.loaded is not None:
+            self.model_info[(state.tenant, state.deployment)] = state.loaded
+
+    async def _stop_slice(self, slice_id: str) -> None:
+        sup = self.supervisors.pop(slice_id, None)
+        if sup is not None:
+            await sup.stop()
+        self.slices.pop(slice_id, None)
+
+    def _publish_slice_counts(self) -> None:
+        self.metrics.slices.clear()
+        for s in self.slices.values():
+            self.metrics.slices.labels(s.tenant, s.deployment, s.state).inc()
+
+    # ---- model repository extension -----------------------------------------------------
+
+    async def unload(self, tenant: str, deployment: str) -> None:
+        self.unloaded.add((tenant, deployment))
+        await self.reconcile()
+
+    async def load(self, tenant: str, deployment: str) -> None:
+        self.unloaded.discard((tenant, deployment))
+        await self.reconcile()

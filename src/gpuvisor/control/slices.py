@@ -1,0 +1,188 @@
+"""Actual state: the slices this node runs, and the supervisor that keeps each one serving."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.queues import SliceQueue
+from gpuvisor.errors import ModelError, Unavailable, WorkerCrashed
+from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
+from gpuvisor.telemetry.metrics import Metrics
+from gpuvisor.units import format_size
+
+__all__ = ["SliceState", "SliceSupervisor"]
+
+log = logging.getLogger("gpuvisor.control")
+
+
+@dataclass(eq=False)
+class SliceState:
+    """One replica of a deployment: where it is placed, its state and why."""
+
+    id: str
+    tenant: str
+    deployment: str
+    replica: int
+    spec_hash: str
+    pool: str
+    profile: str
+    memory: int
+    compute_share: float
+    isolation: str
+    latency_class: str
+    model_name: str
+    model_version: str
+    launch: p.LoadModel | None = None
+    device_id: str | None = None
+    state: str = "Pending"  # Pending | Loading | Ready | Restarting | Failed | Stopping
+    reason: str = ""
+    worker_pid: int | None = None
+    restarts: int = 0
+    loaded: p.ModelLoaded | None = None
+    queue: SliceQueue | None = None
+    since: float = field(default_factory=time.time)
+
+    def set_state(self, state: str, reason: str = "") -> None:
+        if state != self.state or reason != self.reason:
+            self.since = time.time()
+        self.state, self.reason = state, reason
+
+    def to_dict(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "deployment": self.deployment,
+            "replica": self.replica,
+            "device": self.device_id,
+            "state": self.state,
+            "reason": self.reason,
+            "pid": self.worker_pid,
+            "restarts": self.restarts,
+            "profile": self.profile,
+            "pool": self.pool,
+            "isolation": self.isolation,
+            "latencyClass": self.latency_class,
+            "memory": self.memory,
+            "computeShare": self.compute_share,
+            "model": f"{self.model_name}@{self.model_version}",
+            "queued": len(self.queue.items) if self.queue else 0,
+            "rssBytes": loaded.rss_bytes if loaded else None,
+            "profileSeconds": {str(k): v for k, v in loaded.profile.items()} if loaded else {},
+            "since": self.since,
+        }
+
+
+class SliceSupervisor:
+    """Loads a slice, registers it with its device's dispatcher, and restarts its worker with
+    exponential backoff whenever it exits, until the slice is stopped."""
+
+    def __init__(
+        self,
+        slice_: SliceState,
+        launch: SliceLaunch,
+        pool: WorkerPool,
+        dispatcher: DeviceDispatcher,
+        metrics: Metrics,
+        make_queue: Callable[[SliceState], SliceQueue],
+        backoff: float = 0.5,
+        backoff_max: float = 30.0,
+        on_ready: Callable[[SliceState], None] | None = None,
+    ) -> None:
+        self.slice = slice_
+        self.launch = launch
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.make_queue = make_queue
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.on_ready = on_ready
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"supervise-{self.slice.id}")
+
+    async def stop(self) -> None:
+        """Stop serving: fail what is queued, unload the model, end the supervisor."""
+        self.stopping = True
+        self.slice.set_state("Stopping")
+        self.dispatcher.remove_slice(self.slice.id, Unavailable(f"slice {self.slice.id} is stopping"))
+        await self.pool.unload_slice(self.slice.id)
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def _run(self) -> None:
+        s = self.slice
+        delay = self.backoff
+        while not self.stopping:
+            s.set_state("Loading", "starting worker and loading the model")
+            try:
+                loaded, worker = await self.pool.load_slice(self.launch)
+            except ModelError as exc:
+                s.set_state("Failed", exc.message)
+                log.warning("slice %s failed to load: %s", s.id, exc.message, extra={"tenant": s.tenant})
+                return
+            except Unavailable as exc:
+                s.set_state("Restarting", f"{exc.message}; retrying in {delay:.1f}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            over = self._memory_overrun(loaded)
+            if over:
+                s.set_state("Failed", over)
+                await self.pool.unload_slice(s.id)
+                return
+            s.loaded, s.worker_pid = loaded, worker.pid
+            s.queue = self.make_queue(s)
+            self.dispatcher.add_slice(s.queue)
+            s.set_state("Ready")
+            self._observe_memory(loaded)
+            if self.on_ready is not None:
+                self.on_ready(s)
+            log.info("slice %s ready on %s (worker pid %d, load %.2fs)", s.id, s.device_id,
+                     worker.pid, loaded.load_seconds, extra={"tenant": s.tenant})
+            started = time.monotonic()
+            code = await asyncio.shield(worker.exited)
+            self.dispatcher.remove_slice(
+                s.id, WorkerCrashed(f"the worker of {s.deployment} exited (code {code}); it is being restarted",
+                                    retry_after=max(1.0, delay)),
+            )
+            s.worker_pid = None
+            if self.stopping:
+                return
+            if time.monotonic() - started > 30.0:
+                delay = self.backoff  # it ran stably: start the backoff over
+            s.restarts += 1
+            self.metrics.worker_restarts.labels(s.tenant, s.deployment).inc()
+            s.set_state("Restarting", f"worker exited with code {code}; restarting in {delay:.1f}s")
+            log.warning("worker of slice %s exited with code %s; restarting in %.1fs", s.id, code, delay,
+                        extra={"tenant": s.tenant})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+
+    def _memory_overrun(self, loaded: p.ModelLoaded) -> str | None:
+        s = self.slice
+        if s.isolation != "process" or self.launch.load.device_kind != "cpu":
+            return None
+        if loaded.rss_bytes > s.memory:
+            return (f"worker uses {format_size(loaded.rss_bytes)} after loading the model, over the "
+                    f"{format_size(s.memory)} memory cap of profile '{s.profile}'; use a larger profile")
+        return None
+
+    def _observe_memory(self, loaded: p.ModelLoaded) -> None:
+        s = self.slice
+        labels = (s.device_id or "", s.tenant, s.deployment, s.id)
+        self.metrics.slice_memory_limit.labels(*labels).set(s.memory)
+        self.metrics.slice_memory_used.labels(*labels).set(loaded.rss_bytes)

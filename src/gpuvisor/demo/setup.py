@@ -1,0 +1,57 @@
+"""The demo a first `gpuvisor up` starts: sample models, the demo manifests, tenant keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from gpuvisor.demo.models import build_demo_models
+from gpuvisor.security.keys import KeyRing
+from gpuvisor.spec.kinds import Tenant, resource_key
+from gpuvisor.spec.loader import load_documents, resource_from_dict, resource_to_dict, validate_references
+from gpuvisor.store.repo import Store, StoredObject
+
+__all__ = ["DemoState", "prepare_demo"]
+
+
+class DemoState:
+    """Where the demo's files live under the state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "demo"
+        self.manifest = self.dir / "demo.yaml"
+        self.models = self.dir / "models"
+        self.keys_file = self.dir / "tenant-keys.json"
+
+    def tenant_keys(self) -> dict[str, str]:
+        if not self.keys_file.exists():
+            return {}
+        return dict(json.loads(self.keys_file.read_text()))
+
+
+def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
+    """Build the demo models, apply the demo manifests and create one key per demo tenant.
+
+    Idempotent: an existing demo is left as it is. Returns where the demo lives.
+    """
+    demo = DemoState(state_dir)
+    demo.models.mkdir(parents=True, exist_ok=True)
+    build_demo_models(demo.models)
+    packaged = resources.files("gpuvisor.demo").joinpath("demo.yaml")
+    with resources.as_file(packaged) as path:
+        shutil.copyfile(path, demo.manifest)
+    docs = load_documents(demo.manifest.read_text(), source=str(demo.manifest), base_dir=demo.dir)
+    existing = [resource_from_dict(o.body) for o in store.list()]
+    validate_references(docs, existing)
+    store.apply([StoredObject(*resource_key(d), body=resource_to_dict(d)) for d in docs])
+    tenant_keys = demo.tenant_keys()
+    for doc in docs:
+        if isinstance(doc, Tenant) and doc.metadata.name not in tenant_keys:
+            _, secret = keys.create("tenant", doc.metadata.name, description="demo key")
+            tenant_keys[doc.metadata.name] = secret
+    demo.keys_file.write_text(json.dumps(tenant_keys, indent=2))
+    os.chmod(demo.keys_file, 0o600)
+    return demo

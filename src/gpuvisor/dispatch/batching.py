@@ -1,0 +1,36 @@
+"""Dynamic batching decisions: when a slice's queue is ready, and which requests form its batch."""
+
+from __future__ import annotations
+
+from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
+
+__all__ = ["ready_at", "take_batch"]
+
+
+def ready_at(queue: SliceQueue) -> float:
+    """Return the monotonic time at which the queue's next batch may be granted.
+
+    A batch is ready once it is full (``max_batch_size`` rows queued) or once its
+    oldest request has waited ``max_queue_delay``; an empty queue is never ready.
+    """
+    if not queue.items:
+        return float("inf")
+    if queue.queued_rows >= queue.max_batch_size:
+        return queue.head_arrival
+    return queue.head_arrival + queue.max_queue_delay
+
+
+def take_batch(queue: SliceQueue, max_rows: int | None = None) -> list[PendingRequest]:
+    """Pop the requests of the next batch: at least one, then as many as fit in ``max_rows``.
+
+    ``max_rows`` defaults to the slice's ``max_batch_size``; a scheduler passes less to
+    keep a batch inside its time quantum.
+    """
+    limit = queue.max_batch_size if max_rows is None else max(1, min(max_rows, queue.max_batch_size))
+    batch = [queue.pop()]
+    rows = batch[0].rows
+    while queue.items and rows + queue.items[0].rows <= limit:
+        request = queue.pop()
+        rows += request.rows
+        batch.append(request)
+    return batch

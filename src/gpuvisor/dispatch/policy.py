@@ -1,0 +1,39 @@
+"""Scheduling policies behind one small interface: which ready slice gets the device next."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from gpuvisor.dispatch.queues import SliceQueue
+
+__all__ = ["DispatchPolicy", "FifoPolicy"]
+
+
+class DispatchPolicy(Protocol):
+    """Chooses among slices whose batches are ready; told how much device time each batch used."""
+
+    def choose(self, candidates: Sequence[SliceQueue], now: float) -> SliceQueue | None:
+        """Return the slice to grant next, or None to leave the device idle."""
+        ...
+
+    def batch_rows(self, queue: SliceQueue) -> int:
+        """Return the most rows the next batch of ``queue`` may hold."""
+        ...
+
+    def charge(self, queue: SliceQueue, device_seconds: float, now: float) -> None:
+        """Record that a batch of ``queue`` held the device for ``device_seconds``."""
+        ...
+
+
+class FifoPolicy:
+    """First come, first served across slices: the oldest waiting request goes next."""
+
+    def choose(self, candidates: Sequence[SliceQueue], now: float) -> SliceQueue | None:
+        return min(candidates, key=lambda q: q.head_arrival, default=None)
+
+    def batch_rows(self, queue: SliceQueue) -> int:
+        return queue.max_batch_size
+
+    def charge(self, queue: SliceQueue, device_seconds: float, now: float) -> None:
+        return None

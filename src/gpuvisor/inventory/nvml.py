@@ -1,0 +1,147 @@
+"""Real NVIDIA GPUs found through NVML (the nvidia-ml-py ``pynvml`` module)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from gpuvisor.inventory.device import Device
+from gpuvisor.inventory.simulated import match_nvml_name
+
+__all__ = ["discover_nvml", "sysfs_bus_id"]
+
+logger = logging.getLogger("gpuvisor.inventory")
+
+# CUDA cores per streaming multiprocessor by compute capability major version, used to derive
+# the SM count when NVML cannot report device attributes (it only does on some drivers/devices).
+_CORES_PER_SM = {6: 64, 7: 64, 8: 64, 9: 128, 10: 128, 12: 128}
+# Compute capabilities whose SMs differ from their major version's default.
+_CORES_PER_SM_EXACT = {(6, 1): 128, (8, 6): 128, (8, 7): 128, (8, 9): 128}
+
+
+def sysfs_bus_id(nvml_bus_id: str) -> str:
+    """Return NVML's bus id (``00000000:3B:00.0``) in the sysfs form (``0000:3b:00.0``)."""
+    domain, _, rest = nvml_bus_id.strip().partition(":")
+    if not rest:
+        return nvml_bus_id.strip().lower()
+    return f"{int(domain, 16):04x}:{rest.lower()}"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _reason_for(nvml: Any, error: Exception) -> str:
+    code = getattr(error, "value", None)
+    if code == nvml.NVML_ERROR_LIBRARY_NOT_FOUND:
+        return "NVML library not found"
+    if code == nvml.NVML_ERROR_DRIVER_NOT_LOADED:
+        return "NVIDIA driver not loaded"
+    if code == nvml.NVML_ERROR_NO_PERMISSION:
+        return "no permission to use NVML"
+    return f"NVML initialisation failed: {error}"
+
+
+def _sm_count(nvml: Any, handle: Any, nvml_name: str) -> int | None:
+    try:
+        count = int(nvml.nvmlDeviceGetAttributes(handle).multiprocessorCount)
+        if count > 0:
+            return count
+    except (nvml.NVMLError, AttributeError):
+        pass
+    try:
+        cores = int(nvml.nvmlDeviceGetNumGpuCores(handle))
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        per_sm = _CORES_PER_SM_EXACT.get((major, minor), _CORES_PER_SM.get(major))
+        if per_sm and cores > 0:
+            return cores // per_sm
+    except (nvml.NVMLError, AttributeError):
+        pass
+    catalogued = match_nvml_name(nvml_name)
+    return catalogued.sm_count if catalogued else None
+
+
+def _numa_node(nvml: Any, handle: Any, bus_id: str | None, sysfs_root: Path) -> int | None:
+    if hasattr(nvml, "nvmlDeviceGetNumaNodeId"):
+        try:
+            node = int(nvml.nvmlDeviceGetNumaNodeId(handle))
+            return node if node >= 0 else None
+        except nvml.NVMLError:
+            pass
+    if bus_id is None:
+        return None
+    try:
+        node = int((sysfs_root / "bus/pci/devices" / bus_id / "numa_node").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return node if node >= 0 else None
+
+
+def _describe_gpu(nvml: Any, index: int, sysfs_root: Path) -> Device:
+    """Return one GPU's device; a GPU NVML cannot describe comes back unhealthy."""
+    device_id = f"gpu-{index}"
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        nvml_name = _text(nvml.nvmlDeviceGetName(handle))
+        gpu_uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        memory_total = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except nvml.NVMLError as error:
+        logger.warning(
+            "GPU %d cannot be described by NVML (%s); marking %s unhealthy", index, error, device_id
+        )
+        return Device(device_id, "gpu", "nvml", "unknown", 0, healthy=False, index=index)
+    bus_id: str | None
+    try:
+        bus_id = sysfs_bus_id(_text(nvml.nvmlDeviceGetPciInfo(handle).busId))
+    except nvml.NVMLError:
+        bus_id = None
+    try:
+        mig_mode = nvml.nvmlDeviceGetMigMode(handle)[0] == nvml.NVML_DEVICE_MIG_ENABLE
+    except nvml.NVMLError:
+        mig_mode = False  # NOT_SUPPORTED on GPUs without MIG
+    catalogued = match_nvml_name(nvml_name)
+    return Device(
+        id=device_id,
+        kind="gpu",
+        backend="nvml",
+        # The catalogue name lets one Pool selector match real and simulated GPUs alike.
+        model=catalogued.name if catalogued else nvml_name,
+        memory_total=memory_total,
+        uuid=gpu_uuid,
+        sm_count=_sm_count(nvml, handle, nvml_name),
+        numa_node=_numa_node(nvml, handle, bus_id, sysfs_root),
+        pci_bus_id=bus_id,
+        mig_mode=mig_mode,
+        index=index,
+    )
+
+
+def discover_nvml(sysfs_root: Path = Path("/sys")) -> tuple[list[Device], str | None]:
+    """Return the GPUs NVML reports (ids ``gpu-<nvml index>``) and, when none, the reason why.
+
+    Never raises for a missing library, driver or GPU: the reason says which (e.g. "NVML
+    library not found"). NVML is always shut down again before returning.
+    """
+    try:
+        nvml: Any = importlib.import_module("pynvml")
+    except ImportError:
+        return [], "nvidia-ml-py (pynvml) is not installed"
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as error:
+        return [], _reason_for(nvml, error)
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+        devices = [_describe_gpu(nvml, index, sysfs_root) for index in range(count)]
+    except nvml.NVMLError as error:
+        return [], f"NVML could not list GPUs: {error}"
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError as error:
+            logger.debug("nvmlShutdown failed: %s", error)
+    if not devices:
+        return [], "NVML reports no GPUs"
+    return devices, None

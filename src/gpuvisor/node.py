@@ -1,0 +1,215 @@
+"""The node: one process that owns the store, the devices, the workers, the dispatchers and
+the controller, and answers the request path for the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpuvisor import __version__
+from gpuvisor.control.controller import Controller
+from gpuvisor.control.slices import SliceState
+from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.policy import FifoPolicy
+from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
+from gpuvisor.errors import NotFound, Unavailable
+from gpuvisor.inventory.device import Topology
+from gpuvisor.inventory.discovery import discover
+from gpuvisor.runtime.pool import WorkerPool
+from gpuvisor.security.keys import KeyRing, Principal
+from gpuvisor.spec.kinds import Deployment, NodeSpec
+from gpuvisor.store.db import default_url
+from gpuvisor.store.repo import Store
+from gpuvisor.telemetry.metrics import Metrics
+
+__all__ = ["Node", "NodeOptions"]
+
+log = logging.getLogger("gpuvisor.node")
+
+
+@dataclass
+class NodeOptions:
+    """How to run a node: its configuration, where its state lives, where it listens."""
+
+    spec: NodeSpec = field(default_factory=NodeSpec)
+    state_dir: Path = Path("~/.gpuvisor").expanduser()
+    db_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8700
+
+
+class Node:
+    """Composition root of a running node; the HTTP layer calls into it."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.spec = options.spec
+        self.state_dir = options.state_dir
+        self.metrics = Metrics()
+        self.metrics.build_info.info({"version": __version__})
+        self.store: Store | None = None
+        self.keys: KeyRing | None = None
+        self.topology = Topology([])
+        self.pool: WorkerPool | None = None
+        self.dispatchers: dict[str, DeviceDispatcher] = {}
+        self.controller: Controller | None = None
+        self.admin_key_created: str | None = None
+        self.ready = False
+        self.started_at = 0.0
+        self._request_ids = itertools.count(1)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, discover devices, start dispatchers and workers; ready when this returns."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        url = self.options.db_url or default_url(self.state_dir)
+        self.store = await asyncio.to_thread(Store, url)
+        self.keys = KeyRing(self.store)
+        self.admin_key_created = await asyncio.to_thread(self.keys.ensure_admin_key, self.state_dir)
+        self.topology = await asyncio.to_thread(discover, self.spec)
+        self.topology.devices[:] = [d for d in self.topology.devices if d.backend != "simulated"]
+        if not self.topology.devices:
+            raise Unavailable("no device to serve on: enable the CPU device (cpu.enabled: true) "
+                              "or make an NVIDIA GPU visible")
+        for device in self.topology.devices:
+            self.metrics.device_memory_total.labels(device.id, device.model).set(device.memory_total)
+        self.pool = WorkerPool(start_timeout=self.spec.workers.start_timeout)
+        self.pool.start()
+        for device in self.topology.devices:
+            dispatcher = DeviceDispatcher(
+                device.id, self.pool, FifoPolicy(), device.concurrency,
+                on_grant=self._observe_grant, on_complete=self._observe_completion,
+            )
+            dispatcher.start()
+            self.dispatchers[device.id] = dispatcher
+        self.controller = Controller(
+            self.store, self.topology, self.pool, self.dispatchers, self.metrics,
+            cluster=self.spec.cluster, backoff=self.spec.workers.restart_backoff,
+            backoff_max=self.spec.workers.restart_backoff_max,
+        )
+        await self.controller.reconcile()
+        self.controller.start(self.spec.reconcile_period)
+        self.started_at = time.time()
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Stop serving: controller, dispatchers, workers, store — in that order."""
+        self.ready = False
+        if self.controller is not None:
+            await self.controller.stop()
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.stop()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.store is not None:
+            self.store.close()
+
+    async def wait_until_loaded(self, timeout: float) -> list[SliceState]:
+        """Wait until no slice is Loading (or timeout); return the slices that are not Ready."""
+        deadline = time.monotonic() + timeout
+        assert self.controller is not None
+        while time.monotonic() < deadline:
+            if all(s.state not in ("Loading", "Restarting") for s in self.controller.slices.values()):
+                break
+            await asyncio.sleep(0.1)
+        return [s for s in self.controller.slices.values() if s.state != "Ready"]
+
+    async def wait_deployment_loaded(self, dep: Deployment, timeout: float) -> None:
+        """Wait until a deployment has a Ready slice; raise Unavailable with the reasons if it fails."""
+        assert self.controller is not None
+        tenant, name = dep.metadata.tenant or "", dep.metadata.name
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            slices = self.controller.deployment_slices(tenant, name)
+            if any(s.state == "Ready" for s in slices):
+                return
+            if slices and all(s.state in ("Failed", "Pending") for s in slices):
+                break
+            await asyncio.sleep(0.05)
+        raise Unavailable(self._not_ready_reason(tenant, name))
+
+    # ---- the request path ---------------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> Principal:
+        assert self.keys is not None
+        return self.keys.authenticate(key)
+
+    def find_deployment(self, principal: Principal, name: str, version: str | None = None) -> Deployment:
+        """Return the caller's deployment ``name``; raise NotFound (never reveal other tenants')."""
+        assert self.controller is not None
+        dep = self.controller.find_deployment(principal.tenant, name) if principal.tenant else None
+        if dep is None:
+            if principal.tenant is None:
+                raise NotFound(f"model '{name}' not found: inference uses a tenant's key "
+                               "(create one with 'gpuvisor keys create --tenant NAME')")
+            raise NotFound(f"model '{name}' not found")
+        if version is not None and version != self.model_version(dep):
+            raise NotFound(f"model '{name}' has no version '{version}' (it serves version "
+                           f"'{self.model_version(dep)}')")
+        return dep
+
+    def model_version(self, dep: Deployment) -> str:
+        assert self.controller is not None
+        info = self.controller.deployment_slices(dep.metadata.tenant or "", dep.metadata.name)
+        if info:
+            return info[0].model_version
+        return dep.spec.model_version or "1"
+
+    async def infer(self, dep: Deployment, body: bytes, header_length: int, trace_id: str) -> Outcome:
+        """Admit a request to the least-loaded ready slice of ``dep`` and wait for its outcome."""
+        assert self.controller is not None
+        tenant = dep.metadata.tenant or ""
+        slices = self.controller.ready_slices(tenant, dep.metadata.name)
+        if not slices:
+            raise Unavailable(self._not_ready_reason(tenant, dep.metadata.name), retry_after=1.0)
+        chosen = min(slices, key=lambda s: s.queue.queued_rows if s.queue else 0)
+        assert chosen.queue is not None and chosen.device_id is not None
+        request = PendingRequest(
+            request_id=next(self._request_ids), tenant=tenant, body=body,
+            header_length=header_length, arrival=time.monotonic(), trace_id=trace_id,
+        )
+        started = request.arrival
+        future = self.dispatchers[chosen.device_id].submit(chosen.id, request)
+        version = chosen.model_version
+        try:
+            outcome = await future
+        except Exception as exc:
+            self.metrics.requests.labels(tenant, dep.metadata.name, version,
+                                         getattr(exc, "code", "error")).inc()
+            raise
+        self.metrics.requests.labels(tenant, dep.metadata.name, version,
+                                     "ok" if outcome.status == 200 else str(outcome.status)).inc()
+        self.metrics.request_duration.labels(tenant, dep.metadata.name, version).observe(
+            time.monotonic() - started)
+        return outcome
+
+    def _not_ready_reason(self, tenant: str, name: str) -> str:
+        assert self.controller is not None
+        states = self.controller.deployment_slices(tenant, name)
+        if not states:
+            return f"model '{name}' has no replicas (unloaded or scaled to 0)"
+        details = "; ".join(f"{s.id}: {s.state}{' (' + s.reason + ')' if s.reason else ''}" for s in states)
+        return f"model '{name}' is not ready: {details}"
+
+    def _observe_grant(self, queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
+        wait = self.metrics.queue_wait.labels(self.spec.cluster, queue.pool, queue.profile, queue.tenant)
+        for request in batch:
+            if request.granted_at is not None:
+                wait.observe(request.granted_at - request.arrival)
+
+    def _observe_completion(self, queue: SliceQueue, batch: Sequence[PendingRequest], seconds: float) -> None:
+        device = queue.slice_id and self._device_of(queue.slice_id)
+        self.metrics.device_busy.labels(device, queue.tenant, queue.deployment, queue.slice_id).inc(seconds)
+        self.metrics.batch_size.labels(device, queue.tenant, queue.deployment).observe(
+            sum(r.rows for r in batch))
+
+    def _device_of(self, slice_id: str) -> str:
+        assert self.controller is not None
+        s = self.controller.slices.get(slice_id)
+        return (s.device_id or "") if s else ""

@@ -1,0 +1,175 @@
+"""The Executor interface every model format implements, plus loading and integrity checks."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from gpuvisor.errors import IntegrityError, ModelError
+from gpuvisor.runtime.tensors import TensorMeta
+
+__all__ = [
+    "FORMATS",
+    "Executor",
+    "ExecutorDevice",
+    "is_batchable",
+    "load_executor",
+    "reconcile_metadata",
+    "verify_sha256",
+]
+
+FORMATS = ("onnx", "torchscript", "torch-export")
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class ExecutorDevice:
+    """Where a model runs: the CPU or one CUDA device, with its thread and memory budget."""
+
+    kind: Literal["cpu", "cuda"] = "cpu"
+    index: int = 0
+    threads: int | None = None
+    memory_limit: int | None = None  # bytes; None = no cap
+
+
+class Executor(Protocol):
+    """A loaded model that runs a batch of numpy inputs to numpy outputs."""
+
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    platform: str
+    batchable: bool  # every input and output has a variable first dim
+
+    def run(
+        self, inputs: dict[str, np.ndarray[Any, Any]], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Run the model; returns the named outputs (all when ``output_names`` is None).
+
+        Raises ExecutionError when the model fails, InvalidRequest for unusable inputs.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the model and the memory it holds."""
+        ...
+
+
+def is_batchable(inputs: Sequence[TensorMeta], outputs: Sequence[TensorMeta]) -> bool:
+    """True when every input and output has a variable first dimension (-1)."""
+    tensors = [*inputs, *outputs]
+    return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
+
+
+def reconcile_metadata(
+    what: Literal["input", "output"],
+    found: Sequence[TensorMeta],
+    declared: Sequence[TensorMeta] | None,
+) -> list[TensorMeta]:
+    """Merge what the model file says with what the Model spec declares.
+
+    Declared tensors must match the found ones by name and datatype, with compatible shapes;
+    a declared fixed dim narrows a variable one. Returns ``found`` (narrowed) when the two
+    agree. Raises ModelError listing every disagreement.
+    """
+    if declared is None:
+        return list(found)
+    by_name = {t.name: t for t in declared}
+    problems: list[str] = []
+    merged: list[TensorMeta] = []
+    for tensor in found:
+        spec = by_name.pop(tensor.name, None)
+        if spec is None:
+            problems.append(
+                f"the model has {what} '{tensor.name}', which the spec does not declare"
+            )
+            merged.append(tensor)
+            continue
+        if spec.datatype != tensor.datatype:
+            problems.append(
+                f"{what} '{tensor.name}' is {tensor.datatype} in the model but declared {spec.datatype}"
+            )
+        shape = _narrow_shape(tensor.shape, spec.shape)
+        if shape is None:
+            problems.append(
+                f"{what} '{tensor.name}' has shape {list(tensor.shape)} in the model but is "
+                f"declared {list(spec.shape)}"
+            )
+            shape = tensor.shape
+        merged.append(TensorMeta(tensor.name, tensor.datatype, shape))
+    problems.extend(f"declared {what} '{name}' is not in the model" for name in by_name)
+    if problems:
+        raise ModelError("model metadata does not match the spec: " + "; ".join(problems))
+    return merged
+
+
+def _narrow_shape(found: tuple[int, ...], declared: tuple[int, ...]) -> tuple[int, ...] | None:
+    if len(found) != len(declared):
+        return None
+    shape: list[int] = []
+    for have, want in zip(found, declared, strict=True):
+        if -1 not in (have, want) and have != want:
+            return None
+        shape.append(want if have == -1 else have)
+    return tuple(shape)
+
+
+def verify_sha256(path: Path, expected: str | None) -> str:
+    """Return the sha256 hex digest of the file at ``path``.
+
+    Raises ModelError when the file is missing, IntegrityError naming both digests when
+    ``expected`` is given and differs.
+    """
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as stream:
+            while chunk := stream.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ModelError(f"model file not found: {path}", path=str(path)) from None
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}", path=str(path)) from None
+    actual = digest.hexdigest()
+    if expected is not None and actual != expected.lower():
+        raise IntegrityError(
+            f"model file {path} has sha256 {actual} but the spec expects {expected.lower()}",
+            path=str(path),
+            expected=expected.lower(),
+            actual=actual,
+        )
+    return actual
+
+
+def load_executor(
+    format: str,
+    path: Path,
+    device: ExecutorDevice,
+    declared_inputs: list[TensorMeta] | None = None,
+    declared_outputs: list[TensorMeta] | None = None,
+) -> Executor:
+    """Load the model at ``path`` in ``format`` onto ``device``.
+
+    Returns a ready Executor. Raises ModelError when the file is missing, the format is
+    unknown, torch is missing for a torch format, or the model cannot be loaded.
+    """
+    path = Path(path)
+    if format not in FORMATS:
+        raise ModelError(f"unknown model format '{format}' (expected one of {', '.join(FORMATS)})")
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}", path=str(path))
+    if format == "onnx":
+        from gpuvisor.runtime.executors.onnx import OnnxExecutor
+
+        return OnnxExecutor(path, device, declared_inputs, declared_outputs)
+    if importlib.util.find_spec("torch") is None:
+        raise ModelError(f"format {format} needs the torch extra: pip install 'gpuvisor[torch]'")
+    from gpuvisor.runtime.executors.torch import TorchExportExecutor, TorchScriptExecutor
+
+    if format == "torchscript":
+        return TorchScriptExecutor(path, device, declared_inputs, declared_outputs)
+    return TorchExportExecutor(path, device, declared_inputs, declared_outputs)

@@ -1,0 +1,283 @@
+"""Worker processes: spawning, the ZeroMQ link to them, and their lifetimes.
+
+Process spawning lives here and nowhere else. The pool binds one ROUTER socket; a
+worker is one OS process per ``process``-isolation slice, or one per (tenant, device)
+for ``shared`` slices: never one process for two tenants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from gpuvisor.dispatch.queues import Outcome, PendingRequest
+from gpuvisor.errors import ModelError, Unavailable, WorkerCrashed, error_from_code
+from gpuvisor.runtime import protocol as p
+
+__all__ = ["SliceLaunch", "WorkerPool", "WorkerProcess"]
+
+log = logging.getLogger("gpuvisor.runtime")
+
+
+@dataclass(frozen=True)
+class SliceLaunch:
+    """Everything the pool needs to start a slice: where its worker lives and what to load."""
+
+    slice_id: str
+    tenant: str
+    device_id: str
+    isolation: str  # shared | process | partition | exclusive
+    load: p.LoadModel
+
+    @property
+    def worker_key(self) -> str:
+        if self.isolation == "shared":
+            return f"shared:{self.tenant}:{self.device_id}"
+        return f"slice:{self.slice_id}"
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """One running worker process and what is outstanding on it."""
+
+    worker_id: str
+    key: str
+    tenant: str
+    process: asyncio.subprocess.Process
+    ready: asyncio.Future[p.WorkerReady]
+    exited: asyncio.Future[int]
+    slices: set[str] = field(default_factory=set)
+    loads: dict[str, asyncio.Future[p.ModelLoaded]] = field(default_factory=dict)
+    batches: dict[int, asyncio.Future[tuple[p.BatchDone, list[bytes]]]] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class WorkerPool:
+    """Starts workers, loads slices into them, runs batches on them, and notices when they die."""
+
+    def __init__(self, start_timeout: float = 120.0, runtime_dir: Path | None = None) -> None:
+        self.start_timeout = start_timeout
+        # ipc:// paths must stay short (about 100 bytes), so they live in a fresh temp dir.
+        self._own_dir = runtime_dir is None
+        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="gpuvisor-"))
+        self.endpoint = f"ipc://{self.runtime_dir}/node.sock"
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.bind(self.endpoint)
+        self.workers: dict[str, WorkerProcess] = {}  # by worker id
+        self.by_key: dict[str, WorkerProcess] = {}
+        self.slice_worker: dict[str, WorkerProcess] = {}
+        self._ids = itertools.count(1)
+        self._batch_ids = itertools.count(1)
+        self._receiver: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._receiver is None:
+            self._receiver = asyncio.create_task(self._receive(), name="worker-pool-receiver")
+
+    async def close(self) -> None:
+        """Stop every worker (Shutdown, then SIGTERM, then SIGKILL) and the socket."""
+        await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+        self.socket.close(0)
+        self.context.term()
+        if self._own_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    # ---- slices -------------------------------------------------------------------------
+
+    async def load_slice(self, launch: SliceLaunch) -> tuple[p.ModelLoaded, WorkerProcess]:
+        """Start (or reuse) the slice's worker, load its model, and return what was loaded.
+
+        Raises ModelError when the model cannot be loaded or verified, Unavailable when
+        the worker does not start in time or dies while loading.
+        """
+        worker = self.by_key.get(launch.worker_key)
+        if worker is None or worker.exited.done():
+            worker = await self._spawn(launch.worker_key, launch.tenant, launch.load.threads)
+        loaded: asyncio.Future[p.ModelLoaded] = asyncio.get_running_loop().create_future()
+        worker.loads[launch.slice_id] = loaded
+        worker.slices.add(launch.slice_id)
+        self.slice_worker[launch.slice_id] = worker
+        await self._send(worker, launch.load)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(loaded), self.start_timeout)
+        except asyncio.TimeoutError:
+            await self.unload_slice(launch.slice_id)
+            raise Unavailable(
+                f"worker {worker.worker_id} did not load the model within {self.start_timeout:.0f}s"
+            ) from None
+        except ModelError:
+            await self.unload_slice(launch.slice_id)
+            raise
+        finally:
+            worker.loads.pop(launch.slice_id, None)
+        return result, worker
+
+    async def unload_slice(self, slice_id: str) -> None:
+        """Unload a slice; its worker stops when no slice is left in it."""
+        worker = self.slice_worker.pop(slice_id, None)
+        if worker is None:
+            return
+        worker.slices.discard(slice_id)
+        if worker.slices:
+            with contextlib.suppress(Unavailable):
+                await self._send(worker, p.UnloadModel(slice_id))
+        else:
+            await self._stop_worker(worker)
+
+    async def run_batch(
+        self, slice_id: str, batch: Sequence[PendingRequest]
+    ) -> tuple[list[Outcome], float]:
+        """Send a batch to the slice's worker and wait for its answers (the dispatcher's runner)."""
+        worker = self.slice_worker.get(slice_id)
+        if worker is None or worker.exited.done():
+            raise WorkerCrashed(f"the worker of slice {slice_id} is not running; it is being restarted",
+                                retry_after=1.0)
+        batch_id = next(self._batch_ids)
+        done: asyncio.Future[tuple[p.BatchDone, list[bytes]]] = asyncio.get_running_loop().create_future()
+        worker.batches[batch_id] = done
+        headers = [p.RequestHeader(r.request_id, r.header_length) for r in batch]
+        try:
+            await self._send(worker, p.ExecuteBatch(batch_id, slice_id, headers), [r.body for r in batch])
+            message, frames = await done
+        finally:
+            worker.batches.pop(batch_id, None)
+        outcomes = [Outcome(res.status, frame, res.header_length) for res, frame in zip(message.results, frames)]
+        for request, result in zip(batch, message.results):
+            request.rows = max(request.rows, result.rows)
+        return outcomes, message.device_seconds
+
+    def worker_of(self, slice_id: str) -> WorkerProcess | None:
+        return self.slice_worker.get(slice_id)
+
+    # ---- processes ----------------------------------------------------------------------
+
+    async def _spawn(self, key: str, tenant: str, threads: int | None) -> WorkerProcess:
+        worker_id = f"w{next(self._ids)}-{os.getpid()}"
+        env = dict(os.environ)
+        if threads:
+            # Keep math libraries inside the worker's thread budget.
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                env[var] = str(threads)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gpuvisor.runtime.worker",
+            "--endpoint", self.endpoint, "--worker-id", worker_id,
+            stdin=asyncio.subprocess.DEVNULL, env=env,
+        )
+        loop = asyncio.get_running_loop()
+        worker = WorkerProcess(worker_id, key, tenant, process, loop.create_future(), loop.create_future())
+        self.workers[worker_id] = worker
+        self.by_key[key] = worker
+        asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
+        log.info("started worker %s (pid %d) for %s", worker_id, process.pid, key)
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout)
+        except asyncio.TimeoutError:
+            await self._stop_worker(worker)
+            raise Unavailable(f"worker {worker_id} did not start within {self.start_timeout:.0f}s") from None
+        except Unavailable:
+            raise
+        return worker
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        returncode = await worker.process.wait()
+        self.workers.pop(worker.worker_id, None)
+        if self.by_key.get(worker.key) is worker:
+            del self.by_key[worker.key]
+        for slice_id in list(worker.slices):
+            if self.slice_worker.get(slice_id) is worker:
+                del self.slice_worker[slice_id]
+        crash = WorkerCrashed(
+            f"worker {worker.worker_id} (pid {worker.pid}) exited with code {returncode} "
+            "while serving this request; it is being restarted",
+            retry_after=1.0,
+        )
+        for future in [*worker.batches.values(), *worker.loads.values(), worker.ready]:
+            if not future.done():
+                future.set_exception(crash)
+                future.exception()  # mark retrieved: nobody may be waiting any more
+        if not worker.exited.done():
+            worker.exited.set_result(returncode)
+        level = logging.INFO if returncode in (0, -signal.SIGTERM) else logging.WARNING
+        log.log(level, "worker %s (pid %d) exited with code %s", worker.worker_id, worker.pid, returncode)
+
+    async def _stop_worker(self, worker: WorkerProcess, grace: float = 5.0) -> None:
+        if worker.exited.done():
+            return
+        with contextlib.suppress(Unavailable):
+            await self._send(worker, p.Shutdown())
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.exited), grace)
+            return
+        except asyncio.TimeoutError:
+            pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(sig)
+            try:
+                await asyncio.wait_for(asyncio.shield(worker.exited), grace)
+                return
+            except asyncio.TimeoutError:
+                continue
+
+    # ---- the socket ---------------------------------------------------------------------
+
+    async def _send(self, worker: WorkerProcess, message: p.Message, frames: Sequence[bytes] = ()) -> None:
+        try:
+            await self.socket.send_multipart([worker.worker_id.encode(), p.encode(message), *frames], copy=False)
+        except zmq.ZMQError as exc:
+            raise Unavailable(f"worker {worker.worker_id} is not reachable: {exc}", retry_after=1.0) from exc
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart(copy=False)
+            worker = self.workers.get(bytes(frames[0].buffer).decode())
+            if worker is None or len(frames) < 2:
+                continue
+            try:
+                message = p.decode(frames[1].buffer)
+            except Exception:
+                log.warning("worker %s sent an undecodable message", worker.worker_id)
+                continue
+            self._handle(worker, message, frames[2:])
+
+    def _handle(self, worker: WorkerProcess, message: p.Message, payload: list[zmq.Frame]) -> None:
+        if isinstance(message, p.BatchDone):
+            future = worker.batches.get(message.batch_id)
+            if future is not None and not future.done():
+                future.set_result((message, [f.bytes for f in payload]))
+        elif isinstance(message, p.ModelLoaded):
+            loaded = worker.loads.get(message.slice_id)
+            if loaded is not None and not loaded.done():
+                loaded.set_result(message)
+        elif isinstance(message, p.LoadFailed):
+            failed = worker.loads.get(message.slice_id)
+            if failed is not None and not failed.done():
+                error = error_from_code(message.code, message.message)
+                failed.set_exception(error if isinstance(error, ModelError) else ModelError(message.message))
+        elif isinstance(message, p.WorkerReady) and not worker.ready.done():
+            worker.ready.set_result(message)

@@ -1,0 +1,144 @@
+"""Every message that crosses the node ⇄ worker process boundary.
+
+Transport: ZeroMQ. The node binds one ROUTER socket; each worker connects a DEALER
+whose identity is its worker id. A message is ``[header, *payload_frames]``: the
+header is a msgspec struct encoded with msgpack; tensor bytes (raw request bodies,
+encoded response bodies) travel as their own frames, never inside the header, so
+nothing on the hot path is JSON-encoded or pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+__all__ = [
+    "BatchDone",
+    "ExecuteBatch",
+    "LoadFailed",
+    "LoadModel",
+    "Message",
+    "ModelLoaded",
+    "RequestHeader",
+    "RequestResult",
+    "Shutdown",
+    "TensorInfo",
+    "UnloadModel",
+    "WorkerReady",
+    "decode",
+    "encode",
+]
+
+
+class TensorInfo(msgspec.Struct, frozen=True):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+# ---- node → worker -------------------------------------------------------------------
+
+
+class LoadModel(msgspec.Struct, tag=True):
+    """Load one slice's model into the worker, verify it, and profile its batch latencies."""
+
+    slice_id: str
+    model_name: str
+    model_version: str
+    format: str
+    path: str
+    sha256: str | None
+    device_kind: str  # "cpu" | "cuda"
+    device_index: int
+    threads: int | None
+    memory_limit: int | None
+    max_batch_size: int
+    declared_inputs: list[TensorInfo] | None = None
+    declared_outputs: list[TensorInfo] | None = None
+    profile_batch_sizes: list[int] = []
+    profile_repeats: int = 3
+
+
+class UnloadModel(msgspec.Struct, tag=True):
+    slice_id: str
+
+
+class RequestHeader(msgspec.Struct, frozen=True, array_like=True):
+    request_id: int
+    header_length: int  # Inference-Header-Content-Length, -1 when the body is plain JSON
+
+
+class ExecuteBatch(msgspec.Struct, tag=True):
+    """Run these requests (raw bodies follow as frames, in order) as one batch."""
+
+    batch_id: int
+    slice_id: str
+    requests: list[RequestHeader]
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+# ---- worker → node -------------------------------------------------------------------
+
+
+class WorkerReady(msgspec.Struct, tag=True):
+    worker_id: str
+    pid: int
+
+
+class ModelLoaded(msgspec.Struct, tag=True):
+    slice_id: str
+    platform: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    batchable: bool
+    sha256: str
+    load_seconds: float
+    rss_bytes: int
+    # measured seconds per batch, keyed by batch size (rows)
+    profile: dict[int, float]
+
+
+class LoadFailed(msgspec.Struct, tag=True):
+    slice_id: str
+    code: str
+    message: str
+
+
+class RequestResult(msgspec.Struct, frozen=True, array_like=True):
+    request_id: int
+    status: int  # HTTP status: 200, or the error's status
+    header_length: int  # -1 when the response body is plain JSON
+    rows: int
+
+
+class BatchDone(msgspec.Struct, tag=True):
+    """Results of one batch; one body frame per result follows, in order."""
+
+    batch_id: int
+    slice_id: str
+    results: list[RequestResult]
+    device_seconds: float  # time the batch held the device (decode + run + encode)
+    rows: int
+
+
+Message = Union[
+    LoadModel, UnloadModel, ExecuteBatch, Shutdown,
+    WorkerReady, ModelLoaded, LoadFailed, BatchDone,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    """Return the msgpack header frame for a message."""
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes | memoryview) -> Message:
+    """Return the message in a header frame; raises msgspec.DecodeError on garbage."""
+    return _decoder.decode(frame)

@@ -1,0 +1,341 @@
+"""The worker process: hosts one slice's model (or one tenant's shared slices on a device)
+and executes only the batches the node's dispatcher grants it.
+
+Run as ``python -m gpuvisor.runtime.worker --endpoint ipc://... --worker-id ID``. The
+worker decodes raw request bodies, runs the executor, encodes the responses, and
+reports the time the batch held the device, so that tensor work is charged to the
+tenant whose request caused it and never runs on the node's shared event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import zmq
+
+from gpuvisor.errors import GpuvisorError, InvalidRequest
+from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.executors.base import Executor, ExecutorDevice, load_executor, verify_sha256
+from gpuvisor.runtime.tensors import (
+    DATATYPES,
+    InferRequest,
+    TensorMeta,
+    decode_infer_request,
+    encode_error,
+    encode_infer_response,
+)
+
+log = logging.getLogger("gpuvisor.worker")
+
+_PARENT_POLL_MS = 1000
+
+
+@dataclass
+class LoadedSlice:
+    """A model loaded in this worker, with what the node needs to serve it."""
+
+    spec: p.LoadModel
+    executor: Executor
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+def _meta_list(infos: list[p.TensorInfo] | None) -> list[TensorMeta] | None:
+    if infos is None:
+        return None
+    return [TensorMeta(i.name, i.datatype, tuple(i.shape)) for i in infos]
+
+
+def _info_list(metas: Sequence[TensorMeta]) -> list[p.TensorInfo]:
+    return [p.TensorInfo(m.name, m.datatype, list(m.shape)) for m in metas]
+
+
+def synthetic_inputs(metas: Sequence[TensorMeta], rows: int) -> dict[str, np.ndarray]:
+    """Return zero-valued inputs of the model's shapes with ``rows`` in the batch dimension."""
+    out: dict[str, np.ndarray] = {}
+    for meta in metas:
+        shape = [rows if i == 0 else (d if d > 0 else 1) for i, d in enumerate(meta.shape)]
+        if meta.datatype == "BYTES":
+            out[meta.name] = np.full(shape, b"", dtype=object)
+        else:
+            out[meta.name] = np.zeros(shape, dtype=DATATYPES[meta.datatype])
+    return out
+
+
+def profile_batches(slice_: LoadedSlice, batch_sizes: Sequence[int], repeats: int) -> dict[int, float]:
+    """Return the median measured seconds per batch for each batch size the model accepts."""
+    profile: dict[int, float] = {}
+    sizes = batch_sizes if slice_.executor.batchable else [1]
+    for rows in sizes:
+        if not slice_.executor.batchable and rows != 1:
+            continue
+        feed = synthetic_inputs(slice_.inputs, rows) if slice_.executor.batchable else synthetic_inputs(
+            [TensorMeta(m.name, m.datatype, tuple(d if d > 0 else 1 for d in m.shape)) for m in slice_.inputs], 1
+        )
+        try:
+            slice_.executor.run(feed)  # warm-up: first runs allocate
+            times = []
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                slice_.executor.run(feed)
+                times.append(time.perf_counter() - t0)
+        except GpuvisorError as exc:
+            log.debug("profiling %s at batch %d failed: %s", slice_.spec.slice_id, rows, exc)
+            continue
+        profile[rows] = statistics.median(times)
+    return profile
+
+
+def _rows_of(request: InferRequest, batchable: bool) -> int:
+    if not batchable or not request.inputs:
+        return 1
+    first = next(iter(request.inputs.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _batch_key(request: InferRequest) -> tuple[object, ...]:
+    return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(request.inputs.items()))
+
+
+class Worker:
+    """Receives messages from the node and answers them, one at a time."""
+
+    def __init__(self, endpoint: str, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.context = zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.slices: dict[str, LoadedSlice] = {}
+        self.parent_pid = os.getppid()
+        self.process = psutil.Process()
+
+    def send(self, message: p.Message, frames: Sequence[bytes] = ()) -> None:
+        self.socket.send_multipart([p.encode(message), *frames], copy=False)
+
+    def serve(self) -> None:
+        """Serve until told to shut down or until the node process disappears."""
+        self.send(p.WorkerReady(self.worker_id, os.getpid()))
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while True:
+            if not poller.poll(_PARENT_POLL_MS):
+                if os.getppid() != self.parent_pid:
+                    log.warning("node process %d is gone; worker %s exits", self.parent_pid, self.worker_id)
+                    return
+                continue
+            frames = self.socket.recv_multipart(copy=False)
+            message = p.decode(frames[0].buffer)
+            if isinstance(message, p.ExecuteBatch):
+                self.execute(message, [f.buffer for f in frames[1:]])
+            elif isinstance(message, p.LoadModel):
+                self.load(message)
+            elif isinstance(message, p.UnloadModel):
+                loaded = self.slices.pop(message.slice_id, None)
+                if loaded is not None:
+                    loaded.executor.close()
+            elif isinstance(message, p.Shutdown):
+                return
+
+    def load(self, spec: p.LoadModel) -> None:
+        started = time.perf_counter()
+        try:
+            digest = verify_sha256(Path(spec.path), spec.sha256)
+            device = ExecutorDevice(
+                kind=spec.device_kind, index=spec.device_index,  # type: ignore[arg-type]
+                threads=spec.threads, memory_limit=spec.memory_limit,
+            )
+            executor = load_executor(
+                spec.format, Path(spec.path), device,
+                declared_inputs=_meta_list(spec.declared_inputs),
+                declared_outputs=_meta_list(spec.declared_outputs),
+            )
+            loaded = LoadedSlice(spec, executor, list(executor.inputs), list(executor.outputs))
+            sizes = [b for b in spec.profile_batch_sizes if b <= max(1, spec.max_batch_size)]
+            profile = profile_batches(loaded, sizes or [1], spec.profile_repeats)
+        except GpuvisorError as exc:
+            self.send(p.LoadFailed(spec.slice_id, exc.code, exc.message))
+            return
+        except Exception as exc:  # a broken model file can raise anything from the framework
+            self.send(p.LoadFailed(spec.slice_id, "model_error", f"{type(exc).__name__}: {exc}"))
+            return
+        self.slices[spec.slice_id] = loaded
+        self.send(
+            p.ModelLoaded(
+                slice_id=spec.slice_id,
+                platform=executor.platform,
+                inputs=_info_list(loaded.inputs),
+                outputs=_info_list(loaded.outputs),
+                batchable=executor.batchable,
+                sha256=digest,
+                load_seconds=time.perf_counter() - started,
+                rss_bytes=self.process.memory_info().rss,
+                profile=profile,
+            )
+        )
+
+    def execute(self, batch: p.ExecuteBatch, bodies: list[memoryview]) -> None:
+        started = time.perf_counter()
+        loaded = self.slices.get(batch.slice_id)
+        results: list[p.RequestResult] = []
+        out_frames: list[bytes] = []
+        if loaded is None:
+            for header in batch.requests:
+                results.append(p.RequestResult(header.request_id, 503, -1, 0))
+                out_frames.append(encode_error(f"model of slice {batch.slice_id} is not loaded in this worker"))
+        else:
+            results, out_frames = run_requests(loaded, batch.requests, bodies)
+        self.send(
+            p.BatchDone(
+                batch_id=batch.batch_id,
+                slice_id=batch.slice_id,
+                results=results,
+                device_seconds=time.perf_counter() - started,
+                rows=sum(r.rows for r in results),
+            ),
+            out_frames,
+        )
+
+
+def run_requests(
+    loaded: LoadedSlice, headers: Sequence[p.RequestHeader], bodies: Sequence[memoryview]
+) -> tuple[list[p.RequestResult], list[bytes]]:
+    """Decode, run (batched where shapes allow), and encode each request; errors stay per request."""
+    n = len(headers)
+    statuses: list[int] = [200] * n
+    payloads: list[bytes] = [b""] * n
+    header_lengths: list[int] = [-1] * n
+    row_counts: list[int] = [0] * n
+    decoded: dict[int, InferRequest] = {}
+    for i, (header, body) in enumerate(zip(headers, bodies)):
+        try:
+            request = decode_infer_request(
+                bytes(body), header.header_length if header.header_length >= 0 else None,
+                loaded.inputs, loaded.outputs,
+            )
+        except GpuvisorError as exc:
+            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message)
+            continue
+        decoded[i] = request
+        row_counts[i] = _rows_of(request, loaded.executor.batchable)
+
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, request in decoded.items():
+        key = _batch_key(request) if loaded.executor.batchable else ("solo", i)
+        groups.setdefault(key, []).append(i)
+
+    max_rows = max(1, loaded.spec.max_batch_size)
+    for members in groups.values():
+        chunk: list[int] = []
+        chunk_rows = 0
+        for i in members:
+            if chunk and chunk_rows + row_counts[i] > max_rows:
+                _run_chunk(loaded, chunk, decoded, row_counts, statuses, payloads, header_lengths)
+                chunk, chunk_rows = [], 0
+            chunk.append(i)
+            chunk_rows += row_counts[i]
+        if chunk:
+            _run_chunk(loaded, chunk, decoded, row_counts, statuses, payloads, header_lengths)
+
+    results = [
+        p.RequestResult(h.request_id, statuses[i], header_lengths[i], row_counts[i])
+        for i, h in enumerate(headers)
+    ]
+    return results, payloads
+
+
+def _run_chunk(
+    loaded: LoadedSlice,
+    chunk: list[int],
+    decoded: dict[int, InferRequest],
+    row_counts: list[int],
+    statuses: list[int],
+    payloads: list[bytes],
+    header_lengths: list[int],
+) -> None:
+    requests = [decoded[i] for i in chunk]
+    try:
+        if len(requests) == 1:
+            outputs_per_request = [loaded.executor.run(requests[0].inputs)]
+        else:
+            feed = {
+                name: np.concatenate([r.inputs[name] for r in requests], axis=0)
+                for name in requests[0].inputs
+            }
+            merged = loaded.executor.run(feed)
+            outputs_per_request = []
+            offset = 0
+            for i in chunk:
+                rows = row_counts[i]
+                outputs_per_request.append({k: v[offset : offset + rows] for k, v in merged.items()})
+                offset += rows
+    except GpuvisorError as exc:
+        if len(chunk) > 1:
+            # One bad request must not fail its batch-mates: run each alone to isolate it.
+            for i in chunk:
+                _run_chunk(loaded, [i], decoded, row_counts, statuses, payloads, header_lengths)
+            return
+        statuses[chunk[0]], payloads[chunk[0]] = exc.http_status, encode_error(exc.message)
+        return
+    for i, request, results in zip(chunk, requests, outputs_per_request):
+        try:
+            body, header_length = encode_infer_response(
+                loaded.spec.model_name, loaded.spec.model_version, request, results, loaded.outputs
+            )
+        except InvalidRequest as exc:
+            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message)
+            continue
+        payloads[i] = body
+        header_lengths[i] = header_length if header_length is not None else -1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the node dies, so no worker outlives its node."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="gpuvisor worker process (started by the node)")
+    parser.add_argument("--endpoint", required=True, help="the node's ZeroMQ ROUTER endpoint")
+    parser.add_argument("--worker-id", required=True, help="this worker's identity")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops workers in order
+    logging.basicConfig(
+        level=os.environ.get("GPUVISOR_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s worker={args.worker_id} %(message)s",
+        stream=sys.stderr,
+    )
+    worker = Worker(args.endpoint, args.worker_id)
+    try:
+        worker.serve()
+    finally:
+        for loaded in worker.slices.values():
+            loaded.executor.close()
+        worker.socket.close(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

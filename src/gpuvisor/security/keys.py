@@ -1,0 +1,347 @@
+"""API keys: creation, authentication (a sha256 and a dict lookup), revocation, the admin key."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import secrets
+import string
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, get_args
+
+from gpuvisor import errors
+from gpuvisor.store.repo import Store, StoredKey
+
+__all__ = [
+    "ADMIN_KEY_FILE",
+    "KEY_PREFIX",
+    "ROLES",
+    "KeyInfo",
+    "KeyRing",
+    "Principal",
+    "Role",
+    "admin_key_path",
+    "extract_key",
+    "hash_secret",
+    "read_admin_key",
+]
+
+Role = Literal["admin", "operator", "tenant"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+KEY_PREFIX = "gvk_"
+ADMIN_KEY_FILE = "admin.key"
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_LENGTH = 8
+_SECRET_BYTES = 32  # token_urlsafe(32) is 43 characters
+NO_KEY_MESSAGE = "no API key: send 'Authorization: Bearer <key>'"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_utc(value: datetime) -> datetime:
+    aware = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    return aware.astimezone(timezone.utc)
+
+
+def _format_time(value: datetime) -> str:
+    return _as_utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hash_secret(secret: str) -> str:
+    """Return the hex sha256 of a key secret: the only form in which keys are stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's role, its tenant (None for admin/operator) and key id."""
+
+    role: Role
+    tenant: str | None
+    key_id: str
+
+
+@dataclass
+class KeyInfo:
+    """What may be shown about a key; never its secret."""
+
+    id: str
+    role: Role
+    tenant: str | None
+    description: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None = None
+
+    @property
+    def display_id(self) -> str:
+        """Return the id as users see it in messages, e.g. ``gvk_ab12cd34``."""
+        return f"{KEY_PREFIX}{self.id}"
+
+
+@dataclass(frozen=True)
+class _CachedKey:
+    principal: Principal
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+def _info_from_stored(key: StoredKey) -> KeyInfo:
+    return KeyInfo(
+        id=key.id,
+        role=_checked_role(key.role),
+        tenant=key.tenant,
+        description=key.description,
+        created_at=key.created_at,
+        expires_at=key.expires_at,
+        revoked_at=key.revoked_at,
+        last_used_at=key.last_used_at,
+    )
+
+
+def _checked_role(role: str) -> Role:
+    if role == "admin":
+        return "admin"
+    if role == "operator":
+        return "operator"
+    if role == "tenant":
+        return "tenant"
+    raise errors.InvalidRequest(
+        f"unknown role {role!r} (expected one of {', '.join(ROLES)})", role=role
+    )
+
+
+class KeyRing:
+    """API keys over a Store, with an in-memory cache so authentication never waits on the DB.
+
+    The cache maps sha256(secret) to the key's principal and validity. Creating or
+    revoking a key through any KeyRing on the same Store takes effect on the next
+    ``authenticate`` call; writes made by another process are picked up within
+    ``refresh_interval`` seconds (None: only on the Store's own writes).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        refresh_interval: float | None = 10.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._store = store
+        self._refresh_interval = refresh_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: dict[str, _CachedKey] = {}
+        self._loaded_version = -1
+        self._loaded_at = 0.0
+        self._pending_usage: dict[str, datetime] = {}
+
+    # ------------------------------------------------------------------ create
+
+    def create(
+        self,
+        role: Role = "tenant",
+        tenant: str | None = None,
+        description: str = "",
+        expires_at: datetime | None = None,
+    ) -> tuple[KeyInfo, str]:
+        """Create a key; return its info and the secret (shown once, never stored).
+
+        A tenant key needs a tenant; admin and operator keys must not have one. Raises
+        errors.InvalidRequest otherwise, or when ``expires_at`` is not in the future.
+        """
+        checked_role = _checked_role(role)
+        if checked_role == "tenant" and not tenant:
+            raise errors.InvalidRequest("a tenant key needs a tenant", role=role)
+        if checked_role != "tenant" and tenant:
+            raise errors.InvalidRequest(
+                f"an {checked_role} key cannot belong to a tenant (got tenant {tenant!r})",
+                role=role,
+                tenant=tenant,
+            )
+        now = self._clock()
+        expiry = None if expires_at is None else _as_utc(expires_at)
+        if expiry is not None and expiry <= now:
+            raise errors.InvalidRequest(
+                f"expiry {_format_time(expiry)} is not in the future", expires_at=expiry
+            )
+        for _attempt in range(5):
+            key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_LENGTH))
+            secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
+            stored = StoredKey(
+                id=key_id,
+                role=checked_role,
+                tenant=tenant if checked_role == "tenant" else None,
+                secret_hash=hash_secret(secret),
+                description=description,
+                created_at=now,
+                expires_at=expiry,
+            )
+            try:
+                self._store.insert_key(stored)
+            except errors.Conflict:
+                continue  # an id collision: 36**8 ids make this vanishingly rare
+            return _info_from_stored(stored), secret
+        raise errors.GpuvisorError("could not allocate a unique API key id")
+
+    # ------------------------------------------------------------ authenticate
+
+    def authenticate(self, secret: str | None) -> Principal:
+        """Return the Principal of a key secret.
+
+        Raises errors.Unauthenticated when there is no key, or it is unknown, revoked or
+        expired, with a message saying which.
+        """
+        if not secret:
+            raise errors.Unauthenticated(NO_KEY_MESSAGE)
+        self._refresh_if_stale()
+        entry = self._cache.get(hash_secret(secret))
+        if entry is None:
+            raise errors.Unauthenticated("unknown API key")
+        principal = entry.principal
+        shown = f"{KEY_PREFIX}{principal.key_id}"
+        if entry.revoked_at is not None:
+            raise errors.Unauthenticated(f"API key {shown} was revoked", key_id=principal.key_id)
+        now = self._clock()
+        if entry.expires_at is not None and entry.expires_at <= now:
+            raise errors.Unauthenticated(
+                f"API key {shown} expired at {_format_time(entry.expires_at)}",
+                key_id=principal.key_id,
+            )
+        self._pending_usage[principal.key_id] = now
+        return principal
+
+    def _is_stale(self) -> bool:
+        return self._loaded_version != self._store.keys_version or (
+            self._refresh_interval is not None
+            and time.monotonic() - self._loaded_at >= self._refresh_interval
+        )
+
+    def _refresh_if_stale(self) -> None:
+        if self._is_stale():
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Reload the key cache from the database (one SELECT; no writes)."""
+        with self._lock:
+            version = self._store.keys_version
+            cache = {
+                key.secret_hash: _CachedKey(
+                    principal=Principal(_checked_role(key.role), key.tenant, key.id),
+                    expires_at=key.expires_at,
+                    revoked_at=key.revoked_at,
+                )
+                for key in self._store.list_keys()
+            }
+            # One assignment: readers see the old or the new dict, never a partial one.
+            self._cache = cache
+            self._loaded_version = version
+            self._loaded_at = time.monotonic()
+
+    def flush_usage(self) -> None:
+        """Write the last-used times gathered by ``authenticate`` to the database.
+
+        ``authenticate`` only notes them in memory (no write on the request path); the
+        node calls this periodically, and ``list`` calls it so listings are current.
+        """
+        pending, self._pending_usage = self._pending_usage, {}
+        self._store.touch_keys(dict(pending))
+
+    # ------------------------------------------------------------- list/revoke
+
+    def list(self, tenant: str | None = None) -> builtins.list[KeyInfo]:
+        """Return every key (or one tenant's keys), oldest first, without secrets."""
+        self.flush_usage()
+        return [_info_from_stored(key) for key in self._store.list_keys(tenant=tenant)]
+
+    def get(self, key_id: str) -> KeyInfo | None:
+        """Return one key's info by id (``ab12cd34`` or ``gvk_ab12cd34``), or None."""
+        stored = self._store.get_key(key_id.removeprefix(KEY_PREFIX))
+        return None if stored is None else _info_from_stored(stored)
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a key by id (``ab12cd34`` or ``gvk_ab12cd34``), effective at once.
+
+        Returns False when no such key exists; revoking twice keeps the first time.
+        """
+        return self._store.revoke_key(key_id.removeprefix(KEY_PREFIX), self._clock())
+
+    # --------------------------------------------------------------- admin key
+
+    def ensure_admin_key(self, state_dir: Path) -> str | None:
+        """On first start create an admin key, write it to ``<state_dir>/admin.key`` and return it.
+
+        "First start" means no usable (unrevoked, unexpired) admin key exists, so
+        revoking every admin key and restarting is the way back in. Returns None when a
+        usable admin key exists; the file is then left alone.
+        """
+        now = self._clock()
+        for key in self._store.list_keys(role="admin"):
+            if key.revoked_at is None and (key.expires_at is None or key.expires_at > now):
+                return None
+        _info, secret = self.create(role="admin", description="bootstrap admin key")
+        _write_private_file(admin_key_path(state_dir), secret + "\n")
+        return secret
+
+
+def admin_key_path(state_dir: Path) -> Path:
+    """Return where the bootstrap admin key is written: ``<state_dir>/admin.key``."""
+    return Path(state_dir).expanduser() / ADMIN_KEY_FILE
+
+
+def read_admin_key(state_dir: Path) -> str | None:
+    """Return the admin key written by ``ensure_admin_key``, or None if there is none."""
+    try:
+        text = admin_key_path(state_dir).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return text or None
+
+
+def _write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600, atomically (never world-readable, even briefly)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # a leftover temporary file must not widen it
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    """Return the key sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+
+    The Authorization header wins when both are sent. Returns None when neither carries
+    a key; raises errors.Unauthenticated for an Authorization header that is not a Bearer
+    token and no X-API-Key to fall back on.
+    """
+    if authorization and authorization.strip():
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token:
+            return token
+        if not (x_api_key and x_api_key.strip()):
+            problem = (
+                "empty Bearer token"
+                if scheme.lower() == "bearer"
+                else f"unsupported Authorization scheme {scheme!r}"
+            )
+            raise errors.Unauthenticated(f"{problem}: send 'Authorization: Bearer <key>'")
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    return None

@@ -1,0 +1,395 @@
+"""The declarative API's kinds (Tenant, Profile, Pool, Model, Deployment, Fleet, Node) and defaults."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final, Literal, get_args
+
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+
+from gpuvisor.spec.types import (
+    AutoFlag,
+    DnsLabel,
+    Duration,
+    ModelVersion,
+    Sha256Digest,
+    Size,
+    SpecModel,
+    field_error,
+)
+
+__all__ = [
+    "API_VERSION",
+    "CLUSTER_SCOPED",
+    "DATATYPES",
+    "DEFAULT_POOL",
+    "DEVICE_LABELS",
+    "KINDS",
+    "KIND_MODELS",
+    "TENANT_SCOPED",
+    "Batching",
+    "CpuDeviceConfig",
+    "Deployment",
+    "DeploymentSpec",
+    "Fleet",
+    "FleetDevices",
+    "FleetNode",
+    "FleetSpec",
+    "Limits",
+    "Metadata",
+    "MigSetting",
+    "Model",
+    "ModelSpec",
+    "Node",
+    "NodeSpec",
+    "NvmlConfig",
+    "PlacementPrefs",
+    "Pool",
+    "PoolSpec",
+    "Profile",
+    "ProfileSpec",
+    "Quota",
+    "Resource",
+    "Slo",
+    "Tenant",
+    "TenantSpec",
+    "TensorSpec",
+    "WorkerSettings",
+    "resource_key",
+]
+
+API_VERSION: Final = "gpuvisor/v1"
+DEFAULT_POOL = "default"
+"""The pool every cluster has without declaring it: it selects every device."""
+
+DEVICE_LABELS = ("kind", "backend", "model", "id", "node")
+"""Device labels a Pool selector may match on."""
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+DATATYPES: tuple[str, ...] = get_args(Datatype)
+
+_MODEL_REF_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(@[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class Metadata(SpecModel):
+    """Who an object is: its name, the tenant owning it (tenant-scoped kinds only), labels."""
+
+    name: DnsLabel
+    tenant: DnsLabel | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class _Kind(SpecModel):
+    """Fields every kind shares; remembers where it was read from (see ``loader.origin_of``)."""
+
+    api_version: Literal["gpuvisor/v1"] = API_VERSION
+    metadata: Metadata
+    _origin: str = PrivateAttr(default="")
+
+    def __eq__(self, other: object) -> bool:
+        """Objects are equal when their fields are; where they were read from does not count."""
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+
+class _ClusterScoped(_Kind):
+    @field_validator("metadata")
+    @classmethod
+    def _refuse_tenant(cls, metadata: Metadata) -> Metadata:
+        if metadata.tenant is not None:
+            raise field_error(
+                "tenant",
+                f"{cls.__name__} is cluster-scoped and belongs to no tenant: "
+                "remove metadata.tenant",
+            )
+        return metadata
+
+
+class _TenantScoped(_Kind):
+    @field_validator("metadata")
+    @classmethod
+    def _require_tenant(cls, metadata: Metadata) -> Metadata:
+        if metadata.tenant is None:
+            raise field_error(
+                "tenant",
+                f"a {cls.__name__} belongs to a tenant: set metadata.tenant (e.g. tenant: retail)",
+            )
+        return metadata
+
+
+class Quota(SpecModel):
+    """Caps on what a tenant may hold; None means no cap."""
+
+    memory: Size | None = None
+    compute: float | None = Field(default=None, ge=0)
+    deployments: int | None = Field(default=None, ge=0)
+    requests_per_second: float | None = Field(default=None, gt=0)
+    max_queued: int | None = Field(default=None, ge=0)
+
+
+class TenantSpec(SpecModel):
+    weight: float = Field(default=1.0, gt=0)
+    pools: list[str] = Field(default_factory=list)
+    """Pools the tenant may deploy to; empty means every pool."""
+    quota: Quota = Field(default_factory=Quota)
+
+
+class Tenant(_ClusterScoped):
+    kind: Literal["Tenant"] = "Tenant"
+    spec: TenantSpec = Field(default_factory=TenantSpec)
+
+
+class ProfileSpec(SpecModel):
+    """The shape of one slice (a vGPU): memory cap, guaranteed compute, isolation, latency."""
+
+    memory: Size = Field(gt=0)
+    compute_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    isolation: Literal["shared", "process", "partition", "exclusive"] = "process"
+    latency_class: Literal["critical", "standard", "batch"] = "standard"
+    mig_profile: str | None = None
+
+    @model_validator(mode="after")
+    def _mig_profile_iff_partition(self) -> ProfileSpec:
+        if self.isolation == "partition" and not self.mig_profile:
+            raise field_error(
+                "migProfile",
+                "isolation 'partition' needs a MIG profile, e.g. migProfile: 1g.10gb",
+            )
+        if self.isolation != "partition" and self.mig_profile is not None:
+            raise field_error(
+                "migProfile",
+                f"migProfile is only used with isolation 'partition' (this profile has "
+                f"isolation {self.isolation!r}): remove it or set isolation: partition",
+            )
+        return self
+
+
+class Profile(_ClusterScoped):
+    kind: Literal["Profile"] = "Profile"
+    spec: ProfileSpec
+
+
+class PoolSpec(SpecModel):
+    selector: dict[str, str] = Field(default_factory=dict)
+    """Device label -> glob; empty selects every device."""
+    tenancy: Literal["shared", "dedicated"] = "shared"
+    scheduler: Literal["best-effort", "equal-share", "fixed-share"] = "best-effort"
+    require_signed_models: bool = False
+    trusted_keys: list[str] = Field(default_factory=list)
+
+    @field_validator("selector")
+    @classmethod
+    def _known_device_labels(cls, selector: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(selector) - set(DEVICE_LABELS))
+        if unknown:
+            raise ValueError(
+                f"unknown device label {unknown[0]!r} (accepted: {', '.join(DEVICE_LABELS)})"
+            )
+        return selector
+
+
+class Pool(_ClusterScoped):
+    kind: Literal["Pool"] = "Pool"
+    spec: PoolSpec = Field(default_factory=PoolSpec)
+
+
+class TensorSpec(SpecModel):
+    name: str = Field(min_length=1)
+    datatype: Datatype
+    shape: list[Annotated[int, Field(ge=-1)]]
+    """Dimensions; -1 marks a variable one (usually the batch)."""
+
+
+class ModelSpec(SpecModel):
+    version: ModelVersion = "1"
+    format: Literal["onnx", "torchscript", "torch-export"] = "onnx"
+    source: str = Field(min_length=1)
+    """Path of the artifact; the loader makes relative paths absolute against the file's folder."""
+    sha256: Sha256Digest | None = None
+    signature: str | None = None
+    max_batch_size: int = Field(default=0, ge=0)
+    """Largest batch the model accepts; 0 means unknown."""
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+
+
+class Model(_TenantScoped):
+    kind: Literal["Model"] = "Model"
+    spec: ModelSpec
+
+
+class Batching(SpecModel):
+    max_batch_size: int = Field(default=8, ge=1)
+    max_queue_delay: Duration = 0.0
+
+
+class Slo(SpecModel):
+    latency: Duration | None = Field(default=None, gt=0)
+
+
+class PlacementPrefs(SpecModel):
+    numa: Literal["any", "local", "dedicated"] = "any"
+    anti_affinity: bool = False
+    disallow_migration: bool = False
+
+
+class DeploymentSpec(SpecModel):
+    model: str
+    """``name`` (highest version) or ``name@version``."""
+    profile: str
+    pool: str = DEFAULT_POOL
+    replicas: int = Field(default=1, ge=0)
+    batching: Batching = Field(default_factory=Batching)
+    slo: Slo = Field(default_factory=Slo)
+    placement: PlacementPrefs = Field(default_factory=PlacementPrefs)
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference(cls, value: str) -> str:
+        if not _MODEL_REF_RE.match(value):
+            raise ValueError(
+                f"invalid model reference {value!r}: write 'name' (highest version) "
+                "or 'name@version', e.g. 'shelf-detector@3'"
+            )
+        return value
+
+    @property
+    def model_name(self) -> str:
+        """The model's name, without the version."""
+        return self.model.partition("@")[0]
+
+    @property
+    def model_version(self) -> str | None:
+        """The pinned version, or None for 'the highest version'."""
+        _, at, version = self.model.partition("@")
+        return version if at else None
+
+
+class Deployment(_TenantScoped):
+    kind: Literal["Deployment"] = "Deployment"
+    spec: DeploymentSpec
+
+
+class MigSetting(SpecModel):
+    enabled: bool = False
+
+
+class FleetDevices(SpecModel):
+    model: str = Field(min_length=1)
+    count: int = Field(default=1, ge=1)
+    numa: int = Field(default=0, ge=0)
+    mig: MigSetting = Field(default_factory=MigSetting)
+
+
+class FleetNode(SpecModel):
+    name: DnsLabel
+    numa_nodes: int = Field(default=1, ge=1)
+    devices: list[FleetDevices] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _numa_in_range(self) -> FleetNode:
+        for index, group in enumerate(self.devices):
+            if group.numa >= self.numa_nodes:
+                raise field_error(
+                    f"devices[{index}].numa",
+                    f"NUMA node {group.numa} does not exist: this node has numaNodes: "
+                    f"{self.numa_nodes} (valid: 0..{self.numa_nodes - 1})",
+                )
+        return self
+
+
+class FleetSpec(SpecModel):
+    nodes: list[FleetNode] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_node_names(self) -> FleetSpec:
+        seen: set[str] = set()
+        for index, node in enumerate(self.nodes):
+            if node.name in seen:
+                raise field_error(
+                    f"nodes[{index}].name", f"node {node.name!r} is listed twice in this fleet"
+                )
+            seen.add(node.name)
+        return self
+
+
+class Fleet(_ClusterScoped):
+    kind: Literal["Fleet"] = "Fleet"
+    spec: FleetSpec
+
+
+class CpuDeviceConfig(SpecModel):
+    enabled: AutoFlag = "auto"
+    """``auto``: serve on the CPU only when no GPU is found."""
+    memory: Size | None = Field(default=None, gt=0)
+    """Memory budget of the CPU device; None means half the host RAM."""
+    threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads; None means max(1, cpus // 2)."""
+    concurrency: int = Field(default=1, ge=1)
+    quantum: Duration | None = Field(default=None, gt=0)
+
+
+class NvmlConfig(SpecModel):
+    enabled: AutoFlag = "auto"
+
+
+class Limits(SpecModel):
+    max_body_size: Size = Field(default=64 * 2**20, gt=0)
+
+
+class WorkerSettings(SpecModel):
+    start_timeout: Duration = Field(default=120.0, gt=0)
+    restart_backoff: Duration = Field(default=0.5, ge=0)
+    restart_backoff_max: Duration = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> WorkerSettings:
+        if self.restart_backoff_max < self.restart_backoff:
+            raise field_error(
+                "restartBackoffMax",
+                f"must be at least restartBackoff ({self.restart_backoff:g}s), "
+                f"got {self.restart_backoff_max:g}s",
+            )
+        return self
+
+
+class NodeSpec(SpecModel):
+    cluster: str = Field(default="local", min_length=1)
+    cpu: CpuDeviceConfig = Field(default_factory=CpuDeviceConfig)
+    nvml: NvmlConfig = Field(default_factory=NvmlConfig)
+    fleet: str | None = None
+    """Path of a Fleet YAML describing simulated devices; relative to the config file."""
+    limits: Limits = Field(default_factory=Limits)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    reconcile_period: Duration = Field(default=2.0, gt=0)
+
+
+class Node(_ClusterScoped):
+    kind: Literal["Node"] = "Node"
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+
+
+Resource = Annotated[
+    Tenant | Profile | Pool | Model | Deployment | Fleet | Node,
+    Field(discriminator="kind"),
+]
+"""Any object of the declarative API, told apart by ``kind``."""
+
+KIND_MODELS: dict[str, type[_Kind]] = {
+    cls.__name__: cls for cls in (Tenant, Profile, Pool, Model, Deployment, Fleet, Node)
+}
+KINDS: tuple[str, ...] = tuple(KIND_MODELS)
+CLUSTER_SCOPED: frozenset[str] = frozenset({"Tenant", "Profile", "Pool", "Fleet", "Node"})
+TENANT_SCOPED: frozenset[str] = frozenset({"Model", "Deployment"})
+
+
+def resource_key(resource: Resource) -> tuple[str, str, str]:
+    """Return the identity of an object: (kind, tenant or "", name; for a Model name@version)."""
+    name = resource.metadata.name
+    if isinstance(resource, Model):
+        name = f"{name}@{resource.spec.version}"
+    return (resource.kind, resource.metadata.tenant or "", name)

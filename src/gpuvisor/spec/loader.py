@@ -1,0 +1,368 @@
+"""Read YAML manifests into spec objects, check references, and write them back out.
+
+Every problem found is collected and raised as one ``SpecError`` with one line per problem::
+
+    deployments.yaml doc 3 Deployment/shelf-detector: spec.profile: unknown profile 'rt-smal' (did you mean 'rt-small'?)
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from gpuvisor.errors import SpecError
+from gpuvisor.spec.diagnostics import describe_error, error_path
+from gpuvisor.spec.kinds import (
+    API_VERSION,
+    DEFAULT_POOL,
+    KINDS,
+    Deployment,
+    Model,
+    Node,
+    Pool,
+    Profile,
+    Resource,
+    Tenant,
+    resource_key,
+)
+
+__all__ = [
+    "dump_documents",
+    "find_model",
+    "load_documents",
+    "origin_of",
+    "resource_from_dict",
+    "resource_to_dict",
+    "validate_references",
+]
+
+RESOURCE_ADAPTER: TypeAdapter[Resource] = TypeAdapter(Resource)
+_ORIGIN_RE = re.compile(r"^(?P<source>.*) doc (?P<doc>\d+)$")
+_MAX_LISTED = 12
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """One thing wrong with one document, rendered as one line of the SpecError."""
+
+    source: str
+    doc: int | None
+    kind: str | None
+    name: str | None
+    path: str
+    message: str
+
+    @classmethod
+    def at_origin(cls, origin: str, kind: str, name: str, path: str, message: str) -> _Problem:
+        match = _ORIGIN_RE.match(origin)
+        if match:
+            return cls(match["source"], int(match["doc"]), kind, name, path, message)
+        return cls(origin, None, kind, name, path, message)
+
+    def line(self) -> str:
+        where = self.source if self.doc is None else f"{self.source} doc {self.doc}"
+        if self.kind:
+            where += f" {self.kind}/{self.name}" if self.name else f" {self.kind}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+def _raise_if_any(problems: list[_Problem]) -> None:
+    if problems:
+        raise SpecError(
+            "\n".join(problem.line() for problem in problems),
+            problems=[asdict(problem) for problem in problems],
+        )
+
+
+class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
+    """A safe YAML loader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Hashable] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def _parse_yaml(text: str, source: str) -> list[Any]:
+    """Return every YAML document in ``text`` (None for empty ones); SpecError on bad syntax."""
+    documents: list[Any] = []
+    try:
+        for document in yaml.load_all(text, Loader=_StrictLoader):
+            documents.append(document)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "unreadable document"
+        if exc.context and exc.problem and exc.context_mark and exc.problem_mark:
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        message = f"invalid YAML{where}: {problem}"
+        _raise_if_any([_Problem(source, None, None, None, "", message)])
+    except yaml.YAMLError as exc:
+        _raise_if_any([_Problem(source, None, None, None, "", f"invalid YAML: {exc}")])
+    return documents
+
+
+def _closest(value: str, known: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(value, list(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _envelope_problem(document: Any) -> tuple[str, str] | None:
+    """Return (path, message) when a document cannot be validated as any kind at all."""
+    if not isinstance(document, dict):
+        got = type(document).__name__
+        return "", f"expected a mapping with apiVersion, kind, metadata and spec, got a {got}"
+    kind = document.get("kind")
+    expected = f"expected one of {', '.join(KINDS)}"
+    if kind is None:
+        return "kind", f"required field is missing ({expected})"
+    if kind not in KINDS:
+        hint = _closest(str(kind), KINDS)
+        return "kind", f"unknown kind {kind!r} ({expected})" + (
+            f"; did you mean {hint!r}?" if hint else ""
+        )
+    return None
+
+
+def _raw_name(document: dict[str, Any]) -> str | None:
+    metadata = document.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _absolute(path: str, base_dir: Path | None) -> str:
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute() or base_dir is None:
+        return str(expanded)
+    return os.path.abspath(base_dir / expanded)
+
+
+def load_documents(
+    text: str, source: str = "<input>", base_dir: Path | None = None
+) -> list[Resource]:
+    """Return the objects in a multi-document YAML text, in order; empty documents are skipped.
+
+    Relative ``Model.spec.source`` (and ``Node.spec.fleet``) paths become absolute against
+    ``base_dir`` when it is given. Raises SpecError listing every problem found: invalid YAML,
+    unknown kinds or fields, invalid values, tenant-scope mistakes, an object given twice.
+    """
+    problems: list[_Problem] = []
+    resources: list[Resource] = []
+    first_seen: dict[tuple[str, str, str], int] = {}
+    for index, document in enumerate(_parse_yaml(text, source), start=1):
+        if document is None:
+            continue
+        envelope = _envelope_problem(document)
+        if envelope is not None:
+            problems.append(_Problem(source, index, None, None, *envelope))
+            continue
+        kind, name = document["kind"], _raw_name(document)
+        found = _document_problems(document, kind)
+        resource = None
+        try:
+            resource = RESOURCE_ADAPTER.validate_python(document)
+        except ValidationError as exc:
+            found.extend(_field_problems(exc, kind))
+        if resource is not None and not found:
+            key = resource_key(resource)
+            if key in first_seen:
+                duplicate = f"{_describe_key(key)} is already defined in doc {first_seen[key]}"
+                found.append(
+                    ("metadata.name", f"{duplicate}; each object may appear once per apply")
+                )
+            first_seen.setdefault(key, index)
+        if found or resource is None:
+            problems.extend(_Problem(source, index, kind, name, *problem) for problem in found)
+            continue
+        resource._origin = f"{source} doc {index}"
+        if isinstance(resource, Model):
+            resource.spec.source = _absolute(resource.spec.source, base_dir)
+        elif isinstance(resource, Node) and resource.spec.fleet is not None:
+            resource.spec.fleet = _absolute(resource.spec.fleet, base_dir)
+        resources.append(resource)
+    _raise_if_any(problems)
+    return resources
+
+
+def _document_problems(document: dict[str, Any], kind: str) -> list[tuple[str, str]]:
+    """Return what a document must say although the Python model has a default for it."""
+    if "apiVersion" not in document:
+        return [("apiVersion", f"required field is missing (expected {API_VERSION!r})")]
+    return []
+
+
+def _describe_key(key: tuple[str, str, str]) -> str:
+    kind, tenant, name = key
+    name, _, version = name.partition("@")
+    described = f"{kind} {name!r}" + (f" version {version!r}" if version else "")
+    return described + (f" of tenant {tenant!r}" if tenant else "")
+
+
+def _field_problems(exc: ValidationError, kind: str) -> list[tuple[str, str]]:
+    """Return (YAML path, message) for each error pydantic found in a document of ``kind``."""
+    found = []
+    for error in exc.errors():
+        loc = error["loc"][1:] if error["loc"][:1] == (kind,) else error["loc"]
+        found.append((error_path(loc, error), describe_error(kind, loc, error)))
+    return found
+
+
+def origin_of(resource: Resource) -> str:
+    """Return where an object was read from, e.g. ``"deployments.yaml doc 3"``."""
+    return resource._origin or "<input>"
+
+
+def find_model(
+    models: Iterable[Model], tenant: str, name: str, version: str | None = None
+) -> Model | None:
+    """Return the tenant's model ``name`` at ``version``, or its highest version when None.
+
+    Versions compare naturally: numeric parts as integers ("10" > "9", "1.10" > "1.9").
+    """
+    candidates = [m for m in models if m.metadata.tenant == tenant and m.metadata.name == name]
+    if version is not None:
+        return next((m for m in candidates if m.spec.version == version), None)
+    return max(candidates, key=lambda m: _version_order(m.spec.version), default=None)
+
+
+def _version_order(version: str) -> tuple[tuple[int, int, str], ...]:
+    parts = re.split(r"(\d+)", version)
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part)
+
+
+def _suggestion(value: str, known: list[str], plural: str) -> str:
+    """Return ' (did you mean ...?)', ' (known ...: a, b)' or ' (no ... are defined)'."""
+    hint = _closest(value, known)
+    if hint:
+        return f" (did you mean {hint!r}?)"
+    if known:
+        listed = ", ".join(known[:_MAX_LISTED]) + (", ..." if len(known) > _MAX_LISTED else "")
+        return f" (known {plural}: {listed})"
+    return f" (no {plural} are defined yet)"
+
+
+def validate_references(new: list[Resource], existing: list[Resource]) -> None:
+    """Check that ``new`` objects name profiles, pools, models and tenants that exist.
+
+    ``existing`` is what is already stored; objects in ``new`` replace those with the same key.
+    Raises SpecError with one line per dangling reference.
+    """
+    merged = {resource_key(r): r for r in existing}
+    merged.update({resource_key(r): r for r in new})
+    everything = list(merged.values())
+    tenants = {r.metadata.name: r for r in everything if isinstance(r, Tenant)}
+    profiles = sorted(r.metadata.name for r in everything if isinstance(r, Profile))
+    pools = sorted({DEFAULT_POOL} | {r.metadata.name for r in everything if isinstance(r, Pool)})
+    models = [r for r in everything if isinstance(r, Model)]
+
+    problems: list[_Problem] = []
+    for resource in new:
+        report = _reporter(problems, resource)
+        tenant = resource.metadata.tenant
+        if tenant is not None and tenant not in tenants:
+            hint = _suggestion(tenant, sorted(tenants), "tenants")
+            report("metadata.tenant", f"unknown tenant {tenant!r}{hint}")
+        if isinstance(resource, Tenant):
+            for i, pool in enumerate(resource.spec.pools):
+                if pool not in pools:
+                    hint = _suggestion(pool, pools, "pools")
+                    report(f"spec.pools[{i}]", f"unknown pool {pool!r}{hint}")
+        elif isinstance(resource, Deployment):
+            _check_deployment(resource, tenants, profiles, pools, models, report)
+    _raise_if_any(problems)
+
+
+_Report = Callable[[str, str], None]
+
+
+def _reporter(problems: list[_Problem], resource: Resource) -> _Report:
+    """Return a function that records a problem (path, message) about ``resource``."""
+
+    origin, kind, name = origin_of(resource), resource.kind, resource.metadata.name
+
+    def report(path: str, message: str) -> None:
+        problems.append(_Problem.at_origin(origin, kind, name, path, message))
+
+    return report
+
+
+def _check_deployment(
+    deployment: Deployment,
+    tenants: dict[str, Tenant],
+    profiles: list[str],
+    pools: list[str],
+    models: list[Model],
+    report: _Report,
+) -> None:
+    spec, tenant = deployment.spec, deployment.metadata.tenant or ""
+    if spec.profile not in profiles:
+        hint = _suggestion(spec.profile, profiles, "profiles")
+        report("spec.profile", f"unknown profile {spec.profile!r}{hint}")
+    if spec.pool not in pools:
+        report("spec.pool", f"unknown pool {spec.pool!r}{_suggestion(spec.pool, pools, 'pools')}")
+    elif (
+        tenant in tenants
+        and tenants[tenant].spec.pools
+        and spec.pool not in tenants[tenant].spec.pools
+    ):
+        allowed = ", ".join(tenants[tenant].spec.pools)
+        advice = f"pick one of those or add {spec.pool!r} to the Tenant's spec.pools"
+        report("spec.pool", f"tenant {tenant!r} may only deploy to pools {allowed}: {advice}")
+    own = [m for m in models if m.metadata.tenant == tenant]
+    names = sorted({m.metadata.name for m in own})
+    if spec.model_name not in names:
+        hint = _suggestion(spec.model_name, names, "models")
+        report("spec.model", f"unknown model {spec.model_name!r} of tenant {tenant!r}{hint}")
+    elif (
+        spec.model_version is not None
+        and find_model(own, tenant, spec.model_name, spec.model_version) is None
+    ):
+        versions = sorted(
+            (m.spec.version for m in own if m.metadata.name == spec.model_name), key=_version_order
+        )
+        missing = f"model {spec.model_name!r} has no version {spec.model_version!r}"
+        report("spec.model", f"{missing} (known versions: {', '.join(versions)})")
+
+
+def resource_to_dict(resource: Resource) -> dict[str, Any]:
+    """Return the object as JSON-ready data with camelCase keys (sizes in bytes, durations in s)."""
+    return resource.model_dump(by_alias=True, mode="json")
+
+
+def resource_from_dict(data: dict[str, Any], origin: str = "<stored>") -> Resource:
+    """Rebuild an object from :func:`resource_to_dict` output; SpecError if it is not valid."""
+    kind = str(data.get("kind", "")) if isinstance(data, dict) else ""
+    name = _raw_name(data) if isinstance(data, dict) else None
+    try:
+        resource = RESOURCE_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        found = _field_problems(exc, kind)
+        _raise_if_any([_Problem.at_origin(origin, kind, name or "", *problem) for problem in found])
+        raise  # unreachable: pydantic reports at least one error
+    resource._origin = origin
+    return resource
+
+
+def dump_documents(resources: Iterable[Resource]) -> str:
+    """Return the objects as one multi-document YAML text (camelCase keys, unset fields left out)."""
+    documents = [r.model_dump(by_alias=True, mode="json", exclude_none=True) for r in resources]
+    text: str = yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False)
+    return text

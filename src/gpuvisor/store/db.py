@@ -1,0 +1,119 @@
+"""Database engines (SQLite by default, PostgreSQL supported) and schema migration to head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.pool import StaticPool
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "WRITE_OPTION",
+    "alembic_config",
+    "default_url",
+    "is_sqlite",
+    "make_engine",
+    "upgrade_to_head",
+]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# Execution option naming a transaction that will write. On SQLite such a transaction
+# starts with BEGIN IMMEDIATE: it takes the write lock up front (waiting up to
+# busy_timeout) instead of failing with "database is locked" when a read-then-write
+# transaction tries to upgrade its lock after another writer committed.
+WRITE_OPTION = "gpuvisor_write"
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+# Arbitrary constant naming gpuvisor's migration lock on PostgreSQL.
+_PG_MIGRATION_LOCK_ID = 0x67707669
+
+
+def default_url(state_dir: Path) -> str:
+    """Return the URL of the default SQLite database inside ``state_dir``."""
+    return f"sqlite:///{Path(state_dir) / 'gpuvisor.db'}"
+
+
+def is_sqlite(engine: Engine | Connection) -> bool:
+    """Return True when ``engine`` talks to SQLite."""
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str) -> Engine:
+    """Return an Engine for ``url``.
+
+    SQLite gets WAL journaling, enforced foreign keys, a 5 s busy timeout, connections
+    usable from any thread, and real transactions (SQLAlchemy emits BEGIN itself, so
+    reads are repeatable and DDL is transactional). A file database's parent directory
+    is created. An in-memory database (``sqlite://``, for tests) is one connection shared
+    by every thread, so use it from one thread at a time. ``postgresql://`` without a
+    driver uses psycopg (v3).
+    """
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+
+    database = parsed.database or ""
+    in_memory = database in ("", ":memory:") or "mode=memory" in str(parsed)
+    options: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+    if in_memory:
+        # Every new connection to ":memory:" is a new empty database: share one.
+        options["poolclass"] = StaticPool
+    elif not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, **options)
+    _install_sqlite_hooks(engine, in_memory=in_memory)
+    return engine
+
+
+def _install_sqlite_hooks(engine: Engine, *, in_memory: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        writes = connection.get_execution_options().get(WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def alembic_config() -> Config:
+    """Return an Alembic Config for gpuvisor's migrations (no alembic.ini needed)."""
+    config = Config()
+    # Config values go through configparser interpolation: escape '%'.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    return config
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    """Migrate the database behind ``engine`` to the newest schema; a no-op when current.
+
+    Runs Alembic programmatically inside one transaction that holds the database's write
+    lock (SQLite) or an advisory lock (PostgreSQL), so two processes starting at once
+    migrate once.
+    """
+    config = alembic_config()
+    with engine.connect() as connection:
+        connection.execution_options(**{WRITE_OPTION: True})
+        with connection.begin():
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK_ID})")
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")

@@ -1,0 +1,317 @@
+"""The Store: desired-state objects and API key records as plain data, over SQLAlchemy."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gpuvisor import errors
+from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
+from gpuvisor.store.tables import ApiKeyRow, ObjectRow
+
+__all__ = ["ApplyOutcome", "Store", "StoredKey", "StoredObject"]
+
+ApplyOutcome = Literal["created", "configured", "unchanged"]
+
+_T = TypeVar("_T")
+# A concurrent writer on PostgreSQL can insert the same key between our read and our
+# insert; the whole apply is then retried (it sees the row on the next attempt).
+_APPLY_ATTEMPTS = 3
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _canonical_json(body: dict[str, Any]) -> str:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as stored: its key (kind, tenant or "" when cluster-scoped, name) and body.
+
+    ``generation`` starts at 1 and grows by one each time the body changes; on input to
+    ``Store.apply`` it and the timestamps are ignored.
+    """
+
+    kind: str
+    tenant: str
+    name: str
+    body: dict[str, Any] = field(hash=False)
+    generation: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Return ``(kind, tenant, name)``, the object's identity."""
+        return (self.kind, self.tenant, self.name)
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    """One API key record: everything except the secret itself, which is never stored."""
+
+    id: str
+    role: str
+    tenant: str | None
+    secret_hash: str
+    description: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+def _object_from_row(row: ObjectRow) -> StoredObject:
+    return StoredObject(
+        kind=row.kind,
+        tenant=row.tenant,
+        name=row.name,
+        body=json.loads(row.body),
+        generation=row.generation,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _key_from_row(row: ApiKeyRow) -> StoredKey:
+    return StoredKey(
+        id=row.id,
+        role=row.role,
+        tenant=row.tenant,
+        secret_hash=row.secret_hash,
+        description=row.description,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+    )
+
+
+class Store:
+    """Desired state and API keys in one database; safe to call from many threads.
+
+    Construction migrates the schema to head. Each method is one transaction; writes are
+    serialised within the process and take the database write lock up front on SQLite.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = make_engine(url)
+        self._write_engine = self._engine.execution_options(**{WRITE_OPTION: True})
+        self._write_lock = threading.Lock()
+        self._keys_version = 0
+        upgrade_to_head(self._engine)
+
+    # ----------------------------------------------------------------- objects
+
+    def apply(self, objects: list[StoredObject]) -> list[tuple[StoredObject, ApplyOutcome]]:
+        """Create or update ``objects`` in one transaction; return each as stored, with its outcome.
+
+        The outcome is "created" (new key, generation 1), "configured" (body changed,
+        generation + 1) or "unchanged". Either every object is written or none is.
+        """
+        for attempt in range(_APPLY_ATTEMPTS):
+            try:
+                return self._write(lambda session: self._apply_in(session, objects))
+            except IntegrityError:
+                if attempt == _APPLY_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _apply_in(
+        self, session: Session, objects: list[StoredObject]
+    ) -> list[tuple[StoredObject, ApplyOutcome]]:
+        now = _utcnow()
+        results: list[tuple[StoredObject, ApplyOutcome]] = []
+        for obj in objects:
+            body = _canonical_json(obj.body)
+            row = session.scalars(
+                select(ObjectRow)
+                .where(
+                    ObjectRow.kind == obj.kind,
+                    ObjectRow.tenant == obj.tenant,
+                    ObjectRow.name == obj.name,
+                )
+                .with_for_update()
+            ).one_or_none()
+            outcome: ApplyOutcome
+            if row is None:
+                row = ObjectRow(
+                    kind=obj.kind,
+                    tenant=obj.tenant,
+                    name=obj.name,
+                    body=body,
+                    generation=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(row)
+                outcome = "created"
+            elif row.body != body:
+                row.body = body
+                row.generation += 1
+                row.updated_at = now
+                outcome = "configured"
+            else:
+                outcome = "unchanged"
+            session.flush()
+            results.append((_object_from_row(row), outcome))
+        return results
+
+    def list(self, kind: str | None = None, tenant: str | None = None) -> list[StoredObject]:
+        """Return stored objects ordered by (kind, tenant, name).
+
+        ``kind``/``tenant`` of None match everything; ``tenant=""`` selects the
+        cluster-scoped objects only.
+        """
+        query = select(ObjectRow).order_by(ObjectRow.kind, ObjectRow.tenant, ObjectRow.name)
+        if kind is not None:
+            query = query.where(ObjectRow.kind == kind)
+        if tenant is not None:
+            query = query.where(ObjectRow.tenant == tenant)
+        with Session(self._engine) as session:
+            return [_object_from_row(row) for row in session.scalars(query)]
+
+    def get(self, kind: str, tenant: str | None, name: str) -> StoredObject | None:
+        """Return the object with this key, or None; a tenant of None means cluster-scoped."""
+        with Session(self._engine) as session:
+            row = session.scalars(
+                select(ObjectRow).where(
+                    ObjectRow.kind == kind,
+                    ObjectRow.tenant == (tenant or ""),
+                    ObjectRow.name == name,
+                )
+            ).one_or_none()
+            return None if row is None else _object_from_row(row)
+
+    def delete(self, kind: str, tenant: str | None, name: str) -> bool:
+        """Delete the object with this key; return whether it existed."""
+
+        def remove(session: Session) -> bool:
+            result = session.execute(
+                delete(ObjectRow).where(
+                    ObjectRow.kind == kind,
+                    ObjectRow.tenant == (tenant or ""),
+                    ObjectRow.name == name,
+                )
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+        return self._write(remove)
+
+    # ---------------------------------------------------------------- API keys
+
+    @property
+    def keys_version(self) -> int:
+        """A counter bumped by every key write through this Store (cache invalidation)."""
+        return self._keys_version
+
+    def insert_key(self, key: StoredKey) -> None:
+        """Store a new key record; raise errors.Conflict if its id or hash already exists."""
+
+        def insert(session: Session) -> None:
+            session.add(
+                ApiKeyRow(
+                    id=key.id,
+                    tenant=key.tenant,
+                    role=key.role,
+                    secret_hash=key.secret_hash,
+                    description=key.description,
+                    created_at=key.created_at,
+                    expires_at=key.expires_at,
+                    revoked_at=key.revoked_at,
+                    last_used_at=key.last_used_at,
+                )
+            )
+            session.flush()
+
+        try:
+            self._write(insert, keys_changed=True)
+        except IntegrityError as exc:
+            raise errors.Conflict(f"API key gvk_{key.id} already exists", key_id=key.id) from exc
+
+    def get_key(self, key_id: str) -> StoredKey | None:
+        """Return the key record with this id, or None."""
+        with Session(self._engine) as session:
+            row = session.get(ApiKeyRow, key_id)
+            return None if row is None else _key_from_row(row)
+
+    def find_key_by_hash(self, secret_hash: str) -> StoredKey | None:
+        """Return the key record whose secret hashes to ``secret_hash``, or None."""
+        with Session(self._engine) as session:
+            row = session.scalars(
+                select(ApiKeyRow).where(ApiKeyRow.secret_hash == secret_hash)
+            ).one_or_none()
+            return None if row is None else _key_from_row(row)
+
+    def list_keys(
+        self, tenant: str | None = None, role: str | None = None
+    ) -> builtins.list[StoredKey]:
+        """Return key records ordered by creation; None filters match everything."""
+        query = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+        if tenant is not None:
+            query = query.where(ApiKeyRow.tenant == tenant)
+        if role is not None:
+            query = query.where(ApiKeyRow.role == role)
+        with Session(self._engine) as session:
+            return [_key_from_row(row) for row in session.scalars(query)]
+
+    def revoke_key(self, key_id: str, at: datetime) -> bool:
+        """Mark the key revoked at ``at`` (an earlier revocation is kept); False if unknown."""
+
+        def revoke(session: Session) -> bool:
+            row = session.get(ApiKeyRow, key_id, with_for_update=True)
+            if row is None:
+                return False
+            if row.revoked_at is None:
+                row.revoked_at = at
+            return True
+
+        return self._write(revoke, keys_changed=True)
+
+    def touch_keys(self, last_used: dict[str, datetime]) -> None:
+        """Record when each key (by id) was last used; unknown ids are ignored."""
+        if not last_used:
+            return
+
+        def touch(session: Session) -> None:
+            for key_id, at in last_used.items():
+                session.execute(
+                    update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=at)
+                )
+
+        self._write(touch)
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _write(self, work: Callable[[Session], _T], *, keys_changed: bool = False) -> _T:
+        with self._write_lock:
+            try:
+                with Session(self._write_engine) as session, session.begin():
+                    return work(session)
+            finally:
+                # Bumped after the commit, so a cache reloading on the new version sees it.
+                if keys_changed:
+                    self._keys_version += 1
+
+    def close(self) -> None:
+        """Release every pooled connection; the Store must not be used afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -1,0 +1,77 @@
+"""Sizes ("512Mi", "2Gi") and durations ("500us", "2ms") to numbers and back."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
+
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?|B)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)\s*$")
+
+
+def parse_size(value: str | int | float) -> int:
+    """Return a size in bytes from ``"512Mi"``, ``"2Gi"``, ``"1G"``, ``1024``.
+
+    Raises ValueError naming the accepted units when the value cannot be read.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '512Mi' or '2Gi', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative, got {value!r}")
+        return int(value)
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(
+            f"expected a size like '512Mi' or '2Gi' (units B, K, M, G, T, Ki, Mi, Gi, Ti), got {value!r}"
+        )
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit or ""])
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Return a duration in seconds from ``"500us"``, ``"2ms"``, ``"1.5s"``; bare numbers are seconds.
+
+    Raises ValueError naming the accepted units when the value cannot be read.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '2ms' or '500us', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
+        return float(value)
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError(
+            f"expected a duration like '2ms' or '500us' (units ns, us, ms, s, m, h), got {value!r}"
+        )
+    number, unit = match.groups()
+    return float(number) * _DURATION_UNITS[unit]
+
+
+def format_size(n_bytes: int | float) -> str:
+    """Return the shortest exact binary form of a size (``1073741824`` → ``"1Gi"``), else ``"1.5Gi"``."""
+    n = int(n_bytes)
+    for unit in ("Ti", "Gi", "Mi", "Ki"):
+        factor = _SIZE_UNITS[unit]
+        if n >= factor:
+            if n % factor == 0:
+                return f"{n // factor}{unit}"
+            return f"{n / factor:.1f}{unit}"
+    return f"{n}"
+
+
+def format_duration(seconds: float) -> str:
+    """Return a readable duration: ``0.0005`` → ``"500us"``, ``0.002`` → ``"2ms"``, ``1.5`` → ``"1.5s"``."""
+    if seconds >= 1:
+        return f"{seconds:g}s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:g}ms"
+    return f"{seconds * 1e6:g}us"

@@ -1,0 +1,517 @@
+"""Tests for the OIP tensor codec, including compatibility with the real tritonclient encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gpuvisor.errors import ExecutionError, InvalidRequest
+from gpuvisor.runtime.tensors import (
+    DATATYPES,
+    InferRequest,
+    RequestedOutput,
+    TensorMeta,
+    decode_infer_request,
+    encode_error,
+    encode_infer_response,
+)
+
+NUMERIC = [name for name in DATATYPES if name != "BYTES"]
+SHAPES = hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4)
+TO_TEXT = np.frompyfunc(bytes.decode, 1, 1)
+TO_BYTES = np.frompyfunc(str.encode, 1, 1)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def tensors(draw: st.DrawFn, datatype: str, text_only: bool = False) -> np.ndarray:
+    """A random array of ``datatype``; BYTES as an object array of bytes."""
+    shape = draw(SHAPES)
+    if datatype == "BYTES":
+        element = st.text(max_size=6).map(str.encode) if text_only else st.binary(max_size=6)
+        items = draw(st.lists(element, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        array = np.empty(len(items), dtype=object)
+        array[:] = items
+        return array.reshape(shape)
+    dtype = DATATYPES[datatype]
+    # JSON cannot carry NaN or infinities; binary round trips of them are covered separately.
+    elements = (
+        hnp.from_dtype(dtype, allow_nan=False, allow_infinity=False)
+        if dtype.kind == "f"
+        else hnp.from_dtype(dtype)
+    )
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+def model_shape(draw: st.DrawFn, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The array's shape with some dims turned into wildcards."""
+    return tuple(-1 if draw(st.booleans()) else d for d in shape)
+
+
+def assert_same(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype
+    assert got.tolist() == want.tolist()
+
+
+def triton_request(arrays: dict[str, tuple[str, np.ndarray]], binary: bool, **kwargs: Any) -> Any:
+    inputs = [
+        triton.InferInput(name, list(array.shape), datatype).set_data_from_numpy(
+            array, binary_data=binary
+        )
+        for name, (datatype, array) in arrays.items()
+    ]
+    return triton.InferenceServerClient.generate_request_body(inputs, **kwargs)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("datatype", list(DATATYPES))
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@SETTINGS
+@given(data=st.data())
+def test_tritonclient_request_decodes_to_the_same_array(
+    datatype: str, binary: bool, data: st.DataObject
+) -> None:
+    array = data.draw(tensors(datatype, text_only=not binary))
+    meta = TensorMeta("x", datatype, model_shape(data.draw, array.shape))
+    body, header_length = triton_request({"x": (datatype, array)}, binary, request_id="req-7")
+    assert (header_length is not None) == binary
+    request = decode_infer_request(body, header_length, [meta], [meta])
+    assert request.id == "req-7"
+    assert request.outputs is None and request.binary_output  # tritonclient's default
+    assert_same(request.inputs["x"], array)
+
+
+@pytest.mark.parametrize("datatype", list(DATATYPES))
+@SETTINGS
+@given(data=st.data())
+def test_nested_json_data_decodes_like_flat_data(datatype: str, data: st.DataObject) -> None:
+    array = data.draw(tensors(datatype, text_only=True))
+    as_json = TO_TEXT if datatype == "BYTES" else np.asarray
+    meta = TensorMeta("x", datatype, tuple(array.shape))
+    for layout in (as_json(array).tolist(), as_json(array.reshape(-1)).tolist()):
+        entry = {"name": "x", "datatype": datatype, "shape": list(array.shape), "data": layout}
+        body = orjson.dumps({"inputs": [entry]})
+        assert_same(decode_infer_request(body, None, [meta], [meta]).inputs["x"], array)
+
+
+@pytest.mark.parametrize("datatype", list(DATATYPES))
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@SETTINGS
+@given(data=st.data())
+def test_response_decodes_with_tritonclient(datatype: str, binary: bool, data: st.DataObject) -> None:
+    array = data.draw(tensors(datatype, text_only=not binary))
+    meta = TensorMeta("y", datatype, model_shape(data.draw, array.shape))
+    request = InferRequest("abc", {}, {}, None, binary_output=binary)
+    body, header_length = encode_infer_response("m", "3", request, {"y": array}, [meta])
+    assert (header_length is not None) == binary
+    result = triton.InferResult.from_response_body(body, verbose=False, header_length=header_length)
+    assert result.get_response()["id"] == "abc"
+    assert result.get_response()["model_version"] == "3"
+    got = result.as_numpy("y")
+    if datatype == "BYTES" and not binary:  # tritonclient leaves JSON strings as str
+        got = TO_BYTES(got)
+    assert got.shape == array.shape
+    assert got.tolist() == array.tolist()
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_binary_round_trip_keeps_nan_and_infinities(datatype: str) -> None:
+    array = np.array([np.nan, np.inf, -np.inf, -0.0, 1.5], dtype=DATATYPES[datatype])
+    meta = TensorMeta("x", datatype, (-1,))
+    body, header_length = triton_request({"x": (datatype, array)}, True)
+    decoded = decode_infer_request(body, header_length, [meta], [meta]).inputs["x"]
+    assert decoded.tobytes() == array.tobytes()
+    request = InferRequest(None, {}, {}, binary_output=True)
+    out, length = encode_infer_response("m", "1", request, {"x": decoded}, [meta])
+    result = triton.InferResult.from_response_body(out, header_length=length)
+    assert result.as_numpy("x").tobytes() == array.tobytes()
+
+
+def test_several_inputs_mixing_json_and_binary_are_read_in_order() -> None:
+    a = np.arange(6, dtype=np.int16).reshape(2, 3)
+    b = np.array([b"x", b"\x00\xff", b""], dtype=object)
+    c = np.array([[True, False]])
+    inputs = [
+        triton.InferInput("a", [2, 3], "INT16").set_data_from_numpy(a, binary_data=True),
+        triton.InferInput("c", [1, 2], "BOOL").set_data_from_numpy(c, binary_data=False),
+        triton.InferInput("b", [3], "BYTES").set_data_from_numpy(b, binary_data=True),
+    ]
+    body, header_length = triton.InferenceServerClient.generate_request_body(inputs)
+    metas = [TensorMeta("b", "BYTES", (-1,)), TensorMeta("a", "INT16", (-1, 3)), TensorMeta("c", "BOOL", (1, 2))]
+    decoded = decode_infer_request(body, header_length, metas, []).inputs
+    assert_same(decoded["a"], a)
+    assert_same(decoded["b"], b)
+    assert_same(decoded["c"], c)
+    assert all(array.flags.aligned for array in decoded.values())
+
+
+def test_binary_bool_treats_any_nonzero_byte_as_true() -> None:
+    header = orjson.dumps(
+        {"inputs": [{"name": "m", "datatype": "BOOL", "shape": [3], "parameters": {"binary_data_size": 3}}]}
+    )
+    meta = TensorMeta("m", "BOOL", (3,))
+    decoded = decode_infer_request(header + b"\x00\x07\x01", len(header), [meta], []).inputs["m"]
+    assert decoded.dtype == np.bool_
+    assert decoded.tolist() == [False, True, True]
+
+
+# --------------------------------------------------------------------------- request fields
+
+
+OUTS = [TensorMeta("scores", "FP32", (-1,)), TensorMeta("label", "BYTES", (-1,))]
+INS = [TensorMeta("image", "FP32", (-1, 2)), TensorMeta("ids", "INT64", (2,))]
+
+
+def body_of(inputs: list[dict[str, Any]] | None = None, **fields: Any) -> bytes:
+    doc: dict[str, Any] = dict(fields)
+    doc["inputs"] = (
+        inputs
+        if inputs is not None
+        else [
+            {"name": "image", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]},
+            {"name": "ids", "datatype": "INT64", "shape": [2], "data": [[3, 4]]},
+        ]
+    )
+    return orjson.dumps(doc)
+
+
+def test_requested_outputs_and_parameters_are_decoded() -> None:
+    body = body_of(
+        id="r1",
+        parameters={"binary_data_output": True, "priority": 2},
+        outputs=[{"name": "label", "parameters": {"binary_data": False}}, {"name": "scores"}],
+    )
+    request = decode_infer_request(body, None, INS, OUTS)
+    assert request.id == "r1"
+    assert request.parameters == {"binary_data_output": True, "priority": 2}
+    assert request.binary_output is True
+    assert request.outputs == [RequestedOutput("label", False), RequestedOutput("scores", None)]
+    assert request.output_names == ["label", "scores"]
+    assert request.inputs["ids"].tolist() == [3, 4]
+    assert request.inputs["image"].dtype == np.float32
+
+
+def test_omitted_outputs_mean_every_output_in_json() -> None:
+    request = decode_infer_request(body_of(), None, INS, OUTS)
+    assert request.outputs is None and request.output_names is None
+    assert request.binary_output is False and request.id is None
+
+
+def i(name: str, datatype: str, shape: Any, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape, **extra}
+
+
+IMAGE = i("image", "FP32", [1, 2], data=[1.0, 2.0])
+IDS = i("ids", "INT64", [2], data=[1, 2])
+
+
+def binary_body(*entries: tuple[dict[str, Any], bytes], tail: bytes = b"") -> tuple[bytes, int]:
+    header = orjson.dumps({"inputs": [entry for entry, _ in entries]})
+    return header + b"".join(raw for _, raw in entries) + tail, len(header)
+
+
+def sized(entry: dict[str, Any], size: Any) -> dict[str, Any]:
+    return {**entry, "parameters": {"binary_data_size": size}}
+
+
+F32x2 = np.array([[1.0, 2.0]], dtype=np.float32).tobytes()
+I64x2 = np.array([1, 2], dtype=np.int64).tobytes()
+IMAGE_BIN = i("image", "FP32", [1, 2])
+IDS_BIN = i("ids", "INT64", [2])
+
+INVALID: list[tuple[str, bytes, int | None, str]] = [
+    ("not json", b"{inputs: ", None, "request body is not valid JSON"),
+    ("not an object", b"[1, 2]", None, "request body must be a JSON object"),
+    ("no inputs", orjson.dumps({"id": "x"}), None, "request has no 'inputs'"),
+    ("inputs not a list", orjson.dumps({"inputs": {}}), None, "request 'inputs' must be a list"),
+    ("input without name", body_of([{"datatype": "FP32"}]), None, "string 'name'"),
+    (
+        "unknown input",
+        body_of([IMAGE, IDS, i("imagee", "FP32", [1], data=[1])]),
+        None,
+        "unknown input 'imagee' (the model expects inputs image, ids)",
+    ),
+    ("missing input", body_of([IMAGE]), None, "missing input 'ids' (the model expects inputs image, ids)"),
+    ("duplicate input", body_of([IMAGE, IDS, IMAGE]), None, "input 'image' is given more than once"),
+    (
+        "datatype mismatch",
+        body_of([{**IMAGE, "datatype": "FP64"}, IDS]),
+        None,
+        "input 'image' has datatype FP64 but the model expects FP32",
+    ),
+    ("missing datatype", body_of([{**IMAGE, "datatype": None}, IDS]), None, "has datatype None"),
+    (
+        "rank mismatch",
+        body_of([{**IMAGE, "shape": [2]}, IDS]),
+        None,
+        "input 'image' has shape [2] but the model expects [-1, 2]",
+    ),
+    (
+        "fixed dim mismatch",
+        body_of([IMAGE, {**IDS, "shape": [3], "data": [1, 2, 3]}]),
+        None,
+        "input 'ids' has shape [3] but the model expects [2]",
+    ),
+    ("negative dim", body_of([{**IMAGE, "shape": [-1, 2]}, IDS]), None, "input 'image' has shape [-1, 2], not"),
+    ("non-int dim", body_of([{**IMAGE, "shape": [1.5, 2]}, IDS]), None, "input 'image' has shape [1.5, 2], not"),
+    ("shape missing", body_of([{**IMAGE, "shape": None}, IDS]), None, "input 'image' has shape None"),
+    (
+        "too few elements",
+        body_of([{**IMAGE, "data": [1.0]}, IDS]),
+        None,
+        "input 'image' has 1 data elements but shape [1, 2] needs 2",
+    ),
+    (
+        "too many nested elements",
+        body_of([IMAGE, {**IDS, "data": [[1, 2], [3, 4]]}]),
+        None,
+        "input 'ids' has 4 data elements but shape [2] needs 2",
+    ),
+    (
+        "ragged nesting",
+        body_of([{**IMAGE, "shape": [2, 2], "data": [[1.0, 2.0], [3.0]]}, IDS]),
+        None,
+        "input 'image' is FP32: its data must be numbers in lists of equal lengths",
+    ),
+    ("strings for floats", body_of([{**IMAGE, "data": ["1", "2"]}, IDS]), None, "its data must be numbers"),
+    ("null for floats", body_of([{**IMAGE, "data": [None, 1.0]}, IDS]), None, "its data must be numbers"),
+    ("floats for integers", body_of([IMAGE, {**IDS, "data": [1.5, 2]}]), None, "input 'ids' is INT64: its data must be integers"),
+    ("booleans for integers", body_of([IMAGE, {**IDS, "data": [True, False]}]), None, "its data must be integers"),
+    (
+        "integer overflow",
+        body_of([IMAGE, {**IDS, "data": [2**63, 1]}]),
+        None,
+        "input 'ids' has values outside the INT64 range",
+    ),
+    ("data not a list", body_of([{**IMAGE, "data": 1.0}, IDS]), None, "input 'image' 'data' must be a list"),
+    ("no data", body_of([{**IMAGE, "data": None}, IDS]), None, "input 'image' 'data' must be a list"),
+    (
+        "neither data nor binary",
+        body_of([i("image", "FP32", [1, 2]), IDS]),
+        None,
+        "input 'image' has neither 'data' nor binary_data_size",
+    ),
+    ("id not a string", body_of(id=7), None, "request 'id' must be a string"),
+    ("parameters not an object", body_of(parameters=[1]), None, "request 'parameters' must be a JSON object"),
+    (
+        "binary_data_output not a bool",
+        body_of(parameters={"binary_data_output": "yes"}),
+        None,
+        "'binary_data_output' must be true or false",
+    ),
+    ("outputs not a list", body_of(outputs={"name": "label"}), None, "request 'outputs' must be a list"),
+    (
+        "unknown output",
+        body_of(outputs=[{"name": "labels"}]),
+        None,
+        "unknown output 'labels' requested (the model has outputs scores, label)",
+    ),
+    (
+        "duplicate output",
+        body_of(outputs=[{"name": "label"}, {"name": "label"}]),
+        None,
+        "output 'label' is requested more than once",
+    ),
+    (
+        "binary_data not a bool",
+        body_of(outputs=[{"name": "label", "parameters": {"binary_data": 1}}]),
+        None,
+        "output 'label' parameter 'binary_data' must be true or false",
+    ),
+    ("header longer than body", body_of(), 10_000, "Inference-Header-Content-Length is 10000 but the body has"),
+    ("header length zero", body_of(), 0, "Inference-Header-Content-Length is 0"),
+    (
+        "binary without header length",
+        body_of([sized(IMAGE_BIN, 8), IDS]) + F32x2,
+        None,
+        "request body is not valid JSON",
+    ),
+    (
+        "binary size but no header",
+        body_of([sized(IMAGE_BIN, 8), IDS]),
+        None,
+        "input 'image' has binary_data_size but the request has no Inference-Header-Content-Length",
+    ),
+    ("truncated", *binary_body((sized(IMAGE_BIN, 8), F32x2[:5]), (IDS, b"")), "binary body is truncated: input 'image' needs 8 bytes but only 5 remain"),
+    (
+        "truncated second tensor",
+        *binary_body((sized(IMAGE_BIN, 8), F32x2), (sized(IDS_BIN, 16), I64x2[:9])),
+        "input 'ids' needs 16 bytes but only 9 remain",
+    ),
+    (
+        "bytes beyond the tensors",
+        *binary_body((sized(IMAGE_BIN, 8), F32x2), (IDS, b""), tail=b"\x00" * 3),
+        "binary body has 3 bytes beyond the inputs' binary_data_size total",
+    ),
+    (
+        "size disagrees with shape",
+        *binary_body((sized(IMAGE_BIN, 4), F32x2[:4]), (IDS, b"")),
+        "input 'image' has binary_data_size 4 but shape [1, 2] of FP32 needs 8 bytes",
+    ),
+    ("negative size", *binary_body((sized(IMAGE_BIN, -8), b""), (IDS, b"")), "input 'image' has a bad binary_data_size: -8"),
+    ("string size", *binary_body((sized(IMAGE_BIN, "8"), F32x2), (IDS, b"")), "input 'image' has a bad binary_data_size: '8'"),
+    ("boolean size", *binary_body((sized(IMAGE_BIN, True), b"\x00"), (IDS, b"")), "bad binary_data_size: True"),
+    (
+        "data and binary",
+        *binary_body((sized(IMAGE, 8), F32x2), (IDS, b"")),
+        "input 'image' has both 'data' and binary_data_size",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "header_length", "message"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_requests_are_rejected_with_a_specific_message(
+    body: bytes, header_length: int | None, message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        decode_infer_request(body, header_length, INS, OUTS)
+    assert message in caught.value.message
+    assert caught.value.http_status == 400
+
+
+TEXT = TensorMeta("text", "BYTES", (-1,))
+
+
+def bytes_body(count: int, raw: bytes) -> tuple[bytes, int]:
+    return binary_body((sized(i("text", "BYTES", [count]), len(raw)), raw))
+
+
+@pytest.mark.parametrize(
+    ("count", "raw", "message"),
+    [
+        (2, b"\x01\x00\x00\x00a\x05\x00", "binary data ends inside BYTES element 1 of 2"),
+        (1, b"\x09\x00\x00\x00abc", "binary data ends inside BYTES element 0 of 1"),
+        (1, b"\x01\x00\x00\x00ab", "binary_data_size 6 but its 1 BYTES elements use 5 bytes"),
+        (0, b"\x00\x00\x00\x00", "binary_data_size 4 but its 0 BYTES elements use 0 bytes"),
+    ],
+)
+def test_malformed_binary_bytes_elements_are_rejected(count: int, raw: bytes, message: str) -> None:
+    body, header_length = bytes_body(count, raw)
+    with pytest.raises(InvalidRequest, match="input 'text'") as caught:
+        decode_infer_request(body, header_length, [TEXT], [])
+    assert message in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "shape"),
+    [(["a", 1], [2]), ([["a"], "b"], [2]), ([["a", "b"], ["c"]], [3]), ([None], [1])],
+)
+def test_json_bytes_must_be_strings_in_even_lists(data: list[Any], shape: list[int]) -> None:
+    body = orjson.dumps({"inputs": [i("text", "BYTES", shape, data=data)]})
+    with pytest.raises(InvalidRequest, match="input 'text' is BYTES: its data must be strings"):
+        decode_infer_request(body, None, [TEXT], [])
+
+
+# --------------------------------------------------------------------------- responses
+
+
+RESULTS = {
+    "scores": np.array([0.5, 1.25], dtype=np.float32),
+    "label": np.array([b"cat", b"dog"], dtype=object),
+}
+
+
+def response(request: InferRequest) -> tuple[dict[str, Any], bytes, int | None]:
+    body, header_length = encode_infer_response("shelf", "2", request, RESULTS, OUTS)
+    header = body if header_length is None else body[:header_length]
+    return orjson.loads(header), body, header_length
+
+
+def test_json_response_has_the_oip_shape() -> None:
+    doc, body, header_length = response(InferRequest("r-1", {}, {}))
+    assert header_length is None
+    assert doc == {
+        "model_name": "shelf",
+        "model_version": "2",
+        "id": "r-1",
+        "outputs": [
+            {"name": "scores", "datatype": "FP32", "shape": [2], "data": [0.5, 1.25]},
+            {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["cat", "dog"]},
+        ],
+    }
+
+
+def test_response_omits_id_when_the_request_had_none() -> None:
+    doc, _, _ = response(InferRequest(None, {}, {}))
+    assert "id" not in doc
+
+
+@pytest.mark.parametrize(
+    ("outputs", "binary_output", "expect"),
+    [
+        (None, False, {"scores": "json", "label": "json"}),
+        (None, True, {"scores": "binary", "label": "binary"}),
+        ([RequestedOutput("label")], False, {"label": "json"}),
+        ([RequestedOutput("label", True)], False, {"label": "binary"}),
+        ([RequestedOutput("scores", False), RequestedOutput("label")], True, {"scores": "json", "label": "binary"}),
+        ([RequestedOutput("label", None), RequestedOutput("scores", True)], False, {"label": "json", "scores": "binary"}),
+    ],
+)
+def test_each_output_goes_binary_or_json_as_requested(
+    outputs: list[RequestedOutput] | None, binary_output: bool, expect: dict[str, str]
+) -> None:
+    doc, body, header_length = response(InferRequest(None, {}, {}, outputs, binary_output))
+    got = {o["name"]: "binary" if "parameters" in o else "json" for o in doc["outputs"]}
+    assert got == expect
+    assert list(got) == list(expect)  # requested order is kept
+    assert (header_length is not None) == ("binary" in expect.values())
+    result = triton.InferResult.from_response_body(body, header_length=header_length)
+    for name in expect:
+        values = result.as_numpy(name).tolist()
+        want = RESULTS[name].tolist()
+        assert values == want or values == [b.decode() for b in want]
+
+
+def test_binary_sizes_add_up_to_the_body() -> None:
+    doc, body, header_length = response(InferRequest(None, {}, {}, binary_output=True))
+    assert header_length is not None
+    sizes = [o["parameters"]["binary_data_size"] for o in doc["outputs"]]
+    assert sizes == [8, 4 + 3 + 4 + 3]
+    assert len(body) == header_length + sum(sizes)
+
+
+def test_json_encodes_bool_as_true_false_and_fp16_as_floats() -> None:
+    metas = [TensorMeta("flag", "BOOL", (-1,)), TensorMeta("half", "FP16", (-1,))]
+    results = {"flag": np.array([True, False]), "half": np.array([0.5, -2.0], dtype=np.float16)}
+    body, _ = encode_infer_response("m", "1", InferRequest(None, {}, {}), results, metas)
+    assert b'"data":[true,false]' in body
+    assert b'"data":[0.5,-2.0]' in body
+
+
+def test_non_utf8_bytes_output_falls_back_to_binary() -> None:
+    results = {**RESULTS, "label": np.array([b"\xff\xfe", b"ok"], dtype=object)}
+    request = InferRequest(None, {}, {}, [RequestedOutput("label", False)])
+    body, header_length = encode_infer_response("m", "1", request, results, OUTS)
+    assert header_length is not None
+    result = triton.InferResult.from_response_body(body, header_length=header_length)
+    assert result.as_numpy("label").tolist() == [b"\xff\xfe", b"ok"]
+
+
+def test_outputs_are_cast_to_their_declared_datatype() -> None:
+    metas = [TensorMeta("n", "INT32", (-1, 2))]
+    results = {"n": np.arange(4, dtype=np.int64).reshape(2, 2).T}  # non-contiguous, wider type
+    request = InferRequest(None, {}, {}, binary_output=True)
+    body, header_length = encode_infer_response("m", "1", request, results, metas)
+    got = triton.InferResult.from_response_body(body, header_length=header_length).as_numpy("n")
+    assert got.dtype == np.int32
+    assert got.tolist() == [[0, 2], [1, 3]]
+
+
+def test_missing_result_is_an_execution_error() -> None:
+    with pytest.raises(ExecutionError, match="did not produce output 'label'"):
+        encode_infer_response("m", "1", InferRequest(None, {}, {}), {"scores": RESULTS["scores"]}, OUTS)
+
+
+def test_encode_error_and_tensor_meta_dict() -> None:
+    assert orjson.loads(encode_error("input 'x' is bad")) == {"error": "input 'x' is bad"}
+    assert TensorMeta("x", "FP32", (-1, 3)).to_dict() == {"name": "x", "datatype": "FP32", "shape": [-1, 3]}

@@ -1,0 +1,52 @@
+"""Database URLs for store tests: a SQLite file in tmp_path, and PostgreSQL when configured."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from gpuvisor.store.db import default_url, make_engine
+
+PG_URL_ENV = "GPUVISOR_TEST_PG_URL"
+
+
+def postgres_schema_url(base_url: str, schema: str) -> str:
+    """Return ``base_url`` with every connection's search_path set to ``schema``."""
+    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL to a fresh, empty schema on the PostgreSQL server at $GPUVISOR_TEST_PG_URL."""
+    base_url = os.environ.get(PG_URL_ENV)
+    if not base_url:
+        pytest.skip(f"{PG_URL_ENV} is not set")
+    schema = f"gv_test_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(base_url)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield postgres_schema_url(base_url, schema)
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A URL to a SQLite file that does not exist yet."""
+    return default_url(tmp_path / "state")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs on SQLite, and on PostgreSQL when $GPUVISOR_TEST_PG_URL is set."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(name))
