@@ -101,6 +101,7 @@ class Node:
     async def stop(self) -> None:
         """Stop serving: controller, dispatchers, workers, store — in that order."""
         self.ready = False
+        workers = len(self.pool.workers) if self.pool is not None else 0
         if self.controller is not None:
             await self.controller.stop()
         for dispatcher in self.dispatchers.values():
@@ -109,6 +110,7 @@ class Node:
             await self.pool.close()
         if self.store is not None:
             self.store.close()
+        log.info("node stopped: %d worker(s) stopped, state kept in %s", workers, self.state_dir)
 
     async def wait_until_loaded(self, timeout: float) -> list[SliceState]:
         """Wait until no slice is Loading (or timeout); return the slices that are not Ready."""

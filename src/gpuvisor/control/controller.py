@@ -215,7 +215,9 @@ class Controller:
             state.set_state("Pending", result.explain())
             return
         device = self.topology.get(result.device_id)
+        assert device is not None
         state.device_id = device.id
+        state.set_state("Loading", f"placed on {device.id}; starting its worker")
         launch = self._launch(state, want.model, dep, device)
         sup = SliceSupervisor(
             state, launch, self.pool, self.dispatchers[device.id], self.metrics, self._make_queue,

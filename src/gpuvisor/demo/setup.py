@@ -35,11 +35,15 @@ class DemoState:
 def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
     """Build the demo models, apply the demo manifests and create one key per demo tenant.
 
-    Idempotent: an existing demo is left as it is. Returns where the demo lives.
+    The manifests are applied once, on the first start: afterwards the store is the truth,
+    so what an operator changed or deleted stays that way. The model files are rebuilt
+    when missing. Returns where the demo lives.
     """
     demo = DemoState(state_dir)
     demo.models.mkdir(parents=True, exist_ok=True)
     build_demo_models(demo.models)
+    if demo.keys_file.exists():
+        return demo
     packaged = resources.files("gpuvisor.demo").joinpath("demo.yaml")
     with resources.as_file(packaged) as path:
         shutil.copyfile(path, demo.manifest)

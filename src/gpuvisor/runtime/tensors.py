@@ -75,11 +75,6 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False
 
-    @property
-    def output_names(self) -> list[str] | None:
-        """Names of the requested outputs, or None when the request wants them all."""
-        return None if self.outputs is None else [o.name for o in self.outputs]
-
 
 def encode_error(message: str) -> bytes:
     """Return the OIP error body ``{"error": message}``."""
@@ -180,9 +175,7 @@ def _decode_inputs(
         decoded[name] = _from_binary(view, offset, size, meta, shape)
         offset += size
     if offset != len(view):
-        raise InvalidRequest(
-            f"binary body has {len(view) - offset} bytes beyond the inputs' binary_data_size total"
-        )
+        raise InvalidRequest(f"binary body has {len(view) - offset} bytes after the last input")
     missing = ", ".join(f"'{meta.name}'" for meta in metas if meta.name not in decoded)
     if missing:
         raise InvalidRequest(f"missing input {missing} {expected}")
@@ -239,9 +232,7 @@ def _bytes_elements(chunk: memoryview, count: int, name: str) -> Array:
         start = position + _LENGTH_PREFIX
         length = int.from_bytes(chunk[position:start], "little")
         if start > end or start + length > end:
-            raise InvalidRequest(
-                f"input '{name}' binary data ends inside BYTES element {index} of {count}"
-            )
+            raise InvalidRequest(f"input '{name}' binary data ends inside BYTES element {index}")
         elements[index] = bytes(chunk[start : start + length])
         position = start + length
     if position != end:
@@ -265,28 +256,43 @@ def _from_json_data(data: Any, meta: TensorMeta, shape: tuple[int, ...]) -> Arra
         parsed = np.array(data, dtype=object if datatype == "BYTES" else None)
     except (ValueError, TypeError):
         raise InvalidRequest(problem) from None
-    got, want = parsed.dtype.kind, dtype.kind
-    if datatype == "BYTES":
+    if parsed.size and datatype == "BYTES":
         flat = parsed.reshape(-1)  # a view: ragged nesting leaves lists here, rejected below
         for index, item in enumerate(flat):
             if not isinstance(item, str):
                 raise InvalidRequest(problem)
             flat[index] = item.encode()
-    elif parsed.size and not (
-        got == want == "b" or (want in "iu" and got in "iu") or (want == "f" and got in "iuf")
-    ):
+    elif parsed.size and dtype.kind in "iu":
+        parsed = _exact_integers(data, parsed, datatype, problem, f"input '{name}' has values")
+    elif parsed.size and parsed.dtype.kind not in ("b" if dtype.kind == "b" else "iuf"):
         raise InvalidRequest(problem)
     if parsed.size != count:
         raise InvalidRequest(
             f"input '{name}' has {parsed.size} data elements but shape {list(shape)} needs {count}"
         )
-    if count and want in "iu" and parsed.dtype != dtype:
-        info = np.iinfo(dtype)
-        if parsed.min() < info.min or parsed.max() > info.max:
-            raise InvalidRequest(
-                f"input '{name}' has values outside the {datatype} range [{info.min}, {info.max}]"
-            )
     return parsed.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_integers(
+    data: list[Any], parsed: Array, datatype: str, problem: str, subject: str
+) -> Array:
+    """Check JSON integers against ``datatype``'s range and return them in it."""
+    dtype = DATATYPES[datatype]
+    info = np.iinfo(dtype)
+    out_of_range = f"{subject} outside the {datatype} range [{info.min}, {info.max}]"
+    if parsed.dtype.kind in "iu":
+        if parsed.dtype != dtype and not info.min <= parsed.min() <= parsed.max() <= info.max:
+            raise InvalidRequest(out_of_range)
+        return parsed
+    # numpy turns ints beyond int64 mixed with smaller ones into floats: redo them exactly.
+    exact = parsed if parsed.dtype == object else np.array(data, dtype=object)
+    items = exact.reshape(-1).tolist()
+    if any(type(item) is not int for item in items):
+        raise InvalidRequest(problem)
+    try:
+        return np.array(items, dtype=dtype).reshape(exact.shape)
+    except OverflowError:
+        raise InvalidRequest(out_of_range) from None
 
 
 def _decode_requested_outputs(
@@ -296,16 +302,14 @@ def _decode_requested_outputs(
         return None
     if not isinstance(raw, list):
         raise InvalidRequest("request 'outputs' must be a list")
-    known = {meta.name for meta in metas}
+    known, known_list = {meta.name for meta in metas}, _names(metas, "outputs")
     requested: dict[str, RequestedOutput] = {}
     for entry in raw:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidRequest("each requested output must be an object with a string 'name'")
         name = entry["name"]
         if name not in known:
-            raise InvalidRequest(
-                f"unknown output '{name}' requested (the model has {_names(metas, 'outputs')})"
-            )
+            raise InvalidRequest(f"unknown output '{name}' requested (the model has {known_list})")
         if name in requested:
             raise InvalidRequest(f"output '{name}' is requested more than once")
         binary = _object_field(entry, "parameters", f"output '{name}'").get("binary_data")

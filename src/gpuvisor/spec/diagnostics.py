@@ -10,7 +10,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
-from gpuvisor.spec.kinds import KIND_MODELS
+from gpuvisor.spec.kinds import KIND_MODELS, KINDS
 from gpuvisor.spec.types import FIELD_ERROR
 
 __all__ = ["describe_error", "error_path", "format_path"]
@@ -33,6 +33,8 @@ def format_path(loc: tuple[int | str, ...]) -> str:
 def error_path(loc: tuple[int | str, ...], error: ErrorDetails) -> str:
     """Return the YAML path an error is about; a model validator's error names its own field."""
     path = format_path(loc)
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return "kind"
     if error["type"] == FIELD_ERROR:
         field = str(error.get("ctx", {}).get("field", ""))
         if field:
@@ -70,8 +72,11 @@ def describe_error(kind: str, loc: tuple[int | str, ...], error: ErrorDetails) -
         return f"expected a mapping of fields, got a {_type_name(value)} ({_shorten(value)})"
     if kind_type == "list_type":
         return f"expected a list, got a {_type_name(value)} ({_shorten(value)})"
-    if kind_type in ("union_tag_invalid", "union_tag_not_found"):
-        return f"unknown kind {_shorten(value.get('kind') if isinstance(value, dict) else value)}"
+    if kind_type == "union_tag_not_found":
+        return f"required field is missing (expected one of {', '.join(KINDS)})"
+    if kind_type == "union_tag_invalid":
+        given = value.get("kind") if isinstance(value, dict) else value
+        return f"unknown kind {_shorten(given)} (expected one of {', '.join(KINDS)})"
     message = error["msg"].replace("Input should be", "must be", 1)
     return f"{message} (got {_shorten(value)})"
 

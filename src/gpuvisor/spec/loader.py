@@ -349,7 +349,8 @@ def resource_to_dict(resource: Resource) -> dict[str, Any]:
 
 def resource_from_dict(data: dict[str, Any], origin: str = "<stored>") -> Resource:
     """Rebuild an object from :func:`resource_to_dict` output; SpecError if it is not valid."""
-    kind = str(data.get("kind", "")) if isinstance(data, dict) else ""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    kind = kind if kind in KINDS else ""
     name = _raw_name(data) if isinstance(data, dict) else None
     try:
         resource = RESOURCE_ADAPTER.validate_python(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
@@ -94,6 +95,8 @@ def _version_as_text(value: Any) -> Any:
     """Accept ``version: 3`` as "3"; refuse ``version: 1.10``, which YAML already turned into 1.1."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, date):
+        raise ValueError(f'version {value} was read as a date: quote it, e.g. version: "{value}"')
     if isinstance(value, float):
         raise ValueError(
             f"version {value!r} was read as a decimal number, which can lose digits "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -108,7 +109,9 @@ def test_nested_json_data_decodes_like_flat_data(datatype: str, data: st.DataObj
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @SETTINGS
 @given(data=st.data())
-def test_response_decodes_with_tritonclient(datatype: str, binary: bool, data: st.DataObject) -> None:
+def test_response_decodes_with_tritonclient(
+    datatype: str, binary: bool, data: st.DataObject
+) -> None:
     array = data.draw(tensors(datatype, text_only=not binary))
     meta = TensorMeta("y", datatype, model_shape(data.draw, array.shape))
     request = InferRequest("abc", {}, {}, None, binary_output=binary)
@@ -147,7 +150,11 @@ def test_several_inputs_mixing_json_and_binary_are_read_in_order() -> None:
         triton.InferInput("b", [3], "BYTES").set_data_from_numpy(b, binary_data=True),
     ]
     body, header_length = triton.InferenceServerClient.generate_request_body(inputs)
-    metas = [TensorMeta("b", "BYTES", (-1,)), TensorMeta("a", "INT16", (-1, 3)), TensorMeta("c", "BOOL", (1, 2))]
+    metas = [
+        TensorMeta("b", "BYTES", (-1,)),
+        TensorMeta("a", "INT16", (-1, 3)),
+        TensorMeta("c", "BOOL", (1, 2)),
+    ]
     decoded = decode_infer_request(body, header_length, metas, []).inputs
     assert_same(decoded["a"], a)
     assert_same(decoded["b"], b)
@@ -157,7 +164,16 @@ def test_several_inputs_mixing_json_and_binary_are_read_in_order() -> None:
 
 def test_binary_bool_treats_any_nonzero_byte_as_true() -> None:
     header = orjson.dumps(
-        {"inputs": [{"name": "m", "datatype": "BOOL", "shape": [3], "parameters": {"binary_data_size": 3}}]}
+        {
+            "inputs": [
+                {
+                    "name": "m",
+                    "datatype": "BOOL",
+                    "shape": [3],
+                    "parameters": {"binary_data_size": 3},
+                }
+            ]
+        }
     )
     meta = TensorMeta("m", "BOOL", (3,))
     decoded = decode_infer_request(header + b"\x00\x07\x01", len(header), [meta], []).inputs["m"]
@@ -196,14 +212,13 @@ def test_requested_outputs_and_parameters_are_decoded() -> None:
     assert request.parameters == {"binary_data_output": True, "priority": 2}
     assert request.binary_output is True
     assert request.outputs == [RequestedOutput("label", False), RequestedOutput("scores", None)]
-    assert request.output_names == ["label", "scores"]
     assert request.inputs["ids"].tolist() == [3, 4]
     assert request.inputs["image"].dtype == np.float32
 
 
 def test_omitted_outputs_mean_every_output_in_json() -> None:
     request = decode_infer_request(body_of(), None, INS, OUTS)
-    assert request.outputs is None and request.output_names is None
+    assert request.outputs is None
     assert request.binary_output is False and request.id is None
 
 
@@ -241,8 +256,18 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         None,
         "unknown input 'imagee' (the model expects inputs image, ids)",
     ),
-    ("missing input", body_of([IMAGE]), None, "missing input 'ids' (the model expects inputs image, ids)"),
-    ("duplicate input", body_of([IMAGE, IDS, IMAGE]), None, "input 'image' is given more than once"),
+    (
+        "missing input",
+        body_of([IMAGE]),
+        None,
+        "missing input 'ids' (the model expects inputs image, ids)",
+    ),
+    (
+        "duplicate input",
+        body_of([IMAGE, IDS, IMAGE]),
+        None,
+        "input 'image' is given more than once",
+    ),
     (
         "datatype mismatch",
         body_of([{**IMAGE, "datatype": "FP64"}, IDS]),
@@ -262,9 +287,24 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         None,
         "input 'ids' has shape [3] but the model expects [2]",
     ),
-    ("negative dim", body_of([{**IMAGE, "shape": [-1, 2]}, IDS]), None, "input 'image' has shape [-1, 2], not"),
-    ("non-int dim", body_of([{**IMAGE, "shape": [1.5, 2]}, IDS]), None, "input 'image' has shape [1.5, 2], not"),
-    ("shape missing", body_of([{**IMAGE, "shape": None}, IDS]), None, "input 'image' has shape None"),
+    (
+        "negative dim",
+        body_of([{**IMAGE, "shape": [-1, 2]}, IDS]),
+        None,
+        "input 'image' has shape [-1, 2], not",
+    ),
+    (
+        "non-int dim",
+        body_of([{**IMAGE, "shape": [1.5, 2]}, IDS]),
+        None,
+        "input 'image' has shape [1.5, 2], not",
+    ),
+    (
+        "shape missing",
+        body_of([{**IMAGE, "shape": None}, IDS]),
+        None,
+        "input 'image' has shape None",
+    ),
     (
         "too few elements",
         body_of([{**IMAGE, "data": [1.0]}, IDS]),
@@ -283,18 +323,48 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         None,
         "input 'image' is FP32: its data must be numbers in lists of equal lengths",
     ),
-    ("strings for floats", body_of([{**IMAGE, "data": ["1", "2"]}, IDS]), None, "its data must be numbers"),
-    ("null for floats", body_of([{**IMAGE, "data": [None, 1.0]}, IDS]), None, "its data must be numbers"),
-    ("floats for integers", body_of([IMAGE, {**IDS, "data": [1.5, 2]}]), None, "input 'ids' is INT64: its data must be integers"),
-    ("booleans for integers", body_of([IMAGE, {**IDS, "data": [True, False]}]), None, "its data must be integers"),
+    (
+        "strings for floats",
+        body_of([{**IMAGE, "data": ["1", "2"]}, IDS]),
+        None,
+        "its data must be numbers",
+    ),
+    (
+        "null for floats",
+        body_of([{**IMAGE, "data": [None, 1.0]}, IDS]),
+        None,
+        "its data must be numbers",
+    ),
+    (
+        "floats for integers",
+        body_of([IMAGE, {**IDS, "data": [1.5, 2]}]),
+        None,
+        "input 'ids' is INT64: its data must be integers",
+    ),
+    (
+        "booleans for integers",
+        body_of([IMAGE, {**IDS, "data": [True, False]}]),
+        None,
+        "its data must be integers",
+    ),
     (
         "integer overflow",
         body_of([IMAGE, {**IDS, "data": [2**63, 1]}]),
         None,
         "input 'ids' has values outside the INT64 range",
     ),
-    ("data not a list", body_of([{**IMAGE, "data": 1.0}, IDS]), None, "input 'image' 'data' must be a list"),
-    ("no data", body_of([{**IMAGE, "data": None}, IDS]), None, "input 'image' 'data' must be a list"),
+    (
+        "data not a list",
+        body_of([{**IMAGE, "data": 1.0}, IDS]),
+        None,
+        "input 'image' 'data' must be a list",
+    ),
+    (
+        "no data",
+        body_of([{**IMAGE, "data": None}, IDS]),
+        None,
+        "input 'image' 'data' must be a list",
+    ),
     (
         "neither data nor binary",
         body_of([i("image", "FP32", [1, 2]), IDS]),
@@ -302,14 +372,24 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         "input 'image' has neither 'data' nor binary_data_size",
     ),
     ("id not a string", body_of(id=7), None, "request 'id' must be a string"),
-    ("parameters not an object", body_of(parameters=[1]), None, "request 'parameters' must be a JSON object"),
+    (
+        "parameters not an object",
+        body_of(parameters=[1]),
+        None,
+        "request 'parameters' must be a JSON object",
+    ),
     (
         "binary_data_output not a bool",
         body_of(parameters={"binary_data_output": "yes"}),
         None,
         "'binary_data_output' must be true or false",
     ),
-    ("outputs not a list", body_of(outputs={"name": "label"}), None, "request 'outputs' must be a list"),
+    (
+        "outputs not a list",
+        body_of(outputs={"name": "label"}),
+        None,
+        "request 'outputs' must be a list",
+    ),
     (
         "unknown output",
         body_of(outputs=[{"name": "labels"}]),
@@ -328,7 +408,12 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         None,
         "output 'label' parameter 'binary_data' must be true or false",
     ),
-    ("header longer than body", body_of(), 10_000, "Inference-Header-Content-Length is 10000 but the body has"),
+    (
+        "header longer than body",
+        body_of(),
+        10_000,
+        "Inference-Header-Content-Length is 10000 but the body has",
+    ),
     ("header length zero", body_of(), 0, "Inference-Header-Content-Length is 0"),
     (
         "binary without header length",
@@ -342,7 +427,11 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         None,
         "input 'image' has binary_data_size but the request has no Inference-Header-Content-Length",
     ),
-    ("truncated", *binary_body((sized(IMAGE_BIN, 8), F32x2[:5]), (IDS, b"")), "binary body is truncated: input 'image' needs 8 bytes but only 5 remain"),
+    (
+        "truncated",
+        *binary_body((sized(IMAGE_BIN, 8), F32x2[:5]), (IDS, b"")),
+        "binary body is truncated: input 'image' needs 8 bytes but only 5 remain",
+    ),
     (
         "truncated second tensor",
         *binary_body((sized(IMAGE_BIN, 8), F32x2), (sized(IDS_BIN, 16), I64x2[:9])),
@@ -351,16 +440,28 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
     (
         "bytes beyond the tensors",
         *binary_body((sized(IMAGE_BIN, 8), F32x2), (IDS, b""), tail=b"\x00" * 3),
-        "binary body has 3 bytes beyond the inputs' binary_data_size total",
+        "binary body has 3 bytes after the last input",
     ),
     (
         "size disagrees with shape",
         *binary_body((sized(IMAGE_BIN, 4), F32x2[:4]), (IDS, b"")),
         "input 'image' has binary_data_size 4 but shape [1, 2] of FP32 needs 8 bytes",
     ),
-    ("negative size", *binary_body((sized(IMAGE_BIN, -8), b""), (IDS, b"")), "input 'image' has a bad binary_data_size: -8"),
-    ("string size", *binary_body((sized(IMAGE_BIN, "8"), F32x2), (IDS, b"")), "input 'image' has a bad binary_data_size: '8'"),
-    ("boolean size", *binary_body((sized(IMAGE_BIN, True), b"\x00"), (IDS, b"")), "bad binary_data_size: True"),
+    (
+        "negative size",
+        *binary_body((sized(IMAGE_BIN, -8), b""), (IDS, b"")),
+        "input 'image' has a bad binary_data_size: -8",
+    ),
+    (
+        "string size",
+        *binary_body((sized(IMAGE_BIN, "8"), F32x2), (IDS, b"")),
+        "input 'image' has a bad binary_data_size: '8'",
+    ),
+    (
+        "boolean size",
+        *binary_body((sized(IMAGE_BIN, True), b"\x00"), (IDS, b"")),
+        "bad binary_data_size: True",
+    ),
     (
         "data and binary",
         *binary_body((sized(IMAGE, 8), F32x2), (IDS, b"")),
@@ -369,7 +470,9 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("body", "header_length", "message"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+@pytest.mark.parametrize(
+    ("body", "header_length", "message"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
 def test_invalid_requests_are_rejected_with_a_specific_message(
     body: bytes, header_length: int | None, message: str
 ) -> None:
@@ -389,8 +492,8 @@ def bytes_body(count: int, raw: bytes) -> tuple[bytes, int]:
 @pytest.mark.parametrize(
     ("count", "raw", "message"),
     [
-        (2, b"\x01\x00\x00\x00a\x05\x00", "binary data ends inside BYTES element 1 of 2"),
-        (1, b"\x09\x00\x00\x00abc", "binary data ends inside BYTES element 0 of 1"),
+        (2, b"\x01\x00\x00\x00a\x05\x00", "binary data ends inside BYTES element 1"),
+        (1, b"\x09\x00\x00\x00abc", "binary data ends inside BYTES element 0"),
         (1, b"\x01\x00\x00\x00ab", "binary_data_size 6 but its 1 BYTES elements use 5 bytes"),
         (0, b"\x00\x00\x00\x00", "binary_data_size 4 but its 0 BYTES elements use 0 bytes"),
     ],
@@ -428,7 +531,7 @@ def response(request: InferRequest) -> tuple[dict[str, Any], bytes, int | None]:
 
 
 def test_json_response_has_the_oip_shape() -> None:
-    doc, body, header_length = response(InferRequest("r-1", {}, {}))
+    doc, _, header_length = response(InferRequest("r-1", {}, {}))
     assert header_length is None
     assert doc == {
         "model_name": "shelf",
@@ -453,8 +556,16 @@ def test_response_omits_id_when_the_request_had_none() -> None:
         (None, True, {"scores": "binary", "label": "binary"}),
         ([RequestedOutput("label")], False, {"label": "json"}),
         ([RequestedOutput("label", True)], False, {"label": "binary"}),
-        ([RequestedOutput("scores", False), RequestedOutput("label")], True, {"scores": "json", "label": "binary"}),
-        ([RequestedOutput("label", None), RequestedOutput("scores", True)], False, {"label": "json", "scores": "binary"}),
+        (
+            [RequestedOutput("scores", False), RequestedOutput("label")],
+            True,
+            {"scores": "json", "label": "binary"},
+        ),
+        (
+            [RequestedOutput("label", None), RequestedOutput("scores", True)],
+            False,
+            {"label": "json", "scores": "binary"},
+        ),
     ],
 )
 def test_each_output_goes_binary_or_json_as_requested(
@@ -509,9 +620,41 @@ def test_outputs_are_cast_to_their_declared_datatype() -> None:
 
 def test_missing_result_is_an_execution_error() -> None:
     with pytest.raises(ExecutionError, match="did not produce output 'label'"):
-        encode_infer_response("m", "1", InferRequest(None, {}, {}), {"scores": RESULTS["scores"]}, OUTS)
+        encode_infer_response(
+            "m", "1", InferRequest(None, {}, {}), {"scores": RESULTS["scores"]}, OUTS
+        )
 
 
 def test_encode_error_and_tensor_meta_dict() -> None:
     assert orjson.loads(encode_error("input 'x' is bad")) == {"error": "input 'x' is bad"}
-    assert TensorMeta("x", "FP32", (-1, 3)).to_dict() == {"name": "x", "datatype": "FP32", "shape": [-1, 3]}
+    assert TensorMeta("x", "FP32", (-1, 3)).to_dict() == {
+        "name": "x",
+        "datatype": "FP32",
+        "shape": [-1, 3],
+    }
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "outcome"),
+    [
+        ("UINT64", [2**63, 0, 2**64 - 1], [2**63, 0, 2**64 - 1]),
+        ("UINT64", [2**63, 1.5, 0], "its data must be integers"),
+        ("UINT64", [2**63, -1, 0], "values outside the UINT64 range [0, 18446744073709551615]"),
+        ("INT8", [127, -128, 0], [127, -128, 0]),
+        ("INT8", [128, 0, 0], "values outside the INT8 range [-128, 127]"),
+        ("UINT8", [-1, 0, 0], "values outside the UINT8 range [0, 255]"),
+        ("INT64", [2**63, 0, 0], "values outside the INT64 range"),
+    ],
+)
+def test_json_integers_are_exact_and_range_checked(
+    datatype: str, data: list[Any], outcome: list[int] | str
+) -> None:
+    meta = TensorMeta("n", datatype, (3,))
+    body = orjson.dumps({"inputs": [i("n", datatype, [3], data=data)]})
+    if isinstance(outcome, str):
+        with pytest.raises(InvalidRequest, match=re.escape(outcome)):
+            decode_infer_request(body, None, [meta], [])
+    else:
+        decoded = decode_infer_request(body, None, [meta], []).inputs["n"]
+        assert decoded.dtype == DATATYPES[datatype]
+        assert decoded.tolist() == outcome

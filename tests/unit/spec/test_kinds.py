@@ -227,6 +227,17 @@ def test_tenant_scope_rules(text: str, fragment: str) -> None:
     assert fragment in error["msg"]
 
 
+def test_package_exports_the_public_api() -> None:
+    import gpuvisor.spec as spec
+    from gpuvisor.spec import kinds, loader, types
+
+    for module in (kinds, loader):
+        assert set(module.__all__) <= set(spec.__all__), module.__name__
+    public_types = {"Size", "Duration", "DnsLabel", "AutoFlag", "ModelVersion", "Sha256Digest"}
+    assert public_types <= set(spec.__all__) & set(types.__all__)
+    assert all(hasattr(spec, name) for name in spec.__all__)
+
+
 def test_scope_sets_partition_the_kinds() -> None:
     assert set(KINDS) == CLUSTER_SCOPED | TENANT_SCOPED
     assert not CLUSTER_SCOPED & TENANT_SCOPED

@@ -348,3 +348,25 @@ def test_round_trip_holds_for_any_valid_profile_and_deployment(
     for resource in resources:
         assert resource_from_dict(resource_to_dict(resource)) == resource
     assert load_documents(dump_documents(resources)) == resources
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"kind": "Widget"}, "<stored>: kind: unknown kind 'Widget' (expected one of Tenant, "),
+        ({"metadata": {}}, "<stored>: kind: required field is missing (expected one of Tenant, "),
+        ([1], "<stored>: expected a mapping of fields, got a list ([1])"),
+    ],
+)
+def test_resource_from_dict_explains_unusable_data(data: object, expected: str) -> None:
+    with pytest.raises(SpecError) as info:
+        resource_from_dict(data)  # type: ignore[arg-type]
+    assert info.value.message.startswith(expected)
+
+
+def test_equality_ignores_where_an_object_came_from(manifest: str) -> None:
+    first = load_documents(manifest, "a.yaml")
+    second = load_documents("---\n" + manifest, "b.yaml")
+    assert [origin_of(r) for r in first] != [origin_of(r) for r in second]
+    assert first == second
+    assert first[0] != first[1]

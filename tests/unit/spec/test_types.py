@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 
 import pytest
 from hypothesis import given
@@ -174,6 +175,7 @@ def test_model_version_is_text(given_value: object, expected: str) -> None:
     ("bad", "fragment"),
     [
         (1.1, "quote it"),
+        (date(2024, 1, 1), "read as a date"),
         ("-1", "invalid version"),
         ("a@b", "invalid version"),
         ("", "invalid version"),

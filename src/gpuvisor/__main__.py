@@ -1,0 +1,5 @@
+"""`python -m gpuvisor` runs the CLI."""
+
+from gpuvisor.cli import main
+
+main()

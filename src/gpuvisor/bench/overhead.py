@@ -1,0 +1,366 @@
+"""`gpuvisor bench overhead`: what gpuvisor's serving path costs, measured with one client
+against (a) the model called directly in onnxruntime, (b) the serving floor (the smallest
+OIP endpoint on the same HTTP stack, model in-process) and (c) gpuvisor end to end."""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import yaml
+
+from gpuvisor.bench.floor import FloorProcess
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from gpuvisor.bench.loadgen import (
+    CallFactory,
+    LoadResult,
+    machine_info,
+    median_result,
+    results_table,
+    run_closed_loop,
+    triton_call_factory,
+    write_json,
+)
+from gpuvisor.demo.models import build_demo_model, sample_inputs
+from gpuvisor.launch import NodeProcess
+
+__all__ = [
+    "SYSTEMS",
+    "GpuvisorTarget",
+    "OverheadConfig",
+    "OverheadReport",
+    "build_model",
+    "direct_call_factory",
+    "direct_session",
+    "fetch_outputs",
+    "overhead_command",
+    "render_report",
+    "run_overhead",
+    "start_gpuvisor",
+]
+
+Array = np.ndarray[Any, Any]
+
+DIRECT, FLOOR, GPUVISOR = "direct", "floor", "gpuvisor"
+SYSTEMS: dict[str, str] = {
+    DIRECT: "(a) onnxruntime, direct",
+    FLOOR: "(b) floor: minimal OIP server",
+    GPUVISOR: "(c) gpuvisor, end to end",
+}
+TENANT = "bench"
+TARGET = 0.70  # gpuvisor's throughput as a fraction of the floor's (the issue's acceptance bar)
+
+
+@dataclass
+class OverheadConfig:
+    """What to measure and how hard."""
+
+    requests: int = 4000
+    threads: int = 8
+    repeat: int = 3
+    warmup: int = 400
+    model: str = "basket-scorer"
+    batch: int = 1  # rows per request
+    max_batch_size: int = 8
+    workdir: Path | None = None  # default: a temporary directory, removed afterwards
+
+
+@dataclass
+class OverheadReport:
+    """The runs of every system, their medians, and gpuvisor's figures relative to the floor."""
+
+    config: OverheadConfig
+    machine: dict[str, Any]
+    started: str
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+    max_abs_diff: dict[str, float] = field(default_factory=dict)  # vs direct onnxruntime
+
+    @property
+    def medians(self) -> dict[str, LoadResult]:
+        return {name: median_result(runs) for name, runs in self.runs.items() if runs}
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """gpuvisor ÷ floor: throughput (higher is better), p50 and p99 (lower is better)."""
+        medians = self.medians
+        c, b = medians.get(GPUVISOR), medians.get(FLOOR)
+        if c is None or b is None or not b.rps:
+            return {}
+        return {"throughput": c.rps / b.rps, "p50": c.p50_ms / b.p50_ms, "p99": c.p99_ms / b.p99_ms}
+
+    def to_json(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "benchmark": "overhead",
+            "started": self.started,
+            "machine": self.machine,
+            "config": {"model": cfg.model, "batch": cfg.batch, "requests": cfg.requests,
+                       "threads": cfg.threads, "repeat": cfg.repeat, "warmup": cfg.warmup,
+                       "maxBatchSize": cfg.max_batch_size, "client": "tritonclient.http, binary tensors"},
+            "systems": {name: {"label": SYSTEMS[name], "median": r.summary(),
+                               "runs": [run.summary() for run in self.runs[name]]}
+                        for name, r in self.medians.items()},
+            "ratios": {"gpuvisor_over_floor": self.ratios},
+            "outputs_max_abs_diff_vs_direct": self.max_abs_diff,
+        }
+
+
+class Reporter(Protocol):
+    """Where run_overhead says what it is doing (a progress bar in the CLI)."""
+
+    def phase(self, description: str, total: int | None = None) -> None: ...
+
+    def advance(self, done: int) -> None: ...
+
+
+class _Silent:
+    def phase(self, description: str, total: int | None = None) -> None:
+        pass
+
+    def advance(self, done: int) -> None:
+        pass
+
+
+# ---- the systems --------------------------------------------------------------------------
+
+
+def build_model(name: str, dest: Path) -> Path:
+    """Write demo model ``name`` to ``dest/<name>.onnx`` and return its absolute path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    path = (dest / f"{name}.onnx").resolve()
+    path.write_bytes(build_demo_model(name).SerializeToString())
+    return path
+
+
+def direct_session(model_path: Path) -> ort.InferenceSession:
+    """Return an onnxruntime CPU session with gpuvisor's worker settings (one intra-op and one
+    inter-op thread, sequential execution)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def direct_call_factory(session: ort.InferenceSession, inputs: Mapping[str, Array]) -> CallFactory:
+    """Return a factory of Calls that run ``inputs`` on the shared ``session`` (onnxruntime's
+    run is thread-safe and releases the GIL)."""
+    feed = dict(inputs)
+
+    def make_call() -> Callable[[], object]:
+        return lambda: session.run(None, feed)
+
+    return make_call
+
+
+def fetch_outputs(address: str, model: str, inputs: Mapping[str, Array],
+                  headers: Mapping[str, str] | None = None) -> dict[str, Array]:
+    """Send one request with tritonclient (binary tensors) and return every output by name."""
+    import tritonclient.http as triton
+
+    call = triton_call_factory(address, model, inputs, headers)()
+    result: Any = call()
+    return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+
+
+def _max_abs_diff(expected: Mapping[str, Array], got: Mapping[str, Array], system: str) -> float:
+    """Return the largest absolute difference; raise AssertionError when outputs disagree."""
+    if set(expected) != set(got):
+        raise AssertionError(f"{system} returned outputs {sorted(got)}, expected {sorted(expected)}")
+    worst = 0.0
+    for name, want in expected.items():
+        have = got[name]
+        if have.shape != want.shape or have.dtype != want.dtype:
+            raise AssertionError(f"{system} output '{name}' is {have.dtype}{list(have.shape)}, "
+                                 f"expected {want.dtype}{list(want.shape)}")
+        if not np.allclose(have, want, rtol=1e-5, atol=1e-6):
+            raise AssertionError(f"{system} output '{name}' differs from onnxruntime's: {have} vs {want}")
+        if have.size:
+            worst = max(worst, float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))))
+    return worst
+
+
+@dataclass
+class GpuvisorTarget:
+    """A node serving the benchmark's deployment, and the tenant key that reaches it."""
+
+    node: NodeProcess
+    model: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def bench_manifest(model: str, model_path: Path, max_batch_size: int) -> str:
+    """Return the YAML that deploys ``model_path`` for tenant 'bench': Tenant, Profile (512Mi,
+    computeShare 0.5), Model and Deployment (maxBatchSize, maxQueueDelay 0)."""
+    docs: list[dict[str, Any]] = [
+        {"kind": "Tenant", "metadata": {"name": TENANT}, "spec": {}},
+        {"kind": "Profile", "metadata": {"name": "bench-slice"},
+         "spec": {"memory": "512Mi", "computeShare": 0.5}},
+        {"kind": "Model", "metadata": {"name": model, "tenant": TENANT},
+         "spec": {"format": "onnx", "source": str(model_path)}},
+        {"kind": "Deployment", "metadata": {"name": model, "tenant": TENANT},
+         "spec": {"model": model, "profile": "bench-slice",
+                  "batching": {"maxBatchSize": max_batch_size, "maxQueueDelay": "0ms"}}},
+    ]
+    return yaml.safe_dump_all([{"apiVersion": "gpuvisor/v1", **d} for d in docs], sort_keys=False)
+
+
+@contextmanager
+def start_gpuvisor(model: str, model_path: Path, state_dir: Path, max_batch_size: int = 8,
+                   timeout: float = 120.0) -> Iterator[GpuvisorTarget]:
+    """Start a node (no demo) on a free loopback port, deploy the model for tenant 'bench',
+    create a tenant key and wait until the model is ready; stop the node (by PID) on exit.
+
+    Raises RuntimeError when the node or the deployment does not come up.
+    """
+    node = NodeProcess(state_dir=state_dir, demo=False)
+    try:
+        node.start(timeout)
+        admin = node.auth(node.admin_key)
+        with httpx.Client(base_url=node.url, timeout=30) as http:
+            applied = http.post("/api/v1/apply", headers=admin,
+                                content=bench_manifest(model, model_path, max_batch_size))
+            if applied.status_code != 200:
+                raise RuntimeError(f"apply failed ({applied.status_code}): {applied.text}")
+            created = http.post("/api/v1/keys", headers=admin,
+                                json={"role": "tenant", "tenant": TENANT, "description": "bench"})
+            if created.status_code != 201:
+                raise RuntimeError(f"key creation failed ({created.status_code}): {created.text}")
+            target = GpuvisorTarget(node, model, str(created.json()["key"]))
+            deadline = time.monotonic() + timeout
+            while http.get(f"/v2/models/{model}/ready", headers=target.headers).status_code != 200:
+                if time.monotonic() > deadline:
+                    slices = http.get("/api/v1/slices", headers=admin).text
+                    raise RuntimeError(f"model {model} was not ready within {timeout:.0f}s: {slices}")
+                time.sleep(0.1)
+        yield target
+    finally:
+        node.stop()
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+
+def run_overhead(config: OverheadConfig, reporter: Reporter | None = None) -> OverheadReport:
+    """Measure (a) direct onnxruntime, (b) the floor and (c) gpuvisor, ``config.repeat``
+    rounds each (interleaved, so drift hits all three alike), after one warm-up each.
+
+    Before measuring, one answer of (b) and of (c) is checked against onnxruntime's own output.
+    Every child process is stopped by PID before this returns or raises. Raises
+    AssertionError when a server answers wrongly, RuntimeError when one does not start.
+    """
+    out = reporter or _Silent()
+    report = OverheadReport(config, machine_info(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                            runs={DIRECT: [], FLOOR: [], GPUVISOR: []})
+    inputs = sample_inputs(config.model, config.batch)
+    with ExitStack() as stack:
+        workdir = config.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpuvisor-bench-")))
+        out.phase("building the model and starting onnxruntime")
+        model_path = build_model(config.model, workdir / "models")
+        session = direct_session(model_path)
+        names = [o.name for o in session.get_outputs()]
+        expected = dict(zip(names, session.run(None, inputs), strict=True))
+
+        out.phase("starting the floor server")
+        floor = stack.enter_context(FloorProcess(model_path, config.model, log_path=workdir / "floor.log"))
+        report.max_abs_diff[FLOOR] = _max_abs_diff(
+            expected, fetch_outputs(floor.address, config.model, inputs), SYSTEMS[FLOOR])
+
+        out.phase("starting the gpuvisor node and deploying the model")
+        target = stack.enter_context(
+            start_gpuvisor(config.model, model_path, workdir / "node", config.max_batch_size))
+        report.max_abs_diff[GPUVISOR] = _max_abs_diff(
+            expected, fetch_outputs(target.node.address, config.model, inputs, target.headers),
+            SYSTEMS[GPUVISOR])
+
+        factories: dict[str, CallFactory] = {
+            DIRECT: direct_call_factory(session, inputs),
+            FLOOR: triton_call_factory(floor.address, config.model, inputs),
+            GPUVISOR: triton_call_factory(target.node.address, config.model, inputs, target.headers),
+        }
+        if config.warmup > 0:
+            for name, factory in factories.items():
+                out.phase(f"warm-up: {SYSTEMS[name]}", config.warmup)
+                run_closed_loop(f"{name}-warmup", factory, config.warmup, config.threads, out.advance)
+        for round_ in range(1, config.repeat + 1):
+            for name, factory in factories.items():
+                out.phase(f"round {round_}/{config.repeat}: {SYSTEMS[name]}", config.requests)
+                report.runs[name].append(
+                    run_closed_loop(name, factory, config.requests, config.threads, out.advance))
+    return report
+
+
+def _spread(runs: list[LoadResult]) -> str:
+    values = [f"{r.rps:,.0f}" for r in runs]
+    return ", ".join(values)
+
+
+class _ProgressReporter:
+    """Shows run_overhead's phases on a rich progress bar."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = progress.add_task("starting", total=None)
+
+    def phase(self, description: str, total: int | None = None) -> None:
+        self.progress.reset(self.task, description=description, total=total, completed=0)
+
+    def advance(self, done: int) -> None:
+        self.progress.advance(self.task, done)
+
+
+def render_report(report: OverheadReport, console: Console) -> None:
+    """Print the medians table, each run's throughput and gpuvisor's ratios to the floor."""
+    cfg = report.config
+    medians = report.medians
+    console.print(results_table(
+        list(medians.values()),
+        title=f"Serving overhead: {cfg.model}, batch {cfg.batch}, {cfg.threads} client threads, "
+              f"{cfg.requests} requests × {cfg.repeat} (medians)",
+        labels=SYSTEMS))
+    for name, runs in report.runs.items():
+        console.print(f"  {SYSTEMS[name]}: req/s per run {_spread(runs)}", highlight=False)
+    ratios = report.ratios
+    if ratios:
+        verdict = "[green]meets[/green]" if ratios["throughput"] >= TARGET else "[red]misses[/red]"
+        console.print(
+            f"\n(c)/(b): throughput {ratios['throughput']:.2f}× ({ratios['throughput']:.0%} of the floor; "
+            f"{verdict} the {TARGET:.0%} target), p50 {ratios['p50']:.2f}×, p99 {ratios['p99']:.2f}×",
+            highlight=False)
+
+
+def overhead_command(config: OverheadConfig, output: Path, console: Console) -> int:
+    """Run the benchmark with a progress bar, print the report, write its JSON to ``output``.
+
+    Returns the exit code: 0 when every request was answered, 1 otherwise.
+    """
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        report = run_overhead(config, _ProgressReporter(progress))
+    render_report(report, console)
+    write_json(output, report.to_json())
+    console.print(f"results written to {output}", highlight=False)
+    return 1 if any(r.errors for r in report.medians.values()) else 0

@@ -1,0 +1,109 @@
+"""Start a node as a child process on a free loopback port and wait until it serves
+(used by the benchmarks and the tests; stops only the process it started, by PID)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+__all__ = ["NodeProcess", "free_port"]
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NodeProcess:
+    """A `gpuvisor up` child process on 127.0.0.1."""
+
+    state_dir: Path
+    port: int = field(default_factory=free_port)
+    config: Path | None = None
+    demo: bool = True
+    log_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> NodeProcess:
+        """Start the node and wait until every slice has finished loading; raise if it does not."""
+        cmd = [sys.executable, "-m", "gpuvisor", "up", "--state", str(self.state_dir),
+               "--port", str(self.port), "--demo" if self.demo else "--no-demo"]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        log_path = self.log_path or (self.state_dir / "node.log")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **self.extra_env}
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.wait_ready(timeout, log_path)
+        return self
+
+    def wait_ready(self, timeout: float, log_path: Path | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
+                raise RuntimeError(f"node exited with code {self.process.returncode}:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200
+                if ready and self._slices_settled():
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"node at {self.url} was not ready within {timeout:.0f}s")
+
+    def _slices_settled(self) -> bool:
+        response = httpx.get(f"{self.url}/api/v1/slices", headers=self.auth(self.admin_key), timeout=5)
+        items = response.json()["items"]
+        return all(s["state"] not in ("Loading", "Restarting", "Stopping") for s in items)
+
+    @property
+    def admin_key(self) -> str:
+        return (self.state_dir / "admin.key").read_text().strip()
+
+    def tenant_key(self, tenant: str) -> str:
+        keys = json.loads((self.state_dir / "demo" / "tenant-keys.json").read_text())
+        return str(keys[tenant])
+
+    @staticmethod
+    def auth(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` to the node process (only it) and wait for it to exit; return its code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,135 @@
+"""The whole inference protocol through the real Triton HTTP client, binary and JSON tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from gpuvisor.demo.models import sample_inputs
+from gpuvisor.launch import NodeProcess
+
+# deployment -> (tenant, model file, model version)
+DEMO = {
+    "shelf-detector": ("retail", "shelf-classifier", "3"),
+    "sku-lookup": ("retail", "sku-lookup", "1"),
+    "intent-router": ("support", "intent-router", "2"),
+    "basket-scorer": ("analytics", "basket-scorer", "1"),
+}
+
+
+def _direct(models_dir: Path, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(models_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    feed = {k: (v.astype(str) if v.dtype == object else v) for k, v in inputs.items()}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
+
+
+def _client(node: NodeProcess) -> http.InferenceServerClient:
+    return http.InferenceServerClient(node.address)
+
+
+def test_server_health_and_metadata(demo_node: NodeProcess) -> None:
+    client = _client(demo_node)
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "gpuvisor"
+    assert "binary_tensor_data" in meta["extensions"]
+    assert "model_repository" in meta["extensions"]
+
+
+@pytest.mark.parametrize("deployment", sorted(DEMO))
+def test_model_ready_and_metadata(demo_node: NodeProcess, models_dir: Path, deployment: str) -> None:
+    tenant, model, version = DEMO[deployment]
+    headers = demo_node.auth(demo_node.tenant_key(tenant))
+    client = _client(demo_node)
+    assert client.is_model_ready(deployment, headers=headers)
+    assert client.is_model_ready(deployment, model_version=version, headers=headers)
+    meta = client.get_model_metadata(deployment, headers=headers)
+    assert meta["name"] == deployment
+    assert meta["versions"] == [version]
+    assert meta["platform"] == "onnxruntime_onnx"
+    session = ort.InferenceSession(str(models_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    assert [i["name"] for i in meta["inputs"]] == [i.name for i in session.get_inputs()]
+    assert [o["name"] for o in meta["outputs"]] == [o.name for o in session.get_outputs()]
+    assert all(i["shape"][0] == -1 for i in meta["inputs"]), "batch dimension is variable"
+    assert client.get_model_metadata(deployment, model_version=version, headers=headers)["name"] == deployment
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("deployment", sorted(DEMO))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_infer_matches_onnxruntime(
+    demo_node: NodeProcess, models_dir: Path, deployment: str, binary: bool, batch: int
+) -> None:
+    tenant, model, _ = DEMO[deployment]
+    headers = demo_node.auth(demo_node.tenant_key(tenant))
+    inputs = sample_inputs(model, batch=batch)
+    triton_inputs = []
+    for name, array in inputs.items():
+        tensor = http.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        triton_inputs.append(tensor)
+    expected = _direct(models_dir, model, inputs)
+    outputs = [http.InferRequestedOutput(name, binary_data=binary) for name in expected]
+    result = _client(demo_node).infer(deployment, triton_inputs, outputs=outputs, headers=headers,
+                                      request_id="req-42")
+    assert result.get_response()["id"] == "req-42"
+    for name, want in expected.items():
+        got = result.as_numpy(name)
+        assert got is not None, f"output {name} missing"
+        if want.dtype.kind in "OUS":
+            assert [x.decode() if isinstance(x, bytes) else x for x in got.ravel()] == list(want.astype(str).ravel())
+        else:
+            assert got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_infer_covers_fp32_int64_and_bytes(demo_node: NodeProcess) -> None:
+    """The demo exercises the three datatypes the acceptance names."""
+    seen = set()
+    for deployment, (tenant, model, _) in DEMO.items():
+        meta = _client(demo_node).get_model_metadata(deployment, headers=demo_node.auth(demo_node.tenant_key(tenant)))
+        seen.update(i["datatype"] for i in meta["inputs"])
+    assert {"FP32", "INT64", "BYTES"} <= seen
+
+
+def test_default_outputs_are_binary(demo_node: NodeProcess) -> None:
+    """With no outputs requested, the client asks for binary outputs and gets them."""
+    headers = demo_node.auth(demo_node.tenant_key("analytics"))
+    features = sample_inputs("basket-scorer", batch=2)["features"]
+    tensor = http.InferInput("features", list(features.shape), "FP32")
+    tensor.set_data_from_numpy(features)
+    result = _client(demo_node).infer("basket-scorer", [tensor], headers=headers)
+    response = result.get_response()
+    assert response["outputs"][0]["parameters"]["binary_data_size"] == 2 * 4
+    assert result.as_numpy("score").shape == (2, 1)
+
+
+def test_repository_index_unload_and_load(demo_node: NodeProcess) -> None:
+    headers = demo_node.auth(demo_node.tenant_key("retail"))
+    client = _client(demo_node)
+    index = {m["name"]: m for m in client.get_model_repository_index(headers=headers)}
+    assert set(index) == {"shelf-detector", "sku-lookup"}, "only the caller's own deployments"
+    assert index["shelf-detector"]["state"] == "READY"
+    assert index["shelf-detector"]["version"] == "3"
+
+    client.unload_model("shelf-detector", headers=headers)
+    assert not client.is_model_ready("shelf-detector", headers=headers)
+    index = {m["name"]: m for m in client.get_model_repository_index(headers=headers)}
+    assert index["shelf-detector"]["state"] == "UNAVAILABLE"
+    image = http.InferInput("image", [1, 3, 32, 32], "FP32")
+    image.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(InferenceServerException) as unavailable:
+        client.infer("shelf-detector", [image], headers=headers)
+    assert unavailable.value.status() == "503"
+
+    client.load_model("shelf-detector", headers=headers)
+    assert client.is_model_ready("shelf-detector", headers=headers)
+    result = client.infer("shelf-detector", [image], headers=headers)
+    assert result.as_numpy("probabilities").shape == (1, 10)
