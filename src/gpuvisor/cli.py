@@ -243,5 +243,25 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key id, e.g. gvk
     console.print(f"{key_id} revoked", highlight=False)
 
 
+@bench_app.command("overhead")
+def bench_overhead(
+    requests: Annotated[int, typer.Option(min=1, help="requests per measured run")] = 4000,
+    threads: Annotated[int, typer.Option(min=1, help="client threads (closed loop)")] = 8,
+    repeat: Annotated[int, typer.Option(min=1, help="measured runs per system; medians are reported")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="warm-up requests per system")] = 400,
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path("bench-results/overhead.json"),
+) -> None:
+    """Serving overhead: one tritonclient load against onnxruntime called directly, a minimal
+    OIP server running the model in-process (the floor), and gpuvisor end to end."""
+    from gpuvisor.bench.overhead import OverheadConfig, overhead_command
+
+    config = OverheadConfig(requests=requests, threads=threads, repeat=repeat, warmup=warmup)
+    try:
+        code = overhead_command(config, output, console)
+    except GpuvisorError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()

@@ -51,24 +51,34 @@ def create_floor_app(model_path: Path, model_name: str) -> FastAPI:
     @app.post("/v2/models/{name}/infer")
     async def infer(request: Request, name: str) -> Response:
         if name != model_name:
-            return Response(encode_error(f"model '{name}' not found"), 404, media_type="application/json")
+            return Response(
+                encode_error(f"model '{name}' not found"), 404, media_type="application/json"
+            )
         raw_length = request.headers.get("inference-header-content-length")
         body = await request.body()
         try:
             decoded = decode_infer_request(
-                body, int(raw_length) if raw_length is not None else None, inputs, outputs)
+                body, int(raw_length) if raw_length is not None else None, inputs, outputs
+            )
             # In the event loop, not a thread pool: for a model this small the hop to a thread
             # costs more than the model, and the floor should be as fast as Python serves.
-            results = executor.run(decoded.inputs, decoded.output_names)
-            payload, header_length = encode_infer_response(model_name, "1", decoded, results, outputs)
+            results = executor.run(decoded.inputs)  # all outputs, as gpuvisor's worker does
+            payload, header_length = encode_infer_response(
+                model_name, "1", decoded, results, outputs
+            )
         except GpuvisorError as exc:
-            return Response(encode_error(exc.message), exc.http_status, media_type="application/json")
+            return Response(
+                encode_error(exc.message), exc.http_status, media_type="application/json"
+            )
         except ValueError as exc:
             return Response(encode_error(str(exc)), 400, media_type="application/json")
         if header_length is None:
             return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
 
     return app
 
@@ -94,20 +104,39 @@ class FloorProcess:
     def start(self, timeout: float = 60.0) -> FloorProcess:
         """Start the server and wait until it answers; raise RuntimeError if it exits first,
         TimeoutError if it does not answer within ``timeout`` seconds."""
-        cmd = [sys.executable, "-m", "gpuvisor.bench.floor", "--model", str(self.model_path),
-               "--name", self.model_name, "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpuvisor.bench.floor",
+            "--model",
+            str(self.model_path),
+            "--name",
+            self.model_name,
+            "--port",
+            str(self.port),
+        ]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         finally:
             if not isinstance(log, int):
                 log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = self.log_path.read_text()[-3000:] if self.log_path and self.log_path.exists() else ""
-                raise RuntimeError(f"the floor server exited with code {self.process.returncode}:\n{tail}")
+                tail = (
+                    self.log_path.read_text()[-3000:]
+                    if self.log_path and self.log_path.exists()
+                    else ""
+                )
+                raise RuntimeError(
+                    f"the floor server exited with code {self.process.returncode}:\n{tail}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
                     return self
@@ -134,15 +163,26 @@ class FloorProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="gpuvisor's serving floor: one ONNX model, in-process")
+    parser = argparse.ArgumentParser(
+        description="gpuvisor's serving floor: one ONNX model, in-process"
+    )
     parser.add_argument("--model", required=True, type=Path, help="the ONNX model file")
-    parser.add_argument("--name", default=None, help="the model's name in URLs (default: file stem)")
+    parser.add_argument(
+        "--name", default=None, help="the model's name in URLs (default: file stem)"
+    )
     parser.add_argument("--port", required=True, type=int, help="port on 127.0.0.1")
     args = parser.parse_args(argv)
     app = create_floor_app(args.model, args.name or args.model.stem)
     # The same server settings as `gpuvisor up` (gpuvisor.serve).
-    config = uvicorn.Config(app, host=_HOST, port=args.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=10, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=_HOST,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        lifespan="on",
+    )
     uvicorn.Server(config).run()
     return 0
 

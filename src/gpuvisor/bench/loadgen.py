@@ -77,17 +77,30 @@ class LoadResult:
 
     @classmethod
     def from_latencies(
-        cls, name: str, mode: str, threads: int, latencies_ms: Sequence[float], errors: int,
-        seconds: float, error_samples: Sequence[str] = (),
+        cls,
+        name: str,
+        mode: str,
+        threads: int,
+        latencies_ms: Sequence[float],
+        errors: int,
+        seconds: float,
+        error_samples: Sequence[str] = (),
     ) -> LoadResult:
         """Summarise raw per-request latencies (ms) of one run."""
         ok = len(latencies_ms)
         return cls(
-            name=name, mode=mode, threads=threads, requests=ok + errors, errors=errors,
-            seconds=seconds, rps=ok / seconds if seconds > 0 else 0.0,
-            p50_ms=percentile(latencies_ms, 50), p99_ms=percentile(latencies_ms, 99),
+            name=name,
+            mode=mode,
+            threads=threads,
+            requests=ok + errors,
+            errors=errors,
+            seconds=seconds,
+            rps=ok / seconds if seconds > 0 else 0.0,
+            p50_ms=percentile(latencies_ms, 50),
+            p99_ms=percentile(latencies_ms, 99),
             mean_ms=statistics.fmean(latencies_ms) if latencies_ms else math.nan,
-            error_samples=tuple(error_samples), latencies_ms=tuple(latencies_ms),
+            error_samples=tuple(error_samples),
+            latencies_ms=tuple(latencies_ms),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -105,8 +118,11 @@ def median_result(runs: Sequence[LoadResult]) -> LoadResult:
         raise ValueError("no runs to summarise")
     first = runs[0]
     return LoadResult(
-        name=first.name, mode=first.mode, threads=first.threads,
-        requests=sum(r.requests for r in runs), errors=sum(r.errors for r in runs),
+        name=first.name,
+        mode=first.mode,
+        threads=first.threads,
+        requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs),
         seconds=statistics.median(r.seconds for r in runs),
         rps=statistics.median(r.rps for r in runs),
         p50_ms=statistics.median(r.p50_ms for r in runs),
@@ -171,8 +187,10 @@ def run_closed_loop(
                 on_progress(1)
         ended[index] = clock()
 
-    workers = [threading.Thread(target=client, args=(i,), name=f"load-{name}-{i}", daemon=True)
-               for i in range(threads)]
+    workers = [
+        threading.Thread(target=client, args=(i,), name=f"load-{name}-{i}", daemon=True)
+        for i in range(threads)
+    ]
     for worker in workers:
         worker.start()
     try:
@@ -180,14 +198,21 @@ def run_closed_loop(
     except threading.BrokenBarrierError:
         for worker in workers:
             worker.join()
-        raise setup_errors[0] if setup_errors else RuntimeError("a client thread failed to start")
+        if setup_errors:
+            raise setup_errors[0] from None
+        raise RuntimeError("a client thread failed to start") from None
     began = time.perf_counter()
     for worker in workers:
         worker.join()
     seconds = max(ended) - began
     all_errors = [e for errs in failures for e in errs]
     return LoadResult.from_latencies(
-        name, "closed", threads, [v for lat in latencies for v in lat], len(all_errors), seconds,
+        name,
+        "closed",
+        threads,
+        [v for lat in latencies for v in lat],
+        len(all_errors),
+        seconds,
         list(dict.fromkeys(all_errors))[:_MAX_ERROR_SAMPLES],
     )
 
@@ -210,7 +235,8 @@ def triton_call_factory(
 
     def make_call() -> Call:
         client = triton.InferenceServerClient(
-            address, connection_timeout=timeout, network_timeout=timeout)
+            address, connection_timeout=timeout, network_timeout=timeout
+        )
         # Inputs are built once per thread: the client's cost is the same for every system
         # measured, and on a small machine it competes with the server for the CPU.
         prepared = []
@@ -259,8 +285,9 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def results_table(results: Sequence[LoadResult], title: str | None = None,
-                  labels: Mapping[str, str] | None = None) -> Table:
+def results_table(
+    results: Sequence[LoadResult], title: str | None = None, labels: Mapping[str, str] | None = None
+) -> Table:
     """Return a rich table of results: system, req/s, p50 ms, p99 ms, errors.
 
     ``labels`` maps a result's name to the text its row shows.
@@ -273,7 +300,10 @@ def results_table(results: Sequence[LoadResult], title: str | None = None,
     table.add_column("errors", justify="right")
     for r in results:
         table.add_row(
-            (labels or {}).get(r.name, r.name), f"{r.rps:,.0f}", f"{r.p50_ms:.2f}",
-            f"{r.p99_ms:.2f}", f"[red]{r.errors}[/red]" if r.errors else "0",
+            (labels or {}).get(r.name, r.name),
+            f"{r.rps:,.0f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"[red]{r.errors}[/red]" if r.errors else "0",
         )
     return table

@@ -17,8 +17,6 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import yaml
-
-from gpuvisor.bench.floor import FloorProcess
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,6 +27,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from gpuvisor.bench.floor import FloorProcess
 from gpuvisor.bench.loadgen import (
     CallFactory,
     LoadResult,
@@ -112,12 +111,24 @@ class OverheadReport:
             "benchmark": "overhead",
             "started": self.started,
             "machine": self.machine,
-            "config": {"model": cfg.model, "batch": cfg.batch, "requests": cfg.requests,
-                       "threads": cfg.threads, "repeat": cfg.repeat, "warmup": cfg.warmup,
-                       "maxBatchSize": cfg.max_batch_size, "client": "tritonclient.http, binary tensors"},
-            "systems": {name: {"label": SYSTEMS[name], "median": r.summary(),
-                               "runs": [run.summary() for run in self.runs[name]]}
-                        for name, r in self.medians.items()},
+            "config": {
+                "model": cfg.model,
+                "batch": cfg.batch,
+                "requests": cfg.requests,
+                "threads": cfg.threads,
+                "repeat": cfg.repeat,
+                "warmup": cfg.warmup,
+                "maxBatchSize": cfg.max_batch_size,
+                "client": "tritonclient.http, binary tensors",
+            },
+            "systems": {
+                name: {
+                    "label": SYSTEMS[name],
+                    "median": r.summary(),
+                    "runs": [run.summary() for run in self.runs[name]],
+                }
+                for name, r in self.medians.items()
+            },
             "ratios": {"gpuvisor_over_floor": self.ratios},
             "outputs_max_abs_diff_vs_direct": self.max_abs_diff,
         }
@@ -157,7 +168,9 @@ def direct_session(model_path: Path) -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
 
 
 def direct_call_factory(session: ort.InferenceSession, inputs: Mapping[str, Array]) -> CallFactory:
@@ -171,11 +184,10 @@ def direct_call_factory(session: ort.InferenceSession, inputs: Mapping[str, Arra
     return make_call
 
 
-def fetch_outputs(address: str, model: str, inputs: Mapping[str, Array],
-                  headers: Mapping[str, str] | None = None) -> dict[str, Array]:
+def fetch_outputs(
+    address: str, model: str, inputs: Mapping[str, Array], headers: Mapping[str, str] | None = None
+) -> dict[str, Array]:
     """Send one request with tritonclient (binary tensors) and return every output by name."""
-    import tritonclient.http as triton
-
     call = triton_call_factory(address, model, inputs, headers)()
     result: Any = call()
     return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
@@ -184,17 +196,25 @@ def fetch_outputs(address: str, model: str, inputs: Mapping[str, Array],
 def _max_abs_diff(expected: Mapping[str, Array], got: Mapping[str, Array], system: str) -> float:
     """Return the largest absolute difference; raise AssertionError when outputs disagree."""
     if set(expected) != set(got):
-        raise AssertionError(f"{system} returned outputs {sorted(got)}, expected {sorted(expected)}")
+        raise AssertionError(
+            f"{system} returned outputs {sorted(got)}, expected {sorted(expected)}"
+        )
     worst = 0.0
     for name, want in expected.items():
         have = got[name]
         if have.shape != want.shape or have.dtype != want.dtype:
-            raise AssertionError(f"{system} output '{name}' is {have.dtype}{list(have.shape)}, "
-                                 f"expected {want.dtype}{list(want.shape)}")
+            raise AssertionError(
+                f"{system} output '{name}' is {have.dtype}{list(have.shape)}, "
+                f"expected {want.dtype}{list(want.shape)}"
+            )
         if not np.allclose(have, want, rtol=1e-5, atol=1e-6):
-            raise AssertionError(f"{system} output '{name}' differs from onnxruntime's: {have} vs {want}")
+            raise AssertionError(
+                f"{system} output '{name}' differs from onnxruntime's: {have} vs {want}"
+            )
         if have.size:
-            worst = max(worst, float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))))
+            worst = max(
+                worst, float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64))))
+            )
     return worst
 
 
@@ -216,20 +236,35 @@ def bench_manifest(model: str, model_path: Path, max_batch_size: int) -> str:
     computeShare 0.5), Model and Deployment (maxBatchSize, maxQueueDelay 0)."""
     docs: list[dict[str, Any]] = [
         {"kind": "Tenant", "metadata": {"name": TENANT}, "spec": {}},
-        {"kind": "Profile", "metadata": {"name": "bench-slice"},
-         "spec": {"memory": "512Mi", "computeShare": 0.5}},
-        {"kind": "Model", "metadata": {"name": model, "tenant": TENANT},
-         "spec": {"format": "onnx", "source": str(model_path)}},
-        {"kind": "Deployment", "metadata": {"name": model, "tenant": TENANT},
-         "spec": {"model": model, "profile": "bench-slice",
-                  "batching": {"maxBatchSize": max_batch_size, "maxQueueDelay": "0ms"}}},
+        {
+            "kind": "Profile",
+            "metadata": {"name": "bench-slice"},
+            "spec": {"memory": "512Mi", "computeShare": 0.5},
+        },
+        {
+            "kind": "Model",
+            "metadata": {"name": model, "tenant": TENANT},
+            "spec": {"format": "onnx", "source": str(model_path)},
+        },
+        {
+            "kind": "Deployment",
+            "metadata": {"name": model, "tenant": TENANT},
+            "spec": {
+                "model": model,
+                "profile": "bench-slice",
+                "batching": {"maxBatchSize": max_batch_size, "maxQueueDelay": "0ms"},
+            },
+        },
     ]
-    return yaml.safe_dump_all([{"apiVersion": "gpuvisor/v1", **d} for d in docs], sort_keys=False)
+    return str(
+        yaml.safe_dump_all([{"apiVersion": "gpuvisor/v1", **d} for d in docs], sort_keys=False)
+    )
 
 
 @contextmanager
-def start_gpuvisor(model: str, model_path: Path, state_dir: Path, max_batch_size: int = 8,
-                   timeout: float = 120.0) -> Iterator[GpuvisorTarget]:
+def start_gpuvisor(
+    model: str, model_path: Path, state_dir: Path, max_batch_size: int = 8, timeout: float = 120.0
+) -> Iterator[GpuvisorTarget]:
     """Start a node (no demo) on a free loopback port, deploy the model for tenant 'bench',
     create a tenant key and wait until the model is ready; stop the node (by PID) on exit.
 
@@ -240,12 +275,18 @@ def start_gpuvisor(model: str, model_path: Path, state_dir: Path, max_batch_size
         node.start(timeout)
         admin = node.auth(node.admin_key)
         with httpx.Client(base_url=node.url, timeout=30) as http:
-            applied = http.post("/api/v1/apply", headers=admin,
-                                content=bench_manifest(model, model_path, max_batch_size))
+            applied = http.post(
+                "/api/v1/apply",
+                headers=admin,
+                content=bench_manifest(model, model_path, max_batch_size),
+            )
             if applied.status_code != 200:
                 raise RuntimeError(f"apply failed ({applied.status_code}): {applied.text}")
-            created = http.post("/api/v1/keys", headers=admin,
-                                json={"role": "tenant", "tenant": TENANT, "description": "bench"})
+            created = http.post(
+                "/api/v1/keys",
+                headers=admin,
+                json={"role": "tenant", "tenant": TENANT, "description": "bench"},
+            )
             if created.status_code != 201:
                 raise RuntimeError(f"key creation failed ({created.status_code}): {created.text}")
             target = GpuvisorTarget(node, model, str(created.json()["key"]))
@@ -253,7 +294,9 @@ def start_gpuvisor(model: str, model_path: Path, state_dir: Path, max_batch_size
             while http.get(f"/v2/models/{model}/ready", headers=target.headers).status_code != 200:
                 if time.monotonic() > deadline:
                     slices = http.get("/api/v1/slices", headers=admin).text
-                    raise RuntimeError(f"model {model} was not ready within {timeout:.0f}s: {slices}")
+                    raise RuntimeError(
+                        f"model {model} was not ready within {timeout:.0f}s: {slices}"
+                    )
                 time.sleep(0.1)
         yield target
     finally:
@@ -272,11 +315,17 @@ def run_overhead(config: OverheadConfig, reporter: Reporter | None = None) -> Ov
     AssertionError when a server answers wrongly, RuntimeError when one does not start.
     """
     out = reporter or _Silent()
-    report = OverheadReport(config, machine_info(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                            runs={DIRECT: [], FLOOR: [], GPUVISOR: []})
+    report = OverheadReport(
+        config,
+        machine_info(),
+        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        runs={DIRECT: [], FLOOR: [], GPUVISOR: []},
+    )
     inputs = sample_inputs(config.model, config.batch)
     with ExitStack() as stack:
-        workdir = config.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpuvisor-bench-")))
+        workdir = config.workdir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="gpuvisor-bench-"))
+        )
         out.phase("building the model and starting onnxruntime")
         model_path = build_model(config.model, workdir / "models")
         session = direct_session(model_path)
@@ -284,31 +333,42 @@ def run_overhead(config: OverheadConfig, reporter: Reporter | None = None) -> Ov
         expected = dict(zip(names, session.run(None, inputs), strict=True))
 
         out.phase("starting the floor server")
-        floor = stack.enter_context(FloorProcess(model_path, config.model, log_path=workdir / "floor.log"))
+        floor = stack.enter_context(
+            FloorProcess(model_path, config.model, log_path=workdir / "floor.log")
+        )
         report.max_abs_diff[FLOOR] = _max_abs_diff(
-            expected, fetch_outputs(floor.address, config.model, inputs), SYSTEMS[FLOOR])
+            expected, fetch_outputs(floor.address, config.model, inputs), SYSTEMS[FLOOR]
+        )
 
         out.phase("starting the gpuvisor node and deploying the model")
         target = stack.enter_context(
-            start_gpuvisor(config.model, model_path, workdir / "node", config.max_batch_size))
+            start_gpuvisor(config.model, model_path, workdir / "node", config.max_batch_size)
+        )
         report.max_abs_diff[GPUVISOR] = _max_abs_diff(
-            expected, fetch_outputs(target.node.address, config.model, inputs, target.headers),
-            SYSTEMS[GPUVISOR])
+            expected,
+            fetch_outputs(target.node.address, config.model, inputs, target.headers),
+            SYSTEMS[GPUVISOR],
+        )
 
         factories: dict[str, CallFactory] = {
             DIRECT: direct_call_factory(session, inputs),
             FLOOR: triton_call_factory(floor.address, config.model, inputs),
-            GPUVISOR: triton_call_factory(target.node.address, config.model, inputs, target.headers),
+            GPUVISOR: triton_call_factory(
+                target.node.address, config.model, inputs, target.headers
+            ),
         }
         if config.warmup > 0:
             for name, factory in factories.items():
                 out.phase(f"warm-up: {SYSTEMS[name]}", config.warmup)
-                run_closed_loop(f"{name}-warmup", factory, config.warmup, config.threads, out.advance)
+                run_closed_loop(
+                    f"{name}-warmup", factory, config.warmup, config.threads, out.advance
+                )
         for round_ in range(1, config.repeat + 1):
             for name, factory in factories.items():
                 out.phase(f"round {round_}/{config.repeat}: {SYSTEMS[name]}", config.requests)
                 report.runs[name].append(
-                    run_closed_loop(name, factory, config.requests, config.threads, out.advance))
+                    run_closed_loop(name, factory, config.requests, config.threads, out.advance)
+                )
     return report
 
 
@@ -335,11 +395,14 @@ def render_report(report: OverheadReport, console: Console) -> None:
     """Print the medians table, each run's throughput and gpuvisor's ratios to the floor."""
     cfg = report.config
     medians = report.medians
-    console.print(results_table(
-        list(medians.values()),
-        title=f"Serving overhead: {cfg.model}, batch {cfg.batch}, {cfg.threads} client threads, "
-              f"{cfg.requests} requests × {cfg.repeat} (medians)",
-        labels=SYSTEMS))
+    console.print(
+        results_table(
+            list(medians.values()),
+            title=f"Serving overhead: {cfg.model}, batch {cfg.batch}, {cfg.threads} client threads, "
+            f"{cfg.requests} requests × {cfg.repeat} (medians)",
+            labels=SYSTEMS,
+        )
+    )
     for name, runs in report.runs.items():
         console.print(f"  {SYSTEMS[name]}: req/s per run {_spread(runs)}", highlight=False)
     ratios = report.ratios
@@ -348,7 +411,8 @@ def render_report(report: OverheadReport, console: Console) -> None:
         console.print(
             f"\n(c)/(b): throughput {ratios['throughput']:.2f}× ({ratios['throughput']:.0%} of the floor; "
             f"{verdict} the {TARGET:.0%} target), p50 {ratios['p50']:.2f}×, p99 {ratios['p99']:.2f}×",
-            highlight=False)
+            highlight=False,
+        )
 
 
 def overhead_command(config: OverheadConfig, output: Path, console: Console) -> int:
@@ -356,8 +420,13 @@ def overhead_command(config: OverheadConfig, output: Path, console: Console) -> 
 
     Returns the exit code: 0 when every request was answered, 1 otherwise.
     """
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         report = run_overhead(config, _ProgressReporter(progress))
     render_report(report, console)

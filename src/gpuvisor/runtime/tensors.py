@@ -127,8 +127,9 @@ def _object_field(doc: dict[str, Any], key: str, owner: str) -> dict[str, Any]:
     return value
 
 
-def _names(metas: Sequence[TensorMeta], what: str) -> str:
-    return f"{what} " + ", ".join(m.name for m in metas) if metas else f"no {what}"
+def _known(metas: Sequence[TensorMeta], what: str) -> str:
+    names = ", ".join(m.name for m in metas) or "none"
+    return f"(the model {'expects' if what == 'inputs' else 'has'} {what} {names})"
 
 
 def _decode_inputs(
@@ -139,7 +140,6 @@ def _decode_inputs(
     if not isinstance(entries, list):
         raise InvalidRequest("request 'inputs' must be a list")
     by_name = {meta.name: meta for meta in metas}
-    expected = f"(the model expects {_names(metas, 'inputs')})"
     decoded: dict[str, Array] = {}
     offset = len(view) if header_length is None else header_length
     for entry in entries:
@@ -148,7 +148,7 @@ def _decode_inputs(
         name = entry["name"]
         meta = by_name.get(name)
         if meta is None:
-            raise InvalidRequest(f"unknown input '{name}' {expected}")
+            raise InvalidRequest(f"unknown input '{name}' {_known(metas, 'inputs')}")
         if name in decoded:
             raise InvalidRequest(f"input '{name}' is given more than once")
         shape = _checked_shape(entry, meta)
@@ -176,9 +176,9 @@ def _decode_inputs(
         offset += size
     if offset != len(view):
         raise InvalidRequest(f"binary body has {len(view) - offset} bytes after the last input")
-    missing = ", ".join(f"'{meta.name}'" for meta in metas if meta.name not in decoded)
-    if missing:
-        raise InvalidRequest(f"missing input {missing} {expected}")
+    if len(decoded) != len(metas):
+        missing = ", ".join(f"'{meta.name}'" for meta in metas if meta.name not in decoded)
+        raise InvalidRequest(f"missing input {missing} {_known(metas, 'inputs')}")
     return decoded
 
 
@@ -302,14 +302,14 @@ def _decode_requested_outputs(
         return None
     if not isinstance(raw, list):
         raise InvalidRequest("request 'outputs' must be a list")
-    known, known_list = {meta.name for meta in metas}, _names(metas, "outputs")
+    known = {meta.name for meta in metas}
     requested: dict[str, RequestedOutput] = {}
     for entry in raw:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidRequest("each requested output must be an object with a string 'name'")
         name = entry["name"]
         if name not in known:
-            raise InvalidRequest(f"unknown output '{name}' requested (the model has {known_list})")
+            raise InvalidRequest(f"unknown output '{name}' requested {_known(metas, 'outputs')}")
         if name in requested:
             raise InvalidRequest(f"output '{name}' is requested more than once")
         binary = _object_field(entry, "parameters", f"output '{name}'").get("binary_data")
@@ -391,8 +391,5 @@ def _as_bytes(item: Any) -> bytes:
 
 
 def _serialize_bytes(array: Array) -> bytes:
-    parts: list[bytes] = []
-    for item in array.reshape(-1).tolist():
-        element = _as_bytes(item)
-        parts += (len(element).to_bytes(_LENGTH_PREFIX, "little"), element)
-    return b"".join(parts)
+    elements = [_as_bytes(item) for item in array.reshape(-1).tolist()]
+    return b"".join(len(e).to_bytes(_LENGTH_PREFIX, "little") + e for e in elements)

@@ -189,8 +189,14 @@ def test_declared_metadata_narrows_variable_dims(matmul_model: Path) -> None:
     ("declared", "message"),
     [
         ([TensorMeta("x", "FP64", (-1, 4))], "input 'x' is FP32 in the model but declared FP64"),
-        ([TensorMeta("x", "FP32", (-1, 5))], "input 'x' has shape [-1, 4] in the model but is declared [-1, 5]"),
-        ([TensorMeta("x", "FP32", (-1,))], "input 'x' has shape [-1, 4] in the model but is declared [-1]"),
+        (
+            [TensorMeta("x", "FP32", (-1, 5))],
+            "input 'x' has shape [-1, 4] in the model but is declared [-1, 5]",
+        ),
+        (
+            [TensorMeta("x", "FP32", (-1,))],
+            "input 'x' has shape [-1, 4] in the model but is declared [-1]",
+        ),
         ([TensorMeta("image", "FP32", (-1, 4))], "declared input 'image' is not in the model"),
     ],
 )
@@ -219,5 +225,7 @@ def test_unsupported_tensor_type_is_a_model_error(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n"])],
         [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["n"])],
     )
-    with pytest.raises(ModelError, match=r"tensor 'x' has type tensor\(bfloat16\), which gpuvisor cannot serve"):
+    with pytest.raises(
+        ModelError, match=r"tensor 'x' has type tensor\(bfloat16\), which gpuvisor cannot serve"
+    ):
         load_executor("onnx", path, CPU)

@@ -1,0 +1,56 @@
+"""Desired state: every replica the store asks for, resolved, with a reason when it cannot be."""
+
+from __future__ import annotations
+
+from gpuvisor.control.controller import desired_slices
+from gpuvisor.spec.loader import load_documents
+
+MANIFEST = """
+apiVersion: gpuvisor/v1
+kind: Tenant
+metadata: {name: retail}
+---
+apiVersion: gpuvisor/v1
+kind: Profile
+metadata: {name: rt}
+spec: {memory: 1Gi, computeShare: 0.25, latencyClass: critical}
+---
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {name: m, tenant: retail}
+spec: {version: "2", source: /models/m2.onnx}
+---
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {name: m, tenant: retail}
+spec: {version: "10", source: /models/m10.onnx}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: d, tenant: retail}
+spec: {model: m, profile: rt, replicas: 3}
+"""
+
+
+def test_replicas_resolve_to_the_highest_model_version() -> None:
+    slices = desired_slices(load_documents(MANIFEST), unloaded=set())
+    assert [s.slice_id for s in slices] == ["retail/d/0", "retail/d/1", "retail/d/2"]
+    assert {s.model.spec.version for s in slices if s.model} == {"10"}
+    assert all(not s.problem for s in slices)
+    assert len({s.spec_hash for s in slices}) == 1
+
+
+def test_unloaded_deployments_have_no_replicas() -> None:
+    assert desired_slices(load_documents(MANIFEST), unloaded={("retail", "d")}) == []
+
+
+def test_spec_hash_changes_with_the_profile() -> None:
+    before = desired_slices(load_documents(MANIFEST), set())[0].spec_hash
+    after = desired_slices(load_documents(MANIFEST.replace("memory: 1Gi", "memory: 2Gi")), set())[0].spec_hash
+    assert before != after
+
+
+def test_missing_model_is_a_reason_not_a_crash() -> None:
+    docs = [d for d in load_documents(MANIFEST) if d.kind != "Model"]
+    slices = desired_slices(docs, set())
+    assert slices and all("model 'm' not found in tenant 'retail'" in s.problem for s in slices)

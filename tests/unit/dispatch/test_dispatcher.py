@@ -1,0 +1,136 @@
+"""The device dispatcher loop: one batch at a time, oldest first, batching what waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
+from gpuvisor.errors import WorkerCrashed
+
+
+class RecordingRunner:
+    """A BatchRunner that takes ``seconds`` per batch and records what ran, and how many at once."""
+
+    def __init__(self, seconds: float = 0.01, fail_slice: str | None = None) -> None:
+        self.seconds = seconds
+        self.fail_slice = fail_slice
+        self.batches: list[tuple[str, list[int]]] = []
+        self.running = 0
+        self.max_running = 0
+
+    async def run_batch(self, slice_id: str, batch: Sequence[PendingRequest]) -> tuple[list[Outcome], float]:
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.batches.append((slice_id, [r.request_id for r in batch]))
+        try:
+            await asyncio.sleep(self.seconds)
+            if slice_id == self.fail_slice:
+                raise WorkerCrashed("worker exited")
+            return [Outcome(200, f"{slice_id}:{r.request_id}".encode()) for r in batch], self.seconds
+        finally:
+            self.running -= 1
+
+
+def _queue(name: str, max_batch: int = 8, delay: float = 0.0) -> SliceQueue:
+    return SliceQueue(name, name, name, "default", "p", max_batch_size=max_batch, max_queue_delay=delay)
+
+
+def _request(i: int) -> PendingRequest:
+    return PendingRequest(request_id=i, tenant="t", body=b"", header_length=-1, arrival=time.monotonic())
+
+
+async def _run(dispatcher: DeviceDispatcher, submissions: list[tuple[str, int]]) -> list[Outcome]:
+    dispatcher.start()
+    try:
+        futures = [dispatcher.submit(s, _request(i)) for s, i in submissions]
+        return list(await asyncio.gather(*futures))
+    finally:
+        await dispatcher.stop()
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_concurrency_bounds_batches_on_the_device(concurrency: int) -> None:
+    runner = RecordingRunner()
+    dispatcher = DeviceDispatcher("cpu-0", runner, concurrency=concurrency)
+    for name in ("a", "b", "c"):
+        dispatcher.add_slice(_queue(name, max_batch=1))
+    outcomes = asyncio.run(_run(dispatcher, [(n, i) for i in range(3) for n in ("a", "b", "c")]))
+    assert len(outcomes) == 9 and all(o.status == 200 for o in outcomes)
+    assert runner.max_running == concurrency
+
+
+def test_requests_waiting_behind_a_batch_are_batched_together() -> None:
+    runner = RecordingRunner(seconds=0.02)
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    dispatcher.add_slice(_queue("a", max_batch=8))
+    outcomes = asyncio.run(_run(dispatcher, [("a", i) for i in range(9)]))
+    assert [o.body for o in outcomes] == [f"a:{i}".encode() for i in range(9)]
+    assert [ids for _, ids in runner.batches] == [[0, 1, 2, 3, 4, 5, 6, 7], [8]]
+
+
+def test_max_queue_delay_waits_to_fill_a_batch() -> None:
+    runner = RecordingRunner(seconds=0.001)
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    dispatcher.add_slice(_queue("a", max_batch=4, delay=0.05))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        first = dispatcher.submit("a", _request(0))
+        await asyncio.sleep(0.01)
+        second = dispatcher.submit("a", _request(1))
+        await asyncio.gather(first, second)
+        await dispatcher.stop()
+
+    asyncio.run(scenario())
+    assert [ids for _, ids in runner.batches] == [[0, 1]]
+
+
+def test_fifo_across_slices() -> None:
+    runner = RecordingRunner()
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    for name in ("a", "b"):
+        dispatcher.add_slice(_queue(name, max_batch=1))
+    asyncio.run(_run(dispatcher, [("b", 0), ("a", 1), ("b", 2)]))
+    assert [ids[0] for _, ids in runner.batches] == [0, 1, 2]
+
+
+def test_a_failing_worker_fails_only_its_own_requests() -> None:
+    runner = RecordingRunner(fail_slice="a")
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    for name in ("a", "b"):
+        dispatcher.add_slice(_queue(name, max_batch=1))
+
+    async def scenario() -> list[object]:
+        dispatcher.start()
+        futures = [dispatcher.submit(s, _request(i)) for i, s in enumerate(["a", "b", "a", "b"])]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await dispatcher.stop()
+        return list(results)
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[0], WorkerCrashed) and isinstance(results[2], WorkerCrashed)
+    assert isinstance(results[1], Outcome) and isinstance(results[3], Outcome)
+
+
+def test_removing_a_slice_fails_what_it_had_queued() -> None:
+    runner = RecordingRunner(seconds=0.05)
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    dispatcher.add_slice(_queue("a", max_batch=1))
+
+    async def scenario() -> list[object]:
+        dispatcher.start()
+        futures = [dispatcher.submit("a", _request(i)) for i in range(3)]
+        await asyncio.sleep(0.01)  # request 0 is running, 1 and 2 wait
+        dispatcher.remove_slice("a", WorkerCrashed("gone"))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await dispatcher.stop()
+        return list(results)
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[0], Outcome)
+    assert all(isinstance(r, WorkerCrashed) for r in results[1:])

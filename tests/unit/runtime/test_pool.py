@@ -1,0 +1,98 @@
+"""Real worker processes: load, run, refuse a tampered model, notice a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gpuvisor.demo.models import build_demo_models
+from gpuvisor.dispatch.queues import PendingRequest
+from gpuvisor.errors import IntegrityError, WorkerCrashed
+from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
+
+BODY = orjson.dumps({"inputs": [{"name": "features", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(build_demo_models(tmp_path_factory.mktemp("models"))["basket-scorer"])
+
+
+def _launch(slice_id: str, path: Path, tenant: str = "t", isolation: str = "process",
+            sha256: str | None = None) -> SliceLaunch:
+    load = p.LoadModel(slice_id, "scorer", "1", "onnx", str(path), sha256, "cpu", 0, 1, None, 4,
+                       profile_batch_sizes=[1, 2, 4])
+    return SliceLaunch(slice_id, tenant, "cpu-0", isolation, load)
+
+
+def _request(i: int) -> PendingRequest:
+    return PendingRequest(request_id=i, tenant="t", body=BODY, header_length=-1, arrival=time.monotonic())
+
+
+def test_load_run_and_isolation(model: Path) -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            digest = hashlib.sha256(model.read_bytes()).hexdigest()
+            loaded, worker = await pool.load_slice(_launch("a/x/0", model, "a", sha256=digest))
+            assert loaded.sha256 == digest and loaded.batchable
+            assert sorted(loaded.profile) == [1, 2, 4]
+            assert [t.name for t in loaded.inputs] == ["features"]
+            # Two process slices of one tenant: two processes. Shared slices of one tenant: one process.
+            _, second = await pool.load_slice(_launch("a/y/0", model, "a"))
+            assert second.pid != worker.pid != os.getpid()
+            _, shared1 = await pool.load_slice(_launch("a/s1/0", model, "a", "shared"))
+            _, shared2 = await pool.load_slice(_launch("a/s2/0", model, "a", "shared"))
+            _, other_tenant = await pool.load_slice(_launch("b/s1/0", model, "b", "shared"))
+            assert shared1.pid == shared2.pid
+            assert other_tenant.pid != shared1.pid, "never one process for two tenants"
+            outcomes, seconds = await pool.run_batch("a/x/0", [_request(1), _request(2)])
+            assert [o.status for o in outcomes] == [200, 200] and seconds > 0
+            assert orjson.loads(outcomes[0].body)["outputs"][0]["shape"] == [1, 1]
+            outcomes, _ = await pool.run_batch("a/s2/0", [_request(3)])
+            assert outcomes[0].status == 200
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_tampered_model_is_refused(model: Path) -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            with pytest.raises(IntegrityError) as refused:
+                await pool.load_slice(_launch("a/x/0", model, sha256="0" * 64))
+            assert "0" * 64 in refused.value.message
+            assert not pool.workers, "the worker of a refused slice is stopped"
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_crash_fails_in_flight_batches_and_resolves_exited(model: Path) -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            _, worker = await pool.load_slice(_launch("a/x/0", model))
+            os.kill(worker.pid, signal.SIGKILL)
+            code = await asyncio.wait_for(worker.exited, 10)
+            assert code == -signal.SIGKILL
+            with pytest.raises(WorkerCrashed):
+                await pool.run_batch("a/x/0", [_request(1)])
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,63 @@
+"""The worker's batch execution with a real onnxruntime model: batching, per-request errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from gpuvisor.demo.models import build_demo_models
+from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.executors.base import ExecutorDevice, load_executor
+from gpuvisor.runtime.worker import LoadedSlice, profile_batches, run_requests
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory: pytest.TempPathFactory) -> LoadedSlice:
+    path = build_demo_models(tmp_path_factory.mktemp("models"))["basket-scorer"]
+    executor = load_executor("onnx", Path(path), ExecutorDevice(kind="cpu", threads=1))
+    spec = p.LoadModel("t/d/0", "basket-scorer", "1", "onnx", str(path), None, "cpu", 0, 1, None, 4)
+    return LoadedSlice(spec, executor, list(executor.inputs), list(executor.outputs))
+
+
+def _body(rows: int, value: float = 0.5, shape: list[int] | None = None) -> bytes:
+    shape = shape or [rows, 16]
+    return orjson.dumps({"id": f"r{rows}", "inputs": [{"name": "features", "shape": shape, "datatype": "FP32",
+                                                       "data": [value] * int(np.prod(shape))}]})
+
+
+def _run(loaded: LoadedSlice, bodies: list[bytes]) -> tuple[list[p.RequestResult], list[bytes]]:
+    headers = [p.RequestHeader(i, -1) for i in range(len(bodies))]
+    return run_requests(loaded, headers, [memoryview(b) for b in bodies])
+
+
+def test_batched_results_equal_single_results(scorer: LoadedSlice) -> None:
+    bodies = [_body(1, v) for v in (0.1, 0.2, 0.3)] + [_body(2, 0.4)]
+    results, payloads = _run(scorer, bodies)
+    assert [r.status for r in results] == [200] * 4
+    assert [r.rows for r in results] == [1, 1, 1, 2]
+    for body, payload in zip(bodies, payloads):
+        alone = _run(scorer, [body])[1][0]
+        assert orjson.loads(payload)["outputs"] == orjson.loads(alone)["outputs"]
+        assert orjson.loads(payload)["id"] == orjson.loads(body)["id"]
+
+
+def test_a_bad_request_fails_alone(scorer: LoadedSlice) -> None:
+    bodies = [_body(1), _body(1, shape=[1, 3]), b"{not json", _body(1)]
+    results, payloads = _run(scorer, bodies)
+    assert [r.status for r in results] == [200, 400, 400, 200]
+    assert "error" in orjson.loads(payloads[1]) and "error" in orjson.loads(payloads[2])
+
+
+def test_requests_beyond_max_batch_are_split(scorer: LoadedSlice) -> None:
+    results, payloads = _run(scorer, [_body(3), _body(3)])  # 6 rows > max 4: two runs
+    assert [r.status for r in results] == [200, 200]
+    assert [len(orjson.loads(x)["outputs"][0]["data"]) for x in payloads] == [3, 3]
+
+
+def test_profile_measures_each_batch_size(scorer: LoadedSlice) -> None:
+    profile = profile_batches(scorer, [1, 2, 4], repeats=2)
+    assert sorted(profile) == [1, 2, 4]
+    assert all(seconds > 0 for seconds in profile.values())
