@@ -25,17 +25,24 @@ def resolve_state_dir(state: str | None) -> Path:
 class NodeClient:
     """Talks to the node at ``url`` with ``key`` (else GPUVISOR_KEY, else the state dir's admin key)."""
 
-    def __init__(self, url: str | None = None, key: str | None = None, state: str | None = None,
-                 timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        key: str | None = None,
+        state: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
         self.url = (url or os.environ.get("GPUVISOR_URL") or DEFAULT_URL).rstrip("/")
         state_dir = resolve_state_dir(state)
         self.key = key or os.environ.get("GPUVISOR_KEY") or read_admin_key(state_dir)
         if not self.key:
             raise ConfigError(
                 f"no API key: pass --key, set GPUVISOR_KEY, or start the node once so that "
-                f"{state_dir / 'admin.key'} exists")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout,
-                                 headers={"Authorization": f"Bearer {self.key}"})
+                f"{state_dir / 'admin.key'} exists"
+            )
+        self.http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.key}"}
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send a request; return the decoded JSON; raise the node's error as a GpuvisorError."""
@@ -44,7 +51,8 @@ class NodeClient:
         except httpx.ConnectError:
             raise ConfigError(
                 f"cannot reach a gpuvisor node at {self.url}: is 'gpuvisor up' running? "
-                "(use --url or GPUVISOR_URL for another address)") from None
+                "(use --url or GPUVISOR_URL for another address)"
+            ) from None
         except httpx.TimeoutException:
             raise GpuvisorError(f"the node at {self.url} did not answer in time") from None
         if response.status_code >= 400:

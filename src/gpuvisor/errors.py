@@ -153,9 +153,22 @@ class DeadlineExceeded(Unavailable):
 _BY_CODE: dict[str, type[GpuvisorError]] = {
     cls.code: cls
     for cls in (
-        GpuvisorError, SpecError, ConfigError, InvalidRequest, Unauthenticated, Forbidden,
-        NotFound, Conflict, PayloadTooLarge, TooManyRequests, ModelError, IntegrityError,
-        ExecutionError, Unavailable, WorkerCrashed, DeadlineExceeded,
+        GpuvisorError,
+        SpecError,
+        ConfigError,
+        InvalidRequest,
+        Unauthenticated,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        TooManyRequests,
+        ModelError,
+        IntegrityError,
+        ExecutionError,
+        Unavailable,
+        WorkerCrashed,
+        DeadlineExceeded,
     )
 }
 

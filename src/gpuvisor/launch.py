@@ -48,8 +48,17 @@ class NodeProcess:
 
     def start(self, timeout: float = 120.0) -> NodeProcess:
         """Start the node and wait until every slice has finished loading; raise if it does not."""
-        cmd = [sys.executable, "-m", "gpuvisor", "up", "--state", str(self.state_dir),
-               "--port", str(self.port), "--demo" if self.demo else "--no-demo"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpuvisor",
+            "up",
+            "--state",
+            str(self.state_dir),
+            "--port",
+            str(self.port),
+            "--demo" if self.demo else "--no-demo",
+        ]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         log_path = self.log_path or (self.state_dir / "node.log")
@@ -75,7 +84,9 @@ class NodeProcess:
         raise TimeoutError(f"node at {self.url} was not ready within {timeout:.0f}s")
 
     def _slices_settled(self) -> bool:
-        response = httpx.get(f"{self.url}/api/v1/slices", headers=self.auth(self.admin_key), timeout=5)
+        response = httpx.get(
+            f"{self.url}/api/v1/slices", headers=self.auth(self.admin_key), timeout=5
+        )
         items = response.json()["items"]
         return all(s["state"] not in ("Loading", "Restarting", "Stopping") for s in items)
 

@@ -17,7 +17,7 @@ _CONTEXT_FIELDS = ("tenant", "request_id", "deployment", "slice")
 class KeyValueFormatter(logging.Formatter):
     """``2026-11-21T10:00:00Z INFO gpuvisor.control slice retail/shelf-detector/0 ready tenant=retail``."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%SZ")
@@ -36,7 +36,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, object] = {
-            "time": record.created, "level": record.levelname, "logger": record.name,
+            "time": record.created,
+            "level": record.levelname,
+            "logger": record.name,
             "message": record.getMessage(),
         }
         for name in _CONTEXT_FIELDS:

@@ -37,7 +37,7 @@ class NodeOptions:
     """How to run a node: its configuration, where its state lives, where it listens."""
 
     spec: NodeSpec = field(default_factory=NodeSpec)
-    state_dir: Path = Path("~/.gpuvisor").expanduser()
+    state_dir: Path = field(default_factory=lambda: Path("~/.gpuvisor").expanduser())
     db_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8700
@@ -75,22 +75,35 @@ class Node:
         self.topology = await asyncio.to_thread(discover, self.spec)
         self.topology.devices[:] = [d for d in self.topology.devices if d.backend != "simulated"]
         if not self.topology.devices:
-            raise Unavailable("no device to serve on: enable the CPU device (cpu.enabled: true) "
-                              "or make an NVIDIA GPU visible")
+            raise Unavailable(
+                "no device to serve on: enable the CPU device (cpu.enabled: true) "
+                "or make an NVIDIA GPU visible"
+            )
         for device in self.topology.devices:
-            self.metrics.device_memory_total.labels(device.id, device.model).set(device.memory_total)
+            self.metrics.device_memory_total.labels(device.id, device.model).set(
+                device.memory_total
+            )
         self.pool = WorkerPool(start_timeout=self.spec.workers.start_timeout)
         self.pool.start()
         for device in self.topology.devices:
             dispatcher = DeviceDispatcher(
-                device.id, self.pool, FifoPolicy(), device.concurrency,
-                on_grant=self._observe_grant, on_complete=self._observe_completion,
+                device.id,
+                self.pool,
+                FifoPolicy(),
+                device.concurrency,
+                on_grant=self._observe_grant,
+                on_complete=self._observe_completion,
             )
             dispatcher.start()
             self.dispatchers[device.id] = dispatcher
         self.controller = Controller(
-            self.store, self.topology, self.pool, self.dispatchers, self.metrics,
-            cluster=self.spec.cluster, backoff=self.spec.workers.restart_backoff,
+            self.store,
+            self.topology,
+            self.pool,
+            self.dispatchers,
+            self.metrics,
+            cluster=self.spec.cluster,
+            backoff=self.spec.workers.restart_backoff,
             backoff_max=self.spec.workers.restart_backoff_max,
         )
         await self.controller.reconcile()
@@ -117,7 +130,9 @@ class Node:
         deadline = time.monotonic() + timeout
         assert self.controller is not None
         while time.monotonic() < deadline:
-            if all(s.state not in ("Loading", "Restarting") for s in self.controller.slices.values()):
+            if all(
+                s.state not in ("Loading", "Restarting") for s in self.controller.slices.values()
+            ):
                 break
             await asyncio.sleep(0.1)
         return [s for s in self.controller.slices.values() if s.state != "Ready"]
@@ -142,18 +157,24 @@ class Node:
         assert self.keys is not None
         return self.keys.authenticate(key)
 
-    def find_deployment(self, principal: Principal, name: str, version: str | None = None) -> Deployment:
+    def find_deployment(
+        self, principal: Principal, name: str, version: str | None = None
+    ) -> Deployment:
         """Return the caller's deployment ``name``; raise NotFound (never reveal other tenants')."""
         assert self.controller is not None
         dep = self.controller.find_deployment(principal.tenant, name) if principal.tenant else None
         if dep is None:
             if principal.tenant is None:
-                raise NotFound(f"model '{name}' not found: inference uses a tenant's key "
-                               "(create one with 'gpuvisor keys create --tenant NAME')")
+                raise NotFound(
+                    f"model '{name}' not found: inference uses a tenant's key "
+                    "(create one with 'gpuvisor keys create --tenant NAME')"
+                )
             raise NotFound(f"model '{name}' not found")
         if version is not None and version != self.model_version(dep):
-            raise NotFound(f"model '{name}' has no version '{version}' (it serves version "
-                           f"'{self.model_version(dep)}')")
+            raise NotFound(
+                f"model '{name}' has no version '{version}' (it serves version "
+                f"'{self.model_version(dep)}')"
+            )
         return dep
 
     def model_version(self, dep: Deployment) -> str:
@@ -163,7 +184,9 @@ class Node:
             return info[0].model_version
         return dep.spec.model_version or "1"
 
-    async def infer(self, dep: Deployment, body: bytes, header_length: int, trace_id: str) -> Outcome:
+    async def infer(
+        self, dep: Deployment, body: bytes, header_length: int, trace_id: str
+    ) -> Outcome:
         """Admit a request to the least-loaded ready slice of ``dep`` and wait for its outcome."""
         assert self.controller is not None
         tenant = dep.metadata.tenant or ""
@@ -173,8 +196,12 @@ class Node:
         chosen = min(slices, key=lambda s: s.queue.queued_rows if s.queue else 0)
         assert chosen.queue is not None and chosen.device_id is not None
         request = PendingRequest(
-            request_id=next(self._request_ids), tenant=tenant, body=body,
-            header_length=header_length, arrival=time.monotonic(), trace_id=trace_id,
+            request_id=next(self._request_ids),
+            tenant=tenant,
+            body=body,
+            header_length=header_length,
+            arrival=time.monotonic(),
+            trace_id=trace_id,
         )
         started = request.arrival
         future = self.dispatchers[chosen.device_id].submit(chosen.id, request)
@@ -182,13 +209,19 @@ class Node:
         try:
             outcome = await future
         except Exception as exc:
-            self.metrics.requests.labels(tenant, dep.metadata.name, version,
-                                         getattr(exc, "code", "error")).inc()
+            self.metrics.requests.labels(
+                tenant, dep.metadata.name, version, getattr(exc, "code", "error")
+            ).inc()
             raise
-        self.metrics.requests.labels(tenant, dep.metadata.name, version,
-                                     "ok" if outcome.status == 200 else str(outcome.status)).inc()
+        self.metrics.requests.labels(
+            tenant,
+            dep.metadata.name,
+            version,
+            "ok" if outcome.status == 200 else str(outcome.status),
+        ).inc()
         self.metrics.request_duration.labels(tenant, dep.metadata.name, version).observe(
-            time.monotonic() - started)
+            time.monotonic() - started
+        )
         return outcome
 
     def _not_ready_reason(self, tenant: str, name: str) -> str:
@@ -196,20 +229,29 @@ class Node:
         states = self.controller.deployment_slices(tenant, name)
         if not states:
             return f"model '{name}' has no replicas (unloaded or scaled to 0)"
-        details = "; ".join(f"{s.id}: {s.state}{' (' + s.reason + ')' if s.reason else ''}" for s in states)
+        details = "; ".join(
+            f"{s.id}: {s.state}{' (' + s.reason + ')' if s.reason else ''}" for s in states
+        )
         return f"model '{name}' is not ready: {details}"
 
     def _observe_grant(self, queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
-        wait = self.metrics.queue_wait.labels(self.spec.cluster, queue.pool, queue.profile, queue.tenant)
+        wait = self.metrics.queue_wait.labels(
+            self.spec.cluster, queue.pool, queue.profile, queue.tenant
+        )
         for request in batch:
             if request.granted_at is not None:
                 wait.observe(request.granted_at - request.arrival)
 
-    def _observe_completion(self, queue: SliceQueue, batch: Sequence[PendingRequest], seconds: float) -> None:
+    def _observe_completion(
+        self, queue: SliceQueue, batch: Sequence[PendingRequest], seconds: float
+    ) -> None:
         device = queue.slice_id and self._device_of(queue.slice_id)
-        self.metrics.device_busy.labels(device, queue.tenant, queue.deployment, queue.slice_id).inc(seconds)
+        self.metrics.device_busy.labels(device, queue.tenant, queue.deployment, queue.slice_id).inc(
+            seconds
+        )
         self.metrics.batch_size.labels(device, queue.tenant, queue.deployment).observe(
-            sum(r.rows for r in batch))
+            sum(r.rows for r in batch)
+        )
 
     def _device_of(self, slice_id: str) -> str:
         assert self.controller is not None

@@ -41,8 +41,10 @@ def load_node_config(path: Path | None) -> NodeSpec:
     docs = load_documents(path.read_text(), source=path.name, base_dir=path.parent)
     nodes = [d for d in docs if isinstance(d, NodeDoc)]
     if len(nodes) != 1 or len(docs) != 1:
-        raise ConfigError(f"{path}: expected exactly one document of kind Node, found "
-                          f"{', '.join(d.kind for d in docs) or 'none'}")
+        raise ConfigError(
+            f"{path}: expected exactly one document of kind Node, found "
+            f"{', '.join(d.kind for d in docs) or 'none'}"
+        )
     return nodes[0].spec
 
 
@@ -51,8 +53,10 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}. Is another node running? "
-                              "Stop it or choose another --port.") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}. Is another node running? "
+                "Stop it or choose another --port."
+            ) from None
 
 
 def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None, DemoState | None]:
@@ -67,8 +71,15 @@ def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None
 
 
 async def serve_node(
-    host: str, port: int, state: str | None, config: Path | None, db: str | None,
-    demo: bool | None, log_level: str, log_format: str, console: Console,
+    host: str,
+    port: int,
+    state: str | None,
+    config: Path | None,
+    db: str | None,
+    demo: bool | None,
+    log_level: str,
+    log_format: str,
+    console: Console,
 ) -> int:
     """Run a node until it is stopped (SIGINT/SIGTERM); return the process exit code."""
     configure_logging(log_level, log_format)
@@ -79,13 +90,24 @@ async def serve_node(
     use_demo = demo if demo is not None else config is None
     _check_port_free(host, port)
     started = time.monotonic()
-    with console.status("Preparing the state directory" + (" and building the demo models" if use_demo else "")):
-        admin_secret, demo_state = await asyncio.to_thread(_prepare_state, state_dir, db_url, use_demo)
+    with console.status(
+        "Preparing the state directory" + (" and building the demo models" if use_demo else "")
+    ):
+        admin_secret, demo_state = await asyncio.to_thread(
+            _prepare_state, state_dir, db_url, use_demo
+        )
     node = Node(NodeOptions(spec=spec, state_dir=state_dir, db_url=db_url, host=host, port=port))
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(node), host=host, port=port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=10, lifespan="on",
-    ))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(node),
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            lifespan="on",
+        )
+    )
     serving = asyncio.create_task(server.serve())
     with console.status("Starting the node: discovering devices, starting workers, loading models"):
         while not server.started and not serving.done():
@@ -95,45 +117,79 @@ async def serve_node(
                 await serving
             return 1
         not_ready = await node.wait_until_loaded(timeout=spec.workers.start_timeout)
-    _print_banner(console, node, host, port, state_dir, admin_secret, demo_state, time.monotonic() - started)
+    _print_banner(
+        console, node, host, port, state_dir, admin_secret, demo_state, time.monotonic() - started
+    )
     for s in not_ready:
-        console.print(f"[yellow]slice {s.id} is {s.state}: {s.reason}[/yellow]", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]slice {s.id} is {s.state}: {s.reason}[/yellow]",
+            highlight=False,
+            soft_wrap=True,
+        )
     await serving
     return 0
 
 
 def _print_banner(
-    console: Console, node: Node, host: str, port: int, state_dir: Path,
-    admin_secret: str | None, demo: DemoState | None, seconds: float,
+    console: Console,
+    node: Node,
+    host: str,
+    port: int,
+    state_dir: Path,
+    admin_secret: str | None,
+    demo: DemoState | None,
+    seconds: float,
 ) -> None:
     base = f"http://{host}:{port}"
     assert node.controller is not None
     ready = sum(1 for s in node.controller.slices.values() if s.state == "Ready")
-    console.print(f"\n[bold green]gpuvisor {__version__} is serving[/bold green] on {base} "
-                  f"(ready in {seconds:.1f}s, {ready}/{len(node.controller.slices)} slices ready)", highlight=False, soft_wrap=True)
-    console.print(f"  inference (KServe v2 / Triton client): {base}/v2\n"
-                  f"  admin API: {base}/api/v1   OpenAPI: {base}/docs\n"
-                  f"  metrics:   {base}/metrics", highlight=False, soft_wrap=True)
+    console.print(
+        f"\n[bold green]gpuvisor {__version__} is serving[/bold green] on {base} "
+        f"(ready in {seconds:.1f}s, {ready}/{len(node.controller.slices)} slices ready)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"  inference (KServe v2 / Triton client): {base}/v2\n"
+        f"  admin API: {base}/api/v1   OpenAPI: {base}/docs\n"
+        f"  metrics:   {base}/metrics",
+        highlight=False,
+        soft_wrap=True,
+    )
     for device in node.topology.devices:
-        console.print(f"  device {device.id}: {device.model} ({device.kind})", highlight=False, soft_wrap=True)
+        console.print(
+            f"  device {device.id}: {device.model} ({device.kind})", highlight=False, soft_wrap=True
+        )
     if admin_secret:
-        console.print(f"\nadmin key (shown once; also in {admin_key_path(state_dir)}, mode 0600):\n  {admin_secret}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"\nadmin key (shown once; also in {admin_key_path(state_dir)}, mode 0600):\n  {admin_secret}",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
         console.print(f"\nadmin key: {admin_key_path(state_dir)}", highlight=False, soft_wrap=True)
     if demo is None:
         return
     keys = demo.tenant_keys()
-    console.print("\n[bold]demo tenants[/bold] (keys also in " + str(demo.keys_file) + "):", highlight=False, soft_wrap=True)
+    console.print(
+        "\n[bold]demo tenants[/bold] (keys also in " + str(demo.keys_file) + "):",
+        highlight=False,
+        soft_wrap=True,
+    )
     for s in sorted(node.controller.slices.values(), key=lambda s: s.id):
-        console.print(f"  {s.tenant:10} {s.deployment:16} {s.state:8} {s.profile} ({s.latency_class})", highlight=False, soft_wrap=True)
+        console.print(
+            f"  {s.tenant:10} {s.deployment:16} {s.state:8} {s.profile} ({s.latency_class})",
+            highlight=False,
+            soft_wrap=True,
+        )
     for tenant, key in sorted(keys.items()):
         console.print(f"  {tenant:10} key {key}", highlight=False, soft_wrap=True)
     retail = keys.get("retail", "RETAIL_KEY")
     analytics = keys.get("analytics", "ANALYTICS_KEY")
     features = ",".join(["0.5"] * 16)
     console.print("\n[bold]try it[/bold]")
-    console.print(f"""
+    console.print(
+        f"""
   curl -s -H 'Authorization: Bearer {analytics}' {base}/v2/models/basket-scorer/infer \\
     -d '{{"inputs":[{{"name":"features","shape":[1,16],"datatype":"FP32","data":[{features}]}}]}}'
 
@@ -147,4 +203,8 @@ print("shelf class:", result.as_numpy("probabilities").argmax())
 PY
 
   gpuvisor get deployments        gpuvisor get devices        gpuvisor get slices
-""", highlight=False, markup=False, soft_wrap=True)
+""",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )

@@ -35,11 +35,25 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         proc.stop()
 
 
-def _features(shape: list[int], datatype: str = "FP32", data: list[float] | None = None,
-              name: str = "features") -> bytes:
+def _features(
+    shape: list[int],
+    datatype: str = "FP32",
+    data: list[float] | None = None,
+    name: str = "features",
+) -> bytes:
     count = int(np.prod(shape))
-    return orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype,
-                                     "data": data if data is not None else [0.5] * count}]})
+    return orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": shape,
+                    "datatype": datatype,
+                    "data": data if data is not None else [0.5] * count,
+                }
+            ]
+        }
+    )
 
 
 def _binary(header: dict[str, object], payload: bytes) -> tuple[bytes, dict[str, str]]:
@@ -49,41 +63,87 @@ def _binary(header: dict[str, object], payload: bytes) -> tuple[bytes, dict[str,
 
 GOOD = _features([1, 16])
 TRUNCATED, TRUNCATED_HEADERS = _binary(
-    {"inputs": [{"name": "features", "shape": [1, 16], "datatype": "FP32",
-                 "parameters": {"binary_data_size": 64}}]},
+    {
+        "inputs": [
+            {
+                "name": "features",
+                "shape": [1, 16],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": 64},
+            }
+        ]
+    },
     struct.pack("<8f", *([0.5] * 8)),  # 32 of the announced 64 bytes
 )
 
 # (case, path, body, extra headers, expected status, words the message must contain)
 CASES = [
     ("wrong shape", "basket-scorer", _features([1, 15]), {}, 400, ["shape"]),
-    ("data does not fill the shape", "basket-scorer", _features([1, 16], data=[1.0] * 10), {}, 400, ["16"]),
+    (
+        "data does not fill the shape",
+        "basket-scorer",
+        _features([1, 16], data=[1.0] * 10),
+        {},
+        400,
+        ["16"],
+    ),
     ("wrong dtype", "basket-scorer", _features([1, 16], "FP64"), {}, 400, ["FP64", "FP32"]),
     ("missing input", "basket-scorer", orjson.dumps({"inputs": []}), {}, 400, ["features"]),
-    ("unknown input name", "basket-scorer", _features([1, 16], name="featurez"), {}, 400, ["featurez"]),
+    (
+        "unknown input name",
+        "basket-scorer",
+        _features([1, 16], name="featurez"),
+        {},
+        400,
+        ["featurez"],
+    ),
     ("truncated binary body", "basket-scorer", TRUNCATED, TRUNCATED_HEADERS, 400, ["64"]),
-    ("header length beyond the body", "basket-scorer", GOOD, {"Inference-Header-Content-Length": "999999"}, 400,
-     ["Inference-Header-Content-Length"]),
+    (
+        "header length beyond the body",
+        "basket-scorer",
+        GOOD,
+        {"Inference-Header-Content-Length": "999999"},
+        400,
+        ["Inference-Header-Content-Length"],
+    ),
     ("invalid JSON", "basket-scorer", b'{"inputs": [', {}, 400, ["JSON"]),
     ("not an object", "basket-scorer", b"[1, 2, 3]", {}, 400, []),
-    ("unknown requested output", "basket-scorer",
-     orjson.dumps({**orjson.loads(GOOD), "outputs": [{"name": "nope"}]}), {}, 400, ["nope"]),
+    (
+        "unknown requested output",
+        "basket-scorer",
+        orjson.dumps({**orjson.loads(GOOD), "outputs": [{"name": "nope"}]}),
+        {},
+        400,
+        ["nope"],
+    ),
     ("unknown model", "no-such-model", GOOD, {}, 404, ["no-such-model"]),
     ("unknown version", "basket-scorer/versions/7", GOOD, {}, 404, ["7"]),
 ]
 
 
-@pytest.mark.parametrize(("case", "model", "body", "headers", "status", "words"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("case", "model", "body", "headers", "status", "words"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_request_gets_clear_error_and_node_keeps_serving(
-    node: NodeProcess, case: str, model: str, body: bytes, headers: dict[str, str], status: int, words: list[str]
+    node: NodeProcess,
+    case: str,
+    model: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    words: list[str],
 ) -> None:
     auth = node.auth(node.tenant_key("analytics"))
-    response = httpx.post(f"{node.url}/v2/models/{model}/infer", content=body, headers={**auth, **headers}, timeout=30)
+    response = httpx.post(
+        f"{node.url}/v2/models/{model}/infer", content=body, headers={**auth, **headers}, timeout=30
+    )
     assert response.status_code == status, response.text
     message = response.json()["error"]
     for word in words:
         assert word in message, f"{case}: {message!r} should mention {word!r}"
-    good = httpx.post(f"{node.url}/v2/models/basket-scorer/infer", content=GOOD, headers=auth, timeout=30)
+    good = httpx.post(
+        f"{node.url}/v2/models/basket-scorer/infer", content=GOOD, headers=auth, timeout=30
+    )
     assert good.status_code == 200, "the same worker must keep serving after a bad request"
     assert len(good.json()["outputs"][0]["data"]) == 1
 
@@ -92,17 +152,26 @@ def test_body_over_the_limit_is_413(node: NodeProcess) -> None:
     auth = node.auth(node.tenant_key("analytics"))
     big = _features([70000, 16])  # > 1 MiB of JSON
     assert len(big) > 2**20
-    response = httpx.post(f"{node.url}/v2/models/basket-scorer/infer", content=big, headers=auth, timeout=60)
+    response = httpx.post(
+        f"{node.url}/v2/models/basket-scorer/infer", content=big, headers=auth, timeout=60
+    )
     assert response.status_code == 413
     assert "1Mi" in response.json()["error"]
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds for streamed bodies too
         for start in range(0, len(big), 65536):
-            yield big[start:start + 65536]
+            yield big[start : start + 65536]
 
-    streamed = httpx.post(f"{node.url}/v2/models/basket-scorer/infer", content=chunks(), headers=auth, timeout=60)
+    streamed = httpx.post(
+        f"{node.url}/v2/models/basket-scorer/infer", content=chunks(), headers=auth, timeout=60
+    )
     assert streamed.status_code == 413
-    assert httpx.post(f"{node.url}/v2/models/basket-scorer/infer", content=GOOD, headers=auth).status_code == 200
+    assert (
+        httpx.post(
+            f"{node.url}/v2/models/basket-scorer/infer", content=GOOD, headers=auth
+        ).status_code
+        == 200
+    )
 
 
 def test_bad_request_in_a_batch_does_not_fail_its_batch_mates(node: NodeProcess) -> None:
@@ -111,9 +180,18 @@ def test_bad_request_in_a_batch_does_not_fail_its_batch_mates(node: NodeProcess)
 
     auth = node.auth(node.tenant_key("analytics"))
     bodies = [GOOD if i % 2 == 0 else _features([1, 16], data=[1.0] * 3) for i in range(40)]
-    with httpx.Client(headers=auth, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda b: client.post(f"{node.url}/v2/models/basket-scorer/infer",
-                                                       content=b).status_code, bodies))
+    with (
+        httpx.Client(headers=auth, timeout=30) as client,
+        concurrent.futures.ThreadPoolExecutor(8) as pool,
+    ):
+        statuses = list(
+            pool.map(
+                lambda b: (
+                    client.post(f"{node.url}/v2/models/basket-scorer/infer", content=b).status_code
+                ),
+                bodies,
+            )
+        )
     assert statuses == [200 if i % 2 == 0 else 400 for i in range(40)]
 
 
@@ -121,20 +199,31 @@ def test_errors_on_admin_routes_use_the_error_shape(node: NodeProcess) -> None:
     admin = node.auth(node.admin_key)
     bad_yaml = httpx.post(f"{node.url}/api/v1/apply", headers=admin, content=b"kind: [unclosed")
     assert bad_yaml.status_code == 400 and "invalid YAML" in bad_yaml.json()["error"]
-    typo = httpx.post(f"{node.url}/api/v1/apply", headers=admin, content=b"""
+    typo = httpx.post(
+        f"{node.url}/api/v1/apply",
+        headers=admin,
+        content=b"""
 apiVersion: gpuvisor/v1
 kind: Deployment
 metadata: {name: shelf-detector-2, tenant: retail}
 spec: {model: shelf-classifier@3, profile: rt-smal}
-""")
+""",
+    )
     assert typo.status_code == 400
-    assert "doc 1 Deployment/shelf-detector-2: spec.profile: unknown profile 'rt-smal'" in typo.json()["error"]
-    unknown_field = httpx.post(f"{node.url}/api/v1/apply", headers=admin, content=b"""
+    assert (
+        "doc 1 Deployment/shelf-detector-2: spec.profile: unknown profile 'rt-smal'"
+        in typo.json()["error"]
+    )
+    unknown_field = httpx.post(
+        f"{node.url}/api/v1/apply",
+        headers=admin,
+        content=b"""
 apiVersion: gpuvisor/v1
 kind: Profile
 metadata: {name: p1}
 spec: {memory: 1Gi, computeShares: 0.5}
-""")
+""",
+    )
     assert unknown_field.status_code == 400 and "computeShares" in unknown_field.json()["error"]
     nothing = httpx.get(f"{node.url}/v2/nowhere")
     assert nothing.status_code == 404 and "error" in nothing.json()

@@ -23,7 +23,9 @@ DEMO = {
 
 
 def _direct(models_dir: Path, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(models_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(models_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"]
+    )
     feed = {k: (v.astype(str) if v.dtype == object else v) for k, v in inputs.items()}
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feed)))
@@ -44,7 +46,9 @@ def test_server_health_and_metadata(demo_node: NodeProcess) -> None:
 
 
 @pytest.mark.parametrize("deployment", sorted(DEMO))
-def test_model_ready_and_metadata(demo_node: NodeProcess, models_dir: Path, deployment: str) -> None:
+def test_model_ready_and_metadata(
+    demo_node: NodeProcess, models_dir: Path, deployment: str
+) -> None:
     tenant, model, version = DEMO[deployment]
     headers = demo_node.auth(demo_node.tenant_key(tenant))
     client = _client(demo_node)
@@ -54,11 +58,16 @@ def test_model_ready_and_metadata(demo_node: NodeProcess, models_dir: Path, depl
     assert meta["name"] == deployment
     assert meta["versions"] == [version]
     assert meta["platform"] == "onnxruntime_onnx"
-    session = ort.InferenceSession(str(models_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(models_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"]
+    )
     assert [i["name"] for i in meta["inputs"]] == [i.name for i in session.get_inputs()]
     assert [o["name"] for o in meta["outputs"]] == [o.name for o in session.get_outputs()]
     assert all(i["shape"][0] == -1 for i in meta["inputs"]), "batch dimension is variable"
-    assert client.get_model_metadata(deployment, model_version=version, headers=headers)["name"] == deployment
+    assert (
+        client.get_model_metadata(deployment, model_version=version, headers=headers)["name"]
+        == deployment
+    )
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -77,14 +86,17 @@ def test_infer_matches_onnxruntime(
         triton_inputs.append(tensor)
     expected = _direct(models_dir, model, inputs)
     outputs = [http.InferRequestedOutput(name, binary_data=binary) for name in expected]
-    result = _client(demo_node).infer(deployment, triton_inputs, outputs=outputs, headers=headers,
-                                      request_id="req-42")
+    result = _client(demo_node).infer(
+        deployment, triton_inputs, outputs=outputs, headers=headers, request_id="req-42"
+    )
     assert result.get_response()["id"] == "req-42"
     for name, want in expected.items():
         got = result.as_numpy(name)
         assert got is not None, f"output {name} missing"
         if want.dtype.kind in "OUS":
-            assert [x.decode() if isinstance(x, bytes) else x for x in got.ravel()] == list(want.astype(str).ravel())
+            assert [x.decode() if isinstance(x, bytes) else x for x in got.ravel()] == list(
+                want.astype(str).ravel()
+            )
         else:
             assert got.dtype == want.dtype
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -93,8 +105,10 @@ def test_infer_matches_onnxruntime(
 def test_infer_covers_fp32_int64_and_bytes(demo_node: NodeProcess) -> None:
     """The demo exercises the three datatypes the acceptance names."""
     seen = set()
-    for deployment, (tenant, model, _) in DEMO.items():
-        meta = _client(demo_node).get_model_metadata(deployment, headers=demo_node.auth(demo_node.tenant_key(tenant)))
+    for deployment, (tenant, _model, _) in DEMO.items():
+        meta = _client(demo_node).get_model_metadata(
+            deployment, headers=demo_node.auth(demo_node.tenant_key(tenant))
+        )
         seen.update(i["datatype"] for i in meta["inputs"])
     assert {"FP32", "INT64", "BYTES"} <= seen
 

@@ -18,14 +18,22 @@ MODEL_ENDPOINTS = [
     ("POST", "/v2/repository/models/{m}/load"),
     ("POST", "/v2/repository/models/{m}/unload"),
 ]
-INFER_BODY = b'{"inputs":[{"name":"image","shape":[1,3,32,32],"datatype":"FP32","data":[' + b",".join([b"0"] * 3072) + b"]}]}"
+INFER_BODY = (
+    b'{"inputs":[{"name":"image","shape":[1,3,32,32],"datatype":"FP32","data":['
+    + b",".join([b"0"] * 3072)
+    + b"]}]}"
+)
 
 
 @pytest.mark.parametrize(("method", "template"), MODEL_ENDPOINTS)
-def test_other_tenants_deployment_is_not_found(demo_node: NodeProcess, method: str, template: str) -> None:
+def test_other_tenants_deployment_is_not_found(
+    demo_node: NodeProcess, method: str, template: str
+) -> None:
     support = demo_node.auth(demo_node.tenant_key("support"))
     path = template.format(m="shelf-detector")  # retail's deployment
-    response = httpx.request(method, demo_node.url + path, headers=support, content=INFER_BODY, timeout=30)
+    response = httpx.request(
+        method, demo_node.url + path, headers=support, content=INFER_BODY, timeout=30
+    )
     assert response.status_code == 404, response.text
     body = response.json()
     assert set(body) >= {"error"} and "detail" not in body
@@ -33,17 +41,28 @@ def test_other_tenants_deployment_is_not_found(demo_node: NodeProcess, method: s
     # The owner itself still reaches it.
     retail = demo_node.auth(demo_node.tenant_key("retail"))
     if "unload" not in path and "load" not in path:
-        own = httpx.request(method, demo_node.url + path, headers=retail, content=INFER_BODY, timeout=30)
+        own = httpx.request(
+            method, demo_node.url + path, headers=retail, content=INFER_BODY, timeout=30
+        )
         assert own.status_code == 200, own.text
 
 
-@pytest.mark.parametrize(("method", "template"), MODEL_ENDPOINTS + [("POST", "/v2/repository/index"),
-                                                                    ("GET", "/api/v1/deployments")])
+@pytest.mark.parametrize(
+    ("method", "template"),
+    [*MODEL_ENDPOINTS, ("POST", "/v2/repository/index"), ("GET", "/api/v1/deployments")],
+)
 @pytest.mark.parametrize("key", [None, "gvk_abcdefgh_not-a-real-key", "garbage"])
-def test_missing_or_wrong_key_is_401(demo_node: NodeProcess, method: str, template: str, key: str | None) -> None:
+def test_missing_or_wrong_key_is_401(
+    demo_node: NodeProcess, method: str, template: str, key: str | None
+) -> None:
     headers = demo_node.auth(key) if key else {}
-    response = httpx.request(method, demo_node.url + template.format(m="shelf-detector"), headers=headers,
-                             content=INFER_BODY, timeout=30)
+    response = httpx.request(
+        method,
+        demo_node.url + template.format(m="shelf-detector"),
+        headers=headers,
+        content=INFER_BODY,
+        timeout=30,
+    )
     assert response.status_code == 401, response.text
     assert "error" in response.json()
 
@@ -57,7 +76,9 @@ def test_tenant_sees_only_its_own_objects(demo_node: NodeProcess) -> None:
     assert {d["metadata"]["tenant"] for d in everything} == {"retail", "support", "analytics"}
 
 
-def test_admin_key_applies_manifests_and_tenant_key_cannot_touch_others(demo_node: NodeProcess) -> None:
+def test_admin_key_applies_manifests_and_tenant_key_cannot_touch_others(
+    demo_node: NodeProcess,
+) -> None:
     manifest = """
 apiVersion: gpuvisor/v1
 kind: Profile
@@ -67,12 +88,21 @@ spec: {memory: 256Mi, computeShare: 0.0}
     admin = demo_node.auth(demo_node.admin_key)
     applied = httpx.post(f"{demo_node.url}/api/v1/apply", headers=admin, content=manifest)
     assert applied.status_code == 200, applied.text
-    assert applied.json()["results"] == [{"kind": "Profile", "name": "tiny-extra", "tenant": None,
-                                          "outcome": "created"}]
+    assert applied.json()["results"] == [
+        {"kind": "Profile", "name": "tiny-extra", "tenant": None, "outcome": "created"}
+    ]
     support = demo_node.auth(demo_node.tenant_key("support"))
     refused = httpx.post(f"{demo_node.url}/api/v1/apply", headers=support, content=manifest)
     assert refused.status_code == 403
-    foreign = manifest.replace("kind: Profile", "kind: Deployment").replace(
-        "metadata: {name: tiny-extra}", "metadata: {name: sneaky, tenant: retail}").replace(
-        "spec: {memory: 256Mi, computeShare: 0.0}", "spec: {model: shelf-classifier, profile: rt-small}")
-    assert httpx.post(f"{demo_node.url}/api/v1/apply", headers=support, content=foreign).status_code == 404
+    foreign = (
+        manifest.replace("kind: Profile", "kind: Deployment")
+        .replace("metadata: {name: tiny-extra}", "metadata: {name: sneaky, tenant: retail}")
+        .replace(
+            "spec: {memory: 256Mi, computeShare: 0.0}",
+            "spec: {model: shelf-classifier, profile: rt-small}",
+        )
+    )
+    assert (
+        httpx.post(f"{demo_node.url}/api/v1/apply", headers=support, content=foreign).status_code
+        == 404
+    )

@@ -14,14 +14,27 @@ import psutil
 
 from gpuvisor.launch import NodeProcess
 
-SHELF = orjson.dumps({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                  "data": np.zeros(3072, np.float32).tolist()}]})
-INTENT = orjson.dumps({"inputs": [{"name": "tokens", "shape": [1, 16], "datatype": "INT64",
-                                   "data": list(range(16))}]})
+SHELF = orjson.dumps(
+    {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1, 3, 32, 32],
+                "datatype": "FP32",
+                "data": np.zeros(3072, np.float32).tolist(),
+            }
+        ]
+    }
+)
+INTENT = orjson.dumps(
+    {"inputs": [{"name": "tokens", "shape": [1, 16], "datatype": "INT64", "data": list(range(16))}]}
+)
 
 
 def _slice(node: NodeProcess, slice_id: str) -> dict[str, object]:
-    items = httpx.get(f"{node.url}/api/v1/slices", headers=node.auth(node.admin_key)).json()["items"]
+    items = httpx.get(f"{node.url}/api/v1/slices", headers=node.auth(node.admin_key)).json()[
+        "items"
+    ]
     return next(s for s in items if s["id"] == slice_id)
 
 
@@ -34,14 +47,22 @@ def test_sigkill_worker_under_load(demo_node: NodeProcess) -> None:
     stop = threading.Event()
 
     def load(tenant: str, deployment: str, body: bytes) -> None:
-        with httpx.Client(headers=demo_node.auth(demo_node.tenant_key(tenant)), timeout=30) as client:
+        with httpx.Client(
+            headers=demo_node.auth(demo_node.tenant_key(tenant)), timeout=30
+        ) as client:
             deadline = time.monotonic() + 20  # bounded, whatever happens
             while not stop.is_set() and time.monotonic() < deadline:
-                status = client.post(f"{demo_node.url}/v2/models/{deployment}/infer", content=body).status_code
+                status = client.post(
+                    f"{demo_node.url}/v2/models/{deployment}/infer", content=body
+                ).status_code
                 results[tenant].append(status)
 
-    threads = [threading.Thread(target=load, args=("retail", "shelf-detector", SHELF)) for _ in range(3)]
-    threads += [threading.Thread(target=load, args=("support", "intent-router", INTENT)) for _ in range(2)]
+    threads = [
+        threading.Thread(target=load, args=("retail", "shelf-detector", SHELF)) for _ in range(3)
+    ]
+    threads += [
+        threading.Thread(target=load, args=("support", "intent-router", INTENT)) for _ in range(2)
+    ]
     for t in threads:
         t.start()
     time.sleep(1.0)

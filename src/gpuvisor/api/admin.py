@@ -16,15 +16,23 @@ from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import KeyInfo, Principal
-from gpuvisor.spec.kinds import TENANT_SCOPED, Deployment, Model, Resource, resource_key
-from gpuvisor.spec.loader import load_documents, resource_from_dict, resource_to_dict, validate_references
+from gpuvisor.spec.kinds import TENANT_SCOPED, Deployment, Resource, Tenant, resource_key
+from gpuvisor.spec.loader import (
+    load_documents,
+    resource_from_dict,
+    resource_to_dict,
+    validate_references,
+)
 from gpuvisor.store.repo import StoredObject
 from gpuvisor.units import parse_duration
 
 __all__ = ["admin_router"]
 
 PLURALS = {
-    "tenants": "Tenant", "profiles": "Profile", "pools": "Pool", "models": "Model",
+    "tenants": "Tenant",
+    "profiles": "Profile",
+    "pools": "Pool",
+    "models": "Model",
     "deployments": "Deployment",
 }
 _MAX_MANIFEST = 4 << 20
@@ -49,8 +57,11 @@ class KeyCreate(BaseModel):
     role: Literal["admin", "operator", "tenant"] = "tenant"
     tenant: str | None = None
     description: str = ""
-    expires_in: str | None = Field(default=None, alias="expiresIn",
-                                   description="lifetime like '30d' is not accepted; use '720h'")
+    expires_in: str | None = Field(
+        default=None,
+        alias="expiresIn",
+        description="lifetime like '30d' is not accepted; use '720h'",
+    )
 
 
 class KeyView(BaseModel):
@@ -69,10 +80,16 @@ class KeyCreated(KeyView):
 
 
 def _key_view(info: KeyInfo) -> dict[str, Any]:
-    return {"id": info.display_id, "role": info.role, "tenant": info.tenant,
-            "description": info.description, "created_at": info.created_at,
-            "expires_at": info.expires_at, "revoked_at": info.revoked_at,
-            "last_used_at": info.last_used_at}
+    return {
+        "id": info.display_id,
+        "role": info.role,
+        "tenant": info.tenant,
+        "description": info.description,
+        "created_at": info.created_at,
+        "expires_at": info.expires_at,
+        "revoked_at": info.revoked_at,
+        "last_used_at": info.last_used_at,
+    }
 
 
 def require_admin(principal: Principal) -> None:
@@ -83,7 +100,11 @@ def require_admin(principal: Principal) -> None:
 def _may_write(principal: Principal, resource: Resource) -> None:
     if principal.role == "admin":
         return
-    if principal.role == "tenant" and resource.kind in TENANT_SCOPED and resource.metadata.tenant == principal.tenant:
+    if (
+        principal.role == "tenant"
+        and resource.kind in TENANT_SCOPED
+        and resource.metadata.tenant == principal.tenant
+    ):
         return
     if principal.role == "tenant" and resource.kind in TENANT_SCOPED:
         raise NotFound(f"tenant '{resource.metadata.tenant}' not found")
@@ -105,7 +126,9 @@ def admin_router(node: Node) -> APIRouter:
         objects = await asyncio.to_thread(store().list)
         return [resource_from_dict(o.body) for o in objects]
 
-    @router.post("/apply", response_model=ApplyResponse, summary="Apply YAML manifests (multi-document)")
+    @router.post(
+        "/apply", response_model=ApplyResponse, summary="Apply YAML manifests (multi-document)"
+    )
     async def apply(request: Request) -> dict[str, Any]:
         principal = principal_of(node, request)
         raw = await read_body(request, _MAX_MANIFEST)
@@ -120,18 +143,22 @@ def admin_router(node: Node) -> APIRouter:
             raise InvalidRequest(f"{source}: no documents to apply")
         for resource in resources:
             if resource.kind in ("Node", "Fleet"):
-                raise InvalidRequest(f"{resource.kind} documents are not applied to a running node: "
-                                     "pass a Node file to 'gpuvisor up --config', a Fleet to 'gpuvisor plan'")
+                raise InvalidRequest(
+                    f"{resource.kind} documents are not applied to a running node: "
+                    "pass a Node file to 'gpuvisor up --config', a Fleet to 'gpuvisor plan'"
+                )
             _may_write(principal, resource)
         validate_references(resources, await all_resources())
         objects = [StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources]
         applied = await asyncio.to_thread(store().apply, objects)
         if node.controller is not None:
             await node.controller.reconcile()
-        return {"results": [
-            {"kind": o.kind, "name": o.name, "tenant": o.tenant or None, "outcome": outcome}
-            for o, outcome in applied
-        ]}
+        return {
+            "results": [
+                {"kind": o.kind, "name": o.name, "tenant": o.tenant or None, "outcome": outcome}
+                for o, outcome in applied
+            ]
+        }
 
     async def _find(principal: Principal, kind: str, name: str, tenant: str | None) -> StoredObject:
         if kind in TENANT_SCOPED:
@@ -143,7 +170,8 @@ def admin_router(node: Node) -> APIRouter:
         candidates = await asyncio.to_thread(store().list, kind, tenant)
         for o in candidates:
             if (o.name == name or (kind == "Model" and o.body["metadata"]["name"] == name)) and (
-                    _visible(principal, o.tenant) or o.tenant == ""):
+                _visible(principal, o.tenant) or o.tenant == ""
+            ):
                 return o  # type: ignore[no-any-return]
         raise NotFound(f"{kind} '{name}' not found" + (f" in tenant '{tenant}'" if tenant else ""))
 
@@ -153,11 +181,15 @@ def admin_router(node: Node) -> APIRouter:
         tenant, name = body["metadata"].get("tenant", ""), body["metadata"]["name"]
         slices = node.controller.deployment_slices(tenant, name)
         ready = sum(1 for s in slices if s.state == "Ready")
-        return {**body, "status": {
-            "replicas": len(slices), "readyReplicas": ready,
-            "unloaded": (tenant, name) in node.controller.unloaded,
-            "slices": [s.to_dict() for s in slices],
-        }}
+        return {
+            **body,
+            "status": {
+                "replicas": len(slices),
+                "readyReplicas": ready,
+                "unloaded": (tenant, name) in node.controller.unloaded,
+                "slices": [s.to_dict() for s in slices],
+            },
+        }
 
     # ---- devices, slices, node ------------------------------------------------------------
 
@@ -168,15 +200,26 @@ def admin_router(node: Node) -> APIRouter:
         items = []
         for device in node.topology.devices:
             on_device = [s for s in node.controller.slices.values() if s.device_id == device.id]
-            items.append({**device.to_dict(), "slices": [s.id for s in on_device],
-                          "memoryReserved": sum(s.memory for s in on_device)})
+            items.append(
+                {
+                    **device.to_dict(),
+                    "slices": [s.id for s in on_device],
+                    "memoryReserved": sum(s.memory for s in on_device),
+                }
+            )
         return {"items": items}
 
     @router.get("/slices", summary="Slices (placed replicas) with state and reason")
     async def slices(request: Request) -> dict[str, Any]:
         principal = principal_of(node, request)
         assert node.controller is not None
-        return {"items": [s.to_dict() for s in node.controller.slices.values() if _visible(principal, s.tenant)]}
+        return {
+            "items": [
+                s.to_dict()
+                for s in node.controller.slices.values()
+                if _visible(principal, s.tenant)
+            ]
+        }
 
     @router.get("/status", summary="Node summary")
     async def status(request: Request) -> dict[str, Any]:
@@ -186,8 +229,13 @@ def admin_router(node: Node) -> APIRouter:
         states: dict[str, int] = {}
         for s in visible:
             states[s.state] = states.get(s.state, 0) + 1
-        return {"ready": node.ready, "startedAt": node.started_at, "devices": len(node.topology.devices),
-                "slices": states, "principal": {"role": principal.role, "tenant": principal.tenant}}
+        return {
+            "ready": node.ready,
+            "startedAt": node.started_at,
+            "devices": len(node.topology.devices),
+            "slices": states,
+            "principal": {"role": principal.role, "tenant": principal.tenant},
+        }
 
     # ---- keys -------------------------------------------------------------------------------
 
@@ -201,11 +249,15 @@ def admin_router(node: Node) -> APIRouter:
         expires_at = None
         if body.expires_in:
             try:
-                expires_at = datetime.now(timezone.utc) + timedelta(seconds=parse_duration(body.expires_in))
+                expires_at = datetime.now(timezone.utc) + timedelta(
+                    seconds=parse_duration(body.expires_in)
+                )
             except ValueError as exc:
                 raise InvalidRequest(f"expiresIn: {exc}") from None
         assert node.keys is not None
-        info, secret = await asyncio.to_thread(node.keys.create, body.role, body.tenant, body.description, expires_at)
+        info, secret = await asyncio.to_thread(
+            node.keys.create, body.role, body.tenant, body.description, expires_at
+        )
         return {**_key_view(info), "key": secret}
 
     @router.get("/keys", summary="List API keys (never their secrets)")
@@ -226,30 +278,45 @@ def admin_router(node: Node) -> APIRouter:
 
     # generic kinds last: '/{plural}' would otherwise shadow /devices, /slices, /keys
     @router.get("/{plural}", response_model=ObjectList, summary="List objects of a kind")
-    async def list_objects(request: Request, plural: str, tenant: str | None = None) -> dict[str, Any]:
+    async def list_objects(
+        request: Request, plural: str, tenant: str | None = None
+    ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
         objects = await asyncio.to_thread(store().list, kind, tenant)
-        items = [_with_status(o.body) for o in objects if _visible(principal, o.tenant)
-                 or (o.tenant == "" and kind in ("Profile", "Pool") or (kind == "Tenant" and o.name == principal.tenant))]
+        items = [
+            _with_status(o.body)
+            for o in objects
+            if _visible(principal, o.tenant)
+            or (
+                (o.tenant == "" and kind in ("Profile", "Pool"))
+                or (kind == "Tenant" and o.name == principal.tenant)
+            )
+        ]
         return {"items": items}
 
     @router.get("/{plural}/{name}", summary="Get one object (with status for deployments)")
-    async def get_object(request: Request, plural: str, name: str, tenant: str | None = None) -> dict[str, Any]:
+    async def get_object(
+        request: Request, plural: str, name: str, tenant: str | None = None
+    ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
         found = await _find(principal, kind, name, tenant)
         return _with_status(found.body)
 
     @router.delete("/{plural}/{name}", summary="Delete one object")
-    async def delete_object(request: Request, plural: str, name: str, tenant: str | None = None) -> dict[str, Any]:
+    async def delete_object(
+        request: Request, plural: str, name: str, tenant: str | None = None
+    ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
         found = await _find(principal, kind, name, tenant)
         _may_write(principal, resource_from_dict(found.body))
         users = _users_of(await all_resources(), kind, found)
         if users:
-            raise Conflict(f"{kind} {found.name} is used by {', '.join(users)}: delete or change those first")
+            raise Conflict(
+                f"{kind} {found.name} is used by {', '.join(users)}: delete or change those first"
+            )
         await asyncio.to_thread(store().delete, kind, found.tenant, found.name)
         if node.controller is not None:
             await node.controller.reconcile()
@@ -266,17 +333,25 @@ def _kind(plural: str) -> str:
 
 
 def _users_of(resources: list[Resource], kind: str, obj: StoredObject) -> list[str]:
+    """Return the objects that refer to ``obj`` (which must not be deleted under them)."""
     users = []
     for r in resources:
+        refers = False
         if isinstance(r, Deployment):
-            if kind == "Profile" and r.spec.profile == obj.name:
-                users.append(f"Deployment {r.metadata.tenant}/{r.metadata.name}")
-            elif kind == "Pool" and r.spec.pool == obj.name:
-                users.append(f"Deployment {r.metadata.tenant}/{r.metadata.name}")
-            elif kind == "Model" and r.metadata.tenant == obj.tenant and r.spec.model_name == obj.body["metadata"]["name"]:
-                users.append(f"Deployment {r.metadata.tenant}/{r.metadata.name}")
+            refers = (
+                (kind == "Profile" and r.spec.profile == obj.name)
+                or (kind == "Pool" and r.spec.pool == obj.name)
+                or (
+                    kind == "Model"
+                    and r.metadata.tenant == obj.tenant
+                    and r.spec.model_name == obj.body["metadata"]["name"]
+                )
+            )
         if kind == "Tenant" and r.kind in TENANT_SCOPED and r.metadata.tenant == obj.name:
-            users.append(f"{r.kind} {r.metadata.tenant}/{r.metadata.name}")
-        if kind == "Pool" and isinstance(r, Model) is False and r.kind == "Tenant" and obj.name in getattr(r.spec, "pools", []):
-            users.append(f"Tenant {r.metadata.name}")
+            refers = True
+        if kind == "Pool" and isinstance(r, Tenant) and obj.name in r.spec.pools:
+            refers = True
+        if refers:
+            owner = f"{r.metadata.tenant}/" if r.metadata.tenant else ""
+            users.append(f"{r.kind} {owner}{r.metadata.name}")
     return users

@@ -18,21 +18,32 @@ __all__ = ["error_response", "install_error_handlers"]
 log = logging.getLogger("gpuvisor.api")
 
 
-def error_response(status: int, message: str, retry_after: float | None = None, **extra: object) -> Response:
+def error_response(
+    status: int, message: str, retry_after: float | None = None, **extra: object
+) -> Response:
     """Return a JSON error response in the inference protocol's shape."""
     headers = {}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     body = {"error": message, **{k: v for k, v in extra.items() if v is not None}}
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+    return Response(
+        orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 async def _gpuvisor_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GpuvisorError)
     retry_after = getattr(exc, "retry_after", None)
     fields = {k: v for k, v in exc.fields.items() if k != "retry_after" and _jsonable(v)}
-    log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.http_status, exc.code, exc.message,
-             extra={"request_id": request.headers.get("x-request-id", "")})
+    log.info(
+        "%s %s -> %d %s: %s",
+        request.method,
+        request.url.path,
+        exc.http_status,
+        exc.code,
+        exc.message,
+        extra={"request_id": request.headers.get("x-request-id", "")},
+    )
     return error_response(exc.http_status, exc.message, retry_after, code=exc.code, **fields)
 
 

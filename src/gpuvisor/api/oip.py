@@ -42,7 +42,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     too_large = PayloadTooLarge(
         f"request body is over the node's limit of {format_size(limit)} "
-        "(limits.maxBodySize in the node configuration)", limit=limit)
+        "(limits.maxBodySize in the node configuration)",
+        limit=limit,
+    )
     if declared is not None:
         try:
             declared_size = int(declared)
@@ -63,7 +65,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise InvalidRequest(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
+        raise InvalidRequest(
+            f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)"
+        )
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         plain = inflater.decompress(body, limit + 1)
@@ -97,14 +101,22 @@ def oip_router(node: Node) -> APIRouter:
         assert node.controller is not None
         info = node.controller.model_info.get((principal.tenant or "", name))
         if info is None:
-            raise Unavailable(f"model '{name}' has not been loaded yet; try again shortly", retry_after=1.0)
-        return _json({
-            "name": name,
-            "versions": [node.model_version(dep)],
-            "platform": info.platform,
-            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.inputs],
-            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.outputs],
-        })
+            raise Unavailable(
+                f"model '{name}' has not been loaded yet; try again shortly", retry_after=1.0
+            )
+        return _json(
+            {
+                "name": name,
+                "versions": [node.model_version(dep)],
+                "platform": info.platform,
+                "inputs": [
+                    {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.inputs
+                ],
+                "outputs": [
+                    {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.outputs
+                ],
+            }
+        )
 
     @router.get("/v2/models/{name}", summary="Model metadata")
     async def model_metadata(request: Request, name: str) -> Response:
@@ -144,11 +156,13 @@ def oip_router(node: Node) -> APIRouter:
             except ValueError:
                 raise InvalidRequest(
                     f"invalid Inference-Header-Content-Length header {raw_length!r}: expected the "
-                    "byte length of the JSON header") from None
+                    "byte length of the JSON header"
+                ) from None
             if not 0 <= header_length <= len(body):
                 raise InvalidRequest(
                     f"Inference-Header-Content-Length {header_length} is outside the body's "
-                    f"{len(body)} bytes")
+                    f"{len(body)} bytes"
+                )
         trace_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         outcome = await node.infer(dep, body, header_length, trace_id)
         headers = {"X-Request-ID": trace_id}
@@ -157,13 +171,17 @@ def oip_router(node: Node) -> APIRouter:
             media_type = "application/octet-stream"
         else:
             media_type = _JSON
-        return Response(outcome.body, status_code=outcome.status, headers=headers, media_type=media_type)
+        return Response(
+            outcome.body, status_code=outcome.status, headers=headers, media_type=media_type
+        )
 
     @router.post("/v2/models/{name}/infer", summary="Run inference")
     async def infer(request: Request, name: str) -> Response:
         return await _infer(request, name, None)
 
-    @router.post("/v2/models/{name}/versions/{version}/infer", summary="Run inference on one version")
+    @router.post(
+        "/v2/models/{name}/versions/{version}/infer", summary="Run inference on one version"
+    )
     async def infer_version(request: Request, name: str, version: str) -> Response:
         return await _infer(request, name, version)
 
@@ -174,7 +192,7 @@ def oip_router(node: Node) -> APIRouter:
         principal = principal_of(node, request)
         assert node.controller is not None
         entries = []
-        for dep in sorted(node.controller.resources_of_kind("Deployment"), key=lambda r: r.metadata.name):
+        for dep in sorted(node.controller.deployments(), key=lambda r: r.metadata.name):
             tenant = dep.metadata.tenant or ""
             if principal.tenant is not None and tenant != principal.tenant:
                 continue
@@ -183,8 +201,12 @@ def oip_router(node: Node) -> APIRouter:
             unloaded = (tenant, dep.metadata.name) in node.controller.unloaded
             state = "READY" if ready else ("UNAVAILABLE" if unloaded or not slices else "LOADING")
             reason = "unloaded" if unloaded else "; ".join(s.reason for s in slices if s.reason)
-            entry = {"name": dep.metadata.name, "version": node.model_version(dep), "state": state,
-                     "reason": reason}
+            entry = {
+                "name": dep.metadata.name,
+                "version": node.model_version(dep),
+                "state": state,
+                "reason": reason,
+            }
             if principal.tenant is None:
                 entry["tenant"] = tenant
             entries.append(entry)
@@ -198,7 +220,7 @@ def oip_router(node: Node) -> APIRouter:
             except orjson.JSONDecodeError as exc:
                 raise InvalidRequest(f"invalid JSON body: {exc}") from None
             if not isinstance(parsed, dict):
-                raise InvalidRequest("the body must be a JSON object like {\"parameters\": {}}")
+                raise InvalidRequest('the body must be a JSON object like {"parameters": {}}')
 
     @router.post("/v2/repository/models/{name}/load", summary="Load (start serving) a model")
     async def repository_load(request: Request, name: str) -> Response:

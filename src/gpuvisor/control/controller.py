@@ -55,7 +55,9 @@ def _profile_batch_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
-def desired_slices(resources: Sequence[Resource], unloaded: set[tuple[str, str]]) -> list[DesiredSlice]:
+def desired_slices(
+    resources: Sequence[Resource], unloaded: set[tuple[str, str]]
+) -> list[DesiredSlice]:
     """Return every replica the resources ask for, resolving model, profile and pool."""
     models = [r for r in resources if isinstance(r, Model)]
     profiles = {r.metadata.name: r for r in resources if isinstance(r, Profile)}
@@ -85,8 +87,19 @@ def desired_slices(resources: Sequence[Resource], unloaded: set[tuple[str, str]]
             pool.spec.model_dump(mode="json") if pool else None,
         )
         for replica in range(dep.spec.replicas):
-            out.append(DesiredSlice(f"{tenant}/{dep.metadata.name}/{replica}", tenant, dep, replica,
-                                    spec_hash, model, profile, pool, problem))
+            out.append(
+                DesiredSlice(
+                    f"{tenant}/{dep.metadata.name}/{replica}",
+                    tenant,
+                    dep,
+                    replica,
+                    spec_hash,
+                    model,
+                    profile,
+                    pool,
+                    problem,
+                )
+            )
     return out
 
 
@@ -123,19 +136,27 @@ class Controller:
     # ---- queries used by the API --------------------------------------------------------
 
     def deployment_slices(self, tenant: str, deployment: str) -> list[SliceState]:
-        return [s for s in self.slices.values() if s.tenant == tenant and s.deployment == deployment]
+        return [
+            s for s in self.slices.values() if s.tenant == tenant and s.deployment == deployment
+        ]
 
     def ready_slices(self, tenant: str, deployment: str) -> list[SliceState]:
-        return [s for s in self.deployment_slices(tenant, deployment) if s.state == "Ready" and s.queue]
+        return [
+            s for s in self.deployment_slices(tenant, deployment) if s.state == "Ready" and s.queue
+        ]
 
     def find_deployment(self, tenant: str, name: str) -> Deployment | None:
         for r in self.resources:
-            if isinstance(r, Deployment) and r.metadata.tenant == tenant and r.metadata.name == name:
+            if (
+                isinstance(r, Deployment)
+                and r.metadata.tenant == tenant
+                and r.metadata.name == name
+            ):
                 return r
         return None
 
-    def resources_of_kind(self, kind: str) -> list[Resource]:
-        return [r for r in self.resources if r.kind == kind]
+    def deployments(self) -> list[Deployment]:
+        return [r for r in self.resources if isinstance(r, Deployment)]
 
     def tenant_weight(self, tenant: str) -> float:
         for r in self.resources:
@@ -174,8 +195,11 @@ class Controller:
         async with self._lock:
             self.resources = resources
             desired = {d.slice_id: d for d in desired_slices(resources, self.unloaded)}
-            stale = [sid for sid, s in self.slices.items()
-                     if sid not in desired or desired[sid].spec_hash != s.spec_hash]
+            stale = [
+                sid
+                for sid, s in self.slices.items()
+                if sid not in desired or desired[sid].spec_hash != s.spec_hash
+            ]
             for sid in stale:
                 await self._stop_slice(sid)
             for sid, want in desired.items():
@@ -185,21 +209,31 @@ class Controller:
             self._publish_slice_counts()
 
     def _placed(self, exclude: str) -> list[PlacedSlice]:
-        return [PlacedSlice(s.id, s.tenant, s.device_id, s.memory, s.compute_share, s.isolation)
-                for s in self.slices.values() if s.device_id is not None and s.id != exclude]
+        return [
+            PlacedSlice(s.id, s.tenant, s.device_id, s.memory, s.compute_share, s.isolation)
+            for s in self.slices.values()
+            if s.device_id is not None and s.id != exclude
+        ]
 
     def _start_slice(self, want: DesiredSlice) -> None:
         dep = want.deployment
         profile = want.profile
         state = SliceState(
-            id=want.slice_id, tenant=want.tenant, deployment=dep.metadata.name, replica=want.replica,
-            spec_hash=want.spec_hash, pool=dep.spec.pool, profile=dep.spec.profile,
+            id=want.slice_id,
+            tenant=want.tenant,
+            deployment=dep.metadata.name,
+            replica=want.replica,
+            spec_hash=want.spec_hash,
+            pool=dep.spec.pool,
+            profile=dep.spec.profile,
             memory=profile.spec.memory if profile else 0,
             compute_share=profile.spec.compute_share if profile else 0.0,
             isolation=profile.spec.isolation if profile else "process",
             latency_class=profile.spec.latency_class if profile else "standard",
             model_name=want.model.metadata.name if want.model else dep.spec.model_name,
-            model_version=want.model.spec.version if want.model else (dep.spec.model_version or "?"),
+            model_version=want.model.spec.version
+            if want.model
+            else (dep.spec.model_version or "?"),
         )
         self.slices[state.id] = state
         if want.problem or want.model is None or profile is None:
@@ -208,8 +242,18 @@ class Controller:
         selector = want.pool.spec.selector if want.pool else {}
         tenancy = want.pool.spec.tenancy if want.pool else "shared"
         result = place_slice(
-            SliceRequest(state.id, state.tenant, state.pool, state.memory, state.compute_share, state.isolation),
-            self.topology.devices, self._placed(state.id), selector, tenancy,
+            SliceRequest(
+                state.id,
+                state.tenant,
+                state.pool,
+                state.memory,
+                state.compute_share,
+                state.isolation,
+            ),
+            self.topology.devices,
+            self._placed(state.id),
+            selector,
+            tenancy,
         )
         if result.device_id is None:
             state.set_state("Pending", result.explain())
@@ -220,13 +264,22 @@ class Controller:
         state.set_state("Loading", f"placed on {device.id}; starting its worker")
         launch = self._launch(state, want.model, dep, device)
         sup = SliceSupervisor(
-            state, launch, self.pool, self.dispatchers[device.id], self.metrics, self._make_queue,
-            self.backoff, self.backoff_max, on_ready=self._remember_model,
+            state,
+            launch,
+            self.pool,
+            self.dispatchers[device.id],
+            self.metrics,
+            self._make_queue,
+            self.backoff,
+            self.backoff_max,
+            on_ready=self._remember_model,
         )
         self.supervisors[state.id] = sup
         sup.start()
 
-    def _launch(self, state: SliceState, model: Model, dep: Deployment, device: Device) -> SliceLaunch:
+    def _launch(
+        self, state: SliceState, model: Model, dep: Deployment, device: Device
+    ) -> SliceLaunch:
         max_batch = dep.spec.batching.max_batch_size
         if model.spec.max_batch_size:
             max_batch = min(max_batch, model.spec.max_batch_size)
@@ -242,10 +295,16 @@ class Controller:
             threads=device.threads,
             memory_limit=state.memory,
             max_batch_size=max_batch,
-            declared_inputs=[p.TensorInfo(t.name, t.datatype, list(t.shape)) for t in model.spec.inputs]
-            if model.spec.inputs else None,
-            declared_outputs=[p.TensorInfo(t.name, t.datatype, list(t.shape)) for t in model.spec.outputs]
-            if model.spec.outputs else None,
+            declared_inputs=[
+                p.TensorInfo(t.name, t.datatype, list(t.shape)) for t in model.spec.inputs
+            ]
+            if model.spec.inputs
+            else None,
+            declared_outputs=[
+                p.TensorInfo(t.name, t.datatype, list(t.shape)) for t in model.spec.outputs
+            ]
+            if model.spec.outputs
+            else None,
             profile_batch_sizes=_profile_batch_sizes(max_batch),
         )
         state.launch = load
@@ -258,8 +317,13 @@ class Controller:
         if state.loaded is not None and not state.loaded.batchable:
             max_batch = 1
         return SliceQueue(
-            slice_id=state.id, tenant=state.tenant, deployment=state.deployment, pool=state.pool,
-            profile=state.profile, latency_class=state.latency_class, max_batch_size=max_batch,
+            slice_id=state.id,
+            tenant=state.tenant,
+            deployment=state.deployment,
+            pool=state.pool,
+            profile=state.profile,
+            latency_class=state.latency_class,
+            max_batch_size=max_batch,
             max_queue_delay=batching.max_queue_delay if batching else 0.0,
         )
 

@@ -116,7 +116,9 @@ class SliceSupervisor:
         """Stop serving: fail what is queued, unload the model, end the supervisor."""
         self.stopping = True
         self.slice.set_state("Stopping")
-        self.dispatcher.remove_slice(self.slice.id, Unavailable(f"slice {self.slice.id} is stopping"))
+        self.dispatcher.remove_slice(
+            self.slice.id, Unavailable(f"slice {self.slice.id} is stopping")
+        )
         await self.pool.unload_slice(self.slice.id)
         if self.task is not None:
             self.task.cancel()
@@ -132,7 +134,9 @@ class SliceSupervisor:
                 loaded, worker = await self.pool.load_slice(self.launch)
             except ModelError as exc:
                 s.set_state("Failed", exc.message)
-                log.warning("slice %s failed to load: %s", s.id, exc.message, extra={"tenant": s.tenant})
+                log.warning(
+                    "slice %s failed to load: %s", s.id, exc.message, extra={"tenant": s.tenant}
+                )
                 return
             except Unavailable as exc:
                 s.set_state("Restarting", f"{exc.message}; retrying in {delay:.1f}s")
@@ -151,13 +155,22 @@ class SliceSupervisor:
             self._observe_memory(loaded)
             if self.on_ready is not None:
                 self.on_ready(s)
-            log.info("slice %s ready on %s (worker pid %d, load %.2fs)", s.id, s.device_id,
-                     worker.pid, loaded.load_seconds, extra={"tenant": s.tenant})
+            log.info(
+                "slice %s ready on %s (worker pid %d, load %.2fs)",
+                s.id,
+                s.device_id,
+                worker.pid,
+                loaded.load_seconds,
+                extra={"tenant": s.tenant},
+            )
             started = time.monotonic()
             code = await asyncio.shield(worker.exited)
             self.dispatcher.remove_slice(
-                s.id, WorkerCrashed(f"the worker of {s.deployment} exited (code {code}); it is being restarted",
-                                    retry_after=max(1.0, delay)),
+                s.id,
+                WorkerCrashed(
+                    f"the worker of {s.deployment} exited (code {code}); it is being restarted",
+                    retry_after=max(1.0, delay),
+                ),
             )
             s.worker_pid = None
             if self.stopping:
@@ -167,8 +180,13 @@ class SliceSupervisor:
             s.restarts += 1
             self.metrics.worker_restarts.labels(s.tenant, s.deployment).inc()
             s.set_state("Restarting", f"worker exited with code {code}; restarting in {delay:.1f}s")
-            log.warning("worker of slice %s exited with code %s; restarting in %.1fs", s.id, code, delay,
-                        extra={"tenant": s.tenant})
+            log.warning(
+                "worker of slice %s exited with code %s; restarting in %.1fs",
+                s.id,
+                code,
+                delay,
+                extra={"tenant": s.tenant},
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
 
@@ -177,8 +195,10 @@ class SliceSupervisor:
         if s.isolation != "process" or self.launch.load.device_kind != "cpu":
             return None
         if loaded.rss_bytes > s.memory:
-            return (f"worker uses {format_size(loaded.rss_bytes)} after loading the model, over the "
-                    f"{format_size(s.memory)} memory cap of profile '{s.profile}'; use a larger profile")
+            return (
+                f"worker uses {format_size(loaded.rss_bytes)} after loading the model, over the "
+                f"{format_size(s.memory)} memory cap of profile '{s.profile}'; use a larger profile"
+            )
         return None
 
     def _observe_memory(self, loaded: p.ModelLoaded) -> None:

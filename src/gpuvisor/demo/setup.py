@@ -11,7 +11,12 @@ from pathlib import Path
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.security.keys import KeyRing
 from gpuvisor.spec.kinds import Tenant, resource_key
-from gpuvisor.spec.loader import load_documents, resource_from_dict, resource_to_dict, validate_references
+from gpuvisor.spec.loader import (
+    load_documents,
+    resource_from_dict,
+    resource_to_dict,
+    validate_references,
+)
 from gpuvisor.store.repo import Store, StoredObject
 
 __all__ = ["DemoState", "prepare_demo"]

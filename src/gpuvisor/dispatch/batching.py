@@ -26,7 +26,9 @@ def take_batch(queue: SliceQueue, max_rows: int | None = None) -> list[PendingRe
     ``max_rows`` defaults to the slice's ``max_batch_size``; a scheduler passes less to
     keep a batch inside its time quantum.
     """
-    limit = queue.max_batch_size if max_rows is None else max(1, min(max_rows, queue.max_batch_size))
+    limit = (
+        queue.max_batch_size if max_rows is None else max(1, min(max_rows, queue.max_batch_size))
+    )
     batch = [queue.pop()]
     rows = batch[0].rows
     while queue.items and rows + queue.items[0].rows <= limit:

@@ -21,7 +21,9 @@ log = logging.getLogger("gpuvisor.dispatch")
 class BatchRunner(Protocol):
     """Runs a granted batch on a slice's worker and returns one outcome per request, in order."""
 
-    async def run_batch(self, slice_id: str, batch: Sequence[PendingRequest]) -> tuple[list[Outcome], float]:
+    async def run_batch(
+        self, slice_id: str, batch: Sequence[PendingRequest]
+    ) -> tuple[list[Outcome], float]:
         """Return (outcomes, device seconds); raise a GpuvisorError when the worker cannot answer."""
         ...
 

@@ -54,10 +54,14 @@ class PlacementResult:
 def selector_matches(selector: Mapping[str, str], device: Device) -> bool:
     """Return True when every selector label matches the device's label (glob patterns)."""
     labels = device.labels
-    return all(fnmatch.fnmatchcase(labels.get(key, ""), pattern) for key, pattern in selector.items())
+    return all(
+        fnmatch.fnmatchcase(labels.get(key, ""), pattern) for key, pattern in selector.items()
+    )
 
 
-def _refusal(request: SliceRequest, device: Device, on_device: list[PlacedSlice], tenancy: str) -> str | None:
+def _refusal(
+    request: SliceRequest, device: Device, on_device: list[PlacedSlice], tenancy: str
+) -> str | None:
     if not device.healthy:
         return "device is unhealthy or cordoned"
     if request.isolation == "partition":
@@ -74,8 +78,10 @@ def _refusal(request: SliceRequest, device: Device, on_device: list[PlacedSlice]
         return f"{format_size(free)} free < {format_size(request.memory)} requested"
     share = sum(s.compute_share for s in on_device)
     if share + request.compute_share > 1.0 + 1e-9:
-        return (f"compute shares would sum to {share + request.compute_share:.2f} > 1 "
-                f"({share:.2f} already guaranteed)")
+        return (
+            f"compute shares would sum to {share + request.compute_share:.2f} > 1 "
+            f"({share:.2f} already guaranteed)"
+        )
     return None
 
 

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -61,7 +62,9 @@ class WorkerProcess:
     exited: asyncio.Future[int]
     slices: set[str] = field(default_factory=set)
     loads: dict[str, asyncio.Future[p.ModelLoaded]] = field(default_factory=dict)
-    batches: dict[int, asyncio.Future[tuple[p.BatchDone, list[bytes]]]] = field(default_factory=dict)
+    batches: dict[int, asyncio.Future[tuple[p.BatchDone, list[bytes]]]] = field(
+        default_factory=dict
+    )
 
     @property
     def pid(self) -> int:
@@ -88,6 +91,7 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
         self._receiver: asyncio.Task[None] | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -155,18 +159,27 @@ class WorkerPool:
         """Send a batch to the slice's worker and wait for its answers (the dispatcher's runner)."""
         worker = self.slice_worker.get(slice_id)
         if worker is None or worker.exited.done():
-            raise WorkerCrashed(f"the worker of slice {slice_id} is not running; it is being restarted",
-                                retry_after=1.0)
+            raise WorkerCrashed(
+                f"the worker of slice {slice_id} is not running; it is being restarted",
+                retry_after=1.0,
+            )
         batch_id = next(self._batch_ids)
-        done: asyncio.Future[tuple[p.BatchDone, list[bytes]]] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[tuple[p.BatchDone, list[bytes]]] = (
+            asyncio.get_running_loop().create_future()
+        )
         worker.batches[batch_id] = done
         headers = [p.RequestHeader(r.request_id, r.header_length) for r in batch]
         try:
-            await self._send(worker, p.ExecuteBatch(batch_id, slice_id, headers), [r.body for r in batch])
+            await self._send(
+                worker, p.ExecuteBatch(batch_id, slice_id, headers), [r.body for r in batch]
+            )
             message, frames = await done
         finally:
             worker.batches.pop(batch_id, None)
-        outcomes = [Outcome(res.status, frame, res.header_length) for res, frame in zip(message.results, frames)]
+        outcomes = [
+            Outcome(res.status, frame, res.header_length)
+            for res, frame in zip(message.results, frames)
+        ]
         for request, result in zip(batch, message.results):
             request.rows = max(request.rows, result.rows)
         return outcomes, message.device_seconds
@@ -184,21 +197,33 @@ class WorkerPool:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(threads)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpuvisor.runtime.worker",
-            "--endpoint", self.endpoint, "--worker-id", worker_id,
-            stdin=asyncio.subprocess.DEVNULL, env=env,
+            sys.executable,
+            "-m",
+            "gpuvisor.runtime.worker",
+            "--endpoint",
+            self.endpoint,
+            "--worker-id",
+            worker_id,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
         )
         loop = asyncio.get_running_loop()
-        worker = WorkerProcess(worker_id, key, tenant, process, loop.create_future(), loop.create_future())
+        worker = WorkerProcess(
+            worker_id, key, tenant, process, loop.create_future(), loop.create_future()
+        )
         self.workers[worker_id] = worker
         self.by_key[key] = worker
-        asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
+        watcher = asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         log.info("started worker %s (pid %d) for %s", worker_id, process.pid, key)
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout)
         except asyncio.TimeoutError:
             await self._stop_worker(worker)
-            raise Unavailable(f"worker {worker_id} did not start within {self.start_timeout:.0f}s") from None
+            raise Unavailable(
+                f"worker {worker_id} did not start within {self.start_timeout:.0f}s"
+            ) from None
         except Unavailable:
             raise
         return worker
@@ -216,14 +241,25 @@ class WorkerPool:
             "while serving this request; it is being restarted",
             retry_after=1.0,
         )
-        for future in [*worker.batches.values(), *worker.loads.values(), worker.ready]:
+        pending: list[asyncio.Future[Any]] = [
+            *worker.batches.values(),
+            *worker.loads.values(),
+            worker.ready,
+        ]
+        for future in pending:
             if not future.done():
                 future.set_exception(crash)
                 future.exception()  # mark retrieved: nobody may be waiting any more
         if not worker.exited.done():
             worker.exited.set_result(returncode)
         level = logging.INFO if returncode in (0, -signal.SIGTERM) else logging.WARNING
-        log.log(level, "worker %s (pid %d) exited with code %s", worker.worker_id, worker.pid, returncode)
+        log.log(
+            level,
+            "worker %s (pid %d) exited with code %s",
+            worker.worker_id,
+            worker.pid,
+            returncode,
+        )
 
     async def _stop_worker(self, worker: WorkerProcess, grace: float = 5.0) -> None:
         if worker.exited.done():
@@ -246,11 +282,17 @@ class WorkerPool:
 
     # ---- the socket ---------------------------------------------------------------------
 
-    async def _send(self, worker: WorkerProcess, message: p.Message, frames: Sequence[bytes] = ()) -> None:
+    async def _send(
+        self, worker: WorkerProcess, message: p.Message, frames: Sequence[bytes] = ()
+    ) -> None:
         try:
-            await self.socket.send_multipart([worker.worker_id.encode(), p.encode(message), *frames], copy=False)
+            await self.socket.send_multipart(
+                [worker.worker_id.encode(), p.encode(message), *frames], copy=False
+            )
         except zmq.ZMQError as exc:
-            raise Unavailable(f"worker {worker.worker_id} is not reachable: {exc}", retry_after=1.0) from exc
+            raise Unavailable(
+                f"worker {worker.worker_id} is not reachable: {exc}", retry_after=1.0
+            ) from exc
 
     async def _receive(self) -> None:
         while True:
@@ -278,6 +320,8 @@ class WorkerPool:
             failed = worker.loads.get(message.slice_id)
             if failed is not None and not failed.done():
                 error = error_from_code(message.code, message.message)
-                failed.set_exception(error if isinstance(error, ModelError) else ModelError(message.message))
+                failed.set_exception(
+                    error if isinstance(error, ModelError) else ModelError(message.message)
+                )
         elif isinstance(message, p.WorkerReady) and not worker.ready.done():
             worker.ready.set_result(message)

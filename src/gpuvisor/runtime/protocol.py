@@ -9,8 +9,6 @@ nothing on the hot path is JSON-encoded or pickled.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 __all__ = [
@@ -125,10 +123,16 @@ class BatchDone(msgspec.Struct, tag=True):
     rows: int
 
 
-Message = Union[
-    LoadModel, UnloadModel, ExecuteBatch, Shutdown,
-    WorkerReady, ModelLoaded, LoadFailed, BatchDone,
-]
+Message = (
+    LoadModel
+    | UnloadModel
+    | ExecuteBatch
+    | Shutdown
+    | WorkerReady
+    | ModelLoaded
+    | LoadFailed
+    | BatchDone
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -141,4 +145,5 @@ def encode(message: Message) -> bytes:
 
 def decode(frame: bytes | memoryview) -> Message:
     """Return the message in a header frame; raises msgspec.DecodeError on garbage."""
-    return _decoder.decode(frame)
+    message: Message = _decoder.decode(frame)
+    return message

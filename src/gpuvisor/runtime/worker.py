@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import zmq
 
-from gpuvisor.errors import GpuvisorError, InvalidRequest
+from gpuvisor.errors import GpuvisorError
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.executors.base import Executor, ExecutorDevice, load_executor, verify_sha256
 from gpuvisor.runtime.tensors import (
@@ -74,15 +74,25 @@ def synthetic_inputs(metas: Sequence[TensorMeta], rows: int) -> dict[str, np.nda
     return out
 
 
-def profile_batches(slice_: LoadedSlice, batch_sizes: Sequence[int], repeats: int) -> dict[int, float]:
+def profile_batches(
+    slice_: LoadedSlice, batch_sizes: Sequence[int], repeats: int
+) -> dict[int, float]:
     """Return the median measured seconds per batch for each batch size the model accepts."""
     profile: dict[int, float] = {}
     sizes = batch_sizes if slice_.executor.batchable else [1]
     for rows in sizes:
         if not slice_.executor.batchable and rows != 1:
             continue
-        feed = synthetic_inputs(slice_.inputs, rows) if slice_.executor.batchable else synthetic_inputs(
-            [TensorMeta(m.name, m.datatype, tuple(d if d > 0 else 1 for d in m.shape)) for m in slice_.inputs], 1
+        feed = (
+            synthetic_inputs(slice_.inputs, rows)
+            if slice_.executor.batchable
+            else synthetic_inputs(
+                [
+                    TensorMeta(m.name, m.datatype, tuple(d if d > 0 else 1 for d in m.shape))
+                    for m in slice_.inputs
+                ],
+                1,
+            )
         )
         try:
             slice_.executor.run(feed)  # warm-up: first runs allocate
@@ -106,7 +116,9 @@ def _rows_of(request: InferRequest, batchable: bool) -> int:
 
 
 def _batch_key(request: InferRequest) -> tuple[object, ...]:
-    return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(request.inputs.items()))
+    return tuple(
+        (name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(request.inputs.items())
+    )
 
 
 class Worker:
@@ -114,7 +126,7 @@ class Worker:
 
     def __init__(self, endpoint: str, worker_id: str) -> None:
         self.worker_id = worker_id
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -134,7 +146,9 @@ class Worker:
         while True:
             if not poller.poll(_PARENT_POLL_MS):
                 if os.getppid() != self.parent_pid:
-                    log.warning("node process %d is gone; worker %s exits", self.parent_pid, self.worker_id)
+                    log.warning(
+                        "node process %d is gone; worker %s exits", self.parent_pid, self.worker_id
+                    )
                     return
                 continue
             frames = self.socket.recv_multipart(copy=False)
@@ -155,11 +169,15 @@ class Worker:
         try:
             digest = verify_sha256(Path(spec.path), spec.sha256)
             device = ExecutorDevice(
-                kind=spec.device_kind, index=spec.device_index,  # type: ignore[arg-type]
-                threads=spec.threads, memory_limit=spec.memory_limit,
+                kind="cuda" if spec.device_kind == "cuda" else "cpu",
+                index=spec.device_index,
+                threads=spec.threads,
+                memory_limit=spec.memory_limit,
             )
             executor = load_executor(
-                spec.format, Path(spec.path), device,
+                spec.format,
+                Path(spec.path),
+                device,
                 declared_inputs=_meta_list(spec.declared_inputs),
                 declared_outputs=_meta_list(spec.declared_outputs),
             )
@@ -195,7 +213,9 @@ class Worker:
         if loaded is None:
             for header in batch.requests:
                 results.append(p.RequestResult(header.request_id, 503, -1, 0))
-                out_frames.append(encode_error(f"model of slice {batch.slice_id} is not loaded in this worker"))
+                out_frames.append(
+                    encode_error(f"model of slice {batch.slice_id} is not loaded in this worker")
+                )
         else:
             results, out_frames = run_requests(loaded, batch.requests, bodies)
         self.send(
@@ -223,8 +243,10 @@ def run_requests(
     for i, (header, body) in enumerate(zip(headers, bodies)):
         try:
             request = decode_infer_request(
-                bytes(body), header.header_length if header.header_length >= 0 else None,
-                loaded.inputs, loaded.outputs,
+                bytes(body),
+                header.header_length if header.header_length >= 0 else None,
+                loaded.inputs,
+                loaded.outputs,
             )
         except GpuvisorError as exc:
             statuses[i], payloads[i] = exc.http_status, encode_error(exc.message)
@@ -280,7 +302,9 @@ def _run_chunk(
             offset = 0
             for i in chunk:
                 rows = row_counts[i]
-                outputs_per_request.append({k: v[offset : offset + rows] for k, v in merged.items()})
+                outputs_per_request.append(
+                    {k: v[offset : offset + rows] for k, v in merged.items()}
+                )
                 offset += rows
     except GpuvisorError as exc:
         if len(chunk) > 1:
@@ -295,7 +319,7 @@ def _run_chunk(
             body, header_length = encode_infer_response(
                 loaded.spec.model_name, loaded.spec.model_version, request, results, loaded.outputs
             )
-        except InvalidRequest as exc:
+        except GpuvisorError as exc:
             statuses[i], payloads[i] = exc.http_status, encode_error(exc.message)
             continue
         payloads[i] = body
@@ -321,7 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops workers in order
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the node, which stops workers in order
     logging.basicConfig(
         level=os.environ.get("GPUVISOR_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s worker={args.worker_id} %(message)s",

@@ -11,7 +11,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
 )
 
 
@@ -23,49 +36,77 @@ class Metrics:
         r = self.registry
         self.build_info = Info("gpuvisor_build", "gpuvisor build information", registry=r)
         self.requests = Counter(
-            "gpuvisor_requests", "Inference requests answered",
-            ["tenant", "deployment", "version", "outcome"], registry=r,
+            "gpuvisor_requests",
+            "Inference requests answered",
+            ["tenant", "deployment", "version", "outcome"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "gpuvisor_request_duration_seconds", "Inference request duration, admission to answer",
-            ["tenant", "deployment", "version"], buckets=_LATENCY_BUCKETS, registry=r,
+            "gpuvisor_request_duration_seconds",
+            "Inference request duration, admission to answer",
+            ["tenant", "deployment", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "gpu_job_queue_wait_seconds", "Time from admission to first execution",
-            ["cluster", "pool", "gpu_profile", "tenant"], buckets=_LATENCY_BUCKETS, registry=r,
+            "gpu_job_queue_wait_seconds",
+            "Time from admission to first execution",
+            ["cluster", "pool", "gpu_profile", "tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "gpuvisor_queue_depth", "Requests waiting per slice",
-            ["device", "tenant", "deployment"], registry=r,
+            "gpuvisor_queue_depth",
+            "Requests waiting per slice",
+            ["device", "tenant", "deployment"],
+            registry=r,
         )
         self.batch_size = Histogram(
-            "gpuvisor_batch_size", "Rows per granted batch", ["device", "tenant", "deployment"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+            "gpuvisor_batch_size",
+            "Rows per granted batch",
+            ["device", "tenant", "deployment"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
         )
         self.device_busy = Counter(
-            "gpuvisor_device_busy_seconds", "Device time charged per tenant and slice",
-            ["device", "tenant", "deployment", "slice"], registry=r,
+            "gpuvisor_device_busy_seconds",
+            "Device time charged per tenant and slice",
+            ["device", "tenant", "deployment", "slice"],
+            registry=r,
         )
         self.admission_rejections = Counter(
-            "gpuvisor_admission_rejections", "Requests refused before queueing",
-            ["tenant", "deployment", "reason"], registry=r,
+            "gpuvisor_admission_rejections",
+            "Requests refused before queueing",
+            ["tenant", "deployment", "reason"],
+            registry=r,
         )
         self.worker_restarts = Counter(
-            "gpuvisor_worker_restarts", "Worker processes restarted after exiting",
-            ["tenant", "deployment"], registry=r,
+            "gpuvisor_worker_restarts",
+            "Worker processes restarted after exiting",
+            ["tenant", "deployment"],
+            registry=r,
         )
         self.slice_memory_limit = Gauge(
-            "gpuvisor_slice_memory_limit_bytes", "Memory cap of each slice",
-            ["device", "tenant", "deployment", "slice"], registry=r,
+            "gpuvisor_slice_memory_limit_bytes",
+            "Memory cap of each slice",
+            ["device", "tenant", "deployment", "slice"],
+            registry=r,
         )
         self.slice_memory_used = Gauge(
-            "gpuvisor_slice_memory_used_bytes", "Measured memory of each slice's worker",
-            ["device", "tenant", "deployment", "slice"], registry=r,
+            "gpuvisor_slice_memory_used_bytes",
+            "Measured memory of each slice's worker",
+            ["device", "tenant", "deployment", "slice"],
+            registry=r,
         )
         self.device_memory_total = Gauge(
-            "gpuvisor_device_memory_total_bytes", "Device memory (budget on the CPU device)",
-            ["device", "model"], registry=r,
+            "gpuvisor_device_memory_total_bytes",
+            "Device memory (budget on the CPU device)",
+            ["device", "model"],
+            registry=r,
         )
         self.slices = Gauge(
-            "gpuvisor_slices", "Slices by state", ["tenant", "deployment", "state"], registry=r,
+            "gpuvisor_slices",
+            "Slices by state",
+            ["tenant", "deployment", "state"],
+            registry=r,
         )

@@ -46,7 +46,9 @@ def test_unloaded_deployments_have_no_replicas() -> None:
 
 def test_spec_hash_changes_with_the_profile() -> None:
     before = desired_slices(load_documents(MANIFEST), set())[0].spec_hash
-    after = desired_slices(load_documents(MANIFEST.replace("memory: 1Gi", "memory: 2Gi")), set())[0].spec_hash
+    after = desired_slices(load_documents(MANIFEST.replace("memory: 1Gi", "memory: 2Gi")), set())[
+        0
+    ].spec_hash
     assert before != after
 
 

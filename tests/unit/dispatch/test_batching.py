@@ -11,12 +11,21 @@ from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
 
 
 def _queue(max_batch: int = 4, delay: float = 0.0) -> SliceQueue:
-    return SliceQueue("t/d/0", "t", "d", "default", "p", max_batch_size=max_batch, max_queue_delay=delay)
+    return SliceQueue(
+        "t/d/0", "t", "d", "default", "p", max_batch_size=max_batch, max_queue_delay=delay
+    )
 
 
 def _request(i: int, arrival: float = 0.0, rows: int = 1, priority: int = 0) -> PendingRequest:
-    return PendingRequest(request_id=i, tenant="t", body=b"", header_length=-1, arrival=arrival,
-                          rows=rows, priority=priority)
+    return PendingRequest(
+        request_id=i,
+        tenant="t",
+        body=b"",
+        header_length=-1,
+        arrival=arrival,
+        rows=rows,
+        priority=priority,
+    )
 
 
 @pytest.mark.parametrize(
@@ -42,7 +51,9 @@ def test_take_batch_respects_rows_and_order() -> None:
     batch = take_batch(queue)
     assert [r.request_id for r in batch] == [0, 1]  # 1 + 2 rows; the next (2 rows) would exceed 4
     assert queue.queued_rows == 3
-    assert [r.request_id for r in take_batch(queue, max_rows=1)] == [2]  # at least one, even if larger
+    assert [r.request_id for r in take_batch(queue, max_rows=1)] == [
+        2
+    ]  # at least one, even if larger
 
 
 def test_priority_orders_within_a_slice() -> None:

@@ -23,7 +23,9 @@ class RecordingRunner:
         self.running = 0
         self.max_running = 0
 
-    async def run_batch(self, slice_id: str, batch: Sequence[PendingRequest]) -> tuple[list[Outcome], float]:
+    async def run_batch(
+        self, slice_id: str, batch: Sequence[PendingRequest]
+    ) -> tuple[list[Outcome], float]:
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         self.batches.append((slice_id, [r.request_id for r in batch]))
@@ -31,17 +33,23 @@ class RecordingRunner:
             await asyncio.sleep(self.seconds)
             if slice_id == self.fail_slice:
                 raise WorkerCrashed("worker exited")
-            return [Outcome(200, f"{slice_id}:{r.request_id}".encode()) for r in batch], self.seconds
+            return [
+                Outcome(200, f"{slice_id}:{r.request_id}".encode()) for r in batch
+            ], self.seconds
         finally:
             self.running -= 1
 
 
 def _queue(name: str, max_batch: int = 8, delay: float = 0.0) -> SliceQueue:
-    return SliceQueue(name, name, name, "default", "p", max_batch_size=max_batch, max_queue_delay=delay)
+    return SliceQueue(
+        name, name, name, "default", "p", max_batch_size=max_batch, max_queue_delay=delay
+    )
 
 
 def _request(i: int) -> PendingRequest:
-    return PendingRequest(request_id=i, tenant="t", body=b"", header_length=-1, arrival=time.monotonic())
+    return PendingRequest(
+        request_id=i, tenant="t", body=b"", header_length=-1, arrival=time.monotonic()
+    )
 
 
 async def _run(dispatcher: DeviceDispatcher, submissions: list[tuple[str, int]]) -> list[Outcome]:

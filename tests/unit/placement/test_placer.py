@@ -11,10 +11,19 @@ GI = 2**30
 
 
 def _gpu(i: int, memory: int = 80 * GI, healthy: bool = True, model: str = "H100-80GB") -> Device:
-    return Device(id=f"gpu-{i}", kind="gpu", backend="simulated", model=model, memory_total=memory, healthy=healthy)
+    return Device(
+        id=f"gpu-{i}",
+        kind="gpu",
+        backend="simulated",
+        model=model,
+        memory_total=memory,
+        healthy=healthy,
+    )
 
 
-def _req(memory: int = GI, share: float = 0.25, isolation: str = "process", tenant: str = "a") -> SliceRequest:
+def _req(
+    memory: int = GI, share: float = 0.25, isolation: str = "process", tenant: str = "a"
+) -> SliceRequest:
     return SliceRequest("a/d/0", tenant, "inference", memory, share, isolation)
 
 
@@ -28,18 +37,45 @@ def test_binpacks_onto_the_fullest_device_that_fits() -> None:
     ("request_", "placed", "selector", "tenancy", "reason"),
     [
         (_req(memory=100 * GI), [], {}, "shared", "80Gi free < 100Gi requested"),
-        (_req(share=0.5), [PlacedSlice("x", "b", "gpu-0", GI, 0.75, "process")], {}, "shared",
-         "compute shares would sum to 1.25 > 1"),
-        (_req(isolation="exclusive"), [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "process")], {}, "shared",
-         "needs an empty device"),
-        (_req(), [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "exclusive")], {}, "shared", "held exclusively"),
-        (_req(), [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "process")], {}, "dedicated", "pool is dedicated"),
+        (
+            _req(share=0.5),
+            [PlacedSlice("x", "b", "gpu-0", GI, 0.75, "process")],
+            {},
+            "shared",
+            "compute shares would sum to 1.25 > 1",
+        ),
+        (
+            _req(isolation="exclusive"),
+            [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "process")],
+            {},
+            "shared",
+            "needs an empty device",
+        ),
+        (
+            _req(),
+            [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "exclusive")],
+            {},
+            "shared",
+            "held exclusively",
+        ),
+        (
+            _req(),
+            [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "process")],
+            {},
+            "dedicated",
+            "pool is dedicated",
+        ),
         (_req(isolation="partition"), [], {}, "shared", "partition"),
         (_req(), [], {"model": "A100*"}, "shared", "not in pool 'inference'"),
     ],
 )
-def test_refusals_carry_reasons(request_: SliceRequest, placed: list[PlacedSlice], selector: dict[str, str],
-                                tenancy: str, reason: str) -> None:
+def test_refusals_carry_reasons(
+    request_: SliceRequest,
+    placed: list[PlacedSlice],
+    selector: dict[str, str],
+    tenancy: str,
+    reason: str,
+) -> None:
     result = place_slice(request_, [_gpu(0)], placed, selector, tenancy)
     assert result.device_id is None
     assert reason in result.reasons["gpu-0"]

@@ -18,7 +18,9 @@ from gpuvisor.errors import IntegrityError, WorkerCrashed
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
 
-BODY = orjson.dumps({"inputs": [{"name": "features", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]})
+BODY = orjson.dumps(
+    {"inputs": [{"name": "features", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]}
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +28,34 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(build_demo_models(tmp_path_factory.mktemp("models"))["basket-scorer"])
 
 
-def _launch(slice_id: str, path: Path, tenant: str = "t", isolation: str = "process",
-            sha256: str | None = None) -> SliceLaunch:
-    load = p.LoadModel(slice_id, "scorer", "1", "onnx", str(path), sha256, "cpu", 0, 1, None, 4,
-                       profile_batch_sizes=[1, 2, 4])
+def _launch(
+    slice_id: str,
+    path: Path,
+    tenant: str = "t",
+    isolation: str = "process",
+    sha256: str | None = None,
+) -> SliceLaunch:
+    load = p.LoadModel(
+        slice_id,
+        "scorer",
+        "1",
+        "onnx",
+        str(path),
+        sha256,
+        "cpu",
+        0,
+        1,
+        None,
+        4,
+        profile_batch_sizes=[1, 2, 4],
+    )
     return SliceLaunch(slice_id, tenant, "cpu-0", isolation, load)
 
 
 def _request(i: int) -> PendingRequest:
-    return PendingRequest(request_id=i, tenant="t", body=BODY, header_length=-1, arrival=time.monotonic())
+    return PendingRequest(
+        request_id=i, tenant="t", body=BODY, header_length=-1, arrival=time.monotonic()
+    )
 
 
 def test_load_run_and_isolation(model: Path) -> None:

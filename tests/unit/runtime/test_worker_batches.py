@@ -24,8 +24,19 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> LoadedSlice:
 
 def _body(rows: int, value: float = 0.5, shape: list[int] | None = None) -> bytes:
     shape = shape or [rows, 16]
-    return orjson.dumps({"id": f"r{rows}", "inputs": [{"name": "features", "shape": shape, "datatype": "FP32",
-                                                       "data": [value] * int(np.prod(shape))}]})
+    return orjson.dumps(
+        {
+            "id": f"r{rows}",
+            "inputs": [
+                {
+                    "name": "features",
+                    "shape": shape,
+                    "datatype": "FP32",
+                    "data": [value] * int(np.prod(shape)),
+                }
+            ],
+        }
+    )
 
 
 def _run(loaded: LoadedSlice, bodies: list[bytes]) -> tuple[list[p.RequestResult], list[bytes]]:
