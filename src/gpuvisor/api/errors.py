@@ -35,6 +35,9 @@ async def _gpuvisor_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GpuvisorError)
     retry_after = getattr(exc, "retry_after", None)
     fields = {k: v for k, v in exc.fields.items() if k != "retry_after" and _jsonable(v)}
+    request_id = getattr(request.state, "request_id", None) or request.headers.get(
+        "x-request-id", ""
+    )
     log.info(
         "%s %s -> %d %s: %s",
         request.method,
@@ -42,9 +45,12 @@ async def _gpuvisor_error(request: Request, exc: Exception) -> Response:
         exc.http_status,
         exc.code,
         exc.message,
-        extra={"request_id": request.headers.get("x-request-id", "")},
+        extra={"request_id": request_id, "tenant": getattr(request.state, "tenant", None)},
     )
-    return error_response(exc.http_status, exc.message, retry_after, code=exc.code, **fields)
+    response = error_response(exc.http_status, exc.message, retry_after, code=exc.code, **fields)
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    return response
 
 
 def _jsonable(value: object) -> bool:

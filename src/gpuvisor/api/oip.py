@@ -8,6 +8,7 @@ routes, bounds the body size and queues.
 
 from __future__ import annotations
 
+import logging
 import uuid
 import zlib
 
@@ -23,6 +24,8 @@ from gpuvisor.units import format_size
 
 __all__ = ["oip_router", "read_body"]
 
+log = logging.getLogger("gpuvisor.api")
+
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
 _JSON = "application/json"
 
@@ -34,7 +37,11 @@ def _json(body: object, status: int = 200) -> Response:
 def principal_of(node: Node, request: Request) -> Principal:
     """Authenticate the request's key (``Authorization: Bearer`` or ``X-API-Key``)."""
     headers = request.headers
-    return node.authenticate(extract_key(headers.get("authorization"), headers.get("x-api-key")))
+    principal = node.authenticate(
+        extract_key(headers.get("authorization"), headers.get("x-api-key"))
+    )
+    request.state.tenant = principal.tenant
+    return principal
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -145,6 +152,8 @@ def oip_router(node: Node) -> APIRouter:
         return _ready(request, name, version)
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
+        trace_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = trace_id
         principal = principal_of(node, request)
         dep = node.find_deployment(principal, name, version)
         body = await read_body(request, node.spec.limits.max_body_size)
@@ -163,9 +172,17 @@ def oip_router(node: Node) -> APIRouter:
                     f"Inference-Header-Content-Length {header_length} is outside the body's "
                     f"{len(body)} bytes"
                 )
-        trace_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         outcome = await node.infer(dep, body, header_length, trace_id)
         headers = {"X-Request-ID": trace_id}
+        if outcome.status != 200:
+            log.info(
+                "%s %s -> %d: %s",
+                request.method,
+                request.url.path,
+                outcome.status,
+                outcome.body[:300].decode(errors="replace"),
+                extra={"tenant": principal.tenant, "request_id": trace_id},
+            )
         if outcome.header_length >= 0:
             headers["Inference-Header-Content-Length"] = str(outcome.header_length)
             media_type = "application/octet-stream"
