@@ -16,8 +16,8 @@ help:  ## list the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python  ## create .venv and install gpuvisor
-	$(PIP) -e .
+install: $(BIN)/python  ## create .venv and install gpuvisor (with the Triton client for the examples)
+	$(PIP) -e ".[client]"
 
 install-test: $(BIN)/python  ## install gpuvisor with the test and torch extras
 	$(PIP) "$(TORCH)"

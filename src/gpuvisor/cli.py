@@ -259,7 +259,9 @@ def version() -> None:
 
 @keys_app.command("create")
 def keys_create(
-    tenant: TenantOpt = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="the tenant a tenant key belongs to")
+    ] = None,
     role: Annotated[str, typer.Option(help="tenant, operator or admin")] = "tenant",
     description: Annotated[str, typer.Option(help="what the key is for")] = "",
     expires_in: Annotated[str | None, typer.Option(help="lifetime, e.g. 720h")] = None,

@@ -106,3 +106,13 @@ spec: {memory: 256Mi, computeShare: 0.0}
         httpx.post(f"{demo_node.url}/api/v1/apply", headers=support, content=foreign).status_code
         == 404
     )
+
+
+def test_tenant_cannot_read_another_tenant_object(demo_node: NodeProcess) -> None:
+    support = demo_node.auth(demo_node.tenant_key("support"))
+    assert httpx.get(f"{demo_node.url}/api/v1/tenants/retail", headers=support).status_code == 404
+    own = httpx.get(f"{demo_node.url}/api/v1/tenants/support", headers=support)
+    assert own.status_code == 200 and own.json()["metadata"]["name"] == "support"
+    assert (
+        httpx.get(f"{demo_node.url}/api/v1/profiles/rt-small", headers=support).status_code == 200
+    )

@@ -170,7 +170,8 @@ def admin_router(node: Node) -> APIRouter:
         candidates = await asyncio.to_thread(store().list, kind, tenant)
         for o in candidates:
             if (o.name == name or (kind == "Model" and o.body["metadata"]["name"] == name)) and (
-                _visible(principal, o.tenant) or o.tenant == ""
+                _visible(principal, o.tenant)
+                or (o.tenant == "" and (kind != "Tenant" or o.name == principal.tenant))
             ):
                 return o  # type: ignore[no-any-return]
         raise NotFound(f"{kind} '{name}' not found" + (f" in tenant '{tenant}'" if tenant else ""))

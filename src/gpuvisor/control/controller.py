@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -212,7 +213,8 @@ class Controller:
         return [
             PlacedSlice(s.id, s.tenant, s.device_id, s.memory, s.compute_share, s.isolation)
             for s in self.slices.values()
-            if s.device_id is not None and s.id != exclude
+            # a Failed slice runs nothing: its room goes back to the device
+            if s.device_id is not None and s.id != exclude and s.state != "Failed"
         ]
 
     def _start_slice(self, want: DesiredSlice) -> None:
@@ -335,7 +337,12 @@ class Controller:
         sup = self.supervisors.pop(slice_id, None)
         if sup is not None:
             await sup.stop()
-        self.slices.pop(slice_id, None)
+        gone = self.slices.pop(slice_id, None)
+        if gone is not None and gone.device_id is not None:
+            labels = (gone.device_id, gone.tenant, gone.deployment, gone.id)
+            for gauge in (self.metrics.slice_memory_limit, self.metrics.slice_memory_used):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
 
     def _publish_slice_counts(self) -> None:
         self.metrics.slices.clear()

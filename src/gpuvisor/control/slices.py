@@ -146,6 +146,7 @@ class SliceSupervisor:
             over = self._memory_overrun(loaded)
             if over:
                 s.set_state("Failed", over)
+                log.warning("slice %s failed: %s", s.id, over, extra={"tenant": s.tenant})
                 await self.pool.unload_slice(s.id)
                 return
             s.loaded, s.worker_pid = loaded, worker.pid

@@ -87,3 +87,43 @@ def test_unhealthy_device_is_skipped_with_reason() -> None:
     assert result.device_id == "gpu-1"
     result = place_slice(_req(), [_gpu(0, healthy=False)], [], {})
     assert "unhealthy" in result.reasons["gpu-0"]
+
+
+def test_failed_slices_give_their_room_back() -> None:
+    """The controller leaves Failed slices out of what it passes as placed."""
+    import asyncio
+
+    from gpuvisor.control.controller import Controller
+    from gpuvisor.control.slices import SliceState
+    from gpuvisor.inventory.device import Topology
+    from gpuvisor.telemetry.metrics import Metrics
+
+    controller = Controller(
+        store=None,
+        topology=Topology([_gpu(0)]),
+        pool=None,
+        dispatchers={},  # type: ignore[arg-type]
+        metrics=Metrics(),
+    )
+    for state in ("Ready", "Failed"):
+        s = SliceState(
+            id=f"a/{state}/0",
+            tenant="a",
+            deployment=state,
+            replica=0,
+            spec_hash="",
+            pool="default",
+            profile="p",
+            memory=GI,
+            compute_share=0.5,
+            isolation="process",
+            latency_class="standard",
+            model_name="m",
+            model_version="1",
+            device_id="gpu-0",
+        )
+        s.set_state(state)
+        controller.slices[s.id] = s
+    placed = controller._placed(exclude="")
+    assert [p.slice_id for p in placed] == ["a/Ready/0"]
+    assert asyncio.iscoroutinefunction(controller.reconcile)
