@@ -258,4 +258,8 @@ def oip_router(node: Node) -> APIRouter:
         await node.controller.unload(dep.metadata.tenant or "", name)
         return _json({})
 
+    # Routes are matched in order and inference is the hot path, so its routes go first (no
+    # other route matches their paths, so the order changes nothing else).
+    hot = [r for r in router.routes if getattr(r, "path", "").endswith("/infer")]
+    router.routes[:] = hot + [r for r in router.routes if r not in hot]
     return router

@@ -126,6 +126,15 @@ class FloorProcess:
         finally:
             if not isinstance(log, int):
                 log.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()  # also on Ctrl-C: never leave the child behind
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -139,9 +148,8 @@ class FloorProcess:
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return self
+                    return
             time.sleep(0.1)
-        self.stop()
         raise TimeoutError(f"the floor server at {self.url} did not answer within {timeout:.0f}s")
 
     def stop(self, timeout: float = 15.0) -> int:

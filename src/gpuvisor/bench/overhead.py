@@ -129,9 +129,27 @@ class OverheadReport:
                 }
                 for name, r in self.medians.items()
             },
-            "ratios": {"gpuvisor_over_floor": self.ratios},
+            "software": serving_stack(),
+            "ratios": {"gpuvisor_over_floor": self.ratios, "target_throughput": TARGET},
             "outputs_max_abs_diff_vs_direct": self.max_abs_diff,
         }
+
+
+def serving_stack() -> dict[str, str]:
+    """Return the versions of what serves (b) and (c), and which HTTP parser and event loop
+    uvicorn's "auto" settings pick here (httptools and uvloop only when installed)."""
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    versions = {}
+    for package in ("fastapi", "starlette", "uvicorn", "onnxruntime", "pyzmq", "tritonclient"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["http"] = "httptools" if find_spec("httptools") else "h11"
+    versions["loop"] = "uvloop" if find_spec("uvloop") else "asyncio"
+    return versions
 
 
 class Reporter(Protocol):
@@ -405,12 +423,18 @@ def render_report(report: OverheadReport, console: Console) -> None:
     )
     for name, runs in report.runs.items():
         console.print(f"  {SYSTEMS[name]}: req/s per run {_spread(runs)}", highlight=False)
+    machine, stack = report.machine, serving_stack()
+    console.print(
+        f"  machine: {machine['cpus']} CPUs ({machine['cpu_model']}); (b) and (c) serve with "
+        f"uvicorn {stack['uvicorn']} ({stack['http']}, {stack['loop']}), FastAPI {stack['fastapi']}",
+        highlight=False,
+    )
     ratios = report.ratios
     if ratios:
         verdict = "[green]meets[/green]" if ratios["throughput"] >= TARGET else "[red]misses[/red]"
         console.print(
-            f"\n(c)/(b): throughput {ratios['throughput']:.2f}× ({ratios['throughput']:.0%} of the floor; "
-            f"{verdict} the {TARGET:.0%} target), p50 {ratios['p50']:.2f}×, p99 {ratios['p99']:.2f}×",
+            f"\n(c)/(b): throughput {ratios['throughput']:.1%} of the floor ({verdict} the "
+            f"{TARGET:.0%} target), p50 {ratios['p50']:.2f}×, p99 {ratios['p99']:.2f}×",
             highlight=False,
         )
 

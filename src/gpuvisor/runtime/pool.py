@@ -296,22 +296,24 @@ class WorkerPool:
 
     async def _receive(self) -> None:
         while True:
-            frames = await self.socket.recv_multipart(copy=False)
-            worker = self.workers.get(bytes(frames[0].buffer).decode())
+            # Copied frames: replies are small, and zero-copy Frame objects cost more to make
+            # than the copy they save (their bytes were copied out below anyway).
+            frames = await self.socket.recv_multipart()
+            worker = self.workers.get(frames[0].decode())
             if worker is None or len(frames) < 2:
                 continue
             try:
-                message = p.decode(frames[1].buffer)
+                message = p.decode(frames[1])
             except Exception:
                 log.warning("worker %s sent an undecodable message", worker.worker_id)
                 continue
             self._handle(worker, message, frames[2:])
 
-    def _handle(self, worker: WorkerProcess, message: p.Message, payload: list[zmq.Frame]) -> None:
+    def _handle(self, worker: WorkerProcess, message: p.Message, payload: list[bytes]) -> None:
         if isinstance(message, p.BatchDone):
             future = worker.batches.get(message.batch_id)
             if future is not None and not future.done():
-                future.set_result((message, [f.bytes for f in payload]))
+                future.set_result((message, payload))
         elif isinstance(message, p.ModelLoaded):
             loaded = worker.loads.get(message.slice_id)
             if loaded is not None and not loaded.done():

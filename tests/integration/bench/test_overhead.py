@@ -7,6 +7,7 @@ import math
 import threading
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from rich.console import Console
@@ -116,6 +117,9 @@ def test_floor_and_gpuvisor_answer_like_onnxruntime(tmp_path: Path) -> None:
         FloorProcess(model_path, MODEL, log_path=tmp_path / "floor.log") as floor,
         start_gpuvisor(MODEL, model_path, tmp_path / "node") as target,
     ):
+        assert httpx.post(f"{floor.url}/v2/models/other/infer", content=b"{}").status_code == 404
+        bad = httpx.post(f"{floor.url}/v2/models/{MODEL}/infer", content=b"not json")
+        assert bad.status_code == 400 and "error" in bad.json()
         floor_out = fetch_outputs(floor.address, MODEL, inputs)
         node_out = fetch_outputs(target.node.address, MODEL, inputs, target.headers)
         np.testing.assert_array_equal(floor_out["score"], expected)
