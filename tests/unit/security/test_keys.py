@@ -257,7 +257,10 @@ def test_secrets_are_nowhere_in_the_sqlite_files(state_dir: Path) -> None:
         assert hashlib.sha256(made[0].encode()).hexdigest().encode() in content
         for secret in made:
             assert secret.encode() not in content
-            assert secret.rsplit("_", 1)[-1].encode() not in content
+            # The random part after "gvk_<id>_" (it may itself contain "_", so split twice only).
+            random_part = secret.split("_", 2)[2]
+            assert len(random_part) >= 40
+            assert random_part.encode() not in content
 
 
 def test_ensure_admin_key_writes_a_private_file_once(ring: KeyRing, state_dir: Path) -> None:
