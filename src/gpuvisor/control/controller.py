@@ -131,6 +131,7 @@ class Controller:
         self.unloaded: set[tuple[str, str]] = set()
         self.model_info: dict[tuple[str, str], p.ModelLoaded] = {}
         self.resources: list[Resource] = []
+        self._deployments: dict[tuple[str, str], Deployment] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -147,14 +148,8 @@ class Controller:
         ]
 
     def find_deployment(self, tenant: str, name: str) -> Deployment | None:
-        for r in self.resources:
-            if (
-                isinstance(r, Deployment)
-                and r.metadata.tenant == tenant
-                and r.metadata.name == name
-            ):
-                return r
-        return None
+        """Return a deployment by (tenant, name): a dict lookup, since inference calls it per request."""
+        return self._deployments.get((tenant, name))
 
     def deployments(self) -> list[Deployment]:
         return [r for r in self.resources if isinstance(r, Deployment)]
@@ -195,6 +190,11 @@ class Controller:
         resources = [resource_from_dict(o.body) for o in objects]
         async with self._lock:
             self.resources = resources
+            self._deployments = {
+                (r.metadata.tenant or "", r.metadata.name): r
+                for r in resources
+                if isinstance(r, Deployment)
+            }
             desired = {d.slice_id: d for d in desired_slices(resources, self.unloaded)}
             stale = [
                 sid
