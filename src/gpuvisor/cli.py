@@ -119,12 +119,13 @@ def up(
 ) -> None:
     """Run a node in the foreground. With no --config it serves a demo: sample models for three
     tenants, their keys and copy-paste examples are printed once it is ready. Stop it with Ctrl-C."""
-    from gpuvisor.serve import serve_node
+    from gpuvisor.serve import event_loop_factory, serve_node
 
     try:
-        code = asyncio.run(
-            serve_node(host, port, state, config, db, demo, log_level, log_format, console)
-        )
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            code = runner.run(
+                serve_node(host, port, state, config, db, demo, log_level, log_format, console)
+            )
     except GpuvisorError as exc:
         _fail(exc)
     except KeyboardInterrupt:

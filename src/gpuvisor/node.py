@@ -203,24 +203,17 @@ class Node:
             arrival=time.monotonic(),
             trace_id=trace_id,
         )
-        started = request.arrival
         future = self.dispatchers[chosen.device_id].submit(chosen.id, request)
-        version = chosen.model_version
+        m, name, version = self.metrics, dep.metadata.name, chosen.model_version
         try:
             outcome = await future
         except Exception as exc:
-            self.metrics.requests.labels(
-                tenant, dep.metadata.name, version, getattr(exc, "code", "error")
-            ).inc()
+            m.child(m.requests, tenant, name, version, getattr(exc, "code", "error")).inc()
             raise
-        self.metrics.requests.labels(
-            tenant,
-            dep.metadata.name,
-            version,
-            "ok" if outcome.status == 200 else str(outcome.status),
-        ).inc()
-        self.metrics.request_duration.labels(tenant, dep.metadata.name, version).observe(
-            time.monotonic() - started
+        outcome_label = "ok" if outcome.status == 200 else str(outcome.status)
+        m.child(m.requests, tenant, name, version, outcome_label).inc()
+        m.child(m.request_duration, tenant, name, version).observe(
+            time.monotonic() - request.arrival
         )
         return outcome
 
@@ -235,9 +228,8 @@ class Node:
         return f"model '{name}' is not ready: {details}"
 
     def _observe_grant(self, queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
-        wait = self.metrics.queue_wait.labels(
-            self.spec.cluster, queue.pool, queue.profile, queue.tenant
-        )
+        m = self.metrics
+        wait = m.child(m.queue_wait, self.spec.cluster, queue.pool, queue.profile, queue.tenant)
         for request in batch:
             if request.granted_at is not None:
                 wait.observe(request.granted_at - request.arrival)
@@ -246,10 +238,9 @@ class Node:
         self, queue: SliceQueue, batch: Sequence[PendingRequest], seconds: float
     ) -> None:
         device = queue.slice_id and self._device_of(queue.slice_id)
-        self.metrics.device_busy.labels(device, queue.tenant, queue.deployment, queue.slice_id).inc(
-            seconds
-        )
-        self.metrics.batch_size.labels(device, queue.tenant, queue.deployment).observe(
+        m = self.metrics
+        m.child(m.device_busy, device, queue.tenant, queue.deployment, queue.slice_id).inc(seconds)
+        m.child(m.batch_size, device, queue.tenant, queue.deployment).observe(
             sum(r.rows for r in batch)
         )
 

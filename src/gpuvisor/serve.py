@@ -8,6 +8,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -30,6 +31,17 @@ from gpuvisor.store.repo import Store
 __all__ = ["load_node_config", "serve_node"]
 
 log = logging.getLogger("gpuvisor.node")
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's loop factory when uvloop is installed (``uvicorn[standard]`` brings it),
+    else None (asyncio's own loop). The node runs its HTTP server, dispatchers and worker links
+    on one loop, so the faster loop speeds up the whole request path."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def load_node_config(path: Path | None) -> NodeSpec:

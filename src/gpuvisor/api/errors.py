@@ -13,7 +13,12 @@ from starlette.responses import Response
 
 from gpuvisor.errors import GpuvisorError
 
-__all__ = ["error_response", "install_error_handlers"]
+__all__ = [
+    "error_response",
+    "gpuvisor_error_response",
+    "install_error_handlers",
+    "unexpected_error_response",
+]
 
 log = logging.getLogger("gpuvisor.api")
 
@@ -31,8 +36,8 @@ def error_response(
     )
 
 
-async def _gpuvisor_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GpuvisorError)
+def gpuvisor_error_response(request: Request, exc: GpuvisorError) -> Response:
+    """Return the response for a refused request, and log the refusal with its request id."""
     retry_after = getattr(exc, "retry_after", None)
     fields = {k: v for k, v in exc.fields.items() if k != "retry_after" and _jsonable(v)}
     request_id = getattr(request.state, "request_id", None) or request.headers.get(
@@ -51,6 +56,11 @@ async def _gpuvisor_error(request: Request, exc: Exception) -> Response:
     if request_id:
         response.headers["X-Request-ID"] = request_id
     return response
+
+
+async def _gpuvisor_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GpuvisorError)
+    return gpuvisor_error_response(request, exc)
 
 
 def _jsonable(value: object) -> bool:
@@ -80,9 +90,14 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(400, "invalid request: " + "; ".join(problems))
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
+def unexpected_error_response(request: Request, exc: Exception) -> Response:
+    """Return a 500 for a bug, logged with its traceback (call from an ``except`` block)."""
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    return unexpected_error_response(request, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

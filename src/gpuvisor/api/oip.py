@@ -9,20 +9,28 @@ routes, bounds the body size and queues.
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 import zlib
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
-from gpuvisor.errors import InvalidRequest, PayloadTooLarge, Unavailable
+from gpuvisor.api.errors import gpuvisor_error_response, unexpected_error_response
+from gpuvisor.errors import GpuvisorError, InvalidRequest, PayloadTooLarge, Unavailable
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal, extract_key
 from gpuvisor.units import format_size
 
-__all__ = ["oip_router", "read_body"]
+__all__ = [
+    "infer_response",
+    "inference_target",
+    "oip_router",
+    "read_body",
+    "serve_inference",
+]
 
 log = logging.getLogger("gpuvisor.api")
 
@@ -83,6 +91,82 @@ async def read_body(request: Request, limit: int) -> bytes:
     if len(plain) > limit or inflater.unconsumed_tail:
         raise too_large
     return plain
+
+
+async def infer_response(node: Node, request: Request, name: str, version: str | None) -> Response:
+    """Serve one inference request on the caller's deployment ``name``; raise GpuvisorError on refusal."""
+    trace_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+    request.state.request_id = trace_id
+    principal = principal_of(node, request)
+    dep = node.find_deployment(principal, name, version)
+    body = await read_body(request, node.spec.limits.max_body_size)
+    header_length = -1
+    raw_length = request.headers.get("inference-header-content-length")
+    if raw_length is not None:
+        try:
+            header_length = int(raw_length)
+        except ValueError:
+            raise InvalidRequest(
+                f"invalid Inference-Header-Content-Length header {raw_length!r}: expected the "
+                "byte length of the JSON header"
+            ) from None
+        if not 0 <= header_length <= len(body):
+            raise InvalidRequest(
+                f"Inference-Header-Content-Length {header_length} is outside the body's "
+                f"{len(body)} bytes"
+            )
+    outcome = await node.infer(dep, body, header_length, trace_id)
+    headers = {"X-Request-ID": trace_id}
+    if outcome.status != 200:
+        log.info(
+            "%s %s -> %d: %s",
+            request.method,
+            request.url.path,
+            outcome.status,
+            outcome.body[:300].decode(errors="replace"),
+            extra={"tenant": principal.tenant, "request_id": trace_id},
+        )
+    if outcome.header_length >= 0:
+        headers["Inference-Header-Content-Length"] = str(outcome.header_length)
+        media_type = "application/octet-stream"
+    else:
+        media_type = _JSON
+    return Response(
+        outcome.body, status_code=outcome.status, headers=headers, media_type=media_type
+    )
+
+
+async def serve_inference(
+    node: Node, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+) -> None:
+    """Answer one inference request as a raw ASGI exchange, errors rendered as everywhere else."""
+    request = Request(scope, receive)
+    try:
+        response = await infer_response(node, request, name, version)
+    except GpuvisorError as exc:
+        response = gpuvisor_error_response(request, exc)
+    except Exception as exc:
+        response = unexpected_error_response(request, exc)
+    await response(scope, receive, send)
+
+
+def inference_target(scope: Scope) -> tuple[str, str | None] | None:
+    """Return (model, version or None) when ``scope`` is an inference request, else None."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    return _infer_target(scope["path"])
+
+
+def _infer_target(path: str) -> tuple[str, str | None] | None:
+    """Return (model, version or None) for an inference path, None for any other path."""
+    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
+        return None
+    parts = path[len("/v2/models/") : -len("/infer")].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], None
+    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+        return parts[0], parts[2]
+    return None
 
 
 def oip_router(node: Node) -> APIRouter:
@@ -151,57 +235,6 @@ def oip_router(node: Node) -> APIRouter:
     async def model_version_ready(request: Request, name: str, version: str) -> Response:
         return _ready(request, name, version)
 
-    async def _infer(request: Request, name: str, version: str | None) -> Response:
-        trace_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = trace_id
-        principal = principal_of(node, request)
-        dep = node.find_deployment(principal, name, version)
-        body = await read_body(request, node.spec.limits.max_body_size)
-        header_length = -1
-        raw_length = request.headers.get("inference-header-content-length")
-        if raw_length is not None:
-            try:
-                header_length = int(raw_length)
-            except ValueError:
-                raise InvalidRequest(
-                    f"invalid Inference-Header-Content-Length header {raw_length!r}: expected the "
-                    "byte length of the JSON header"
-                ) from None
-            if not 0 <= header_length <= len(body):
-                raise InvalidRequest(
-                    f"Inference-Header-Content-Length {header_length} is outside the body's "
-                    f"{len(body)} bytes"
-                )
-        outcome = await node.infer(dep, body, header_length, trace_id)
-        headers = {"X-Request-ID": trace_id}
-        if outcome.status != 200:
-            log.info(
-                "%s %s -> %d: %s",
-                request.method,
-                request.url.path,
-                outcome.status,
-                outcome.body[:300].decode(errors="replace"),
-                extra={"tenant": principal.tenant, "request_id": trace_id},
-            )
-        if outcome.header_length >= 0:
-            headers["Inference-Header-Content-Length"] = str(outcome.header_length)
-            media_type = "application/octet-stream"
-        else:
-            media_type = _JSON
-        return Response(
-            outcome.body, status_code=outcome.status, headers=headers, media_type=media_type
-        )
-
-    @router.post("/v2/models/{name}/infer", summary="Run inference")
-    async def infer(request: Request, name: str) -> Response:
-        return await _infer(request, name, None)
-
-    @router.post(
-        "/v2/models/{name}/versions/{version}/infer", summary="Run inference on one version"
-    )
-    async def infer_version(request: Request, name: str, version: str) -> Response:
-        return await _infer(request, name, version)
-
     # ---- model repository extension (the caller's own deployments) ------------------------
 
     @router.post("/v2/repository/index", summary="List the caller's models and their state")
@@ -258,8 +291,4 @@ def oip_router(node: Node) -> APIRouter:
         await node.controller.unload(dep.metadata.tenant or "", name)
         return _json({})
 
-    # Routes are matched in order and inference is the hot path, so its routes go first (no
-    # other route matches their paths, so the order changes nothing else).
-    hot = [r for r in router.routes if getattr(r, "path", "").endswith("/infer")]
-    router.routes[:] = hot + [r for r in router.routes if r not in hot]
     return router

@@ -132,15 +132,15 @@ class Controller:
         self.model_info: dict[tuple[str, str], p.ModelLoaded] = {}
         self.resources: list[Resource] = []
         self._deployments: dict[tuple[str, str], Deployment] = {}
+        # slices by (tenant, deployment): inference looks them up on every request
+        self._by_deployment: dict[tuple[str, str], list[SliceState]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     # ---- queries used by the API --------------------------------------------------------
 
     def deployment_slices(self, tenant: str, deployment: str) -> list[SliceState]:
-        return [
-            s for s in self.slices.values() if s.tenant == tenant and s.deployment == deployment
-        ]
+        return list(self._by_deployment.get((tenant, deployment), ()))
 
     def ready_slices(self, tenant: str, deployment: str) -> list[SliceState]:
         return [
@@ -237,7 +237,12 @@ class Controller:
             if want.model
             else (dep.spec.model_version or "?"),
         )
+        replaced = self.slices.get(state.id)
         self.slices[state.id] = state
+        siblings = self._by_deployment.setdefault((state.tenant, state.deployment), [])
+        if replaced is not None and replaced in siblings:
+            siblings.remove(replaced)
+        siblings.append(state)
         if want.problem or want.model is None or profile is None:
             state.set_state("Pending", want.problem)
             return
@@ -338,6 +343,12 @@ class Controller:
         if sup is not None:
             await sup.stop()
         gone = self.slices.pop(slice_id, None)
+        if gone is not None:
+            siblings = self._by_deployment.get((gone.tenant, gone.deployment), [])
+            if gone in siblings:
+                siblings.remove(gone)
+            if not siblings:
+                self._by_deployment.pop((gone.tenant, gone.deployment), None)
         if gone is not None and gone.device_id is not None:
             labels = (gone.device_id, gone.tenant, gone.deployment, gone.id)
             for gauge in (self.metrics.slice_memory_limit, self.metrics.slice_memory_used):

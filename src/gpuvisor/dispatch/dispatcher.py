@@ -18,13 +18,18 @@ __all__ = ["BatchRunner", "DeviceDispatcher"]
 log = logging.getLogger("gpuvisor.dispatch")
 
 
-class BatchRunner(Protocol):
-    """Runs a granted batch on a slice's worker and returns one outcome per request, in order."""
+BatchCallback = Callable[[Sequence[Outcome] | GpuvisorError, float], None]
 
-    async def run_batch(
-        self, slice_id: str, batch: Sequence[PendingRequest]
-    ) -> tuple[list[Outcome], float]:
-        """Return (outcomes, device seconds); raise a GpuvisorError when the worker cannot answer."""
+
+class BatchRunner(Protocol):
+    """Runs a granted batch on a slice's worker and reports back through a callback."""
+
+    def start_batch(
+        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
+    ) -> None:
+        """Send the batch; later call ``done`` exactly once, from the event loop, with one
+        outcome per request in order and the device seconds the batch used, or with the error
+        that failed the whole batch. Raise a GpuvisorError when the batch cannot be sent."""
         ...
 
 
@@ -32,7 +37,12 @@ BatchObserver = Callable[[SliceQueue, Sequence[PendingRequest], float], None]
 
 
 class DeviceDispatcher:
-    """Decides which slice runs next on one device; ``concurrency`` batches may run at once."""
+    """Decides which slice runs next on one device; ``concurrency`` batches may run at once.
+
+    Decisions are made synchronously, on the event loop, at the moments they can change: a
+    request arrives, a batch completes, or a batching delay expires (a timer). No task sits
+    between a decision and the worker, so a grant costs no extra loop iteration.
+    """
 
     def __init__(
         self,
@@ -51,15 +61,18 @@ class DeviceDispatcher:
         self.in_flight = 0
         self._on_grant = on_grant
         self._on_complete = on_complete
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._batches: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._running = False
+        self._pumping = False
+        self._pump_soon = False
 
     # ---- slices -----------------------------------------------------------------------
 
     def add_slice(self, queue: SliceQueue) -> None:
         self.queues[queue.slice_id] = queue
-        self._wake.set()
+        self._pump()
 
     def remove_slice(self, slice_id: str, error: GpuvisorError) -> None:
         """Forget a slice and fail whatever it still had queued with ``error``."""
@@ -79,39 +92,62 @@ class DeviceDispatcher:
         queue = self.queues.get(slice_id)
         if queue is None:
             raise NotFound(f"slice {slice_id} is not on device {self.device_id}")
+        if not self._running:
+            raise Unavailable(f"device {self.device_id} is not dispatching (the node is stopping)")
         request.future = asyncio.get_running_loop().create_future()
         queue.push(request)
-        self._wake.set()
+        if not self._pump_soon:
+            # Decide once the loop has run what is ready now: requests that arrived together
+            # (one read of several connections) then share one batch and one trip to a worker.
+            self._pump_soon = True
+            asyncio.get_running_loop().call_soon(self._deferred_pump)
         return request.future
 
-    # ---- the loop ---------------------------------------------------------------------
+    # ---- decisions --------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"dispatcher-{self.device_id}")
+        """Start dispatching (on the running event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._pump()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Stop granting and fail everything still queued; batches on workers finish or fail."""
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for queue in list(self.queues.values()):
             self.fail_queued(queue, Unavailable("the node is shutting down"))
 
-    async def _run(self) -> None:
-        while True:
-            timeout = self.dispatch_ready(time.monotonic())
-            if timeout is None:
-                await self._wake.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-            self._wake.clear()
+    def _pump(self) -> None:
+        """Grant what may start now and arm the timer for what may start later."""
+        if not self._running or self._pumping:
+            return
+        self._pumping = True
+        try:
+            delay = self.dispatch_ready(time.monotonic())
+        finally:
+            self._pumping = False
+        if delay is None:
+            return
+        assert self._loop is not None
+        at = self._loop.time() + delay
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _deferred_pump(self) -> None:
+        self._pump_soon = False
+        self._pump()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self._pump()
 
     def dispatch_ready(self, now: float) -> float | None:
         """Grant every batch that may start now; return seconds until the next may, or None."""
@@ -139,30 +175,46 @@ class DeviceDispatcher:
             request.granted_at = now
         if self._on_grant is not None:
             self._on_grant(queue, batch, 0.0)
-        task = asyncio.create_task(self._execute(queue, batch))
-        self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
 
-    async def _execute(self, queue: SliceQueue, batch: list[PendingRequest]) -> None:
-        device_seconds = 0.0
+        def done(result: Sequence[Outcome] | GpuvisorError, device_seconds: float) -> None:
+            self._complete(queue, batch, result, device_seconds)
+
         try:
-            outcomes, device_seconds = await self.runner.run_batch(queue.slice_id, batch)
-            for request, outcome in zip(batch, outcomes):
+            self.runner.start_batch(queue.slice_id, batch, done)
+        except GpuvisorError as exc:
+            self._settle(queue, batch, exc, 0.0)
+
+    def _complete(
+        self,
+        queue: SliceQueue,
+        batch: list[PendingRequest],
+        result: Sequence[Outcome] | GpuvisorError,
+        device_seconds: float,
+    ) -> None:
+        self._settle(queue, batch, result, device_seconds)
+        self._pump()
+
+    def _settle(
+        self,
+        queue: SliceQueue,
+        batch: list[PendingRequest],
+        result: Sequence[Outcome] | GpuvisorError,
+        device_seconds: float,
+    ) -> None:
+        """Resolve the batch's requests, free the device and charge the slice."""
+        queue.busy = False
+        self.in_flight -= 1
+        if isinstance(result, GpuvisorError):
+            for request in batch:
+                if request.future is not None and not request.future.done():
+                    request.future.set_exception(result)
+        else:
+            for request, outcome in zip(batch, result):
                 if request.future is not None and not request.future.done():
                     request.future.set_result(outcome)
-        except GpuvisorError as exc:
-            for request in batch:
-                if request.future is not None and not request.future.done():
-                    request.future.set_exception(exc)
-        except Exception as exc:  # never leave a client hanging on a bug
-            log.exception("batch on slice %s failed unexpectedly", queue.slice_id)
-            for request in batch:
-                if request.future is not None and not request.future.done():
-                    request.future.set_exception(Unavailable(f"internal error: {exc}"))
-        finally:
-            queue.busy = False
-            self.in_flight -= 1
+        try:
             self.policy.charge(queue, device_seconds, time.monotonic())
             if self._on_complete is not None:
                 self._on_complete(queue, batch, device_seconds)
-            self._wake.set()
+        except Exception:  # an observer's bug must not stall the device
+            log.exception("accounting the batch of slice %s failed", queue.slice_id)

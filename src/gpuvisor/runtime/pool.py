@@ -16,21 +16,31 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
+from gpuvisor.dispatch.dispatcher import BatchCallback
 from gpuvisor.dispatch.queues import Outcome, PendingRequest
-from gpuvisor.errors import ModelError, Unavailable, WorkerCrashed, error_from_code
+from gpuvisor.errors import (
+    GpuvisorError,
+    ModelError,
+    Unavailable,
+    WorkerCrashed,
+    error_from_code,
+)
 from gpuvisor.runtime import protocol as p
 
 __all__ = ["SliceLaunch", "WorkerPool", "WorkerProcess"]
 
 log = logging.getLogger("gpuvisor.runtime")
+
+
+# What a batch's reply (or the crash of its worker) is handed to.
+ReplyHandler = Callable[["p.BatchDone | GpuvisorError", list[bytes]], None]
 
 
 @dataclass(frozen=True)
@@ -62,9 +72,7 @@ class WorkerProcess:
     exited: asyncio.Future[int]
     slices: set[str] = field(default_factory=set)
     loads: dict[str, asyncio.Future[p.ModelLoaded]] = field(default_factory=dict)
-    batches: dict[int, asyncio.Future[tuple[p.BatchDone, list[bytes]]]] = field(
-        default_factory=dict
-    )
+    batches: dict[int, ReplyHandler] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -80,7 +88,10 @@ class WorkerPool:
         self._own_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="gpuvisor-"))
         self.endpoint = f"ipc://{self.runtime_dir}/node.sock"
-        self.context = zmq.asyncio.Context()
+        # A plain (not asyncio) socket driven by loop.add_reader: replies are handled in the
+        # reader callback itself, and sends go out synchronously, with no task or future between
+        # the dispatcher and the worker (each of those costs a loop iteration under load).
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -90,22 +101,25 @@ class WorkerPool:
         self.slice_worker: dict[str, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
-        self._receiver: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
         self._watchers: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._receiver is None:
-            self._receiver = asyncio.create_task(self._receive(), name="worker-pool-receiver")
+        """Start receiving worker messages on the running event loop."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self.socket.fileno(), self._drain)
+            self._schedule_drain()
 
     async def close(self) -> None:
         """Stop every worker (Shutdown, then SIGTERM, then SIGKILL) and the socket."""
         await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
-        if self._receiver is not None:
-            self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._receiver
+        if self._loop is not None:
+            self._loop.remove_reader(self.socket.fileno())
+            self._loop = None
         self.socket.close(0)
         self.context.term()
         if self._own_dir:
@@ -153,10 +167,14 @@ class WorkerPool:
         else:
             await self._stop_worker(worker)
 
-    async def run_batch(
-        self, slice_id: str, batch: Sequence[PendingRequest]
-    ) -> tuple[list[Outcome], float]:
-        """Send a batch to the slice's worker and wait for its answers (the dispatcher's runner)."""
+    def start_batch(
+        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
+    ) -> None:
+        """Send a batch to the slice's worker; ``done`` gets its outcomes (the dispatcher's runner).
+
+        Raises WorkerCrashed when the slice's worker is not running, Unavailable when it
+        cannot be reached; once sent, a crash of the worker reaches ``done`` instead.
+        """
         worker = self.slice_worker.get(slice_id)
         if worker is None or worker.exited.done():
             raise WorkerCrashed(
@@ -164,25 +182,46 @@ class WorkerPool:
                 retry_after=1.0,
             )
         batch_id = next(self._batch_ids)
-        done: asyncio.Future[tuple[p.BatchDone, list[bytes]]] = (
+
+        def finished(message: p.BatchDone | GpuvisorError, frames: list[bytes]) -> None:
+            if isinstance(message, GpuvisorError):
+                done(message, 0.0)
+                return
+            outcomes = [
+                Outcome(res.status, frame, res.header_length)
+                for res, frame in zip(message.results, frames)
+            ]
+            for request, res in zip(batch, message.results):
+                request.rows = max(request.rows, res.rows)
+            done(outcomes, message.device_seconds)
+
+        self._send_now(
+            worker,
+            p.ExecuteBatch(
+                batch_id, slice_id, [p.RequestHeader(r.request_id, r.header_length) for r in batch]
+            ),
+            [r.body for r in batch],
+        )
+        worker.batches[batch_id] = finished
+
+    async def run_batch(
+        self, slice_id: str, batch: Sequence[PendingRequest]
+    ) -> tuple[list[Outcome], float]:
+        """Run one batch and wait for it: ``start_batch`` for callers outside a dispatcher."""
+        result: asyncio.Future[tuple[list[Outcome], float]] = (
             asyncio.get_running_loop().create_future()
         )
-        worker.batches[batch_id] = done
-        headers = [p.RequestHeader(r.request_id, r.header_length) for r in batch]
-        try:
-            await self._send(
-                worker, p.ExecuteBatch(batch_id, slice_id, headers), [r.body for r in batch]
-            )
-            message, frames = await done
-        finally:
-            worker.batches.pop(batch_id, None)
-        outcomes = [
-            Outcome(res.status, frame, res.header_length)
-            for res, frame in zip(message.results, frames)
-        ]
-        for request, result in zip(batch, message.results):
-            request.rows = max(request.rows, result.rows)
-        return outcomes, message.device_seconds
+
+        def done(outcome: Sequence[Outcome] | GpuvisorError, seconds: float) -> None:
+            if result.done():
+                return
+            if isinstance(outcome, GpuvisorError):
+                result.set_exception(outcome)
+            else:
+                result.set_result((list(outcome), seconds))
+
+        self.start_batch(slice_id, batch, done)
+        return await result
 
     def worker_of(self, slice_id: str) -> WorkerProcess | None:
         return self.slice_worker.get(slice_id)
@@ -241,11 +280,14 @@ class WorkerPool:
             "while serving this request; it is being restarted",
             retry_after=1.0,
         )
-        pending: list[asyncio.Future[Any]] = [
-            *worker.batches.values(),
-            *worker.loads.values(),
-            worker.ready,
-        ]
+        batches = list(worker.batches.values())
+        worker.batches.clear()
+        for finished in batches:
+            try:
+                finished(crash, [])
+            except Exception:
+                log.exception("failing a batch of crashed worker %s failed", worker.worker_id)
+        pending: list[asyncio.Future[Any]] = [*worker.loads.values(), worker.ready]
         for future in pending:
             if not future.done():
                 future.set_exception(crash)
@@ -285,20 +327,43 @@ class WorkerPool:
     async def _send(
         self, worker: WorkerProcess, message: p.Message, frames: Sequence[bytes] = ()
     ) -> None:
+        self._send_now(worker, message, frames)
+
+    def _send_now(
+        self, worker: WorkerProcess, message: p.Message, frames: Sequence[bytes] = ()
+    ) -> None:
+        """Send without waiting; raise Unavailable when the worker cannot take the message now.
+
+        A worker executes one batch at a time and the dispatcher bounds what is outstanding,
+        so its pipe (1,000 messages) never fills in normal operation.
+        """
         try:
-            await self.socket.send_multipart(
-                [worker.worker_id.encode(), p.encode(message), *frames], copy=False
+            self.socket.send_multipart(
+                [worker.worker_id.encode(), p.encode(message), *frames],
+                flags=zmq.NOBLOCK,
+                copy=False,
             )
         except zmq.ZMQError as exc:
             raise Unavailable(
                 f"worker {worker.worker_id} is not reachable: {exc}", retry_after=1.0
             ) from exc
+        # Sending can consume the edge-triggered readiness of the socket's file descriptor
+        # while a reply is already waiting: look again once the loop is free.
+        self._schedule_drain()
 
-    async def _receive(self) -> None:
-        while True:
+    def _schedule_drain(self) -> None:
+        if self._loop is not None and not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Handle every message waiting on the socket (the reader callback)."""
+        self._drain_scheduled = False
+        socket = self.socket
+        while int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             # Copied frames: replies are small, and zero-copy Frame objects cost more to make
-            # than the copy they save (their bytes were copied out below anyway).
-            frames = await self.socket.recv_multipart()
+            # than the copy they save.
+            frames = socket.recv_multipart(zmq.NOBLOCK)
             worker = self.workers.get(frames[0].decode())
             if worker is None or len(frames) < 2:
                 continue
@@ -307,13 +372,16 @@ class WorkerPool:
             except Exception:
                 log.warning("worker %s sent an undecodable message", worker.worker_id)
                 continue
-            self._handle(worker, message, frames[2:])
+            try:
+                self._handle(worker, message, frames[2:])
+            except Exception:  # one bad message must not stop the node hearing its workers
+                log.exception("handling a message from worker %s failed", worker.worker_id)
 
     def _handle(self, worker: WorkerProcess, message: p.Message, payload: list[bytes]) -> None:
         if isinstance(message, p.BatchDone):
-            future = worker.batches.get(message.batch_id)
-            if future is not None and not future.done():
-                future.set_result((message, payload))
+            finished = worker.batches.pop(message.batch_id, None)
+            if finished is not None:
+                finished(message, payload)
         elif isinstance(message, p.ModelLoaded):
             loaded = worker.loads.get(message.slice_id)
             if loaded is not None and not loaded.done():

@@ -6,7 +6,11 @@ outcome codes; never request ids or free text.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 __all__ = ["Metrics"]
 
@@ -33,6 +37,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.build_info = Info("gpuvisor_build", "gpuvisor build information", registry=r)
         self.requests = Counter(
@@ -110,3 +115,15 @@ class Metrics:
             ["tenant", "deployment", "state"],
             registry=r,
         )
+
+    def child(self, metric: M, *labels: str) -> M:
+        """Return ``metric.labels(*labels)``, cached: the request path calls this per request.
+
+        Only for series that are never removed (counters and histograms here); a removed
+        series would stay cached.
+        """
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

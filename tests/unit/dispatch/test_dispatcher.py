@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.dispatcher import BatchCallback, DeviceDispatcher
 from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
 from gpuvisor.errors import WorkerCrashed
 
@@ -22,22 +22,27 @@ class RecordingRunner:
         self.batches: list[tuple[str, list[int]]] = []
         self.running = 0
         self.max_running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run_batch(
-        self, slice_id: str, batch: Sequence[PendingRequest]
-    ) -> tuple[list[Outcome], float]:
+    def start_batch(
+        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
+    ) -> None:
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         self.batches.append((slice_id, [r.request_id for r in batch]))
-        try:
-            await asyncio.sleep(self.seconds)
-            if slice_id == self.fail_slice:
-                raise WorkerCrashed("worker exited")
-            return [
-                Outcome(200, f"{slice_id}:{r.request_id}".encode()) for r in batch
-            ], self.seconds
-        finally:
-            self.running -= 1
+        task = asyncio.get_running_loop().create_task(self._finish(slice_id, batch, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(
+        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
+    ) -> None:
+        await asyncio.sleep(self.seconds)
+        self.running -= 1
+        if slice_id == self.fail_slice:
+            done(WorkerCrashed("worker exited"), 0.0)
+        else:
+            done([Outcome(200, f"{slice_id}:{r.request_id}".encode()) for r in batch], self.seconds)
 
 
 def _queue(name: str, max_batch: int = 8, delay: float = 0.0) -> SliceQueue:
