@@ -14,10 +14,11 @@ from pathlib import Path
 from gpuvisor import __version__
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.slices import SliceState
+from gpuvisor.dispatch.admission import deadline_error
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.policy import FifoPolicy
-from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
-from gpuvisor.errors import NotFound, Unavailable
+from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, Outcome, PendingRequest, SliceQueue
+from gpuvisor.errors import DeadlineExceeded, NotFound, TooManyRequests, Unavailable
 from gpuvisor.inventory.device import Topology
 from gpuvisor.inventory.discovery import discover
 from gpuvisor.runtime.pool import WorkerPool
@@ -105,6 +106,7 @@ class Node:
             cluster=self.spec.cluster,
             backoff=self.spec.workers.restart_backoff,
             backoff_max=self.spec.workers.restart_backoff_max,
+            max_queued_per_slice=self.spec.limits.max_queued_per_slice,
         )
         await self.controller.reconcile()
         self.controller.start(self.spec.reconcile_period)
@@ -185,28 +187,55 @@ class Node:
         return dep.spec.model_version or "1"
 
     async def infer(
-        self, dep: Deployment, body: bytes, header_length: int, trace_id: str
+        self,
+        dep: Deployment,
+        body: bytes,
+        header_length: int,
+        trace_id: str,
+        priority: int | None = None,
+        timeout: float | None = None,
     ) -> Outcome:
-        """Admit a request to the least-loaded ready slice of ``dep`` and wait for its outcome."""
+        """Admit a request to the least-loaded ready slice of ``dep`` and wait for its outcome.
+
+        ``priority`` (OIP, 1 highest; None or 0 the default) orders it within its slice;
+        ``timeout`` (seconds) and the deployment's ``slo.latency`` bound it: the smaller is its
+        deadline. Raises TooManyRequests (429) or DeadlineExceeded (503) when it is refused
+        before queueing, DeadlineExceeded when its deadline passes while it is queued.
+        """
         assert self.controller is not None
-        tenant = dep.metadata.tenant or ""
-        slices = self.controller.ready_slices(tenant, dep.metadata.name)
+        tenant, name = dep.metadata.tenant or "", dep.metadata.name
+        slices = self.controller.ready_slices(tenant, name)
         if not slices:
-            raise Unavailable(self._not_ready_reason(tenant, dep.metadata.name), retry_after=1.0)
+            raise Unavailable(self._not_ready_reason(tenant, name), retry_after=1.0)
         chosen = min(slices, key=lambda s: s.queue.queued_rows if s.queue else 0)
-        assert chosen.queue is not None and chosen.device_id is not None
+        queue, device_id = chosen.queue, chosen.device_id
+        assert queue is not None and device_id is not None
+        dispatcher = self.dispatchers[device_id]
+        m, version = self.metrics, chosen.model_version
+        now = time.monotonic()
+        budget = _earliest(dep.spec.slo.latency, timeout)
+        try:
+            self._admit(tenant, queue, dispatcher, budget, now)
+        except (TooManyRequests, DeadlineExceeded) as exc:
+            m.child(m.admission_rejections, tenant, name, str(exc.fields.get("reason"))).inc()
+            m.child(m.requests, tenant, name, version, exc.code).inc()
+            raise
         request = PendingRequest(
             request_id=next(self._request_ids),
             tenant=tenant,
             body=body,
             header_length=header_length,
-            arrival=time.monotonic(),
+            arrival=now,
+            deadline=None if budget is None else now + budget,
+            priority=priority or DEFAULT_PRIORITY,
             trace_id=trace_id,
         )
-        future = self.dispatchers[chosen.device_id].submit(chosen.id, request)
-        m, name, version = self.metrics, dep.metadata.name, chosen.model_version
+        future = dispatcher.submit(queue.slice_id, request)
         try:
-            outcome = await future
+            if budget is None:
+                outcome = await future
+            else:
+                outcome = await self._await_within(future, budget, dispatcher, queue, request)
         except Exception as exc:
             m.child(m.requests, tenant, name, version, getattr(exc, "code", "error")).inc()
             raise
@@ -216,6 +245,68 @@ class Node:
             time.monotonic() - request.arrival
         )
         return outcome
+
+    def _admit(
+        self,
+        tenant: str,
+        queue: SliceQueue,
+        dispatcher: DeviceDispatcher,
+        budget: float | None,
+        now: float,
+    ) -> None:
+        """Refuse a request before it queues: rate, queue caps, then a deadline it cannot meet."""
+        assert self.controller is not None
+        admission = self.controller.admission
+        admission.check_rate(tenant, now)
+        tenant_cap = admission.limits(tenant).max_queued
+        if tenant_cap is not None or len(queue.items) >= queue.max_queued:
+            tenant_queued = sum(
+                len(q.items)
+                for d in self.dispatchers.values()
+                for q in d.queues.values()
+                if q.tenant == tenant
+            )
+            if (tenant_cap is not None and tenant_queued >= tenant_cap) or len(
+                queue.items
+            ) >= queue.max_queued:
+                admission.check_queues(
+                    tenant,
+                    tenant_queued,
+                    queue.slice_id,
+                    len(queue.items),
+                    queue.max_queued,
+                    dispatcher.predict_completion(queue, 0, now),
+                )
+        if budget is not None:
+            predicted = dispatcher.predict_completion(queue, 1, now)
+            if predicted > budget:
+                raise deadline_error(budget, predicted, len(queue.items))
+
+    async def _await_within(
+        self,
+        future: asyncio.Future[Outcome],
+        budget: float,
+        dispatcher: DeviceDispatcher,
+        queue: SliceQueue,
+        request: PendingRequest,
+    ) -> Outcome:
+        """Wait for a request with a deadline; withdraw it if the deadline passes while queued
+        (a request already on the device is answered: its device time is spent)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), budget)
+        except asyncio.TimeoutError:
+            if not dispatcher.withdraw(queue.slice_id, request):
+                return await future
+        m = self.metrics
+        m.child(m.admission_rejections, request.tenant, queue.deployment, "deadline_expired").inc()
+        future.cancel()
+        raise DeadlineExceeded(
+            f"the request's deadline of {budget * 1000:.3g} ms passed while it was queued on "
+            f"slice {queue.slice_id} ({len(queue.items)} requests still queued there); it was "
+            "dropped without running. Raise Deployment spec.slo.latency or the request's "
+            "timeout, or send less",
+            reason="deadline_expired",
+        )
 
     def _not_ready_reason(self, tenant: str, name: str) -> str:
         assert self.controller is not None
@@ -229,7 +320,9 @@ class Node:
 
     def _observe_grant(self, queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
         m = self.metrics
-        wait = m.child(m.queue_wait, self.spec.cluster, queue.pool, queue.profile, queue.tenant)
+        wait = m.child(
+            m.queue_wait, self.spec.cluster, queue.pool, queue.profile_name, queue.tenant
+        )
         for request in batch:
             if request.granted_at is not None:
                 wait.observe(request.granted_at - request.arrival)
@@ -248,3 +341,9 @@ class Node:
         assert self.controller is not None
         s = self.controller.slices.get(slice_id)
         return (s.device_id or "") if s else ""
+
+
+def _earliest(*limits: float | None) -> float | None:
+    """The smallest of the given time limits, None when there is none."""
+    present = [x for x in limits if x is not None]
+    return min(present) if present else None

@@ -29,6 +29,7 @@ __all__ = [
     "inference_target",
     "oip_router",
     "read_body",
+    "request_parameters",
     "serve_inference",
 ]
 
@@ -115,7 +116,8 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
                 f"Inference-Header-Content-Length {header_length} is outside the body's "
                 f"{len(body)} bytes"
             )
-    outcome = await node.infer(dep, body, header_length, trace_id)
+    priority, timeout = request_parameters(body, header_length)
+    outcome = await node.infer(dep, body, header_length, trace_id, priority, timeout)
     headers = {"X-Request-ID": trace_id}
     if outcome.status != 200:
         log.info(
@@ -155,6 +157,42 @@ def inference_target(scope: Scope) -> tuple[str, str | None] | None:
     if scope["type"] != "http" or scope["method"] != "POST":
         return None
     return _infer_target(scope["path"])
+
+
+def request_parameters(body: bytes, header_length: int) -> tuple[int | None, float | None]:
+    """Return the OIP request parameters the node schedules by: ``priority`` (an integer,
+    1 highest, 0 the default) and ``timeout`` (microseconds, returned in seconds).
+
+    The node does not decode tensors: the JSON is parsed only when one of the two names occurs
+    in it (for binary requests, only the JSON header). A body that is not valid JSON is left to
+    the worker, which answers it with a clear 400.
+    """
+    head = body if header_length < 0 else body[:header_length]
+    if b'"priority"' not in head and b'"timeout"' not in head:
+        return None, None
+    try:
+        document = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        return None, None
+    parameters = document.get("parameters") if isinstance(document, dict) else None
+    if not isinstance(parameters, dict):
+        return None, None
+    priority = parameters.get("priority")
+    timeout = parameters.get("timeout")
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
+    ):
+        raise InvalidRequest(
+            f"parameter 'priority' must be a non-negative integer (1 is the highest, 0 the "
+            f"default), got {priority!r}"
+        )
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise InvalidRequest(
+            f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}"
+        )
+    return priority, None if timeout is None else float(timeout) / 1e6
 
 
 def _infer_target(path: str) -> tuple[str, str | None] | None:

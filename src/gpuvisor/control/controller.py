@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
 
 from gpuvisor.control.slices import SliceState, SliceSupervisor
+from gpuvisor.dispatch.admission import Admission, TenantLimits
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.profiles import ExecutionProfile
 from gpuvisor.dispatch.queues import SliceQueue
 from gpuvisor.inventory.device import Device, Topology
 from gpuvisor.placement.placer import PlacedSlice, SliceRequest, place_slice
@@ -117,8 +120,12 @@ class Controller:
         cluster: str = "local",
         backoff: float = 0.5,
         backoff_max: float = 30.0,
+        admission: Admission | None = None,
+        max_queued_per_slice: int = 1024,
     ) -> None:
         self.store = store
+        self.admission = admission or Admission()
+        self.max_queued_per_slice = max_queued_per_slice
         self.topology = topology
         self.pool = pool
         self.dispatchers = dispatchers
@@ -207,7 +214,38 @@ class Controller:
                 current = self.slices.get(sid)
                 if current is None or (current.state == "Pending" and sid not in self.supervisors):
                     self._start_slice(want)
+            self._refresh_scheduling()
             self._publish_slice_counts()
+
+    def _refresh_scheduling(self) -> None:
+        """Apply tenants' weights and quotas and pools' scheduler modes to running slices
+        (they change without restarting anything)."""
+        now = time.monotonic()
+        tenants = {r.metadata.name: r for r in self.resources if isinstance(r, Tenant)}
+        for name, tenant in tenants.items():
+            quota = tenant.spec.quota
+            self.admission.configure(
+                name, TenantLimits(quota.requests_per_second, quota.max_queued), now
+            )
+        for state in self.slices.values():
+            if state.queue is not None:
+                self._schedule_settings(state.queue)
+
+    def _schedule_settings(self, queue: SliceQueue) -> None:
+        tenant = next(
+            (
+                r
+                for r in self.resources
+                if isinstance(r, Tenant) and r.metadata.name == queue.tenant
+            ),
+            None,
+        )
+        pool = next(
+            (r for r in self.resources if isinstance(r, Pool) and r.metadata.name == queue.pool),
+            None,
+        )
+        queue.weight = tenant.spec.weight if tenant else 1.0
+        queue.mode = pool.spec.scheduler if pool else "best-effort"
 
     def _placed(self, exclude: str) -> list[PlacedSlice]:
         return [
@@ -323,16 +361,22 @@ class Controller:
         max_batch = state.launch.max_batch_size if state.launch else 1
         if state.loaded is not None and not state.loaded.batchable:
             max_batch = 1
-        return SliceQueue(
+        measured = state.loaded.profile if state.loaded is not None else None
+        queue = SliceQueue(
             slice_id=state.id,
             tenant=state.tenant,
             deployment=state.deployment,
             pool=state.pool,
-            profile=state.profile,
+            profile_name=state.profile,
             latency_class=state.latency_class,
             max_batch_size=max_batch,
             max_queue_delay=batching.max_queue_delay if batching else 0.0,
+            share=state.compute_share,
+            profile=ExecutionProfile(measured),
+            max_queued=self.max_queued_per_slice,
         )
+        self._schedule_settings(queue)
+        return queue
 
     def _remember_model(self, state: SliceState) -> None:
         if state.loaded is not None:

@@ -67,6 +67,7 @@ class DeviceDispatcher:
         self._running = False
         self._pumping = False
         self._pump_soon = False
+        self._batch_ends: dict[int, float] = {}  # predicted end of each batch on the device
 
     # ---- slices -----------------------------------------------------------------------
 
@@ -79,6 +80,7 @@ class DeviceDispatcher:
         queue = self.queues.pop(slice_id, None)
         if queue is not None:
             self.fail_queued(queue, error)
+            self.policy.forget(slice_id)
 
     def fail_queued(self, queue: SliceQueue, error: GpuvisorError) -> None:
         for request in queue.drain():
@@ -164,13 +166,45 @@ class DeviceDispatcher:
                     next_ready = at
             chosen = self.policy.choose(candidates, now) if candidates else None
             if chosen is None:
+                if candidates:  # held back (a fixed share used up): look again when it may run
+                    eligible = self.policy.next_eligible(candidates, now)
+                    if eligible is not None:
+                        next_ready = min(next_ready, eligible)
                 return None if next_ready == float("inf") else max(0.0, next_ready - now)
             self._grant(chosen, take_batch(chosen, self.policy.batch_rows(chosen)), now)
         return None
 
+    def predict_completion(self, queue: SliceQueue, rows: int, now: float) -> float:
+        """Predict the seconds until a request of ``rows`` queued now on ``queue`` is answered.
+
+        What runs on the device first, then this slice's queue in batches of the size the
+        policy grants it, each possibly preceded by one batch of another backlogged slice
+        (its predicted cost, at most one quantum's worth as the policy sizes them).
+        """
+        running = max((end - now for end in self._batch_ends.values()), default=0.0)
+        size = max(1, self.policy.batch_rows(queue))
+        ahead = queue.queued_rows + rows
+        full, rest = divmod(ahead, size)
+        own = full * queue.profile.predict(size) + (queue.profile.predict(rest) if rest else 0.0)
+        batches = full + (1 if rest else 0)
+        others = [
+            q.profile.predict(max(1, self.policy.batch_rows(q)))
+            for q in self.queues.values()
+            if q is not queue and q.items
+        ]
+        interleave = (batches - 1) * max(others) if others and batches > 1 else 0.0
+        return max(0.0, running) + own + interleave
+
+    def withdraw(self, slice_id: str, request: PendingRequest) -> bool:
+        """Take a request that is still queued out of its slice (its deadline passed): it will
+        spend no device time. False when it was already granted (or is gone)."""
+        queue = self.queues.get(slice_id)
+        return queue is not None and queue.remove(request)
+
     def _grant(self, queue: SliceQueue, batch: list[PendingRequest], now: float) -> None:
         queue.busy = True
         self.in_flight += 1
+        self._batch_ends[id(batch)] = now + queue.profile.predict(sum(r.rows for r in batch))
         for request in batch:
             request.granted_at = now
         if self._on_grant is not None:
@@ -204,6 +238,7 @@ class DeviceDispatcher:
         """Resolve the batch's requests, free the device and charge the slice."""
         queue.busy = False
         self.in_flight -= 1
+        self._batch_ends.pop(id(batch), None)
         if isinstance(result, GpuvisorError):
             for request in batch:
                 if request.future is not None and not request.future.done():
@@ -213,6 +248,8 @@ class DeviceDispatcher:
                 if request.future is not None and not request.future.done():
                     request.future.set_result(outcome)
         try:
+            if device_seconds > 0 and not isinstance(result, GpuvisorError):
+                queue.profile.observe(sum(r.rows for r in batch), device_seconds)
             self.policy.charge(queue, device_seconds, time.monotonic())
             if self._on_complete is not None:
                 self._on_complete(queue, batch, device_seconds)

@@ -25,6 +25,15 @@ class DispatchPolicy(Protocol):
         """Record that a batch of ``queue`` held the device for ``device_seconds``."""
         ...
 
+    def next_eligible(self, candidates: Sequence[SliceQueue], now: float) -> float | None:
+        """When ``choose`` held every candidate back (a fixed share used up): the earliest
+        monotonic time one of them may run again; None when none is held back."""
+        ...
+
+    def forget(self, slice_id: str) -> None:
+        """Drop what is kept about a slice that left the device."""
+        ...
+
 
 class FifoPolicy:
     """First come, first served across slices: the oldest waiting request goes next."""
@@ -36,4 +45,10 @@ class FifoPolicy:
         return queue.max_batch_size
 
     def charge(self, queue: SliceQueue, device_seconds: float, now: float) -> None:
+        return None
+
+    def next_eligible(self, candidates: Sequence[SliceQueue], now: float) -> float | None:
+        return None
+
+    def forget(self, slice_id: str) -> None:
         return None

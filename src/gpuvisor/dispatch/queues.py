@@ -6,7 +6,13 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["Outcome", "PendingRequest", "SliceQueue"]
+from gpuvisor.dispatch.profiles import ExecutionProfile
+
+__all__ = ["DEFAULT_PRIORITY", "Outcome", "PendingRequest", "SliceQueue"]
+
+#: The priority of a request that names none (OIP ``priority`` 0 or absent). Lower runs first
+#: within a slice: priority 1 is the highest; 1–9 go ahead of default requests, 11+ after them.
+DEFAULT_PRIORITY = 10
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class PendingRequest:
     arrival: float  # monotonic seconds at admission
     rows: int = 1
     deadline: float | None = None  # monotonic seconds, None: no deadline
-    priority: int = 0  # lower runs first within the slice (OIP 'priority')
+    priority: int = DEFAULT_PRIORITY  # lower runs first within the slice (OIP 'priority')
     trace_id: str = ""
     future: asyncio.Future[Outcome] | None = None
     granted_at: float | None = None
@@ -37,23 +43,30 @@ class PendingRequest:
 
 @dataclass(eq=False)
 class SliceQueue:
-    """The queue of one slice on one device, with the batching settings that drain it."""
+    """The queue of one slice on one device, with what the scheduler needs to know about it:
+    its batching settings, its tenant's weight, its guaranteed share, latency class, its
+    pool's scheduler mode and its execution profile."""
 
     slice_id: str
     tenant: str
     deployment: str
     pool: str
-    profile: str
-    latency_class: str = "standard"
+    profile_name: str
+    latency_class: str = "standard"  # critical | standard | batch
     max_batch_size: int = 1
     max_queue_delay: float = 0.0
+    weight: float = 1.0  # the tenant's weight (> 0)
+    share: float = 0.0  # the profile's computeShare (0: no guarantee)
+    mode: str = "best-effort"  # the pool's scheduler: best-effort | equal-share | fixed-share
+    profile: ExecutionProfile = field(default_factory=ExecutionProfile)
+    max_queued: int = 1024  # requests this slice may hold waiting
     items: deque[PendingRequest] = field(default_factory=deque)
     queued_rows: int = 0
     busy: bool = False  # a batch of this slice is on the device (its worker runs one at a time)
 
     def push(self, request: PendingRequest) -> None:
-        """Append a request (or insert it by priority when it carries one)."""
-        if request.priority and self.items and self.items[-1].priority > request.priority:
+        """Append a request, behind every queued request of the same or a higher priority."""
+        if self.items and self.items[-1].priority > request.priority:
             index = len(self.items)
             while index > 0 and self.items[index - 1].priority > request.priority:
                 index -= 1
@@ -66,6 +79,15 @@ class SliceQueue:
         request = self.items.popleft()
         self.queued_rows -= request.rows
         return request
+
+    def remove(self, request: PendingRequest) -> bool:
+        """Take a still-queued request out (its deadline passed); False if it is not queued."""
+        try:
+            self.items.remove(request)
+        except ValueError:
+            return False
+        self.queued_rows -= request.rows
+        return True
 
     def drain(self) -> list[PendingRequest]:
         """Remove and return everything queued."""

@@ -339,6 +339,7 @@ class NvmlConfig(SpecModel):
 
 class Limits(SpecModel):
     max_body_size: Size = Field(default=64 * 2**20, gt=0)
+    max_queued_per_slice: int = Field(default=1024, ge=1)
 
 
 class WorkerSettings(SpecModel):

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpuvisor.dispatch.batching import ready_at, take_batch
-from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
+from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, PendingRequest, SliceQueue
 
 
 def _queue(max_batch: int = 4, delay: float = 0.0) -> SliceQueue:
@@ -16,7 +16,9 @@ def _queue(max_batch: int = 4, delay: float = 0.0) -> SliceQueue:
     )
 
 
-def _request(i: int, arrival: float = 0.0, rows: int = 1, priority: int = 0) -> PendingRequest:
+def _request(
+    i: int, arrival: float = 0.0, rows: int = 1, priority: int = DEFAULT_PRIORITY
+) -> PendingRequest:
     return PendingRequest(
         request_id=i,
         tenant="t",
@@ -62,6 +64,25 @@ def test_priority_orders_within_a_slice() -> None:
     queue.push(_request(1, priority=5))
     queue.push(_request(2, priority=1))
     assert [r.request_id for r in queue.drain()] == [2, 0, 1]
+
+
+def test_named_priorities_go_around_default_requests() -> None:
+    queue = _queue()
+    queue.push(_request(0))  # no priority: the default level
+    queue.push(_request(1, priority=DEFAULT_PRIORITY + 1))  # lower than default
+    queue.push(_request(2))
+    queue.push(_request(3, priority=1))  # the highest
+    assert [r.request_id for r in queue.drain()] == [3, 0, 2, 1]
+
+
+def test_remove_takes_a_queued_request_out() -> None:
+    queue = _queue()
+    requests = [_request(i, rows=2) for i in range(3)]
+    for request in requests:
+        queue.push(request)
+    assert queue.remove(requests[1]) and queue.queued_rows == 4
+    assert not queue.remove(requests[1]), "a request that is no longer queued is not removed twice"
+    assert [r.request_id for r in queue.drain()] == [0, 2]
 
 
 @given(st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=40), st.integers(1, 16))

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import pytest
 
 from gpuvisor.dispatch.dispatcher import BatchCallback, DeviceDispatcher
+from gpuvisor.dispatch.policy import FifoPolicy
+from gpuvisor.dispatch.profiles import ExecutionProfile
 from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
 from gpuvisor.errors import WorkerCrashed
 
@@ -147,3 +149,77 @@ def test_removing_a_slice_fails_what_it_had_queued() -> None:
     results = asyncio.run(scenario())
     assert isinstance(results[0], Outcome)
     assert all(isinstance(r, WorkerCrashed) for r in results[1:])
+
+
+def test_withdraw_takes_out_a_queued_request_but_not_a_running_one() -> None:
+    runner = RecordingRunner(seconds=0.05)
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    dispatcher.add_slice(_queue("a", max_batch=1))
+
+    async def scenario() -> tuple[bool, bool, list[object]]:
+        dispatcher.start()
+        first, second = _request(0), _request(1)
+        futures = [dispatcher.submit("a", first), dispatcher.submit("a", second)]
+        await asyncio.sleep(0.01)  # request 0 runs, 1 waits
+        running = dispatcher.withdraw("a", first)
+        queued = dispatcher.withdraw("a", second)
+        futures[1].cancel()
+        done = await asyncio.gather(futures[0], return_exceptions=True)
+        await asyncio.sleep(0.08)
+        await dispatcher.stop()
+        return running, queued, list(done)
+
+    running, queued, done = asyncio.run(scenario())
+    assert not running and queued
+    assert isinstance(done[0], Outcome)
+    assert [ids for _, ids in runner.batches] == [[0]], "a withdrawn request never runs"
+
+
+class HoldingPolicy(FifoPolicy):
+    """Holds every slice back until ``release_at`` (as a used-up fixed share would)."""
+
+    def __init__(self, release_at: float) -> None:
+        self.release_at = release_at
+
+    def choose(self, candidates: Sequence[SliceQueue], now: float) -> SliceQueue | None:
+        return super().choose(candidates, now) if now >= self.release_at else None
+
+    def next_eligible(self, candidates: Sequence[SliceQueue], now: float) -> float | None:
+        return self.release_at if now < self.release_at else None
+
+
+def test_a_held_back_slice_runs_when_the_policy_says_it_may() -> None:
+    runner = RecordingRunner(seconds=0.001)
+
+    async def scenario() -> float:
+        release = time.monotonic() + 0.05
+        dispatcher = DeviceDispatcher("cpu-0", runner, HoldingPolicy(release))
+        dispatcher.add_slice(_queue("a", max_batch=1))
+        dispatcher.start()
+        await dispatcher.submit("a", _request(0))
+        finished = time.monotonic()
+        await dispatcher.stop()
+        return finished - release
+
+    late = asyncio.run(scenario())
+    assert 0 <= late < 0.5, "granted once released, by the dispatcher's own timer"
+
+
+def test_completions_keep_the_execution_profile_current() -> None:
+    runner = RecordingRunner(seconds=0.02)
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    queue = _queue("a", max_batch=4)
+    dispatcher.add_slice(queue)
+    asyncio.run(_run(dispatcher, [("a", i) for i in range(4)]))
+    assert queue.profile.predict(4) == pytest.approx(0.02)
+
+
+def test_predicted_completion_counts_what_waits_ahead() -> None:
+    dispatcher = DeviceDispatcher("cpu-0", RecordingRunner())
+    queue = _queue("a", max_batch=2)
+    queue.profile = ExecutionProfile({1: 0.001, 2: 0.002})
+    dispatcher.add_slice(queue)
+    for i in range(3):
+        queue.push(_request(i))
+    # 3 queued + 1 new = two full batches of 2 rows
+    assert dispatcher.predict_completion(queue, 1, time.monotonic()) == pytest.approx(0.004)

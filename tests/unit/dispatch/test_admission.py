@@ -1,0 +1,70 @@
+"""Admission before queueing: token buckets, queue caps, and the deadline refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuvisor.dispatch.admission import Admission, TenantLimits, TokenBucket, deadline_error
+from gpuvisor.errors import DeadlineExceeded, TooManyRequests
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=5.0, now=0.0)
+    assert [bucket.take(0.0) for _ in range(5)] == [0.0] * 5  # one second's worth at once
+    wait = bucket.take(0.0)
+    assert wait == pytest.approx(0.2), "the sixth waits for the next token"
+    assert bucket.take(0.1) == pytest.approx(0.1), "a refused take consumes nothing"
+    assert bucket.take(0.2) == 0.0
+    assert bucket.take(10.0) == 0.0 and bucket.tokens == pytest.approx(4.0), "never above burst"
+
+
+def test_token_bucket_refuses_a_bad_rate() -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0.0)
+
+
+def test_rate_limit_is_per_tenant_and_says_when_to_retry() -> None:
+    admission = Admission()
+    admission.configure("shop", TenantLimits(requests_per_second=2.0), now=0.0)
+    admission.check_rate("shop", 0.0)
+    admission.check_rate("shop", 0.0)
+    with pytest.raises(TooManyRequests) as refused:
+        admission.check_rate("shop", 0.0)
+    assert refused.value.http_status == 429
+    assert refused.value.retry_after == pytest.approx(0.5)
+    assert refused.value.fields["reason"] == "rate_limit"
+    assert "requestsPerSecond" in refused.value.message
+    for _ in range(100):
+        admission.check_rate("chatbot", 0.0)  # no quota: never limited
+
+
+def test_reconfiguring_the_same_rate_keeps_the_bucket() -> None:
+    admission = Admission()
+    admission.configure("shop", TenantLimits(requests_per_second=1.0), now=0.0)
+    admission.check_rate("shop", 0.0)
+    admission.configure("shop", TenantLimits(requests_per_second=1.0), now=0.0)
+    with pytest.raises(TooManyRequests):
+        admission.check_rate("shop", 0.0)
+    admission.configure("shop", TenantLimits(requests_per_second=None), now=0.0)
+    admission.check_rate("shop", 0.0)  # limit lifted
+
+
+def test_queue_caps_name_the_limit_that_was_hit() -> None:
+    admission = Admission()
+    admission.configure("shop", TenantLimits(max_queued=3), now=0.0)
+    admission.check_queues("shop", 2, "shop/d/0", 2, 10, 0.05)
+    with pytest.raises(TooManyRequests) as tenant_full:
+        admission.check_queues("shop", 3, "shop/d/0", 3, 10, 0.05)
+    assert tenant_full.value.fields["reason"] == "tenant_queue_full"
+    assert "quota.maxQueued" in tenant_full.value.message
+    with pytest.raises(TooManyRequests) as slice_full:
+        admission.check_queues("other", 10, "other/d/0", 10, 10, 2.5)
+    assert slice_full.value.fields["reason"] == "slice_queue_full"
+    assert slice_full.value.retry_after == pytest.approx(2.5)
+
+
+def test_deadline_error_is_a_503_with_the_numbers() -> None:
+    error = deadline_error(budget=0.005, predicted=0.012, queued_ahead=7)
+    assert isinstance(error, DeadlineExceeded) and error.http_status == 503
+    assert "5 ms" in error.message and "12 ms" in error.message and "7 requests" in error.message
+    assert error.fields["reason"] == "deadline_infeasible"
