@@ -16,7 +16,7 @@ from gpuvisor.control.controller import Controller
 from gpuvisor.control.slices import SliceState
 from gpuvisor.dispatch.admission import deadline_error
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
-from gpuvisor.dispatch.policy import FifoPolicy
+from gpuvisor.dispatch.fairshare import FairSharePolicy
 from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, Outcome, PendingRequest, SliceQueue
 from gpuvisor.errors import DeadlineExceeded, NotFound, TooManyRequests, Unavailable
 from gpuvisor.inventory.device import Topology
@@ -90,7 +90,7 @@ class Node:
             dispatcher = DeviceDispatcher(
                 device.id,
                 self.pool,
-                FifoPolicy(),
+                FairSharePolicy(device.quantum),
                 device.concurrency,
                 on_grant=self._observe_grant,
                 on_complete=self._observe_completion,
