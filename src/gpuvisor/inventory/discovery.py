@@ -44,6 +44,10 @@ def discover(node_spec: NodeSpec, fleet: Fleet | None = None) -> Topology:
                 field="nvml.enabled",
                 reason=reason,
             )
+    for gpu in gpus:
+        gpu.concurrency = node_spec.nvml.concurrency
+        if node_spec.nvml.quantum is not None:
+            gpu.quantum = node_spec.nvml.quantum
     devices = list(gpus)
     cpu_config = node_spec.cpu
     if cpu_config.enabled is True or (cpu_config.enabled == "auto" and not gpus):

@@ -335,6 +335,10 @@ class CpuDeviceConfig(SpecModel):
 
 class NvmlConfig(SpecModel):
     enabled: AutoFlag = "auto"
+    concurrency: int = Field(default=1, ge=1)
+    """Batches granted at once on each GPU (1: the dispatcher alone decides who runs)."""
+    quantum: Duration | None = Field(default=None, gt=0)
+    """Longest non-critical batch on a GPU; None means 2 ms."""
 
 
 class Limits(SpecModel):

@@ -138,3 +138,12 @@ def test_real_discovery_on_this_machine() -> None:
         cpu = topology.devices[0]
         assert cpu.memory_total > 0
         assert cpu.threads is not None and cpu.threads >= 1
+
+
+def test_gpu_scheduling_settings_come_from_the_nvml_section(nvml_finds: Any) -> None:
+    nvml_finds(2)
+    defaults = discover(node_spec())
+    assert [(d.concurrency, d.quantum) for d in defaults.devices] == [(1, 0.002)] * 2
+    nvml_finds(2)
+    tuned = discover(node_spec(nvml={"concurrency": 2, "quantum": "5ms"}))
+    assert [(d.concurrency, d.quantum) for d in tuned.devices] == [(2, 0.005)] * 2
