@@ -218,8 +218,9 @@ class Controller:
             self._publish_slice_counts()
 
     def _refresh_scheduling(self) -> None:
-        """Apply tenants' weights and quotas and pools' scheduler modes to running slices
-        (they change without restarting anything)."""
+        """Apply tenants' weights and quotas to running slices and admission (they change
+        without restarting anything; a pool's scheduler mode is part of its slices' spec, so
+        changing it restarts them and they start with the new mode)."""
         now = time.monotonic()
         tenants = {r.metadata.name: r for r in self.resources if isinstance(r, Tenant)}
         for name, tenant in tenants.items():

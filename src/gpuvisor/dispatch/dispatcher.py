@@ -193,7 +193,9 @@ class DeviceDispatcher:
             if q is not queue and q.items
         ]
         interleave = (batches - 1) * max(others) if others and batches > 1 else 0.0
-        return max(0.0, running) + own + interleave
+        # a batch that will not be full waits for its batching delay first
+        delay = queue.max_queue_delay if ahead < size else 0.0
+        return max(0.0, running) + delay + own + interleave
 
     def withdraw(self, slice_id: str, request: PendingRequest) -> bool:
         """Take a request that is still queued out of its slice (its deadline passed): it will

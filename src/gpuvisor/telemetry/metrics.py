@@ -81,7 +81,7 @@ class Metrics:
         )
         self.admission_rejections = Counter(
             "gpuvisor_admission_rejections",
-            "Requests refused before queueing",
+            "Requests refused by admission before queueing, or dropped when their deadline passed while queued",
             ["tenant", "deployment", "reason"],
             registry=r,
         )
