@@ -41,6 +41,10 @@ typecheck:  ## mypy --strict on the package
 
 bench:  ## run the benchmarks (figures go to bench-results/)
 	$(BIN)/gpuvisor bench overhead
+	$(BIN)/gpuvisor bench isolation
+	$(BIN)/gpuvisor bench fairness
+	$(BIN)/gpuvisor bench batching
+	$(BIN)/gpuvisor bench decisions
 
 clean:  ## remove build and test leftovers (not .venv)
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-results

@@ -194,12 +194,14 @@ class Node:
         trace_id: str,
         priority: int | None = None,
         timeout: float | None = None,
+        rows: int = 1,
     ) -> Outcome:
         """Admit a request to the least-loaded ready slice of ``dep`` and wait for its outcome.
 
         ``priority`` (OIP, 1 highest; None or 0 the default) orders it within its slice;
         ``timeout`` (seconds) and the deployment's ``slo.latency`` bound it: the smaller is its
-        deadline. Raises TooManyRequests (429) or DeadlineExceeded (503) when it is refused
+        deadline. ``rows`` is the request's batch dimension as read from its header.
+        Raises TooManyRequests (429) or DeadlineExceeded (503) when it is refused
         before queueing, DeadlineExceeded when its deadline passes while it is queued.
         """
         assert self.controller is not None
@@ -215,7 +217,7 @@ class Node:
         now = time.monotonic()
         budget = _earliest(dep.spec.slo.latency, timeout)
         try:
-            self._admit(tenant, queue, dispatcher, budget, now)
+            self._admit(tenant, queue, dispatcher, budget, now, rows)
         except (TooManyRequests, DeadlineExceeded) as exc:
             m.child(m.admission_rejections, tenant, name, str(exc.fields.get("reason"))).inc()
             m.child(m.requests, tenant, name, version, exc.code).inc()
@@ -226,6 +228,7 @@ class Node:
             body=body,
             header_length=header_length,
             arrival=now,
+            rows=rows if queue.max_batch_size > 1 else 1,
             deadline=None if budget is None else now + budget,
             priority=priority or DEFAULT_PRIORITY,
             trace_id=trace_id,
@@ -253,6 +256,7 @@ class Node:
         dispatcher: DeviceDispatcher,
         budget: float | None,
         now: float,
+        rows: int = 1,
     ) -> None:
         """Refuse a request before it queues: rate, queue caps, then a deadline it cannot meet."""
         assert self.controller is not None
@@ -278,7 +282,7 @@ class Node:
                     dispatcher.predict_completion(queue, 0, now),
                 )
         if budget is not None:
-            predicted = dispatcher.predict_completion(queue, 1, now)
+            predicted = dispatcher.predict_completion(queue, rows, now)
             if predicted > budget:
                 raise deadline_error(budget, predicted, len(queue.items))
 

@@ -30,6 +30,7 @@ __all__ = [
     "oip_router",
     "read_body",
     "request_parameters",
+    "request_rows",
     "serve_inference",
 ]
 
@@ -117,7 +118,8 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
                 f"{len(body)} bytes"
             )
     priority, timeout = request_parameters(body, header_length)
-    outcome = await node.infer(dep, body, header_length, trace_id, priority, timeout)
+    rows = request_rows(body if header_length < 0 else body[:header_length])
+    outcome = await node.infer(dep, body, header_length, trace_id, priority, timeout, rows)
     headers = {"X-Request-ID": trace_id}
     if outcome.status != 200:
         log.info(
@@ -193,6 +195,29 @@ def request_parameters(body: bytes, header_length: int) -> tuple[int | None, flo
             f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}"
         )
     return priority, None if timeout is None else float(timeout) / 1e6
+
+
+def request_rows(head: bytes) -> int:
+    """Return the batch dimension of the request's first input (its ``shape[0]``), or 1.
+
+    The dispatcher counts batches and quanta in rows, before any worker has decoded the
+    request: this reads only the first ``"shape"`` array of the JSON (the header, for binary
+    requests). What the worker finds when it decodes the request is what is charged.
+    """
+    at = head.find(b'"shape"')
+    if at < 0:
+        return 1
+    start = head.find(b"[", at + 7, at + 64)
+    if start < 0:
+        return 1
+    end = start + 1
+    while end < len(head) and end - start < 24 and head[end] not in b",]":
+        end += 1
+    try:
+        rows = int(head[start + 1 : end])
+    except ValueError:
+        return 1
+    return rows if rows >= 1 else 1
 
 
 def _infer_target(path: str) -> tuple[str, str | None] | None:

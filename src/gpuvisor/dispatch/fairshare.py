@@ -19,8 +19,8 @@ Each decision, over the ``candidates`` (slices with a ready batch that are not b
    (``CLASS_RANK``), then by how much of their entitlement they used, then oldest request.
 4. Surplus. Otherwise start-time fair queuing on device time. When every candidate is
    equal-share: flat, the least ``vt_s`` (ties: class, then oldest request). Otherwise two
-   levels: the tenant with the least ``vt_T`` (ties: its best class, then its oldest
-   request), then that tenant's slice with the least ``vt_s``. No credit for idleness:
+   levels: the tenant with the least ``vt_T`` (ties: its best class, then the oldest
+   request of that class), then that tenant's slice with the least ``vt_s``. No credit for idleness:
    before comparing, a candidate's virtual time is raised to the virtual time ``V`` of the
    last surplus grant at its level (the chosen tenant's ``vt_T``, or within a tenant its
    chosen slice's ``vt_s``; the flat level keeps its own ``V``).
@@ -92,12 +92,23 @@ class FairSharePolicy:
 
     def choose(self, candidates: Sequence[SliceQueue], now: float) -> SliceQueue | None:
         """Return the candidate to grant next, or None when every one is held back."""
-        states = [self._state(queue, now) for queue in candidates]  # first: N counts them all
-        ready = [
-            (queue, state)
-            for queue, state in zip(candidates, states)
-            if queue.mode != FIXED_SHARE or not self._held(state, self._cap(queue), now)
-        ]
+        slices, window = self._slices, self.window
+        ready: list[tuple[SliceQueue, _SliceState]] = []
+        capped = False
+        for queue in candidates:
+            state = slices.get(queue.slice_id)
+            if state is None or state.mode != queue.mode:
+                state = self._state(queue, now)
+            elif state.charges and state.charges[0][0] + window <= now:
+                self._prune(state, now)
+            capped = capped or queue.mode == FIXED_SHARE
+            ready.append((queue, state))
+        if capped:  # only now, with every candidate known, is N (fixed-share slices) right
+            ready = [
+                (queue, state)
+                for queue, state in ready
+                if queue.mode != FIXED_SHARE or not self._held(state, self._cap(queue), now)
+            ]
         if not ready:
             return None
         return self._guaranteed(ready, now) or self._surplus(ready)
@@ -227,14 +238,20 @@ class FairSharePolicy:
     def _guaranteed(
         self, ready: list[tuple[SliceQueue, _SliceState]], now: float
     ) -> SliceQueue | None:
-        equal = sum(1 for queue, _ in ready if queue.mode == EQUAL_SHARE)
+        equal = 0
+        for queue, _ in ready:
+            equal += queue.mode == EQUAL_SHARE
+        window = self.window
         best: SliceQueue | None = None
         best_key: tuple[int, float, float, str] | None = None
         for queue, state in ready:
-            entitled = 1.0 / equal if queue.mode == EQUAL_SHARE else queue.share
-            if entitled <= 0:
+            if queue.mode == EQUAL_SHARE:
+                entitled = 1.0 / equal
+            elif queue.share > 0:
+                entitled = queue.share
+            else:
                 continue
-            span = min(self.window, now - state.first_seen)
+            span = min(window, now - state.first_seen)
             used_part = 0.0
             if span > 0:
                 used_part = state.used / (entitled * span)
@@ -250,21 +267,27 @@ class FairSharePolicy:
             queue, state = _least_vt(ready, self._flat_v)
             self._flat_v = state.vt
             return queue
-        by_tenant: dict[str, list[tuple[SliceQueue, _SliceState]]] = {}
-        for entry in ready:
-            by_tenant.setdefault(entry[0].tenant, []).append(entry)
-        best_tenant = ""
+        # Tenant level: each candidate tenant's best class and that class's oldest request.
+        summary: dict[str, tuple[int, float]] = {}
+        ranks = CLASS_RANK
+        for queue, _ in ready:
+            rank, head = ranks.get(queue.latency_class, 1), queue.head_arrival
+            seen = summary.get(queue.tenant)
+            if seen is None or rank < seen[0] or (rank == seen[0] and head < seen[1]):
+                summary[queue.tenant] = (rank, head)
+        floor = self._tenant_v
+        chosen = ""
         best_key: tuple[float, int, float, str] | None = None
-        for name, entries in by_tenant.items():
+        for name, (rank, oldest) in summary.items():
             tenant = self._tenant(name)
-            tenant.vt = max(tenant.vt, self._tenant_v)
-            rank = min(_rank(queue) for queue, _ in entries)
-            oldest = min(queue.head_arrival for queue, _ in entries)
+            if tenant.vt < floor:
+                tenant.vt = floor
             key = (tenant.vt, rank, oldest, name)
             if best_key is None or key < best_key:
-                best_tenant, best_key = name, key
-        tenant = self._tenants[best_tenant]
-        queue, state = _least_vt(by_tenant[best_tenant], tenant.slice_v)
+                chosen, best_key = name, key
+        tenant = self._tenants[chosen]
+        members = [entry for entry in ready if entry[0].tenant == chosen]
+        queue, state = _least_vt(members, tenant.slice_v)
         self._tenant_v = tenant.vt
         tenant.slice_v = state.vt
         return queue
