@@ -14,9 +14,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gpuvisor.bench.loadgen import machine_info, write_json
+from gpuvisor.bench.loadgen import machine_info
 from gpuvisor.bench.overhead import build_model
-from gpuvisor.bench.scenario import Reporter, progress_reporter, workdir
+from gpuvisor.bench.scenario import Reporter, run_and_report, workdir
 from gpuvisor.demo.models import DEMO_MODEL_NAMES, sample_inputs
 from gpuvisor.runtime.executors.base import ExecutorDevice
 from gpuvisor.runtime.executors.onnx import OnnxExecutor
@@ -155,9 +155,7 @@ def render_batching(report: BatchingReport, console: Console) -> None:
 def batching_command(config: BatchingConfig, output: Path, console: Console) -> int:
     """Run the benchmark with a progress bar, print the table, write its JSON to ``output``.
     Returns 0."""
-    with progress_reporter(console) as reporter:
-        report = run_batching(config, reporter)
-    render_batching(report, console)
-    write_json(output, report.to_json())
-    console.print(f"results written to {output} ({report.seconds:.0f}s)", highlight=False)
+    run_and_report(
+        console, output, lambda reporter: run_batching(config, reporter), render_batching
+    )
     return 0

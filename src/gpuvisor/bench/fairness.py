@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpuvisor.bench.floor import FloorProcess
-from gpuvisor.bench.loadgen import machine_info, write_json
+from gpuvisor.bench.loadgen import machine_info
 from gpuvisor.bench.scenario import (
     BenchModel,
     Reporter,
@@ -29,7 +29,7 @@ from gpuvisor.bench.scenario import (
     cpu_seconds,
     hold,
     measure_cost,
-    progress_reporter,
+    run_and_report,
     start_node,
     workdir,
 )
@@ -372,9 +372,7 @@ def render_fairness(report: FairnessReport, console: Console) -> None:
 def fairness_command(config: FairnessConfig, output: Path, console: Console) -> int:
     """Run the benchmark with a progress bar, print the report, write its JSON to ``output``.
     Returns 0 when every request was answered, 1 otherwise."""
-    with progress_reporter(console) as reporter:
-        report = run_fairness(config, reporter)
-    render_fairness(report, console)
-    write_json(output, report.to_json())
-    console.print(f"results written to {output} ({report.seconds:.0f}s)", highlight=False)
+    report = run_and_report(
+        console, output, lambda reporter: run_fairness(config, reporter), render_fairness
+    )
     return 1 if any(w.errors for runs in report.windows.values() for w in runs) else 0

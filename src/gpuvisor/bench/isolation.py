@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpuvisor.bench.floor import FloorProcess
-from gpuvisor.bench.loadgen import LoadResult, machine_info, write_json
+from gpuvisor.bench.loadgen import LoadResult, machine_info
 from gpuvisor.bench.scenario import (
     BenchModel,
     Reporter,
@@ -27,7 +27,7 @@ from gpuvisor.bench.scenario import (
     TenantPlan,
     cpu_seconds,
     measure_cost,
-    progress_reporter,
+    run_and_report,
     run_open_loop,
     start_node,
     workdir,
@@ -375,11 +375,9 @@ def render_isolation(report: IsolationReport, console: Console) -> None:
 def isolation_command(config: IsolationConfig, output: Path, console: Console) -> int:
     """Run the benchmark with a progress bar, print the report, write its JSON to ``output``.
     Returns 0 when every request was answered, 1 otherwise."""
-    with progress_reporter(console) as reporter:
-        report = run_isolation(config, reporter)
-    render_isolation(report, console)
-    write_json(output, report.to_json())
-    console.print(f"results written to {output} ({report.seconds:.0f}s)", highlight=False)
+    report = run_and_report(
+        console, output, lambda reporter: run_isolation(config, reporter), render_isolation
+    )
     failed = any(
         r.solo.errors or r.colocated.errors or r.batch_errors
         for runs in report.runs.values()

@@ -19,11 +19,11 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import numpy as np
@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from gpuvisor.bench.loadgen import LoadResult
+from gpuvisor.bench.loadgen import LoadResult, write_json
 from gpuvisor.launch import NodeProcess
 from gpuvisor.runtime.executors.base import ExecutorDevice
 from gpuvisor.runtime.executors.onnx import OnnxExecutor
@@ -558,6 +558,32 @@ def progress_reporter(console: Console) -> Iterator[Reporter]:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield _RichReporter(progress)
+
+
+class BenchReport(Protocol):
+    """What every scheduling benchmark's report offers: its run time and its JSON."""
+
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=BenchReport)
+
+
+def run_and_report(
+    console: Console,
+    output: Path,
+    run: Callable[[Reporter], R],
+    render: Callable[[R, Console], None],
+) -> R:
+    """Run a benchmark behind a progress bar, print its report and write its JSON to ``output``."""
+    with progress_reporter(console) as reporter:
+        report = run(reporter)
+    render(report, console)
+    write_json(output, report.to_json())
+    console.print(f"results written to {output} ({report.seconds:.0f}s)", highlight=False)
+    return report
 
 
 def hold(seconds: float, reporter: Reporter, step: float = 0.25) -> None:

@@ -213,22 +213,13 @@ class DeviceDispatcher:
             self._on_grant(queue, batch, 0.0)
 
         def done(result: Sequence[Outcome] | GpuvisorError, device_seconds: float) -> None:
-            self._complete(queue, batch, result, device_seconds)
+            self._settle(queue, batch, result, device_seconds)
+            self._pump()
 
         try:
             self.runner.start_batch(queue.slice_id, batch, done)
         except GpuvisorError as exc:
             self._settle(queue, batch, exc, 0.0)
-
-    def _complete(
-        self,
-        queue: SliceQueue,
-        batch: list[PendingRequest],
-        result: Sequence[Outcome] | GpuvisorError,
-        device_seconds: float,
-    ) -> None:
-        self._settle(queue, batch, result, device_seconds)
-        self._pump()
 
     def _settle(
         self,
