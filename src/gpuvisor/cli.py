@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpuvisor import __version__
+from gpuvisor.cli_observe import bench_sampler, top
 from gpuvisor.client import NodeClient
 from gpuvisor.errors import ConfigError, GpuvisorError
 
@@ -356,6 +357,12 @@ QuantumOpt = Annotated[
     float | None,
     typer.Option(help="the nodes' cpu.quantum in milliseconds (default: the node's default)"),
 ]
+LookaheadOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="the nodes' cpu.lookahead in milliseconds, 0 for none (default: the node's default)"
+    ),
+]
 ResultsOpt = typer.Option("--output", "-o", help="JSON results file")
 
 
@@ -386,6 +393,7 @@ def bench_isolation(
         float, typer.Option(min=0.0, max=1.0, help="the critical Profile's computeShare")
     ] = 0.5,
     quantum_ms: QuantumOpt = None,
+    lookahead_ms: LookaheadOpt = None,
     client_threads: Annotated[
         int, typer.Option(min=1, help="connections of the open-loop client")
     ] = 6,
@@ -407,6 +415,7 @@ def bench_isolation(
         batch_max_batch_size=batch_max_batch_size,
         critical_share=critical_share,
         quantum_ms=quantum_ms,
+        lookahead_ms=lookahead_ms,
         client_threads=client_threads,
         seed=seed,
     )
@@ -431,6 +440,7 @@ def bench_fairness(
         ),
     ] = 0.25,
     quantum_ms: QuantumOpt = None,
+    lookahead_ms: LookaheadOpt = None,
     output: Annotated[Path, ResultsOpt] = Path("bench-results/fairness.json"),
 ) -> None:
     """Fair share: three saturating tenants weighted 1:2:5 (device-time shares, Jain's index)
@@ -445,6 +455,7 @@ def bench_fairness(
         concurrency=concurrency,
         fixed_share=fixed_share,
         quantum_ms=quantum_ms,
+        lookahead_ms=lookahead_ms,
     )
     _run_bench(lambda: fairness_command(config, output, console))
 
@@ -498,6 +509,10 @@ def _run_bench(command: Callable[[], int]) -> None:
     except GpuvisorError as exc:
         _fail(exc)
     raise typer.Exit(code)
+
+
+app.command()(top)  # observability commands live in cli_observe.py
+bench_app.command("sampler")(bench_sampler)
 
 
 def main() -> None:

@@ -26,7 +26,9 @@ from gpuvisor.security.keys import KeyRing, Principal
 from gpuvisor.spec.kinds import Deployment, NodeSpec
 from gpuvisor.store.db import default_url
 from gpuvisor.store.repo import Store
-from gpuvisor.telemetry.metrics import Metrics
+from gpuvisor.telemetry.metrics import LiveSlice, Metrics, is_out_of_memory
+from gpuvisor.telemetry.recent import RecentActivity
+from gpuvisor.telemetry.sampler import TelemetrySampler, WorkerTarget, targets_from_slices
 
 __all__ = ["Node", "NodeOptions"]
 
@@ -59,6 +61,8 @@ class Node:
         self.pool: WorkerPool | None = None
         self.dispatchers: dict[str, DeviceDispatcher] = {}
         self.controller: Controller | None = None
+        self.recent = RecentActivity()  # the dashboard's recent latencies, waits and device time
+        self.sampler: TelemetrySampler | None = None
         self.admin_key_created: str | None = None
         self.ready = False
         self.started_at = 0.0
@@ -94,6 +98,7 @@ class Node:
                 device.concurrency,
                 on_grant=self._observe_grant,
                 on_complete=self._observe_completion,
+                lookahead=device.lookahead or 0.0,
             )
             dispatcher.start()
             self.dispatchers[device.id] = dispatcher
@@ -110,6 +115,15 @@ class Node:
         )
         await self.controller.reconcile()
         self.controller.start(self.spec.reconcile_period)
+        self.metrics.live.source = self._live_slices
+        self.sampler = TelemetrySampler(
+            self.metrics,
+            self.topology.devices,
+            self._worker_targets,
+            self.spec.telemetry.sample_period,
+            is_current=self._worker_is_current,
+        )
+        self.sampler.start()
         self.started_at = time.time()
         self.ready = True
 
@@ -117,6 +131,8 @@ class Node:
         """Stop serving: controller, dispatchers, workers, store — in that order."""
         self.ready = False
         workers = len(self.pool.workers) if self.pool is not None else 0
+        if self.sampler is not None:
+            await self.sampler.stop()
         if self.controller is not None:
             await self.controller.stop()
         for dispatcher in self.dispatchers.values():
@@ -220,6 +236,7 @@ class Node:
             self._admit(tenant, queue, dispatcher, budget, now, rows)
         except (TooManyRequests, DeadlineExceeded) as exc:
             m.child(m.admission_rejections, tenant, name, str(exc.fields.get("reason"))).inc()
+            self.recent.record_rejection(tenant, str(exc.fields.get("reason")))
             m.child(m.requests, tenant, name, version, exc.code).inc()
             raise
         request = PendingRequest(
@@ -244,9 +261,11 @@ class Node:
             raise
         outcome_label = "ok" if outcome.status == 200 else str(outcome.status)
         m.child(m.requests, tenant, name, version, outcome_label).inc()
-        m.child(m.request_duration, tenant, name, version).observe(
-            time.monotonic() - request.arrival
-        )
+        elapsed = time.monotonic() - request.arrival
+        m.child(m.request_duration, tenant, name, version).observe(elapsed)
+        self.recent.record_latency(tenant, name, elapsed)
+        if outcome.status >= 500 and is_out_of_memory(outcome.body):
+            m.child(m.allocation_failures, device_id, tenant, name, "out_of_memory").inc()
         return outcome
 
     def _admit(
@@ -303,6 +322,7 @@ class Node:
                 return await future
         m = self.metrics
         m.child(m.admission_rejections, request.tenant, queue.deployment, "deadline_expired").inc()
+        self.recent.record_rejection(request.tenant, "deadline_expired")
         future.cancel()
         raise DeadlineExceeded(
             f"the request's deadline of {budget * 1000:.3g} ms passed while it was queued on "
@@ -330,6 +350,7 @@ class Node:
         for request in batch:
             if request.granted_at is not None:
                 wait.observe(request.granted_at - request.arrival)
+                self.recent.record_wait(queue.tenant, request.granted_at - request.arrival)
 
     def _observe_completion(
         self, queue: SliceQueue, batch: Sequence[PendingRequest], seconds: float
@@ -337,9 +358,25 @@ class Node:
         device = queue.slice_id and self._device_of(queue.slice_id)
         m = self.metrics
         m.child(m.device_busy, device, queue.tenant, queue.deployment, queue.slice_id).inc(seconds)
+        self.recent.record_busy(device, queue.tenant, queue.slice_id, seconds)
         m.child(m.batch_size, device, queue.tenant, queue.deployment).observe(
             sum(r.rows for r in batch)
         )
+
+    def _live_slices(self) -> list[LiveSlice]:
+        """The slices the dispatchers hold now, with their queue depth (read at scrape time)."""
+        return [
+            LiveSlice(d.device_id, q.tenant, q.deployment, q.slice_id, len(q.items), q.share)
+            for d in self.dispatchers.values()
+            for q in list(d.queues.values())
+        ]
+
+    def _worker_targets(self) -> list[WorkerTarget]:
+        return targets_from_slices(self.controller.slices.values()) if self.controller else []
+
+    def _worker_is_current(self, target: WorkerTarget) -> bool:
+        s = self.controller.slices.get(target.slice_id) if self.controller else None
+        return s is not None and s.worker_pid == target.pid
 
     def _device_of(self, slice_id: str) -> str:
         assert self.controller is not None

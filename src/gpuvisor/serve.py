@@ -164,7 +164,7 @@ def _print_banner(
     console.print(
         f"  inference (KServe v2 / Triton client): {base}/v2\n"
         f"  admin API: {base}/api/v1   OpenAPI: {base}/docs\n"
-        f"  metrics:   {base}/metrics",
+        f"  metrics:   {base}/metrics   dashboard: {base}/ui (sign in with a key)",
         highlight=False,
         soft_wrap=True,
     )

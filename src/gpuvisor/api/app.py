@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
 from gpuvisor.api.admin import admin_router
+from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.errors import install_error_handlers
 from gpuvisor.api.oip import inference_target, oip_router, serve_inference
 from gpuvisor.node import Node
@@ -59,6 +60,7 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     app.node = node
     install_error_handlers(app)
     app.include_router(oip_router(node))
+    app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it
     app.include_router(admin_router(node))
 
     @app.get("/metrics", include_in_schema=False)

@@ -98,6 +98,7 @@ class FairnessConfig:
     concurrency: int = 8  # requests in flight per tenant
     fixed_share: float = 0.25
     quantum_ms: float | None = None  # the nodes' cpu.quantum; None: the node's default
+    lookahead_ms: float | None = None  # the node's cpu.lookahead; None: the node's default
     workdir: Path | None = None
 
 
@@ -202,6 +203,7 @@ class FairnessReport:
                 "concurrency": cfg.concurrency,
                 "fixed_share": cfg.fixed_share,
                 "quantum_ms": cfg.quantum_ms,
+                "lookahead_ms": cfg.lookahead_ms,
                 "client": "http.client keep-alive, binary OIP bodies, closed loop",
             },
             "tenants": {
@@ -272,7 +274,12 @@ def run_fairness(config: FairnessConfig, out: Reporter | None = None) -> Fairnes
             for t, f in TENANTS.items()
         ]
         shared = stack.enter_context(
-            start_node(plans, root / "shared", quantum_ms=config.quantum_ms)
+            start_node(
+                plans,
+                root / "shared",
+                quantum_ms=config.quantum_ms,
+                lookahead_ms=config.lookahead_ms,
+            )
         )
         capped_plan = TenantPlan(
             "capped",
@@ -283,7 +290,13 @@ def run_fairness(config: FairnessConfig, out: Reporter | None = None) -> Fairnes
             pool="fixed",
         )
         capped = stack.enter_context(
-            start_node([capped_plan], root / "fixed", {"fixed": "fixed-share"}, config.quantum_ms)
+            start_node(
+                [capped_plan],
+                root / "fixed",
+                {"fixed": "fixed-share"},
+                config.quantum_ms,
+                lookahead_ms=config.lookahead_ms,
+            )
         )
         paths = {
             f.model.name: root / "shared" / "models" / f"{f.model.name}.onnx"

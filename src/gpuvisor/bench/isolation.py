@@ -71,6 +71,7 @@ class IsolationConfig:
     batch_max_batch_size: int = 1  # the batch Deployment's maxBatchSize (requests per grant)
     critical_share: float = 0.5  # the critical Profile's computeShare
     quantum_ms: float | None = None  # the node's cpu.quantum; None: the node's default
+    lookahead_ms: float | None = None  # the node's cpu.lookahead; None: the node's default
     client_threads: int = 6  # connections of the open-loop client
     seed: int = 1
     workdir: Path | None = None
@@ -157,6 +158,7 @@ class IsolationReport:
                 "batch_max_batch_size": cfg.batch_max_batch_size,
                 "critical_share": cfg.critical_share,
                 "quantum_ms": cfg.quantum_ms,
+                "lookahead_ms": cfg.lookahead_ms,
                 "client_threads": cfg.client_threads,
                 "seed": cfg.seed,
                 "client": "http.client keep-alive, binary OIP bodies; open loop (Poisson), "
@@ -262,7 +264,12 @@ def run_isolation(config: IsolationConfig, out: Reporter | None = None) -> Isola
             ),
         ]
         node = stack.enter_context(
-            start_node(plans, root / "gpuvisor", quantum_ms=config.quantum_ms)
+            start_node(
+                plans,
+                root / "gpuvisor",
+                quantum_ms=config.quantum_ms,
+                lookahead_ms=config.lookahead_ms,
+            )
         )
         paths = {
             m.name: root / "gpuvisor" / "models" / f"{m.name}.onnx"

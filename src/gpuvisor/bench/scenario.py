@@ -239,17 +239,22 @@ def start_node(
     pools: Mapping[str, str] | None = None,
     quantum_ms: float | None = None,
     timeout: float = 120.0,
+    lookahead_ms: float | None = None,
 ) -> Iterator[NodeScenario]:
     """Build the plans' models under ``root``, start a node (no demo; CPU device with
-    ``quantum_ms`` when given), apply the manifest, create one key per tenant and wait until
-    every model is ready. The node is stopped by PID on exit. Raises RuntimeError when the
-    node or a deployment does not come up."""
+    ``quantum_ms`` and ``lookahead_ms`` when given), apply the manifest, create one key per
+    tenant and wait until every model is ready. The node is stopped by PID on exit. Raises
+    RuntimeError when the node or a deployment does not come up."""
     paths = {p.model.name: p.model.build(root / "models") for p in plans}
     config = None
+    cpu: dict[str, Any] = {}
     if quantum_ms is not None:
+        cpu["quantum"] = f"{quantum_ms:g}ms"
+    if lookahead_ms is not None:
+        cpu["lookahead"] = f"{lookahead_ms:g}ms"
+    if cpu:
         config = root / "node.yaml"
-        doc = {"kind": "Node", "metadata": {"name": "bench"}, "spec": {}}
-        doc["spec"] = {"cpu": {"enabled": True, "quantum": f"{quantum_ms:g}ms"}}
+        doc = {"kind": "Node", "metadata": {"name": "bench"}, "spec": {"cpu": cpu}}
         config.write_text(yaml.safe_dump({"apiVersion": "gpuvisor/v1", **doc}))
     node = NodeProcess(state_dir=root / "node", config=config, demo=False)
     try:

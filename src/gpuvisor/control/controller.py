@@ -303,6 +303,10 @@ class Controller:
         )
         if result.device_id is None:
             state.set_state("Pending", result.explain())
+            if replaced is None or replaced.state != "Pending":  # once per episode, not per retry
+                self.metrics.allocation_failures.labels(
+                    "", state.tenant, state.deployment, "unplaceable"
+                ).inc()
             return
         device = self.topology.get(result.device_id)
         assert device is not None

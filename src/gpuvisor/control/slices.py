@@ -15,7 +15,7 @@ from gpuvisor.dispatch.queues import SliceQueue
 from gpuvisor.errors import ModelError, Unavailable, WorkerCrashed
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
-from gpuvisor.telemetry.metrics import Metrics
+from gpuvisor.telemetry.metrics import Metrics, is_out_of_memory
 from gpuvisor.units import format_size
 
 __all__ = ["SliceState", "SliceSupervisor"]
@@ -134,6 +134,8 @@ class SliceSupervisor:
                 loaded, worker = await self.pool.load_slice(self.launch)
             except ModelError as exc:
                 s.set_state("Failed", exc.message)
+                if is_out_of_memory(exc.message.encode()):
+                    self._count_allocation_failure("out_of_memory")
                 log.warning(
                     "slice %s failed to load: %s", s.id, exc.message, extra={"tenant": s.tenant}
                 )
@@ -146,6 +148,7 @@ class SliceSupervisor:
             over = self._memory_overrun(loaded)
             if over:
                 s.set_state("Failed", over)
+                self._count_allocation_failure("over_cap")
                 log.warning("slice %s failed: %s", s.id, over, extra={"tenant": s.tenant})
                 await self.pool.unload_slice(s.id)
                 return
@@ -201,6 +204,12 @@ class SliceSupervisor:
                 f"{format_size(s.memory)} memory cap of profile '{s.profile}'; use a larger profile"
             )
         return None
+
+    def _count_allocation_failure(self, reason: str) -> None:
+        s = self.slice
+        self.metrics.allocation_failures.labels(
+            s.device_id or "", s.tenant, s.deployment, reason
+        ).inc()
 
     def _observe_memory(self, loaded: p.ModelLoaded) -> None:
         s = self.slice

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from gpuvisor.dispatch.batching import ready_at, take_batch
@@ -18,30 +19,64 @@ __all__ = ["BatchRunner", "DeviceDispatcher"]
 log = logging.getLogger("gpuvisor.dispatch")
 
 
-BatchCallback = Callable[[Sequence[Outcome] | GpuvisorError, float], None]
+#: A batch's result: one outcome per request, the error that failed the whole batch, or None
+#: when the batch was revoked before it started (nothing ran); and the device seconds it used.
+BatchCallback = Callable[[Sequence[Outcome] | GpuvisorError | None, float], None]
 
 
 class BatchRunner(Protocol):
     """Runs a granted batch on a slice's worker and reports back through a callback."""
 
     def start_batch(
-        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
-    ) -> None:
-        """Send the batch; later call ``done`` exactly once, from the event loop, with one
-        outcome per request in order and the device seconds the batch used, or with the error
-        that failed the whole batch. Raise a GpuvisorError when the batch cannot be sent."""
+        self,
+        slice_id: str,
+        batch: Sequence[PendingRequest],
+        done: BatchCallback,
+        after: int | None = None,
+    ) -> int:
+        """Send the batch and return a handle for it; later call ``done`` exactly once, from the
+        event loop, with one outcome per request in order and the device seconds the batch
+        used, or with the error that failed the whole batch. With ``after`` (the handle of a
+        batch still on the device) the batch must not start before that one is done. Raise a
+        GpuvisorError when the batch cannot be sent."""
+        ...
+
+    def revoke(self, handle: int) -> None:
+        """Take back a batch that has not started: it keeps its place in the device's order but
+        runs nothing, and its ``done`` gets None. A batch that started completes as usual."""
         ...
 
 
 BatchObserver = Callable[[SliceQueue, Sequence[PendingRequest], float], None]
 
 
+@dataclass(eq=False, slots=True)
+class _Grant:
+    """A batch on the device: running, or staged to start when ``after`` is done."""
+
+    queue: SliceQueue
+    cost: float  # predicted device seconds, charged to the slice at the grant
+    end: float  # predicted monotonic end
+    after: _Grant | None = None
+    handle: int = 0
+    followed: bool = False  # a batch is staged behind this one
+    revoking: bool = False  # taken back for a critical request: it will run nothing
+
+
 class DeviceDispatcher:
     """Decides which slice runs next on one device; ``concurrency`` batches may run at once.
 
     Decisions are made synchronously, on the event loop, at the moments they can change: a
-    request arrives, a batch completes, or a batching delay expires (a timer). No task sits
-    between a decision and the worker, so a grant costs no extra loop iteration.
+    request arrives, a batch completes, or a timer (a batching delay, a fixed share's
+    release, the lookahead) expires. No task sits between a decision and the worker.
+
+    Lookahead: with ``lookahead`` > 0, once a running batch is predicted to end within
+    ``lookahead`` seconds the next batch is decided and sent at once, to start the moment the
+    running one is done (its worker hands the device straight to the next; see
+    ``BatchRunner.start_batch``). The device then does not idle between batches for the
+    round trip through the node. Each running batch has at most one batch staged behind it,
+    so work that was decided early is bounded by one batch (one quantum for non-critical
+    slices). Without lookahead, the next batch is decided when the device is free.
     """
 
     def __init__(
@@ -52,13 +87,16 @@ class DeviceDispatcher:
         concurrency: int = 1,
         on_grant: BatchObserver | None = None,
         on_complete: BatchObserver | None = None,
+        lookahead: float = 0.0,
     ) -> None:
+        if lookahead < 0:
+            raise ValueError(f"the dispatch lookahead cannot be negative, got {lookahead}")
         self.device_id = device_id
         self.runner = runner
         self.policy: DispatchPolicy = policy or FifoPolicy()
         self.concurrency = max(1, concurrency)
+        self.lookahead = lookahead
         self.queues: dict[str, SliceQueue] = {}
-        self.in_flight = 0
         self._on_grant = on_grant
         self._on_complete = on_complete
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -67,7 +105,12 @@ class DeviceDispatcher:
         self._running = False
         self._pumping = False
         self._pump_soon = False
-        self._batch_ends: dict[int, float] = {}  # predicted end of each batch on the device
+        self._grants: set[_Grant] = set()  # batches on the device (running or staged)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches granted and not yet done, staged ones included."""
+        return len(self._grants)
 
     # ---- slices -----------------------------------------------------------------------
 
@@ -152,18 +195,41 @@ class DeviceDispatcher:
         self._pump()
 
     def dispatch_ready(self, now: float) -> float | None:
-        """Grant every batch that may start now; return seconds until the next may, or None."""
-        while self.in_flight < self.concurrency:
+        """Grant every batch that may start (or be staged) now; return seconds until the next
+        decision may grant one, or None when only a completion or an arrival can."""
+        while True:
+            base = None  # the running batch a staged batch would follow
+            if len(self._grants) >= self.concurrency:
+                base = self._staging_base()
+                if base is None:
+                    if self._preempt_staged(now):
+                        continue
+                    return None
             candidates = []
             next_ready = float("inf")
             for queue in self.queues.values():
-                if queue.busy or not queue.items:
+                if not queue.items:
+                    continue
+                if queue.in_flight and not (
+                    base is not None
+                    and base.queue is queue
+                    and queue.in_flight == 1
+                    and not base.revoking
+                ):
                     continue
                 at = ready_at(queue)
                 if at <= now:
                     candidates.append(queue)
                 elif at < next_ready:
                     next_ready = at
+            if base is not None:
+                stage_at = base.end - self.lookahead
+                if stage_at > now:  # too early to decide what follows the running batch
+                    if candidates:
+                        return stage_at - now
+                    if next_ready == float("inf"):
+                        return None
+                    return max(next_ready, stage_at) - now
             chosen = self.policy.choose(candidates, now) if candidates else None
             if chosen is None:
                 if candidates:  # held back (a fixed share used up): look again when it may run
@@ -171,8 +237,49 @@ class DeviceDispatcher:
                     if eligible is not None:
                         next_ready = min(next_ready, eligible)
                 return None if next_ready == float("inf") else max(0.0, next_ready - now)
-            self._grant(chosen, take_batch(chosen, self.policy.batch_rows(chosen)), now)
-        return None
+            self._grant(chosen, take_batch(chosen, self.policy.batch_rows(chosen)), now, base)
+
+    def _staging_base(self) -> _Grant | None:
+        """The running batch that ends first and has nothing staged behind it, when the
+        lookahead allows staging; None otherwise."""
+        if self.lookahead <= 0:
+            return None
+        base = None
+        for grant in self._grants:
+            if (
+                (grant.after is None or grant.revoking)
+                and not grant.followed
+                and (base is None or grant.end < base.end)
+            ):
+                base = grant
+        return base
+
+    def _preempt_staged(self, now: float) -> bool:
+        """A critical request is ready while a non-critical batch waits (staged) for the device:
+        take that batch back (it keeps its place but runs nothing, and its requests return to
+        the head of their queue), so the critical request waits for the running batch only.
+        Return whether a batch was taken back."""
+        for staged in self._grants:
+            if (
+                staged.after is None
+                or staged.revoking
+                or staged.followed
+                or staged.queue.latency_class == "critical"
+            ):
+                continue
+            if not any(
+                queue.latency_class == "critical"
+                and queue.items
+                and not queue.in_flight
+                and ready_at(queue) <= now
+                for queue in self.queues.values()
+            ):
+                return False
+            staged.revoking = True
+            staged.end = staged.after.end
+            self.runner.revoke(staged.handle)
+            return True
+        return False
 
     def predict_completion(self, queue: SliceQueue, rows: int, now: float) -> float:
         """Predict the seconds until a request of ``rows`` queued now on ``queue`` is answered.
@@ -181,7 +288,7 @@ class DeviceDispatcher:
         policy grants it, each possibly preceded by one batch of another backlogged slice
         (its predicted cost, at most one quantum's worth as the policy sizes them).
         """
-        running = max((end - now for end in self._batch_ends.values()), default=0.0)
+        running = max((grant.end - now for grant in self._grants), default=0.0)
         size = max(1, self.policy.batch_rows(queue))
         ahead = queue.queued_rows + rows
         full, rest = divmod(ahead, size)
@@ -203,36 +310,72 @@ class DeviceDispatcher:
         queue = self.queues.get(slice_id)
         return queue is not None and queue.remove(request)
 
-    def _grant(self, queue: SliceQueue, batch: list[PendingRequest], now: float) -> None:
-        queue.busy = True
-        self.in_flight += 1
-        self._batch_ends[id(batch)] = now + queue.profile.predict(sum(r.rows for r in batch))
-        for request in batch:
-            request.granted_at = now
-        if self._on_grant is not None:
-            self._on_grant(queue, batch, 0.0)
-
-        def done(result: Sequence[Outcome] | GpuvisorError, device_seconds: float) -> None:
-            self._settle(queue, batch, result, device_seconds)
-            self._pump()
-
-        try:
-            self.runner.start_batch(queue.slice_id, batch, done)
-        except GpuvisorError as exc:
-            self._settle(queue, batch, exc, 0.0)
-
-    def _settle(
+    def _grant(
         self,
         queue: SliceQueue,
         batch: list[PendingRequest],
-        result: Sequence[Outcome] | GpuvisorError,
+        now: float,
+        after: _Grant | None = None,
+    ) -> None:
+        cost = queue.profile.predict(sum(r.rows for r in batch))
+        grant = _Grant(queue, cost, (after.end if after is not None else now) + cost, after)
+        if after is not None:
+            after.followed = True
+        queue.in_flight += 1
+        self._grants.add(grant)
+        first = [r for r in batch if r.granted_at is None]  # not granted before and taken back
+        for request in first:
+            request.granted_at = now
+        # Charged now, corrected by the measured time when the batch completes: a decision
+        # made before then must already see this batch's device time.
+        self._charge(queue, cost, now)
+        if self._on_grant is not None and first:
+            self._on_grant(queue, first, 0.0)
+
+        def done(result: Sequence[Outcome] | GpuvisorError | None, device_seconds: float) -> None:
+            self._settle(grant, batch, result, device_seconds)
+            self._pump()
+
+        try:
+            grant.handle = self.runner.start_batch(
+                queue.slice_id, batch, done, after.handle if after is not None else None
+            )
+        except GpuvisorError as exc:
+            self._settle(grant, batch, exc, 0.0)
+
+    def _charge(self, queue: SliceQueue, seconds: float, now: float) -> None:
+        try:
+            self.policy.charge(queue, seconds, now)
+        except Exception:  # a policy's bug must not stall the device
+            log.exception("charging slice %s failed", queue.slice_id)
+
+    def _settle(
+        self,
+        grant: _Grant,
+        batch: list[PendingRequest],
+        result: Sequence[Outcome] | GpuvisorError | None,
         device_seconds: float,
     ) -> None:
-        """Resolve the batch's requests, free the device and charge the slice."""
-        queue.busy = False
-        self.in_flight -= 1
-        self._batch_ends.pop(id(batch), None)
+        """Resolve the batch's requests (or queue them again when it was revoked), free the
+        device and charge the slice."""
+        if grant not in self._grants:
+            return
+        queue = grant.queue
+        queue.in_flight -= 1
+        self._grants.discard(grant)
+        now = time.monotonic()
+        if grant.after is not None:
+            grant.after.followed = False
+        for other in self._grants:  # what waited behind this batch starts now
+            if other.after is grant:
+                other.after = None
+                other.end = now + (0.0 if other.revoking else other.cost)
+        if result is None:  # revoked before it started: the requests queue again, first
+            queue.requeue(batch)
+            self._charge(queue, -grant.cost, now)
+            return
         if isinstance(result, GpuvisorError):
+            device_seconds = 0.0
             for request in batch:
                 if request.future is not None and not request.future.done():
                     request.future.set_exception(result)
@@ -240,10 +383,10 @@ class DeviceDispatcher:
             for request, outcome in zip(batch, result):
                 if request.future is not None and not request.future.done():
                     request.future.set_result(outcome)
+        self._charge(queue, device_seconds - grant.cost, now)
         try:
-            if device_seconds > 0 and not isinstance(result, GpuvisorError):
+            if device_seconds > 0:
                 queue.profile.observe(sum(r.rows for r in batch), device_seconds)
-            self.policy.charge(queue, device_seconds, time.monotonic())
             if self._on_complete is not None:
                 self._on_complete(queue, batch, device_seconds)
         except Exception:  # an observer's bug must not stall the device

@@ -26,6 +26,9 @@ Each decision, over the ``candidates`` (slices with a ready batch that are not b
    chosen slice's ``vt_s``; the flat level keeps its own ``V``).
 5. ``charge``: the charge joins the window; ``vt_s += seconds / w_s`` with ``w_s = 1`` for
    equal-share slices, else ``share`` (or 0.1 without one); ``vt_T += seconds / weight``.
+   A dispatcher that decides the next batch before the running one ends charges the running
+   batch's predicted time at its grant, and the difference to the measured time (which may
+   be negative) when it completes; the sums are the same as charging the measured time.
 6. ``batch_rows``: a critical slice's batch may hold ``max_batch_size`` rows; any other is
    cut to what its execution profile predicts fits in one ``quantum``.
 7. ``forget`` drops a slice's state; tenant state stays (a tenant's debt outlives slices).
@@ -119,21 +122,22 @@ class FairSharePolicy:
         return queue.profile.max_rows_within(self.quantum, queue.max_batch_size)
 
     def charge(self, queue: SliceQueue, device_seconds: float, now: float) -> None:
-        """Account ``device_seconds`` of device time to the slice and its tenant.
+        """Account ``device_seconds`` of device time to the slice and its tenant; a negative
+        amount corrects an earlier charge (a prediction that was too high).
 
-        Raises ValueError for a negative or non-finite time or a tenant weight <= 0.
+        Raises ValueError for a non-finite time or a tenant weight <= 0.
         """
-        if not math.isfinite(device_seconds) or device_seconds < 0:
+        if not math.isfinite(device_seconds):
             raise ValueError(
                 f"slice {queue.slice_id} was charged {device_seconds} device seconds: "
-                "a batch's device time is a finite number >= 0"
+                "a batch's device time is a finite number"
             )
         if not queue.weight > 0:
             raise ValueError(
                 f"tenant {queue.tenant} has weight {queue.weight}: weights must be > 0"
             )
         state = self._state(queue, now)
-        if device_seconds > 0:
+        if device_seconds != 0:
             state.charges.append((now, device_seconds))
             state.used += device_seconds
         state.vt += device_seconds / _slice_weight(queue)

@@ -62,7 +62,7 @@ class SliceQueue:
     max_queued: int = 1024  # requests this slice may hold waiting
     items: deque[PendingRequest] = field(default_factory=deque)
     queued_rows: int = 0
-    busy: bool = False  # a batch of this slice is on the device (its worker runs one at a time)
+    in_flight: int = 0  # batches of this slice granted and not yet done (running or staged)
 
     def push(self, request: PendingRequest) -> None:
         """Append a request, behind every queued request of the same or a higher priority."""
@@ -79,6 +79,13 @@ class SliceQueue:
         request = self.items.popleft()
         self.queued_rows -= request.rows
         return request
+
+    def requeue(self, batch: list[PendingRequest]) -> None:
+        """Put a batch that was taken back before it ran at the head of the queue, in order
+        (each request keeps the time of its first grant)."""
+        for request in reversed(batch):
+            self.items.appendleft(request)
+            self.queued_rows += request.rows
 
     def remove(self, request: PendingRequest) -> bool:
         """Take a still-queued request out (its deadline passed); False if it is not queued."""

@@ -157,7 +157,7 @@ def simulate(
         if running is not None and running[1].end <= now:
             queue, grant = running
             running = None
-            queue.busy = False
+            queue.in_flight -= 1
             if grant.seconds > 0:
                 queue.profile.observe(grant.rows, grant.seconds)
             policy.charge(queue, grant.seconds, now)
@@ -173,7 +173,7 @@ def simulate(
         if running is None:
             candidates: list[SliceQueue] = []
             for queue in queues.values():
-                if queue.busy or not queue.items:
+                if queue.in_flight or not queue.items:
                     continue
                 at = ready_at(queue)
                 if at <= now:
@@ -234,7 +234,7 @@ def _grant(
 ) -> Grant:
     batch = take_batch(queue, policy.batch_rows(queue))
     rows = sum(request.rows for request in batch)
-    queue.busy = True
+    queue.in_flight += 1
     grant = Grant(now, queue.slice_id, rows, result.slices[queue.slice_id].cost(rows))
     result.grants.append(grant)
     result.waits.extend(Wait(queue.slice_id, r.arrival, now) for r in batch)

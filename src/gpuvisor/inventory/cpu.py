@@ -64,6 +64,7 @@ def discover_cpu(
     threads: int | None = None,
     concurrency: int = 1,
     quantum: float | None = None,
+    lookahead: float | None = None,
 ) -> Device:
     """Return the host CPU as device ``cpu-0``.
 
@@ -81,6 +82,11 @@ def discover_cpu(
         )
     if quantum is not None and quantum <= 0:
         raise ConfigError(f"cpu.quantum must be positive, got {quantum}", field="cpu.quantum")
+    if lookahead is not None and lookahead < 0:
+        raise ConfigError(
+            f"cpu.lookahead cannot be negative, got {lookahead} (0 turns it off)",
+            field="cpu.lookahead",
+        )
     return Device(
         id=CPU_DEVICE_ID,
         kind="cpu",
@@ -90,4 +96,5 @@ def discover_cpu(
         threads=threads if threads is not None else max(1, usable_cpu_count() // 2),
         concurrency=concurrency,
         quantum=quantum if quantum is not None else DEFAULT_CPU_QUANTUM,
+        lookahead=lookahead,
     )

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 __all__ = [
+    "DEFAULT_CPU_LOOKAHEAD",
     "DEFAULT_CPU_QUANTUM",
+    "DEFAULT_GPU_LOOKAHEAD",
     "DEFAULT_GPU_QUANTUM",
     "Device",
     "DeviceBackend",
@@ -27,13 +29,22 @@ DEFAULT_GPU_QUANTUM = 0.002
 
 _DEFAULT_QUANTUM: dict[str, float] = {"cpu": DEFAULT_CPU_QUANTUM, "gpu": DEFAULT_GPU_QUANTUM}
 
+#: How long before a running batch's predicted end the dispatcher sends the next one, which its
+#: worker starts the moment the device is handed over. It must cover the trip from the node to
+#: a worker (0.1-0.5 ms here) plus the event loop's timer granularity (about 1 ms).
+DEFAULT_CPU_LOOKAHEAD = 0.002
+DEFAULT_GPU_LOOKAHEAD = 0.001
+
+_DEFAULT_LOOKAHEAD: dict[str, float] = {"cpu": DEFAULT_CPU_LOOKAHEAD, "gpu": DEFAULT_GPU_LOOKAHEAD}
+
 
 @dataclass
 class Device:
     """One schedulable device.
 
     ``quantum`` left at ``0.0`` takes the kind's default (``DEFAULT_CPU_QUANTUM`` or
-    ``DEFAULT_GPU_QUANTUM``). ``index`` is the NVML index of a real GPU, which is the CUDA
+    ``DEFAULT_GPU_QUANTUM``), ``lookahead`` left at None the kind's default lookahead (0
+    turns the lookahead off). ``index`` is the NVML index of a real GPU, which is the CUDA
     index when workers run with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; prefer ``uuid`` to pin a
     worker to a GPU. ``pci_bus_id`` uses the sysfs form ``0000:3b:00.0``.
 
@@ -53,6 +64,7 @@ class Device:
     threads: int | None = None
     concurrency: int = 1
     quantum: float = 0.0
+    lookahead: float | None = None
     node: str = "local"
     healthy: bool = True
     index: int | None = None
@@ -76,6 +88,10 @@ class Device:
             raise ValueError(f"device {self.id}: quantum cannot be negative")
         if self.quantum == 0:
             self.quantum = _DEFAULT_QUANTUM[self.kind]
+        if self.lookahead is None:
+            self.lookahead = _DEFAULT_LOOKAHEAD[self.kind]
+        if self.lookahead < 0:
+            raise ValueError(f"device {self.id}: lookahead cannot be negative")
 
     @property
     def labels(self) -> dict[str, str]:

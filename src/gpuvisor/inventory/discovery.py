@@ -48,6 +48,8 @@ def discover(node_spec: NodeSpec, fleet: Fleet | None = None) -> Topology:
         gpu.concurrency = node_spec.nvml.concurrency
         if node_spec.nvml.quantum is not None:
             gpu.quantum = node_spec.nvml.quantum
+        if node_spec.nvml.lookahead is not None:
+            gpu.lookahead = node_spec.nvml.lookahead
     devices = list(gpus)
     cpu_config = node_spec.cpu
     if cpu_config.enabled is True or (cpu_config.enabled == "auto" and not gpus):
@@ -56,6 +58,7 @@ def discover(node_spec: NodeSpec, fleet: Fleet | None = None) -> Topology:
             threads=cpu_config.threads,
             concurrency=cpu_config.concurrency,
             quantum=cpu_config.quantum,
+            lookahead=cpu_config.lookahead,
         )
         devices.append(cpu)
         if not gpus:

@@ -70,6 +70,7 @@ class WorkerProcess:
     process: asyncio.subprocess.Process
     ready: asyncio.Future[p.WorkerReady]
     exited: asyncio.Future[int]
+    handoff_path: str = ""  # the worker's handoff (Unix datagram) socket
     slices: set[str] = field(default_factory=set)
     loads: dict[str, asyncio.Future[p.ModelLoaded]] = field(default_factory=dict)
     batches: dict[int, ReplyHandler] = field(default_factory=dict)
@@ -101,6 +102,8 @@ class WorkerPool:
         self.slice_worker: dict[str, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
+        self._batch_worker: dict[int, WorkerProcess] = {}  # outstanding batch id -> its worker
+        self._waiters: dict[int, list[WorkerProcess]] = {}  # batch id -> workers waiting for it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
         self._watchers: set[asyncio.Task[None]] = set()
@@ -168,9 +171,16 @@ class WorkerPool:
             await self._stop_worker(worker)
 
     def start_batch(
-        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
-    ) -> None:
-        """Send a batch to the slice's worker; ``done`` gets its outcomes (the dispatcher's runner).
+        self,
+        slice_id: str,
+        batch: Sequence[PendingRequest],
+        done: BatchCallback,
+        after: int | None = None,
+    ) -> int:
+        """Send a batch to the slice's worker and return its id; ``done`` gets its outcomes (the
+        dispatcher's runner). With ``after`` (the id of a batch still running on the same
+        device), the batch starts only once that one is done: at once behind it on the same
+        worker, or, on another worker, when that worker hands the device over.
 
         Raises WorkerCrashed when the slice's worker is not running, Unavailable when it
         cannot be reached; once sent, a crash of the worker reaches ``done`` instead.
@@ -187,6 +197,9 @@ class WorkerPool:
             if isinstance(message, GpuvisorError):
                 done(message, 0.0)
                 return
+            if message.revoked:
+                done(None, 0.0)
+                return
             outcomes = [
                 Outcome(res.status, frame, res.header_length)
                 for res, frame in zip(message.results, frames)
@@ -195,14 +208,52 @@ class WorkerPool:
                 request.rows = max(request.rows, res.rows)
             done(outcomes, message.device_seconds)
 
+        wait_for = self._wait_behind(after, worker) if after is not None else 0
         self._send_now(
             worker,
             p.ExecuteBatch(
-                batch_id, slice_id, [p.RequestHeader(r.request_id, r.header_length) for r in batch]
+                batch_id,
+                slice_id,
+                [p.RequestHeader(r.request_id, r.header_length) for r in batch],
+                wait_for,
             ),
             [r.body for r in batch],
         )
         worker.batches[batch_id] = finished
+        self._batch_worker[batch_id] = worker
+        return batch_id
+
+    def revoke(self, handle: int) -> None:
+        """Take back batch ``handle`` unless it has started: its ``done`` then gets None (it
+        never ran), or, if it had started, its outcomes as usual."""
+        worker = self._batch_worker.get(handle)
+        if worker is not None and not worker.exited.done():
+            with contextlib.suppress(Unavailable):
+                self._send_now(worker, p.Revoke(handle))
+
+    def _wait_behind(self, after: int, worker: WorkerProcess) -> int:
+        """Arrange for ``worker``'s next batch to start when batch ``after`` is done; return
+        the ExecuteBatch ``wait_for`` (0 when there is nothing to wait for across workers)."""
+        earlier = self._batch_worker.get(after)
+        if earlier is None or earlier is worker or earlier.exited.done():
+            return 0  # done already, or queued ahead on the same worker
+        try:
+            self._send_now(earlier, p.ReleaseAfter(after, worker.handoff_path))
+        except Unavailable:
+            return 0
+        self._waiters.setdefault(after, []).append(worker)
+        return after
+
+    def _release_waiters(self, batch_id: int, failed: bool) -> None:
+        """Batch ``batch_id`` is over: if its worker could not hand the device over (a failed
+        datagram, a crash), release the workers waiting behind it from here."""
+        waiters = self._waiters.pop(batch_id, ())
+        if not failed:
+            return
+        for waiter in waiters:
+            if not waiter.exited.done():
+                with contextlib.suppress(Unavailable):
+                    self._send_now(waiter, p.Go(batch_id))
 
     async def run_batch(
         self, slice_id: str, batch: Sequence[PendingRequest]
@@ -212,10 +263,12 @@ class WorkerPool:
             asyncio.get_running_loop().create_future()
         )
 
-        def done(outcome: Sequence[Outcome] | GpuvisorError, seconds: float) -> None:
+        def done(outcome: Sequence[Outcome] | GpuvisorError | None, seconds: float) -> None:
             if result.done():
                 return
-            if isinstance(outcome, GpuvisorError):
+            if outcome is None:  # not reached: only a batch sent ``after`` another is revoked
+                result.set_exception(Unavailable("the batch was taken back before it ran"))
+            elif isinstance(outcome, GpuvisorError):
                 result.set_exception(outcome)
             else:
                 result.set_result((list(outcome), seconds))
@@ -231,6 +284,7 @@ class WorkerPool:
     async def _spawn(self, key: str, tenant: str, threads: int | None) -> WorkerProcess:
         worker_id = f"w{next(self._ids)}-{os.getpid()}"
         env = dict(os.environ)
+        handoff_path = str(self.runtime_dir / f"{worker_id}.go")
         if threads:
             # Keep math libraries inside the worker's thread budget.
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -243,12 +297,20 @@ class WorkerPool:
             self.endpoint,
             "--worker-id",
             worker_id,
+            "--handoff",
+            handoff_path,
             stdin=asyncio.subprocess.DEVNULL,
             env=env,
         )
         loop = asyncio.get_running_loop()
         worker = WorkerProcess(
-            worker_id, key, tenant, process, loop.create_future(), loop.create_future()
+            worker_id,
+            key,
+            tenant,
+            process,
+            loop.create_future(),
+            loop.create_future(),
+            handoff_path=handoff_path,
         )
         self.workers[worker_id] = worker
         self.by_key[key] = worker
@@ -281,6 +343,9 @@ class WorkerPool:
             retry_after=1.0,
         )
         batches = list(worker.batches.values())
+        for batch_id in worker.batches:
+            self._batch_worker.pop(batch_id, None)
+            self._release_waiters(batch_id, failed=True)
         worker.batches.clear()
         for finished in batches:
             try:
@@ -380,6 +445,8 @@ class WorkerPool:
     def _handle(self, worker: WorkerProcess, message: p.Message, payload: list[bytes]) -> None:
         if isinstance(message, p.BatchDone):
             finished = worker.batches.pop(message.batch_id, None)
+            self._batch_worker.pop(message.batch_id, None)
+            self._release_waiters(message.batch_id, message.handoff_failed)
             if finished is not None:
                 finished(message, payload)
         elif isinstance(message, p.ModelLoaded):

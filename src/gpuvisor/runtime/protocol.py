@@ -5,6 +5,15 @@ whose identity is its worker id. A message is ``[header, *payload_frames]``: the
 header is a msgspec struct encoded with msgpack; tensor bytes (raw request bodies,
 encoded response bodies) travel as their own frames, never inside the header, so
 nothing on the hot path is JSON-encoded or pickled.
+
+Handoff: the dispatcher may send a device's next batch before the running one ends. A batch
+that must not start before another worker's batch has finished carries ``wait_for``; the
+worker running that earlier batch is told (``ReleaseAfter``) to send a datagram with the
+batch id to the waiting worker's handoff socket the moment it is done, so the device passes
+from one worker to the next without a round trip through the node. ``Go`` is the node's own
+release, for when the earlier worker cannot give it (it crashed, or its datagram failed).
+``Revoke`` takes back a batch that has not started: when its turn comes it runs nothing,
+hands the device on at once and answers ``BatchDone`` with ``revoked`` set.
 """
 
 from __future__ import annotations
@@ -14,12 +23,15 @@ import msgspec
 __all__ = [
     "BatchDone",
     "ExecuteBatch",
+    "Go",
     "LoadFailed",
     "LoadModel",
     "Message",
     "ModelLoaded",
+    "ReleaseAfter",
     "RequestHeader",
     "RequestResult",
+    "Revoke",
     "Shutdown",
     "TensorInfo",
     "UnloadModel",
@@ -67,12 +79,34 @@ class RequestHeader(msgspec.Struct, frozen=True, array_like=True):
     header_length: int  # Inference-Header-Content-Length, -1 when the body is plain JSON
 
 
-class ExecuteBatch(msgspec.Struct, tag=True):
+class ExecuteBatch(msgspec.Struct, tag=True, omit_defaults=True):
     """Run these requests (raw bodies follow as frames, in order) as one batch."""
 
     batch_id: int
     slice_id: str
     requests: list[RequestHeader]
+    wait_for: int = 0  # start only once this batch (of another worker) is done; 0: start now
+
+
+class ReleaseAfter(msgspec.Struct, tag=True):
+    """When batch ``batch_id`` of this worker is done (or now, if it is), send the batch id as
+    a datagram to the handoff socket at ``path``: the next batch on the device waits there."""
+
+    batch_id: int
+    path: str
+
+
+class Go(msgspec.Struct, tag=True):
+    """Batch ``batch_id`` (of another worker) is done or will never be: stop waiting for it."""
+
+    batch_id: int
+
+
+class Revoke(msgspec.Struct, tag=True):
+    """Do not run batch ``batch_id`` if it has not started (it keeps its place in the device's
+    order, as an empty batch); a batch that started runs to its end."""
+
+    batch_id: int
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -113,7 +147,7 @@ class RequestResult(msgspec.Struct, frozen=True, array_like=True):
     rows: int
 
 
-class BatchDone(msgspec.Struct, tag=True):
+class BatchDone(msgspec.Struct, tag=True, omit_defaults=True):
     """Results of one batch; one body frame per result follows, in order."""
 
     batch_id: int
@@ -121,12 +155,17 @@ class BatchDone(msgspec.Struct, tag=True):
     results: list[RequestResult]
     device_seconds: float  # time the batch held the device (decode + run + encode)
     rows: int
+    handoff_failed: bool = False  # a ReleaseAfter datagram for this batch could not be sent
+    revoked: bool = False  # the batch was revoked before it started: nothing ran, no results
 
 
 Message = (
     LoadModel
     | UnloadModel
     | ExecuteBatch
+    | ReleaseAfter
+    | Go
+    | Revoke
     | Shutdown
     | WorkerReady
     | ModelLoaded

@@ -10,13 +10,17 @@ tenant whose request caused it and never runs on the node's shared event loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
 import signal
+import socket
 import statistics
+import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,8 @@ from gpuvisor.runtime.tensors import (
 log = logging.getLogger("gpuvisor.worker")
 
 _PARENT_POLL_MS = 1000
+_REMEMBERED = 1024  # batch ids kept in the released / completed sets
+_TOKEN = struct.Struct("<q")  # a handoff datagram: the id of the batch that is done
 
 
 @dataclass
@@ -121,19 +127,46 @@ def _batch_key(request: InferRequest) -> tuple[object, ...]:
     )
 
 
-class Worker:
-    """Receives messages from the node and answers them, one at a time."""
+def _remember(ids: dict[int, None], batch_id: int) -> None:
+    ids[batch_id] = None
+    if len(ids) > _REMEMBERED:
+        del ids[next(iter(ids))]
 
-    def __init__(self, endpoint: str, worker_id: str) -> None:
+
+class Worker:
+    """Receives messages from the node and answers them, one at a time.
+
+    Batches run in the order they arrive. A batch with ``wait_for`` starts only once that
+    batch (another worker's) is done: its worker's datagram on this worker's handoff socket,
+    or the node's ``Go``, says so. Control messages (``ReleaseAfter``, ``Go``, ``Shutdown``)
+    are taken as soon as they are read, even while a batch waits or runs.
+    """
+
+    def __init__(self, endpoint: str, worker_id: str, handoff_path: str | None = None) -> None:
         self.worker_id = worker_id
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
+        self.handoff: socket.socket | None = None
+        if handoff_path:
+            self.handoff = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.handoff.bind(handoff_path)
+            self.handoff.setblocking(False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        if self.handoff is not None:
+            self.poller.register(self.handoff.fileno(), zmq.POLLIN)
         self.slices: dict[str, LoadedSlice] = {}
         self.parent_pid = os.getppid()
         self.process = psutil.Process()
+        self.pending: deque[tuple[p.Message, list[memoryview]]] = deque()
+        self.released: dict[int, None] = {}  # other workers' batches known to be done
+        self.completed: dict[int, None] = {}  # this worker's batches that are done
+        self.release_after: dict[int, list[str]] = {}  # own batch id -> handoff paths
+        self.revoked: dict[int, None] = {}  # own batches taken back before they started
+        self.stopping = False
 
     def send(self, message: p.Message, frames: Sequence[bytes] = ()) -> None:
         self.socket.send_multipart([p.encode(message), *frames], copy=False)
@@ -141,28 +174,88 @@ class Worker:
     def serve(self) -> None:
         """Serve until told to shut down or until the node process disappears."""
         self.send(p.WorkerReady(self.worker_id, os.getpid()))
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        while True:
-            if not poller.poll(_PARENT_POLL_MS):
-                if os.getppid() != self.parent_pid:
-                    log.warning(
-                        "node process %d is gone; worker %s exits", self.parent_pid, self.worker_id
-                    )
+        while not self.stopping:
+            if not self.pending:
+                if not self.read(_PARENT_POLL_MS) and self.orphaned():
                     return
                 continue
-            frames = self.socket.recv_multipart(copy=False)
-            message = p.decode(frames[0].buffer)
+            message, frames = self.pending.popleft()
             if isinstance(message, p.ExecuteBatch):
-                self.execute(message, [f.buffer for f in frames[1:]])
+                if self.wait_for(message.wait_for):
+                    self.execute(message, frames)
             elif isinstance(message, p.LoadModel):
                 self.load(message)
             elif isinstance(message, p.UnloadModel):
                 loaded = self.slices.pop(message.slice_id, None)
                 if loaded is not None:
                     loaded.executor.close()
-            elif isinstance(message, p.Shutdown):
-                return
+
+    def orphaned(self) -> bool:
+        if os.getppid() != self.parent_pid:
+            log.warning("node process %d is gone; worker %s exits", self.parent_pid, self.worker_id)
+            return True
+        return False
+
+    def read(self, timeout_ms: int) -> bool:
+        """Read what has arrived (waiting up to ``timeout_ms``): handoff datagrams and control
+        messages take effect now, everything else queues in ``pending``. False: nothing came."""
+        ready = dict(self.poller.poll(timeout_ms))
+        if not ready:
+            return False
+        if self.handoff is not None and self.handoff.fileno() in ready:
+            while True:
+                try:
+                    data = self.handoff.recv(64)
+                except BlockingIOError:
+                    break
+                if len(data) == _TOKEN.size:
+                    _remember(self.released, _TOKEN.unpack(data)[0])
+        if self.socket in ready:
+            while True:
+                try:
+                    frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.take(p.decode(frames[0].buffer), [f.buffer for f in frames[1:]])
+        return True
+
+    def take(self, message: p.Message, frames: list[memoryview]) -> None:
+        if isinstance(message, p.ReleaseAfter):
+            if message.batch_id in self.completed:
+                self.release(message.batch_id, [message.path])
+            else:
+                self.release_after.setdefault(message.batch_id, []).append(message.path)
+        elif isinstance(message, p.Go):
+            _remember(self.released, message.batch_id)
+        elif isinstance(message, p.Revoke):
+            if message.batch_id not in self.completed:
+                _remember(self.revoked, message.batch_id)
+        elif isinstance(message, p.Shutdown):
+            self.stopping = True
+        else:
+            self.pending.append((message, frames))
+
+    def wait_for(self, batch_id: int) -> bool:
+        """Block until batch ``batch_id`` is done (0: nothing to wait for); False if the worker
+        was told to stop (or lost its node) meanwhile."""
+        while batch_id and batch_id not in self.released and batch_id not in self.completed:
+            if self.stopping or (not self.read(_PARENT_POLL_MS) and self.orphaned()):
+                return False
+        return not self.stopping
+
+    def release(self, batch_id: int, paths: Sequence[str]) -> bool:
+        """Tell the workers waiting behind ``batch_id`` that it is done; False if one could not
+        be told (the node then releases it itself)."""
+        ok = True
+        if self.handoff is None:
+            return not paths
+        for path in paths:
+            try:
+                self.handoff.sendto(_TOKEN.pack(batch_id), path)
+            except OSError as exc:
+                log.warning("handoff of batch %d to %s failed: %s", batch_id, path, exc)
+                ok = False
+        return ok
 
     def load(self, spec: p.LoadModel) -> None:
         started = time.perf_counter()
@@ -206,11 +299,15 @@ class Worker:
         )
 
     def execute(self, batch: p.ExecuteBatch, bodies: list[memoryview]) -> None:
+        self.read(0)  # a Revoke may be waiting
         started = time.perf_counter()
         loaded = self.slices.get(batch.slice_id)
         results: list[p.RequestResult] = []
         out_frames: list[bytes] = []
-        if loaded is None:
+        revoked = batch.batch_id in self.revoked
+        if revoked:
+            del self.revoked[batch.batch_id]
+        elif loaded is None:
             for header in batch.requests:
                 results.append(p.RequestResult(header.request_id, 503, -1, 0))
                 out_frames.append(
@@ -218,13 +315,21 @@ class Worker:
                 )
         else:
             results, out_frames = run_requests(loaded, batch.requests, bodies)
+        device_seconds = 0.0 if revoked else time.perf_counter() - started
+        # The device is free: hand it to whoever waits behind this batch before telling the
+        # node (a ReleaseAfter may have arrived while the batch ran).
+        self.read(0)
+        _remember(self.completed, batch.batch_id)
+        handed = self.release(batch.batch_id, self.release_after.pop(batch.batch_id, ()))
         self.send(
             p.BatchDone(
                 batch_id=batch.batch_id,
                 slice_id=batch.slice_id,
                 results=results,
-                device_seconds=time.perf_counter() - started,
+                device_seconds=device_seconds,
                 rows=sum(r.rows for r in results),
+                handoff_failed=not handed,
+                revoked=revoked,
             ),
             out_frames,
         )
@@ -342,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="gpuvisor worker process (started by the node)")
     parser.add_argument("--endpoint", required=True, help="the node's ZeroMQ ROUTER endpoint")
     parser.add_argument("--worker-id", required=True, help="this worker's identity")
+    parser.add_argument(
+        "--handoff", default=None, help="path of this worker's handoff (Unix datagram) socket"
+    )
     args = parser.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -353,13 +461,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s worker={args.worker_id} %(message)s",
         stream=sys.stderr,
     )
-    worker = Worker(args.endpoint, args.worker_id)
+    worker = Worker(args.endpoint, args.worker_id, args.handoff)
     try:
         worker.serve()
     finally:
         for loaded in worker.slices.values():
             loaded.executor.close()
         worker.socket.close(0)
+        if worker.handoff is not None:
+            worker.handoff.close()
+            with contextlib.suppress(OSError):
+                os.unlink(args.handoff)
     return 0
 
 

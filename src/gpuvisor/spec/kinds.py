@@ -51,6 +51,7 @@ __all__ = [
     "Quota",
     "Resource",
     "Slo",
+    "TelemetrySettings",
     "Tenant",
     "TenantSpec",
     "TensorSpec",
@@ -331,6 +332,8 @@ class CpuDeviceConfig(SpecModel):
     """Intra-op threads; None means max(1, cpus // 2)."""
     concurrency: int = Field(default=1, ge=1)
     quantum: Duration | None = Field(default=None, gt=0)
+    lookahead: Duration | None = Field(default=None, ge=0)
+    """How early the next batch is sent to its worker; None means 2 ms, 0 turns it off."""
 
 
 class NvmlConfig(SpecModel):
@@ -339,6 +342,8 @@ class NvmlConfig(SpecModel):
     """Batches granted at once on each GPU (1: the dispatcher alone decides who runs)."""
     quantum: Duration | None = Field(default=None, gt=0)
     """Longest non-critical batch on a GPU; None means 2 ms."""
+    lookahead: Duration | None = Field(default=None, ge=0)
+    """How early the next batch is sent to its worker; None means 1 ms, 0 turns it off."""
 
 
 class Limits(SpecModel):
@@ -362,6 +367,11 @@ class WorkerSettings(SpecModel):
         return self
 
 
+class TelemetrySettings(SpecModel):
+    sample_period: Duration = Field(default=1.0, ge=0.05, le=3600)
+    """How often the sampler reads devices and workers (utilisation, memory, temperature, power)."""
+
+
 class NodeSpec(SpecModel):
     cluster: str = Field(default="local", min_length=1)
     cpu: CpuDeviceConfig = Field(default_factory=CpuDeviceConfig)
@@ -371,6 +381,7 @@ class NodeSpec(SpecModel):
     limits: Limits = Field(default_factory=Limits)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     reconcile_period: Duration = Field(default=2.0, gt=0)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
 
 class Node(_ClusterScoped):

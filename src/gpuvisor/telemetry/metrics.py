@@ -6,13 +6,16 @@ outcome codes; never request ids or free text.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 
-__all__ = ["Metrics"]
+__all__ = ["LiveSlice", "LiveSliceCollector", "Metrics", "is_out_of_memory"]
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -60,12 +63,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "gpuvisor_queue_depth",
-            "Requests waiting per slice",
-            ["device", "tenant", "deployment"],
-            registry=r,
-        )
+        # queue depth and entitlements are read from the dispatchers' queues at scrape time
+        self.live = LiveSliceCollector()
+        r.register(self.live)
         self.batch_size = Histogram(
             "gpuvisor_batch_size",
             "Rows per granted batch",
@@ -115,6 +115,67 @@ class Metrics:
             ["tenant", "deployment", "state"],
             registry=r,
         )
+        self.device_memory_used = Gauge(
+            "gpuvisor_device_memory_used_bytes",
+            "Device memory in use (NVML on a GPU; the resident memory of its workers on the CPU device)",
+            ["device", "model"],
+            registry=r,
+        )
+        self.device_utilization = Gauge(
+            "gpuvisor_device_utilization_ratio",
+            "Busy fraction of the device over the last sampling period, 0 to 1",
+            ["device"],
+            registry=r,
+        )
+        self.device_temperature = Gauge(
+            "gpuvisor_device_temperature_celsius",
+            "Device temperature, where the device reports one",
+            ["device"],
+            registry=r,
+        )
+        self.device_power = Gauge(
+            "gpuvisor_device_power_watts",
+            "Device power draw, where the device reports it",
+            ["device"],
+            registry=r,
+        )
+        self.device_throttle_events = Counter(
+            "gpuvisor_device_throttle_events",
+            "Clock throttling episodes that began, by reason (NVML clock event reasons)",
+            ["device", "reason"],
+            registry=r,
+        )
+        self.device_xid_errors = Counter(
+            "gpuvisor_device_xid_errors",
+            "Critical Xid errors NVML reported, by Xid code",
+            ["device", "xid"],
+            registry=r,
+        )
+        self.device_healthy = Gauge(
+            "gpuvisor_device_healthy",
+            "1 while the device answers its telemetry reads, 0 when it does not",
+            ["device"],
+            registry=r,
+        )
+        self.allocation_failures = Counter(
+            "gpuvisor_allocation_failures",
+            "Slices or requests that could not get their memory or device room, by reason",
+            ["device", "tenant", "deployment", "reason"],
+            registry=r,
+        )
+        self.sampler_cpu = Counter(
+            "gpuvisor_sampler_cpu_seconds",
+            "CPU time the telemetry sampler itself spent",
+            registry=r,
+        )
+        self.sampler_samples = Counter(
+            "gpuvisor_sampler_samples", "Telemetry samples taken", registry=r
+        )
+        self.sampler_period = Gauge(
+            "gpuvisor_sampler_period_seconds",
+            "The telemetry sampler's configured period",
+            registry=r,
+        )
 
     def child(self, metric: M, *labels: str) -> M:
         """Return ``metric.labels(*labels)``, cached: the request path calls this per request.
@@ -127,3 +188,68 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+# What onnxruntime's arena, CUDA and torch say when an allocation fails.
+_OUT_OF_MEMORY_MARKERS = (
+    b"out of memory",
+    b"failed to allocate",
+    b"cudaerrormemoryallocation",
+    b"bad_alloc",
+    b"memoryerror",
+)
+
+
+def is_out_of_memory(answer: bytes) -> bool:
+    """Return True when a worker's error answer says an allocation failed (counted as an
+    ``out_of_memory`` allocation failure)."""
+    text = answer[:4096].lower()
+    return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
+
+
+@dataclass(frozen=True)
+class LiveSlice:
+    """One slice as the dispatcher sees it right now: where it runs, what waits, what it is owed."""
+
+    device: str
+    tenant: str
+    deployment: str
+    slice: str
+    queued: int
+    compute_share: float
+
+
+class LiveSliceCollector:
+    """Series read from the node's live state at scrape time, so they are never stale:
+    ``gpuvisor_queue_depth`` and ``gpuvisor_slice_compute_share`` per slice.
+
+    ``source`` returns the slices the dispatchers hold; until the node sets it, the families
+    are exported without samples.
+    """
+
+    LABELS = ("device", "tenant", "deployment", "slice")
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[LiveSlice]] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families([])
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(list(self.source()) if self.source is not None else [])
+
+    def _families(self, slices: list[LiveSlice]) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "gpuvisor_queue_depth", "Requests waiting per slice", labels=self.LABELS
+        )
+        share = GaugeMetricFamily(
+            "gpuvisor_slice_compute_share",
+            "Guaranteed fraction of its device each serving slice is entitled to (its profile's computeShare)",
+            labels=self.LABELS,
+        )
+        for s in slices:
+            labels = [s.device, s.tenant, s.deployment, s.slice]
+            depth.add_metric(labels, s.queued)
+            share.add_metric(labels, s.compute_share)
+        yield depth
+        yield share

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -16,35 +17,92 @@ from gpuvisor.errors import WorkerCrashed
 
 
 class RecordingRunner:
-    """A BatchRunner that takes ``seconds`` per batch and records what ran, and how many at once."""
+    """A BatchRunner that takes ``seconds`` per batch and records what ran, and how many at once.
+
+    A batch sent ``after`` another starts the moment that one is done, as a worker waiting
+    for the device's handoff would; one taken back (``revoke``) before then runs nothing.
+    """
 
     def __init__(self, seconds: float = 0.01, fail_slice: str | None = None) -> None:
         self.seconds = seconds
         self.fail_slice = fail_slice
-        self.batches: list[tuple[str, list[int]]] = []
+        self.batches: list[tuple[str, list[int]]] = []  # in the order they started
+        self.sent_after: list[int | None] = []
+        self.revoked: list[int] = []  # batches taken back before they started
         self.running = 0
         self.max_running = 0
+        self._handles = itertools.count(1)
+        self._finished: dict[int, asyncio.Event] = {}
+        self._started: set[int] = set()
+        self._taken_back: set[int] = set()
+        self._waiting: dict[int, list[tuple[int, str, list[int]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def revoke(self, handle: int) -> None:
+        if handle not in self._started:
+            self._taken_back.add(handle)
+
     def start_batch(
-        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
-    ) -> None:
-        self.running += 1
-        self.max_running = max(self.max_running, self.running)
-        self.batches.append((slice_id, [r.request_id for r in batch]))
-        task = asyncio.get_running_loop().create_task(self._finish(slice_id, batch, done))
+        self,
+        slice_id: str,
+        batch: Sequence[PendingRequest],
+        done: BatchCallback,
+        after: int | None = None,
+    ) -> int:
+        handle = next(self._handles)
+        self._finished[handle] = asyncio.Event()
+        self.sent_after.append(after)
+        ids = [r.request_id for r in batch]
+        if after is None or self._finished[after].is_set():
+            self._start(handle, slice_id, ids)
+        else:
+            self._waiting.setdefault(after, []).append((handle, slice_id, ids))
+        task = asyncio.get_running_loop().create_task(
+            self._run(handle, slice_id, batch, done, after)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return handle
 
-    async def _finish(
-        self, slice_id: str, batch: Sequence[PendingRequest], done: BatchCallback
+    def _start(self, handle: int, slice_id: str, ids: list[int]) -> None:
+        if handle in self._taken_back:
+            return
+        self._started.add(handle)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.batches.append((slice_id, ids))
+
+    async def _run(
+        self,
+        handle: int,
+        slice_id: str,
+        batch: Sequence[PendingRequest],
+        done: BatchCallback,
+        after: int | None,
     ) -> None:
+        if after is not None:
+            await self._finished[after].wait()
+        if handle in self._taken_back:
+            self.revoked.append(handle)
+            self._finish(handle)
+            done(None, 0.0)
+            return
         await asyncio.sleep(self.seconds)
         self.running -= 1
+        self._finish(handle)
         if slice_id == self.fail_slice:
             done(WorkerCrashed("worker exited"), 0.0)
         else:
             done([Outcome(200, f"{slice_id}:{r.request_id}".encode()) for r in batch], self.seconds)
+
+    def _finish(self, handle: int) -> None:
+        """The device passes at once to what waited behind this batch."""
+        self._finished[handle].set()
+        for waiter in self._waiting.pop(handle, []):
+            if waiter[0] in self._taken_back:
+                self._finish(waiter[0])  # an empty batch hands straight on
+            else:
+                self._start(*waiter)
 
 
 def _queue(name: str, max_batch: int = 8, delay: float = 0.0) -> SliceQueue:
@@ -223,3 +281,81 @@ def test_predicted_completion_counts_what_waits_ahead() -> None:
         queue.push(_request(i))
     # 3 queued + 1 new = two full batches of 2 rows
     assert dispatcher.predict_completion(queue, 1, time.monotonic()) == pytest.approx(0.004)
+
+
+# ---- lookahead ----------------------------------------------------------------------------
+
+
+def _profiled(name: str, seconds: float, **settings: object) -> SliceQueue:
+    queue = SliceQueue(name, name, name, "default", "p", max_batch_size=1, **settings)  # type: ignore[arg-type]
+    queue.profile = ExecutionProfile({1: seconds})
+    return queue
+
+
+async def _gather(dispatcher: DeviceDispatcher, futures: list[asyncio.Future[Outcome]]) -> None:
+    try:
+        outcomes = await asyncio.gather(*futures)
+        assert all(o.status == 200 for o in outcomes)
+    finally:
+        await dispatcher.stop()
+
+
+@pytest.mark.parametrize("lookahead", [0.0, 0.02])
+def test_lookahead_sends_the_next_batch_before_the_running_one_ends(lookahead: float) -> None:
+    runner = RecordingRunner(seconds=0.03)
+    most = 0
+
+    def granted(queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
+        nonlocal most
+        most = max(most, dispatcher.in_flight)
+
+    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=lookahead, on_grant=granted)
+    dispatcher.add_slice(_profiled("a", 0.03))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        await _gather(dispatcher, [dispatcher.submit("a", _request(i)) for i in range(6)])
+
+    asyncio.run(scenario())
+    assert len(runner.batches) == 6 and runner.max_running == 1
+    staged = [after for after in runner.sent_after if after is not None]
+    if lookahead:
+        # every batch but the first was sent while the one before it still ran, and never
+        # more than one batch waited behind a running one
+        assert len(staged) == 5 and most == 2
+    else:
+        assert staged == [] and most == 1
+
+
+def test_a_critical_request_takes_the_place_of_a_staged_batch() -> None:
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    runner = RecordingRunner(seconds=0.02)
+    dispatcher = DeviceDispatcher("cpu-0", runner, FairSharePolicy(quantum=0.02), lookahead=0.015)
+    dispatcher.add_slice(_profiled("bulk", 0.02, latency_class="batch"))
+    dispatcher.add_slice(_profiled("chat", 0.02, latency_class="critical", share=0.5))
+    started_before: list[int] = []
+
+    async def scenario() -> None:
+        dispatcher.start()
+        futures = [dispatcher.submit("bulk", _request(i)) for i in range(12)]
+        for i in range(3):
+            await asyncio.sleep(0.045 + 0.01 * i)  # land at different points of a bulk batch
+            started_before.append(len(runner.batches))
+            futures.append(dispatcher.submit("chat", _request(100 + i)))
+        await _gather(dispatcher, futures)
+
+    asyncio.run(scenario())
+    starts = [name for name, _ in runner.batches]
+    chat_starts = [i for i, name in enumerate(starts) if name == "chat"]
+    assert len(chat_starts) == 3
+    for before, at in zip(started_before, chat_starts):
+        # what had started when the request arrived (the running batch), then the critical
+        # request: a bulk batch staged behind the running one is taken back, not run first.
+        # Only one that starts in the same instant as the request arrives (the device was
+        # handed over before the revoke could reach it) goes ahead of it.
+        assert at <= before + 1, (starts, started_before)
+    assert runner.revoked, "no staged batch was taken back: the test did not exercise it"
+    # the batches taken back ran later, whole: every bulk request was answered exactly once
+    bulk = [i for name, ids in runner.batches if name == "bulk" for i in ids]
+    assert sorted(bulk) == list(range(12))

@@ -43,7 +43,7 @@ def test_it_is_a_dispatch_policy() -> None:
     [
         (lambda: FairSharePolicy(quantum=0.0), "quantum"),
         (lambda: FairSharePolicy(quantum=0.01, window=-1.0), "window"),
-        (lambda: FairSharePolicy(0.01).charge(_queue("a"), -0.1, 0.0), ">= 0"),
+        (lambda: FairSharePolicy(0.01).charge(_queue("a"), math.inf, 0.0), "finite"),
         (lambda: FairSharePolicy(0.01).charge(_queue("a"), math.nan, 0.0), "finite"),
         (lambda: FairSharePolicy(0.01).charge(_queue("a", weight=0.0), 0.1, 0.0), "weight"),
     ],
@@ -51,6 +51,17 @@ def test_it_is_a_dispatch_policy() -> None:
 def test_nonsense_is_rejected(call: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_negative_charge_corrects_an_earlier_prediction() -> None:
+    policy = FairSharePolicy(quantum=0.01, window=1.0)
+    a, b = _queue("a"), _queue("b", tenant="u")
+    policy.charge(a, 0.3, 0.0)  # predicted at the grant
+    policy.charge(a, -0.1, 0.2)  # measured 0.2 at completion
+    policy.charge(b, 0.2, 0.2)
+    assert policy.usage("a", 0.5) == pytest.approx(0.2)
+    # both tenants have used the same device time: a tie, broken by the older request
+    assert policy._tenants["t"].vt == pytest.approx(policy._tenants["u"].vt)
 
 
 # ---- 1. the window ----------------------------------------------------------------------

@@ -105,6 +105,7 @@ def test_explicit_settings_win() -> None:
         ({"threads": 0}, "cpu.threads"),
         ({"concurrency": 0}, "cpu.concurrency"),
         ({"quantum": 0.0}, "cpu.quantum"),
+        ({"lookahead": -0.001}, "cpu.lookahead"),
     ],
 )
 def test_out_of_range_settings_name_the_field(settings: dict[str, Any], field: str) -> None:

@@ -60,6 +60,7 @@ def test_default_quanta_are_10ms_cpu_and_2ms_gpu() -> None:
         ({"concurrency": 0}, "concurrency"),
         ({"threads": 0}, "threads"),
         ({"quantum": -0.001}, "quantum"),
+        ({"lookahead": -0.001}, "lookahead"),
     ],
 )
 def test_invalid_fields_are_rejected(overrides: dict[str, Any], complaint: str) -> None:

@@ -82,10 +82,20 @@ def test_gpus_found_means_no_cpu_line(nvml_finds: Any, caplog: pytest.LogCapture
 
 def test_cpu_settings_reach_the_device(nvml_finds: Any) -> None:
     nvml_finds(0)
-    spec = node_spec(cpu={"memory": "3Gi", "threads": 2, "concurrency": 2, "quantum": "5ms"})
+    spec = node_spec(
+        cpu={"memory": "3Gi", "threads": 2, "concurrency": 2, "quantum": "5ms", "lookahead": 0}
+    )
     cpu = discover(spec).get("cpu-0")
     assert cpu is not None
-    assert (cpu.memory_total, cpu.threads, cpu.concurrency, cpu.quantum) == (3 * GIB, 2, 2, 0.005)
+    assert (cpu.memory_total, cpu.threads, cpu.concurrency, cpu.quantum, cpu.lookahead) == (
+        3 * GIB,
+        2,
+        2,
+        0.005,
+        0.0,
+    )
+    nvml_finds(0)
+    assert discover(node_spec()).devices[0].lookahead == 0.002  # the CPU's default
 
 
 def test_nvml_disabled_is_never_called(nvml_finds: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -143,7 +153,11 @@ def test_real_discovery_on_this_machine() -> None:
 def test_gpu_scheduling_settings_come_from_the_nvml_section(nvml_finds: Any) -> None:
     nvml_finds(2)
     defaults = discover(node_spec())
-    assert [(d.concurrency, d.quantum) for d in defaults.devices] == [(1, 0.002)] * 2
+    assert [(d.concurrency, d.quantum, d.lookahead) for d in defaults.devices] == [
+        (1, 0.002, 0.001)
+    ] * 2
     nvml_finds(2)
-    tuned = discover(node_spec(nvml={"concurrency": 2, "quantum": "5ms"}))
-    assert [(d.concurrency, d.quantum) for d in tuned.devices] == [(2, 0.005)] * 2
+    tuned = discover(node_spec(nvml={"concurrency": 2, "quantum": "5ms", "lookahead": "500us"}))
+    assert [(d.concurrency, d.quantum, d.lookahead) for d in tuned.devices] == [
+        (2, 0.005, 0.0005)
+    ] * 2

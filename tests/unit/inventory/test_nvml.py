@@ -162,6 +162,7 @@ def test_two_gpus_are_described_from_nvml(install: Any) -> None:
         "threads": None,
         "concurrency": 1,
         "quantum": 0.002,
+        "lookahead": 0.001,
         "node": "local",
         "healthy": True,
         "index": 0,

@@ -1,0 +1,83 @@
+"""The observability commands of the CLI: `gpuvisor top` and `gpuvisor bench sampler`
+(registered on the app in cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gpuvisor.errors import GpuvisorError
+
+__all__ = ["bench_sampler", "top"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: GpuvisorError) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def top(
+    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="refreshes before exiting (default: until Ctrl-C)")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="node URL [env GPUVISOR_URL; default http://127.0.0.1:8700]"),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option("--key", help="API key [env GPUVISOR_KEY; default the state dir's admin key]"),
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option("--state", help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]"),
+    ] = None,
+) -> None:
+    """Live view of the node: who waits, who uses each device against its guarantee, memory by
+    slice, deployments' latency, slices that are not serving. A tenant key sees its own."""
+    from gpuvisor.client import NodeClient
+    from gpuvisor.top import run_top
+
+    try:
+        client = NodeClient(url, key, state, timeout=10.0)
+        code = run_top(client, console, interval, 1 if once else iterations)
+    except GpuvisorError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+def bench_sampler(
+    seconds: Annotated[
+        float, typer.Option(min=1.0, help="wall seconds measured per period")
+    ] = 20.0,
+    period: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="sampling period in seconds (repeatable; default 1.0, the node's default)"
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="idle worker processes whose memory is sampled")
+    ] = 4,
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path(
+        "bench-results/sampler.json"
+    ),
+) -> None:
+    """Sampler overhead: the node's telemetry sampler run alone in this process against this
+    machine's devices and idle worker processes; CPU seconds per wall second, per period."""
+    from gpuvisor.bench.sampler import SamplerBenchConfig, sampler_command
+
+    config = SamplerBenchConfig(seconds=seconds, periods=tuple(period or (1.0,)), workers=workers)
+    try:
+        code = sampler_command(config, output, console)
+    except GpuvisorError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)

@@ -1,0 +1,158 @@
+"""A bounded, in-memory recent history for the dashboard and `gpuvisor top`: latencies per
+deployment, device time per tenant and slice, queue waits per tenant.
+
+Prometheus histograms answer "p99 over the last five minutes" in PromQL; the dashboard wants
+"p99 right now" without a Prometheus server, so the node keeps the last samples here. Every
+series is bounded twice: by age (``window``) and by count (``max_samples``), and keyed only
+by names (tenant, deployment, device, slice), never by request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = ["LatencySummary", "RecentActivity", "percentile"]
+
+
+def percentile(ordered: list[float], q: float) -> float | None:
+    """Return the ``q`` quantile (0–1, nearest rank) of an ascending list; None when empty."""
+    if not ordered:
+        return None
+    rank = min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))
+    return ordered[rank]
+
+
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Answered requests of one deployment within the window: how many, how fast, how often."""
+
+    count: int
+    p50: float | None
+    p99: float | None
+    rate: float  # requests per second over the window
+
+
+class _Series:
+    """(monotonic time, value) samples, dropped once older than the window or past the cap."""
+
+    __slots__ = ("samples",)
+
+    def __init__(self, cap: int) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=cap)
+
+    def add(self, at: float, value: float) -> None:
+        self.samples.append((at, value))
+
+    def values(self, since: float) -> list[float]:
+        while self.samples and self.samples[0][0] < since:
+            self.samples.popleft()
+        return [v for _, v in self.samples]
+
+
+class RecentActivity:
+    """What happened on the node in the last ``window`` seconds (latencies, queue waits) and the
+    last ``share_window`` seconds (device time: short, so a share answers "who uses it now").
+
+    Called from the event loop only (the node's dispatch callbacks and its HTTP handlers).
+    """
+
+    def __init__(
+        self,
+        window: float = 60.0,
+        share_window: float = 10.0,
+        max_samples: int = 2048,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if window <= 0 or share_window <= 0 or max_samples < 1:
+            raise ValueError("windows must be > 0 seconds and max_samples at least 1")
+        self.window = window
+        self.share_window = share_window
+        self.max_samples = max_samples
+        self.clock = clock
+        self.started = clock()
+        self._latency: dict[tuple[str, str], _Series] = {}
+        self._wait: dict[str, _Series] = {}
+        self._busy: dict[tuple[str, str, str], _Series] = {}  # (device, tenant, slice)
+        self._rejections: dict[tuple[str, str], _Series] = {}  # (tenant, reason)
+
+    # ---- recording (hot path: one append each) ------------------------------------------
+
+    def record_latency(self, tenant: str, deployment: str, seconds: float) -> None:
+        self._series(self._latency, (tenant, deployment)).add(self.clock(), seconds)
+
+    def record_wait(self, tenant: str, seconds: float) -> None:
+        self._series(self._wait, tenant).add(self.clock(), seconds)
+
+    def record_busy(self, device: str, tenant: str, slice_id: str, seconds: float) -> None:
+        self._series(self._busy, (device, tenant, slice_id)).add(self.clock(), seconds)
+
+    def record_rejection(self, tenant: str, reason: str) -> None:
+        self._series(self._rejections, (tenant, reason)).add(self.clock(), 1.0)
+
+    def _series(self, table: dict[_K, _Series], key: _K) -> _Series:
+        found = table.get(key)
+        if found is None:
+            found = table[key] = _Series(self.max_samples)
+        return found
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def span(self, window: float) -> float:
+        """Seconds the window covers so far: ``window``, or less just after the node started."""
+        return max(1e-9, min(window, self.clock() - self.started))
+
+    def latency(self, tenant: str, deployment: str) -> LatencySummary:
+        """Return the deployment's answered requests within the window."""
+        series = self._latency.get((tenant, deployment))
+        values = sorted(series.values(self.clock() - self.window)) if series else []
+        return LatencySummary(
+            count=len(values),
+            p50=percentile(values, 0.50),
+            p99=percentile(values, 0.99),
+            rate=len(values) / self.span(self.window),
+        )
+
+    def wait_p99(self, tenant: str) -> float | None:
+        """Return the tenant's p99 queue wait (admission to grant) within the window."""
+        series = self._wait.get(tenant)
+        return (
+            percentile(sorted(series.values(self.clock() - self.window)), 0.99) if series else None
+        )
+
+    def rejections(self, tenant: str) -> dict[str, int]:
+        """Return the tenant's requests refused within the window, by reason."""
+        since = self.clock() - self.window
+        out = {}
+        for (owner, reason), series in self._rejections.items():
+            if owner == tenant:
+                count = len(series.values(since))
+                if count:
+                    out[reason] = count
+        return out
+
+    def busy_seconds(self) -> dict[tuple[str, str, str], float]:
+        """Return device seconds charged per (device, tenant, slice) within the share window."""
+        since = self.clock() - self.share_window
+        out = {}
+        for key, series in list(self._busy.items()):
+            used = sum(series.values(since))
+            if used > 0:
+                out[key] = used
+            elif not series.samples:
+                del self._busy[key]  # a slice gone quiet (or deleted) stops costing memory
+        return out
+
+    def busy_share(self) -> dict[tuple[str, str], float]:
+        """Return each (device, tenant)'s fraction of its device's time within the share window."""
+        span = self.span(self.share_window)
+        shares: dict[tuple[str, str], float] = {}
+        for (device, tenant, _), seconds in self.busy_seconds().items():
+            shares[(device, tenant)] = shares.get((device, tenant), 0.0) + seconds / span
+        return shares

@@ -1,0 +1,168 @@
+"""The dashboard's judgements: when a tenant is waiting or starving, and what the first screen
+says needs attention (built from real slice states, queues and recent history)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gpuvisor.control.slices import SliceState
+from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
+from gpuvisor.spec.kinds import Tenant
+from gpuvisor.telemetry.dashboard import attention, tenant_view
+from gpuvisor.telemetry.recent import RecentActivity
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slice(tenant: str, deployment: str, share: float, queued: int) -> SliceState:
+    state = SliceState(
+        id=f"{tenant}/{deployment}/0",
+        tenant=tenant,
+        deployment=deployment,
+        replica=0,
+        spec_hash="h",
+        pool="inference",
+        profile="p",
+        memory=2**28,
+        compute_share=share,
+        isolation="process",
+        latency_class="standard",
+        model_name=deployment,
+        model_version="1",
+        device_id="cpu-0",
+        state="Ready",
+    )
+    state.queue = SliceQueue(state.id, tenant, deployment, "inference", "p", share=share)
+    for i in range(queued):
+        state.queue.push(PendingRequest(i, tenant, b"", -1, arrival=0.0))
+    return state
+
+
+def _tenant(name: str) -> Tenant:
+    return Tenant.model_validate({"metadata": {"name": name}, "spec": {"weight": 2}})
+
+
+@pytest.mark.parametrize(
+    ("queued", "busy", "wait", "state"),
+    [
+        (0, 0.0, None, "ok"),  # idle
+        (0, 0.5, 0.001, "ok"),  # busy, nothing waiting
+        (5, 3.0, 0.2, "waiting"),  # 30% used of a 25% guarantee: waits, but gets its share
+        (5, 0.5, 0.2, "starving"),  # 5% used of 25% while requests wait 200 ms
+        (5, 0.5, 0.001, "waiting"),  # under its share, but requests do not wait long: low demand
+    ],
+)
+def test_waiting_and_starving(queued: int, busy: float, wait: float | None, state: str) -> None:
+    clock = Clock()
+    recent = RecentActivity(share_window=10.0, clock=clock)
+    clock.now += 60
+    if busy:
+        recent.record_busy("cpu-0", "retail", "retail/shelf/0", busy)
+    if wait is not None:
+        recent.record_wait("retail", wait)
+    view = tenant_view(
+        recent, _tenant("retail"), [_slice("retail", "shelf", 0.25, queued)], recent.busy_share()
+    )
+    assert view["state"] == state
+    assert view["queued"] == queued
+    assert view["entitlement"] == pytest.approx(0.25)
+    assert view["share"] == pytest.approx(busy / 10.0)
+    assert view["starvingOn"] == (["cpu-0"] if state == "starving" else [])
+
+
+def test_a_tenants_view_counts_only_its_slices() -> None:
+    recent = RecentActivity()
+    slices = [
+        _slice("retail", "a", 0.25, 2),
+        _slice("retail", "b", 0.1, 1),
+        _slice("support", "c", 0.5, 7),
+    ]
+    view = tenant_view(recent, _tenant("retail"), slices, {})
+    assert view["queued"] == 3
+    assert view["entitlement"] == pytest.approx(0.35)
+    assert view["weight"] == 2
+
+
+def _device(**overrides: Any) -> dict[str, Any]:
+    return {
+        "id": "gpu-0",
+        "healthy": True,
+        "problem": "",
+        "throttle": [],
+        "slices": [],
+        **overrides,
+    }
+
+
+def _tenant_row(**overrides: Any) -> dict[str, Any]:
+    return {"name": "retail", "state": "ok", "starvingOn": [], "queued": 0, "waitP99": None,
+            "share": 0.0, "entitlement": 0.25, "rejections": {}, **overrides}  # fmt: skip
+
+
+def test_attention_is_ok_when_nothing_needs_a_look() -> None:
+    items = attention([_device()], [_tenant_row()], [{"state": "Ready"}, {"state": "Ready"}], [])
+    assert items == [
+        {
+            "level": "ok",
+            "subject": "",
+            "text": "Nobody is waiting or starving; 2 deployment(s) serving",
+        }
+    ]
+
+
+def test_attention_lists_the_worst_first() -> None:
+    items = attention(
+        [
+            _device(throttle=["hw_thermal"]),
+            _device(id="gpu-1", healthy=False, problem="NVML read failed: GPU is lost"),
+            _device(
+                id="cpu-0",
+                slices=[
+                    {
+                        "slice": "support/c/0",
+                        "tenant": "support",
+                        "memoryUsed": 95,
+                        "memoryLimit": 100,
+                    }
+                ],
+            ),
+        ],
+        [
+            _tenant_row(name="support", state="waiting", queued=3, waitP99=0.004),
+            _tenant_row(state="starving", starvingOn=["gpu-0"], queued=40, share=0.05, waitP99=0.3),
+            _tenant_row(name="analytics", rejections={"rate_limit": 7, "deadline_infeasible": 1}),
+        ],
+        [],
+        [
+            {
+                "slice": "retail/big/0",
+                "tenant": "retail",
+                "state": "Pending",
+                "reason": "gpu-0: 1Gi free < 2Gi requested",
+            }
+        ],
+    )
+    texts = [i["text"] for i in items]
+    levels = [i["level"] for i in items]
+    assert levels[:2] == ["error", "error"]
+    assert "gpu-1 is unhealthy: NVML read failed: GPU is lost" in texts
+    assert (
+        "retail is starving on gpu-0: 40 queued, 5% of device time against 25% guaranteed, "
+        "p99 wait 300 ms" in texts
+    )
+    assert (
+        "analytics: 8 request(s) refused in the last minute (deadline_infeasible 1, rate_limit 7)"
+        in texts
+    )
+    assert "retail/big/0 is Pending: gpu-0: 1Gi free < 2Gi requested" in texts
+    assert "gpu-0 clocks are throttled (hw_thermal)" in texts
+    assert "support/c/0 uses 95% of its memory cap" in texts
+    assert texts[-1] == "support has 3 request(s) queued, p99 wait 4 ms"
