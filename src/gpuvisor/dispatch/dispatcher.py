@@ -61,6 +61,7 @@ class _Grant:
     handle: int = 0
     followed: bool = False  # a batch is staged behind this one
     revoking: bool = False  # taken back for a critical request: it will run nothing
+    ended: bool = False  # what followed it was settled: it is off the device, its reply not in
 
 
 class DeviceDispatcher:
@@ -211,10 +212,7 @@ class DeviceDispatcher:
                 if not queue.items:
                     continue
                 if queue.in_flight and not (
-                    base is not None
-                    and base.queue is queue
-                    and queue.in_flight == 1
-                    and not base.revoking
+                    base is not None and queue.in_flight == 1 and self._follows(queue, base)
                 ):
                     continue
                 at = ready_at(queue)
@@ -249,10 +247,20 @@ class DeviceDispatcher:
             if (
                 (grant.after is None or grant.revoking)
                 and not grant.followed
+                and not grant.ended
                 and (base is None or grant.end < base.end)
             ):
                 base = grant
         return base
+
+    @staticmethod
+    def _follows(queue: SliceQueue, base: _Grant) -> bool:
+        """Whether a batch of ``queue`` (which has one on the device) may be staged behind
+        ``base``: its batch is ``base`` itself, or, when ``base`` was taken back (it will run
+        nothing), the batch ``base`` was to follow."""
+        if base.revoking:
+            return base.after is not None and base.after.queue is queue
+        return base.queue is queue
 
     def _preempt_staged(self, now: float) -> bool:
         """A critical request is ready while a non-critical batch waits (staged) for the device:
@@ -262,6 +270,7 @@ class DeviceDispatcher:
         for staged in self._grants:
             if (
                 staged.after is None
+                or staged.after.ended
                 or staged.revoking
                 or staged.followed
                 or staged.queue.latency_class == "critical"
@@ -270,7 +279,7 @@ class DeviceDispatcher:
             if not any(
                 queue.latency_class == "critical"
                 and queue.items
-                and not queue.in_flight
+                and (not queue.in_flight or (queue.in_flight == 1 and staged.after.queue is queue))
                 and ready_at(queue) <= now
                 for queue in self.queues.values()
             ):
@@ -341,7 +350,7 @@ class DeviceDispatcher:
                 queue.slice_id, batch, done, after.handle if after is not None else None
             )
         except GpuvisorError as exc:
-            self._settle(grant, batch, exc, 0.0)
+            self._settle(grant, batch, exc, 0.0, sent=False)
 
     def _charge(self, queue: SliceQueue, seconds: float, now: float) -> None:
         try:
@@ -355,9 +364,10 @@ class DeviceDispatcher:
         batch: list[PendingRequest],
         result: Sequence[Outcome] | GpuvisorError | None,
         device_seconds: float,
+        sent: bool = True,
     ) -> None:
         """Resolve the batch's requests (or queue them again when it was revoked), free the
-        device and charge the slice."""
+        device and charge the slice. ``sent``: False when the batch never reached a worker."""
         if grant not in self._grants:
             return
         queue = grant.queue
@@ -365,7 +375,13 @@ class DeviceDispatcher:
         self._grants.discard(grant)
         now = time.monotonic()
         if grant.after is not None:
-            grant.after.followed = False
+            if sent:
+                # Its turn came, so the batch it followed is off the device even if that one's
+                # reply is still on its way (replies of two workers can cross): nothing may be
+                # staged behind it any more.
+                grant.after.ended = True
+            else:
+                grant.after.followed = False
         for other in self._grants:  # what waited behind this batch starts now
             if other.after is grant:
                 other.after = None

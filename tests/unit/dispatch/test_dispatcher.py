@@ -359,3 +359,89 @@ def test_a_critical_request_takes_the_place_of_a_staged_batch() -> None:
     # the batches taken back ran later, whole: every bulk request was answered exactly once
     bulk = [i for name, ids in runner.batches if name == "bulk" for i in ids]
     assert sorted(bulk) == list(range(12))
+
+
+def test_a_critical_request_behind_its_own_running_batch_also_preempts_a_staged_one() -> None:
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    runner = RecordingRunner(seconds=0.03)
+    dispatcher = DeviceDispatcher("cpu-0", runner, FairSharePolicy(quantum=0.03), lookahead=0.02)
+    dispatcher.add_slice(_profiled("bulk", 0.03, latency_class="batch"))
+    dispatcher.add_slice(_profiled("chat", 0.03, latency_class="critical", share=0.5))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        futures = [dispatcher.submit("chat", _request(100))]  # runs at once: the device is idle
+        await asyncio.sleep(0.002)
+        futures += [dispatcher.submit("bulk", _request(i)) for i in range(4)]
+        await asyncio.sleep(0.018)  # bulk is staged behind the running chat batch by now
+        assert [after for after in runner.sent_after if after is not None], "nothing staged"
+        futures.append(dispatcher.submit("chat", _request(101)))
+        await _gather(dispatcher, futures)
+
+    asyncio.run(scenario())
+    assert [ids for _, ids in runner.batches[:2]] == [[100], [101]], runner.batches
+    assert runner.revoked
+
+
+class ManualRunner:
+    """A BatchRunner whose batches complete when the test says, in the order it chooses."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str, list[int], int | None]] = []  # handle, slice, ids, after
+        self.pending: dict[int, tuple[Sequence[PendingRequest], BatchCallback]] = {}
+        self.revoked: list[int] = []
+        self._handles = itertools.count(1)
+
+    def start_batch(
+        self,
+        slice_id: str,
+        batch: Sequence[PendingRequest],
+        done: BatchCallback,
+        after: int | None = None,
+    ) -> int:
+        handle = next(self._handles)
+        self.sent.append((handle, slice_id, [r.request_id for r in batch], after))
+        self.pending[handle] = (batch, done)
+        return handle
+
+    def revoke(self, handle: int) -> None:
+        self.revoked.append(handle)
+
+    def finish(self, handle: int, revoked: bool = False) -> None:
+        batch, done = self.pending.pop(handle)
+        done(None if revoked else [Outcome(200, b"") for _ in batch], 0.0 if revoked else 0.001)
+
+
+def test_nothing_is_staged_behind_a_batch_whose_successor_already_replied() -> None:
+    """Replies of two workers can cross: the successor of a batch may report before the batch
+    itself. The batch is off the device by then, so nothing may be staged behind it (that would
+    start at once, beside whatever followed it)."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    runner = ManualRunner()
+    dispatcher = DeviceDispatcher("cpu-0", runner, FairSharePolicy(quantum=0.01), lookahead=10.0)
+    dispatcher.add_slice(_profiled("bulk", 0.001, latency_class="batch"))
+    dispatcher.add_slice(_profiled("chat", 0.001, latency_class="critical", share=0.5))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        futures = [dispatcher.submit("bulk", _request(i)) for i in range(4)]
+        await asyncio.sleep(0)  # the deferred decision: R runs, S is staged behind it
+        assert [(h, s, a) for h, s, _, a in runner.sent] == [(1, "bulk", None), (2, "bulk", 1)]
+        futures.append(dispatcher.submit("chat", _request(100)))
+        await asyncio.sleep(0)  # S is taken back, the critical batch C waits behind it
+        assert runner.revoked == [2]
+        assert runner.sent[-1][1:] == ("chat", [100], 2)
+        runner.finish(2, revoked=True)  # S's reply comes before R's
+        assert all(after != 1 for *_, after in runner.sent[3:]), runner.sent
+        for _ in range(20):  # then everything completes in order
+            if not runner.pending:
+                break
+            runner.finish(min(runner.pending))
+            await asyncio.sleep(0)
+        await _gather(dispatcher, futures)
+
+    asyncio.run(scenario())
+    ran = sorted(i for h, _, ids, _ in runner.sent if h not in runner.revoked for i in ids)
+    assert ran == [0, 1, 2, 3, 100]  # each request ran once; the taken-back ones later
