@@ -17,6 +17,7 @@ from rich.table import Table
 
 from gpuvisor import __version__
 from gpuvisor.cli_observe import bench_sampler, top
+from gpuvisor.cli_plan import bench_placement, plan_command
 from gpuvisor.client import NodeClient
 from gpuvisor.errors import ConfigError, GpuvisorError
 
@@ -40,6 +41,7 @@ bench_app = typer.Typer(
     help="Benchmarks: gpuvisor against a naive baseline, side by side.", no_args_is_help=True
 )
 app.add_typer(bench_app, name="bench")
+app.command("plan")(plan_command)
 
 UrlOpt = Annotated[
     str | None,
@@ -501,6 +503,9 @@ def bench_decisions(
     from gpuvisor.bench.decisions import decisions_command
 
     _run_bench(lambda: decisions_command(slices, decisions, output, console))
+
+
+bench_app.command("placement")(bench_placement)
 
 
 def _run_bench(command: Callable[[], int]) -> None:

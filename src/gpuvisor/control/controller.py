@@ -250,7 +250,9 @@ class Controller:
 
     def _placed(self, exclude: str) -> list[PlacedSlice]:
         return [
-            PlacedSlice(s.id, s.tenant, s.device_id, s.memory, s.compute_share, s.isolation)
+            PlacedSlice(
+                s.id, s.tenant, s.device_id, s.memory, s.compute_share, s.isolation, s.mig_start
+            )
             for s in self.slices.values()
             # a Failed slice runs nothing: its room goes back to the device
             if s.device_id is not None and s.id != exclude and s.state != "Failed"
@@ -275,6 +277,7 @@ class Controller:
             model_version=want.model.spec.version
             if want.model
             else (dep.spec.model_version or "?"),
+            mig_profile=profile.spec.mig_profile if profile else None,
         )
         replaced = self.slices.get(state.id)
         self.slices[state.id] = state
@@ -295,6 +298,7 @@ class Controller:
                 state.memory,
                 state.compute_share,
                 state.isolation,
+                state.mig_profile,
             ),
             self.topology.devices,
             self._placed(state.id),
@@ -311,7 +315,13 @@ class Controller:
         device = self.topology.get(result.device_id)
         assert device is not None
         state.device_id = device.id
-        state.set_state("Loading", f"placed on {device.id}; starting its worker")
+        state.mig_start = result.mig_start
+        where = (
+            device.id
+            if result.mig_start is None
+            else (f"{device.id} (MIG {state.mig_profile}@{result.mig_start})")
+        )
+        state.set_state("Loading", f"placed on {where}; starting its worker")
         launch = self._launch(state, want.model, dep, device)
         sup = SliceSupervisor(
             state,

@@ -49,6 +49,8 @@ class SliceState:
     loaded: p.ModelLoaded | None = None
     queue: SliceQueue | None = None
     since: float = field(default_factory=time.time)
+    mig_profile: str | None = None
+    mig_start: int | None = None  # the MIG instance a partition-tier slice holds
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state != self.state or reason != self.reason:
@@ -73,6 +75,9 @@ class SliceState:
             "latencyClass": self.latency_class,
             "memory": self.memory,
             "computeShare": self.compute_share,
+            "migInstance": f"{self.mig_profile}@{self.mig_start}"
+            if self.mig_start is not None
+            else None,
             "model": f"{self.model_name}@{self.model_version}",
             "queued": len(self.queue.items) if self.queue else 0,
             "rssBytes": loaded.rss_bytes if loaded else None,

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from gpuvisor.partition.mig import MigInstance
+
 __all__ = [
     "DEFAULT_CPU_LOOKAHEAD",
     "DEFAULT_CPU_QUANTUM",
@@ -68,8 +70,14 @@ class Device:
     node: str = "local"
     healthy: bool = True
     index: int | None = None
+    mig_instances: tuple[MigInstance, ...] = ()
+    """The GPU instances that exist on a MIG-enabled GPU (profile and start memory slice)."""
 
     def __post_init__(self) -> None:
+        self.mig_instances = tuple(
+            i if isinstance(i, MigInstance) else MigInstance(int(i["start"]), str(i["profile"]))
+            for i in self.mig_instances
+        )
         if not self.id:
             raise ValueError("a device needs a non-empty id")
         if self.kind not in get_args(DeviceKind):

@@ -9,6 +9,8 @@ from typing import Any
 
 from gpuvisor.inventory.device import Device
 from gpuvisor.inventory.simulated import match_nvml_name
+from gpuvisor.partition.mig import use_driver_geometry
+from gpuvisor.partition.nvml_geometry import read_geometry
 
 __all__ = ["discover_nvml", "sysfs_bus_id"]
 
@@ -102,6 +104,10 @@ def _describe_gpu(nvml: Any, index: int, sysfs_root: Path) -> Device:
     except nvml.NVMLError:
         mig_mode = False  # NOT_SUPPORTED on GPUs without MIG
     catalogued = match_nvml_name(nvml_name)
+    if mig_mode:  # the driver's MIG profiles and placements win over the built-in tables
+        geometry = read_geometry(nvml, handle, catalogued.name if catalogued else nvml_name)
+        if geometry is not None:
+            use_driver_geometry(geometry)
     return Device(
         id=device_id,
         kind="gpu",

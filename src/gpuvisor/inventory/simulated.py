@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 from gpuvisor.errors import SpecError
 from gpuvisor.inventory.device import Device
+from gpuvisor.partition.mig import MigInstance, check_layout, geometry_for
 
 if TYPE_CHECKING:
-    from gpuvisor.spec.kinds import Fleet
+    from gpuvisor.spec.kinds import Fleet, MigInstanceSpec
 
 __all__ = ["GPU_CATALOGUE", "GpuModel", "devices_from_fleet", "lookup_gpu_model", "match_nvml_name"]
 
@@ -78,11 +79,33 @@ def _simulated_uuid(fleet_name: str, device_id: str) -> str:
     return f"GPU-{uuid.uuid5(uuid.NAMESPACE_URL, f'gpuvisor-sim:{fleet_name}/{device_id}')}"
 
 
+def _mig_layout(
+    model: str, instances: list[MigInstanceSpec], path: str, problems: list[dict[str, str]]
+) -> tuple[MigInstance, ...]:
+    """Return a group's declared MIG instances, adding a problem for each invalid one."""
+    if not instances:
+        return ()
+    geometry = geometry_for(model)
+    if geometry is None:
+        problems.append({"path": path, "message": f"{model} has no MIG geometry"})
+        return ()
+    layout = [MigInstance(i.start, i.profile) for i in instances]
+    found = check_layout(geometry, layout)
+    for problem in found:
+        where = f"{path}[{problem.index}]" + (f".{problem.field}" if problem.field else "")
+        problems.append({"path": where, "message": problem.message})
+    if found:
+        return ()
+    names = {name.lower(): name for name in geometry.profile_names}
+    return tuple(sorted(MigInstance(i.start, names[i.profile.strip().lower()]) for i in layout))
+
+
 def devices_from_fleet(fleet: Fleet) -> list[Device]:
     """Return the simulated GPUs a Fleet describes, ids ``<node>/gpu-<i>`` numbered per node.
 
     Raises SpecError listing every problem (one per line): an unknown model (naming the known
-    ones) or MIG enabled on a model without MIG. NUMA ranges and unique node names are the
+    ones), MIG enabled on a model without MIG, or declared MIG instances that break the model's
+    geometry (unknown profile, invalid start, overlap, too many of a profile). NUMA ranges and unique node names are the
     Fleet model's own validation.
     """
     fleet_name = fleet.metadata.name
@@ -102,6 +125,7 @@ def devices_from_fleet(fleet: Fleet) -> list[Device]:
                 problems.append(
                     {"path": f"{path}.mig.enabled", "message": f"{model.name} does not support MIG"}
                 )
+            layout = _mig_layout(model.name, group.mig.instances, f"{path}.mig.instances", problems)
             for _ in range(group.count):
                 device_id = f"{node.name}/gpu-{index}"
                 devices.append(
@@ -117,6 +141,7 @@ def devices_from_fleet(fleet: Fleet) -> list[Device]:
                         mig_mode=group.mig.enabled,
                         node=node.name,
                         index=index,
+                        mig_instances=layout,
                     )
                 )
                 index += 1

@@ -1,1 +1,1 @@
-"""gpuvisor.partition."""
+"""gpuvisor.partition: MIG geometry, layout planning, partition-tier placement and exports."""

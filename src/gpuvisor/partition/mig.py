@@ -110,9 +110,8 @@ class MigGeometry:
         """Return the message for a profile this model does not have, with a suggestion."""
         close = difflib.get_close_matches(name, self.profile_names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return (
-            f"{self.model} has no MIG profile '{name}'{hint}; its profiles: "
-            + ", ".join(self.profile_names)
+        return f"{self.model} has no MIG profile '{name}'{hint}; its profiles: " + ", ".join(
+            self.profile_names
         )
 
 
@@ -341,7 +340,11 @@ def enumerate_layouts(
         else tuple(p for p in geometry.profiles if p.name in set(profiles))
     )
     placements = sorted(
-        ((start, index, profile) for index, profile in enumerate(allowed) for start in profile.starts),
+        (
+            (start, index, profile)
+            for index, profile in enumerate(allowed)
+            for start in profile.starts
+        ),
         key=lambda item: (item[0], item[1]),
     )
     layouts: list[tuple[MigInstance, ...]] = []

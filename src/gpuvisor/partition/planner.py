@@ -98,14 +98,15 @@ def _patterns(
     maximal = [
         v
         for v in vectors
-        if any(v)
-        and not any(w != v and all(a >= b for a, b in zip(w, v)) for w in vectors)
+        if any(v) and not any(w != v and all(a >= b for a, b in zip(w, v)) for w in vectors)
     ]
     maximal.sort(key=lambda v: tuple(-x for x in v))
     return tuple((v, best[v][1]) for v in maximal)
 
 
-def _lp(columns: Sequence[tuple[int, ...]], demand: tuple[int, ...]) -> tuple[list[float], list[float]]:
+def _lp(
+    columns: Sequence[tuple[int, ...]], demand: tuple[int, ...]
+) -> tuple[list[float], list[float]]:
     """Solve min Σz s.t. Σ z_c·column_c ≥ demand, z ≥ 0 (revised simplex, big-M artificials).
 
     Returns (z per column, dual price per row). Every row must be covered by some column.
@@ -288,15 +289,26 @@ def plan_layouts(geometry: MigGeometry, demand: Mapping[str, int]) -> list[Layou
 
 
 def lower_bound(geometry: MigGeometry, demand: Mapping[str, int]) -> int:
-    """Return a number of GPUs no valid plan for ``demand`` can go below (the LP bound)."""
+    """Return a number of GPUs no valid plan for ``demand`` can go below.
+
+    The linear relaxation's dual prices, when they are dual feasible (no pattern is worth
+    more than one GPU at those prices), give a bound by weak duality; so do total memory
+    slices, total compute slices and per-profile count limits.
+    """
     profiles = _profiles(geometry, demand)
     if not profiles:
         return 0
     wanted = {k.lower(): v for k, v in demand.items()}
     counts = tuple(wanted[p.name.lower()] for p in profiles)
     patterns = [v for v, _ in _patterns(geometry, tuple(p.name for p in profiles))]
-    z, _ = _lp(patterns, counts)
-    return max(math.ceil(sum(z) - 1e-6), _cover_bound(profiles, geometry, counts))
+    _, prices = _lp(patterns, counts)
+    bound = _cover_bound(profiles, geometry, counts)
+    feasible = all(p >= -1e-9 for p in prices) and all(
+        sum(p * a for p, a in zip(prices, pattern)) <= 1 + 1e-9 for pattern in patterns
+    )
+    if feasible:
+        bound = max(bound, math.ceil(sum(p * d for p, d in zip(prices, counts)) - 1e-6))
+    return bound
 
 
 def first_fit_decreasing(geometry: MigGeometry, demand: Mapping[str, int]) -> list[Layout]:
@@ -355,7 +367,14 @@ def plan_requests(
             name = _canonical(geometry, request.profile)
             demand[name] = demand.get(name, 0) + request.count
         owners: dict[str, Iterator[InstanceRequest]] = {
-            name: iter([r for r in group if _canonical(geometry, r.profile) == name for _ in range(r.count)])
+            name: iter(
+                [
+                    r
+                    for r in group
+                    if _canonical(geometry, r.profile) == name
+                    for _ in range(r.count)
+                ]
+            )
             for name in demand
         }
         for layout in plan_layouts(geometry, demand):

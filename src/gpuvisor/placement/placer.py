@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gpuvisor.inventory.device import Device
+from gpuvisor.partition.placement import partition_refusal
 from gpuvisor.units import format_size
 
 __all__ = ["PlacedSlice", "PlacementResult", "SliceRequest", "place_slice"]
@@ -26,6 +27,8 @@ class SliceRequest:
     memory: int
     compute_share: float
     isolation: str
+    mig_profile: str | None = None
+    """The MIG profile of a partition-tier slice."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class PlacedSlice:
     memory: int
     compute_share: float
     isolation: str
+    mig_start: int | None = None
+    """The start (memory slice) of the MIG instance a partition-tier slice holds."""
 
 
 @dataclass
@@ -44,6 +49,8 @@ class PlacementResult:
 
     device_id: str | None
     reasons: dict[str, str] = field(default_factory=dict)
+    mig_start: int | None = None
+    """For a partition-tier slice: the start of the free MIG instance chosen for it."""
 
     def explain(self) -> str:
         if not self.reasons:
@@ -65,7 +72,11 @@ def _refusal(
     if not device.healthy:
         return "device is unhealthy or cordoned"
     if request.isolation == "partition":
-        return "isolation 'partition' needs MIG partition planning, which this node does not do yet"
+        if tenancy == "dedicated" and any(s.tenant != request.tenant for s in on_device):
+            return "pool is dedicated and another tenant's slices are on this device"
+        return partition_refusal(request.mig_profile or "", device, _held(on_device))[0]
+    if device.mig_mode:
+        return "MIG is enabled on this GPU: only slices with isolation 'partition' run on it"
     if any(s.isolation == "exclusive" for s in on_device):
         return "held exclusively by another slice"
     if request.isolation == "exclusive" and on_device:
@@ -85,6 +96,10 @@ def _refusal(
     return None
 
 
+def _held(on_device: list[PlacedSlice]) -> set[int]:
+    return {s.mig_start for s in on_device if s.mig_start is not None}
+
+
 def place_slice(
     request: SliceRequest,
     devices: Iterable[Device],
@@ -98,6 +113,7 @@ def place_slice(
         by_device.setdefault(s.device_id, []).append(s)
     result = PlacementResult(device_id=None)
     best: tuple[float, str] | None = None
+    chosen: Device | None = None
     for device in devices:
         if not selector_matches(selector, device):
             result.reasons[device.id] = f"not in pool '{request.pool}'"
@@ -109,8 +125,11 @@ def place_slice(
             continue
         fullness = sum(s.memory for s in on_device) / max(1, device.memory_total)
         if best is None or fullness > best[0]:
-            best = (fullness, device.id)
+            best, chosen = (fullness, device.id), device
     if best is not None:
         result.device_id = best[1]
         result.reasons.clear()
+        if request.isolation == "partition" and chosen is not None:
+            held = _held(by_device.get(chosen.id, []))
+            result.mig_start = partition_refusal(request.mig_profile or "", chosen, held)[1]
     return result

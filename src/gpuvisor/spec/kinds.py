@@ -37,6 +37,7 @@ __all__ = [
     "FleetSpec",
     "Limits",
     "Metadata",
+    "MigInstanceSpec",
     "MigSetting",
     "Model",
     "ModelSpec",
@@ -275,8 +276,26 @@ class Deployment(_TenantScoped):
     spec: DeploymentSpec
 
 
+class MigInstanceSpec(SpecModel):
+    """One GPU instance that exists on a simulated MIG GPU: a profile at a start memory slice."""
+
+    profile: str = Field(min_length=1)
+    start: int = Field(ge=0)
+
+
 class MigSetting(SpecModel):
     enabled: bool = False
+    instances: list[MigInstanceSpec] = Field(default_factory=list)
+    """The GPU instances that exist; checked against the model's MIG geometry when the fleet is
+    loaded. A MIG GPU without instances is laid out by ``gpuvisor plan``."""
+
+    @model_validator(mode="after")
+    def _instances_need_mig(self) -> MigSetting:
+        if self.instances and not self.enabled:
+            raise field_error(
+                "instances", "GPU instances need MIG: set mig.enabled: true or remove them"
+            )
+        return self
 
 
 class FleetDevices(SpecModel):

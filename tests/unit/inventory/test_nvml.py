@@ -166,6 +166,7 @@ def test_two_gpus_are_described_from_nvml(install: Any) -> None:
         "node": "local",
         "healthy": True,
         "index": 0,
+        "mig_instances": (),
     }
     assert (second.id, second.model, second.index) == ("gpu-1", "A100-40GB", 1)
     assert (second.numa_node, second.pci_bus_id, second.mig_mode) == (1, "0001:af:00.0", True)
