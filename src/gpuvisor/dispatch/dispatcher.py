@@ -211,9 +211,7 @@ class DeviceDispatcher:
             for queue in self.queues.values():
                 if not queue.items:
                     continue
-                if queue.in_flight and not (
-                    base is not None and queue.in_flight == 1 and self._follows(queue, base)
-                ):
+                if queue.in_flight and not (base is not None and self._may_follow(queue, base)):
                     continue
                 at = ready_at(queue)
                 if at <= now:
@@ -238,14 +236,15 @@ class DeviceDispatcher:
             self._grant(chosen, take_batch(chosen, self.policy.batch_rows(chosen)), now, base)
 
     def _staging_base(self) -> _Grant | None:
-        """The running batch that ends first and has nothing staged behind it, when the
-        lookahead allows staging; None otherwise."""
+        """The batch next in line that ends first and has nothing staged behind it, when the
+        lookahead allows staging; None otherwise. Next in line: running, taken back (it will
+        run nothing), or waiting only behind a batch that was taken back."""
         if self.lookahead <= 0:
             return None
         base = None
         for grant in self._grants:
             if (
-                (grant.after is None or grant.revoking)
+                (grant.after is None or grant.revoking or grant.after.revoking)
                 and not grant.followed
                 and not grant.ended
                 and (base is None or grant.end < base.end)
@@ -253,14 +252,22 @@ class DeviceDispatcher:
                 base = grant
         return base
 
-    @staticmethod
-    def _follows(queue: SliceQueue, base: _Grant) -> bool:
-        """Whether a batch of ``queue`` (which has one on the device) may be staged behind
-        ``base``: its batch is ``base`` itself, or, when ``base`` was taken back (it will run
-        nothing), the batch ``base`` was to follow."""
-        if base.revoking:
-            return base.after is not None and base.after.queue is queue
-        return base.queue is queue
+    def _may_follow(self, queue: SliceQueue, base: _Grant) -> bool:
+        """Whether a batch of ``queue``, which has batches on the device, may be staged behind
+        ``base``: at most one of them will run (the others were taken back), and it runs before
+        ``base`` or is ``base`` (a worker runs its batches in order, so the new one then waits
+        only for ``base``)."""
+        running = [g for g in self._grants if g.queue is queue and not g.revoking]
+        if len(running) > 1:
+            return False
+        if not running:
+            return True
+        link: _Grant | None = base
+        while link is not None:
+            if link is running[0]:
+                return True
+            link = link.after
+        return False
 
     def _preempt_staged(self, now: float) -> bool:
         """A critical request is ready while a non-critical batch waits (staged) for the device:

@@ -432,7 +432,7 @@ def test_nothing_is_staged_behind_a_batch_whose_successor_already_replied() -> N
         futures.append(dispatcher.submit("chat", _request(100)))
         await asyncio.sleep(0)  # S is taken back, the critical batch C waits behind it
         assert runner.revoked == [2]
-        assert runner.sent[-1][1:] == ("chat", [100], 2)
+        assert runner.sent[2][1:] == ("chat", [100], 2)
         runner.finish(2, revoked=True)  # S's reply comes before R's
         assert all(after != 1 for *_, after in runner.sent[3:]), runner.sent
         for _ in range(20):  # then everything completes in order
@@ -445,3 +445,30 @@ def test_nothing_is_staged_behind_a_batch_whose_successor_already_replied() -> N
     asyncio.run(scenario())
     ran = sorted(i for h, _, ids, _ in runner.sent if h not in runner.revoked for i in ids)
     assert ran == [0, 1, 2, 3, 100]  # each request ran once; the taken-back ones later
+
+
+def test_a_batch_is_staged_behind_one_that_waits_only_for_a_taken_back_batch() -> None:
+    """The critical batch C that took the place of a taken-back batch S is next on the device
+    (S will run nothing): what follows C is decided and sent without waiting for S's reply."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    runner = ManualRunner()
+    dispatcher = DeviceDispatcher("cpu-0", runner, FairSharePolicy(quantum=0.01), lookahead=10.0)
+    dispatcher.add_slice(_profiled("bulk", 0.001, latency_class="batch"))
+    dispatcher.add_slice(_profiled("chat", 0.001, latency_class="critical", share=0.5))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        futures = [dispatcher.submit("bulk", _request(i)) for i in range(4)]
+        await asyncio.sleep(0)  # R (1) runs, S (2) is staged behind it
+        futures.append(dispatcher.submit("chat", _request(100)))
+        await asyncio.sleep(0)  # S is taken back; C (3) waits behind it; the next bulk batch
+        # (4) is staged behind C at once, before any reply has come
+        assert runner.revoked == [2]
+        assert [(h, s, a) for h, s, _, a in runner.sent[2:]] == [(3, "chat", 2), (4, "bulk", 3)]
+        while runner.pending:
+            runner.finish(min(runner.pending), revoked=min(runner.pending) == 2)
+            await asyncio.sleep(0)
+        await _gather(dispatcher, futures)
+
+    asyncio.run(scenario())
