@@ -413,16 +413,23 @@ class ManualRunner:
         done(None if revoked else [Outcome(200, b"") for _ in batch], 0.0 if revoked else 0.001)
 
 
-def test_nothing_is_staged_behind_a_batch_whose_successor_already_replied() -> None:
-    """Replies of two workers can cross: the successor of a batch may report before the batch
-    itself. The batch is off the device by then, so nothing may be staged behind it (that would
-    start at once, beside whatever followed it)."""
+def _bulk_and_chat() -> tuple[ManualRunner, DeviceDispatcher]:
+    """A batch slice and a critical one (share 0.5) on a fair-share device whose lookahead
+    stages a batch behind every running one at once."""
     from gpuvisor.dispatch.fairshare import FairSharePolicy
 
     runner = ManualRunner()
     dispatcher = DeviceDispatcher("cpu-0", runner, FairSharePolicy(quantum=0.01), lookahead=10.0)
     dispatcher.add_slice(_profiled("bulk", 0.001, latency_class="batch"))
     dispatcher.add_slice(_profiled("chat", 0.001, latency_class="critical", share=0.5))
+    return runner, dispatcher
+
+
+def test_nothing_is_staged_behind_a_batch_whose_successor_already_replied() -> None:
+    """Replies of two workers can cross: the successor of a batch may report before the batch
+    itself. The batch is off the device by then, so nothing may be staged behind it (that would
+    start at once, beside whatever followed it)."""
+    runner, dispatcher = _bulk_and_chat()
 
     async def scenario() -> None:
         dispatcher.start()
@@ -450,12 +457,7 @@ def test_nothing_is_staged_behind_a_batch_whose_successor_already_replied() -> N
 def test_a_batch_is_staged_behind_one_that_waits_only_for_a_taken_back_batch() -> None:
     """The critical batch C that took the place of a taken-back batch S is next on the device
     (S will run nothing): what follows C is decided and sent without waiting for S's reply."""
-    from gpuvisor.dispatch.fairshare import FairSharePolicy
-
-    runner = ManualRunner()
-    dispatcher = DeviceDispatcher("cpu-0", runner, FairSharePolicy(quantum=0.01), lookahead=10.0)
-    dispatcher.add_slice(_profiled("bulk", 0.001, latency_class="batch"))
-    dispatcher.add_slice(_profiled("chat", 0.001, latency_class="critical", share=0.5))
+    runner, dispatcher = _bulk_and_chat()
 
     async def scenario() -> None:
         dispatcher.start()
