@@ -18,7 +18,13 @@ from gpuvisor.dispatch.admission import deadline_error
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.fairshare import FairSharePolicy
 from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, Outcome, PendingRequest, SliceQueue
-from gpuvisor.errors import DeadlineExceeded, NotFound, TooManyRequests, Unavailable
+from gpuvisor.errors import (
+    DeadlineExceeded,
+    GpuvisorError,
+    NotFound,
+    TooManyRequests,
+    Unavailable,
+)
 from gpuvisor.inventory.device import Topology
 from gpuvisor.inventory.discovery import discover
 from gpuvisor.runtime.pool import WorkerPool
@@ -281,6 +287,24 @@ class Node:
         assert self.controller is not None
         admission = self.controller.admission
         admission.check_rate(tenant, now)
+        try:
+            self._check_room(tenant, queue, dispatcher, budget, now, rows)
+        except GpuvisorError:
+            admission.refund(tenant)
+            raise
+
+    def _check_room(
+        self,
+        tenant: str,
+        queue: SliceQueue,
+        dispatcher: DeviceDispatcher,
+        budget: float | None,
+        now: float,
+        rows: int,
+    ) -> None:
+        """Refuse a request for a full queue or a deadline it cannot meet."""
+        assert self.controller is not None
+        admission = self.controller.admission
         tenant_cap = admission.limits(tenant).max_queued
         if tenant_cap is not None or len(queue.items) >= queue.max_queued:
             tenant_queued = sum(

@@ -149,3 +149,29 @@ def test_priority_and_timeout_are_accepted(demo_node: NodeProcess) -> None:
         timeout=30,
     )
     assert response.status_code == 200, response.text
+
+
+def test_a_request_refused_for_its_deadline_does_not_use_the_tenants_rate(
+    demo_node: NodeProcess,
+) -> None:
+    admin = demo_node.auth(demo_node.admin_key)
+    limited = (
+        "apiVersion: gpuvisor/v1\nkind: Tenant\nmetadata: {name: analytics}\n"
+        "spec: {weight: 1, quota: {memory: 4Gi, deployments: 5, requestsPerSecond: 2}}\n"
+    )
+    applied = httpx.post(demo_node.url + "/api/v1/apply", headers=admin, content=limited)
+    assert applied.status_code == 200, applied.text
+    analytics = demo_node.auth(demo_node.tenant_key("analytics"))
+    impossible = _json_body("basket-scorer", {"timeout": 1})  # one microsecond
+    with httpx.Client(base_url=demo_node.url, headers=analytics, timeout=30) as http:
+        refused = [
+            http.post("/v2/models/basket-scorer/infer", content=impossible) for _ in range(8)
+        ]
+        # all refused for the deadline, none for the rate: they never queued
+        assert [r.json()["reason"] for r in refused] == ["deadline_infeasible"] * 8
+        # so the tenant's burst of 2 is still there for requests that do queue
+        fine = [
+            http.post("/v2/models/basket-scorer/infer", content=_json_body("basket-scorer"))
+            for _ in range(2)
+        ]
+        assert [r.status_code for r in fine] == [200, 200], [r.text for r in fine]

@@ -48,6 +48,10 @@ class TokenBucket:
             return 0.0
         return (n - self.tokens) / self.rate
 
+    def give_back(self, n: float = 1.0) -> None:
+        """Return ``n`` tokens taken for a request that was then refused for another reason."""
+        self.tokens = min(self.burst, self.tokens + n)
+
 
 @dataclass(frozen=True)
 class TenantLimits:
@@ -94,6 +98,13 @@ class Admission:
                 retry_after=wait,
                 reason="rate_limit",
             )
+
+    def refund(self, tenant: str) -> None:
+        """Give back the token ``check_rate`` took for a request that was refused after it
+        (a full queue, a deadline it cannot meet): only requests that queue use the rate."""
+        bucket = self._buckets.get(tenant)
+        if bucket is not None:
+            bucket.give_back()
 
     def check_queues(
         self,

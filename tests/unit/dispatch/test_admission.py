@@ -68,3 +68,14 @@ def test_deadline_error_is_a_503_with_the_numbers() -> None:
     assert isinstance(error, DeadlineExceeded) and error.http_status == 503
     assert "5 ms" in error.message and "12 ms" in error.message and "7 requests" in error.message
     assert error.fields["reason"] == "deadline_infeasible"
+
+
+def test_a_refund_gives_back_the_token_of_a_request_refused_later() -> None:
+    admission = Admission()
+    admission.configure("t", TenantLimits(requests_per_second=1.0), now=0.0)
+    admission.check_rate("t", 0.0)  # the burst of 1 is used
+    admission.refund("t")  # ...by a request that was then refused for its deadline
+    admission.check_rate("t", 0.0)  # so the next one is still within the rate
+    with pytest.raises(TooManyRequests):
+        admission.check_rate("t", 0.0)
+    admission.refund("unknown-tenant")  # no bucket: nothing to give back, no error
