@@ -240,6 +240,7 @@ def start_node(
     quantum_ms: float | None = None,
     timeout: float = 120.0,
     lookahead_ms: float | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[NodeScenario]:
     """Build the plans' models under ``root``, start a node (no demo; CPU device with
     ``quantum_ms`` and ``lookahead_ms`` when given), apply the manifest, create one key per
@@ -256,7 +257,9 @@ def start_node(
         config = root / "node.yaml"
         doc = {"kind": "Node", "metadata": {"name": "bench"}, "spec": {"cpu": cpu}}
         config.write_text(yaml.safe_dump({"apiVersion": "gpuvisor/v1", **doc}))
-    node = NodeProcess(state_dir=root / "node", config=config, demo=False)
+    node = NodeProcess(
+        state_dir=root / "node", config=config, demo=False, extra_env=dict(extra_env or {})
+    )
     try:
         node.start(timeout)
         admin = node.auth(node.admin_key)

@@ -167,6 +167,10 @@ class Worker:
         self.release_after: dict[int, list[str]] = {}  # own batch id -> handoff paths
         self.revoked: dict[int, None] = {}  # own batches taken back before they started
         self.stopping = False
+        # GPUVISOR_BATCH_TRACE=<file>: append "<worker> <batch> <start> <end> <revoked>" per
+        # batch (monotonic seconds, comparable across processes), to check what ran when.
+        trace = os.environ.get("GPUVISOR_BATCH_TRACE")
+        self.trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
     def send(self, message: p.Message, frames: Sequence[bytes] = ()) -> None:
         self.socket.send_multipart([p.encode(message), *frames], copy=False)
@@ -315,7 +319,12 @@ class Worker:
                 )
         else:
             results, out_frames = run_requests(loaded, batch.requests, bodies)
-        device_seconds = 0.0 if revoked else time.perf_counter() - started
+        ended = time.perf_counter()
+        device_seconds = 0.0 if revoked else ended - started
+        if self.trace is not None:
+            self.trace.write(
+                f"{self.worker_id} {batch.batch_id} {started:.6f} {ended:.6f} {int(revoked)}\n"
+            )
         # The device is free: hand it to whoever waits behind this batch before telling the
         # node (a ReleaseAfter may have arrived while the batch ran).
         self.read(0)
@@ -468,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for loaded in worker.slices.values():
             loaded.executor.close()
         worker.socket.close(0)
+        if worker.trace is not None:
+            worker.trace.close()
         if worker.handoff is not None:
             worker.handoff.close()
             with contextlib.suppress(OSError):
