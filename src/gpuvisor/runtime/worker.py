@@ -166,6 +166,7 @@ class Worker:
         self.completed: dict[int, None] = {}  # this worker's batches that are done
         self.release_after: dict[int, list[str]] = {}  # own batch id -> handoff paths
         self.revoked: dict[int, None] = {}  # own batches taken back before they started
+        self.handoff_failures: set[int] = set()  # passed-over batches whose handoff failed
         self.stopping = False
         # GPUVISOR_BATCH_TRACE=<file>: append "<worker> <batch> <start> <end> <revoked>" per
         # batch (monotonic seconds, comparable across processes), to check what ran when.
@@ -247,6 +248,20 @@ class Worker:
                 return False
         return not self.stopping
 
+    def pass_over_revoked(self) -> None:
+        """Batches of this worker that were taken back and are next in line run nothing: their
+        turn is now, so hand the device on to whoever waits behind them at once, rather than
+        after this batch's reply has gone out (their own empty replies follow as usual)."""
+        for message, _ in self.pending:
+            if not isinstance(message, p.ExecuteBatch) or message.batch_id not in self.revoked:
+                return
+            waited = message.wait_for
+            if waited and waited not in self.released and waited not in self.completed:
+                return
+            _remember(self.completed, message.batch_id)
+            if not self.release(message.batch_id, self.release_after.pop(message.batch_id, ())):
+                self.handoff_failures.add(message.batch_id)
+
     def release(self, batch_id: int, paths: Sequence[str]) -> bool:
         """Tell the workers waiting behind ``batch_id`` that it is done; False if one could not
         be told (the node then releases it itself)."""
@@ -309,6 +324,8 @@ class Worker:
         results: list[p.RequestResult] = []
         out_frames: list[bytes] = []
         revoked = batch.batch_id in self.revoked
+        handoff_failed = batch.batch_id in self.handoff_failures
+        self.handoff_failures.discard(batch.batch_id)
         if revoked:
             del self.revoked[batch.batch_id]
         elif loaded is None:
@@ -330,6 +347,8 @@ class Worker:
         self.read(0)
         _remember(self.completed, batch.batch_id)
         handed = self.release(batch.batch_id, self.release_after.pop(batch.batch_id, ()))
+        handed = handed and not handoff_failed
+        self.pass_over_revoked()
         self.send(
             p.BatchDone(
                 batch_id=batch.batch_id,

@@ -209,3 +209,35 @@ def test_a_batch_that_started_is_not_revoked(models: dict[str, Path]) -> None:
 
     result = asyncio.run(scenario())
     assert isinstance(result, Sequence) and [o.status for o in result] == [200]
+
+
+def test_a_revoked_batch_behind_a_batch_of_its_own_worker_hands_on_in_order(
+    models: dict[str, Path],
+) -> None:
+    async def scenario() -> Finish:
+        pool = await _pool_with(models)
+        try:
+            finish = Finish()
+            finish.expected = 3
+            sent = time.monotonic()
+            running = pool.start_batch(
+                "slow/0", [_request(1, SLOW, 256)], finish.callback("running")
+            )
+            staged = pool.start_batch(
+                "slow/0", [_request(2, SLOW, 256)], finish.callback("staged"), after=running
+            )
+            pool.revoke(staged)
+            pool.start_batch("fast/0", [_request(3, FAST, 1)], finish.callback("next"), staged)
+            await asyncio.wait_for(finish.all_done.wait(), 30)
+            finish.at = {name: at - sent for name, at in finish.at.items()}
+            return finish
+        finally:
+            await pool.close()
+
+    finish = asyncio.run(scenario())
+    assert finish.results["staged"] is None and finish.seconds["staged"] == 0.0
+    assert isinstance(finish.results["next"], Sequence)
+    assert [o.status for o in finish.results["next"]] == [200]
+    # "next" ran once the running batch was done, and did not wait for the revoked one (a
+    # whole slow batch) to run
+    assert finish.seconds["running"] <= finish.at["next"] < 2 * finish.seconds["running"] + 1.0
