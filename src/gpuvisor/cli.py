@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gpuvisor import __version__
+from gpuvisor.cli_audit import audit_app
+from gpuvisor.cli_models import models_app
 from gpuvisor.cli_observe import bench_sampler, top
 from gpuvisor.cli_plan import bench_placement, plan_command
 from gpuvisor.client import NodeClient
@@ -42,6 +44,8 @@ bench_app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 app.command("plan")(plan_command)
+app.add_typer(audit_app, name="audit")  # the audit log lives in cli_audit.py
+app.add_typer(models_app, name="models")  # model signing lives in cli_models.py
 
 UrlOpt = Annotated[
     str | None,

@@ -1,5 +1,5 @@
 """The admin REST API under /api/v1: apply manifests, read and delete objects, devices,
-slices and keys. Request and response bodies are pydantic models, so all of it is in
+slices, keys and the audit log. Request and response bodies are pydantic models, so all of it is in
 /openapi.json."""
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
+from gpuvisor.api import audit
 from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import KeyInfo, Principal
+from gpuvisor.security.signed_models import check_signed_models
 from gpuvisor.spec.kinds import TENANT_SCOPED, Deployment, Resource, Tenant, resource_key
 from gpuvisor.spec.loader import (
     load_documents,
@@ -79,6 +81,26 @@ class KeyCreated(KeyView):
     key: str = Field(description="the secret, shown once")
 
 
+class AuditRecordView(BaseModel):
+    seq: int
+    at: str = Field(description="RFC 3339 UTC time, microseconds")
+    actor: str = Field(description="key id without gvk_; empty when no valid key was sent")
+    role: str
+    tenant: str = Field(description="the tenant the action concerns; empty for none")
+    action: str
+    object_kind: str
+    object_name: str
+    result: Literal["ok", "denied", "failed"]
+    reason: str
+    request_id: str
+    prev_hash: str
+    hash: str
+
+
+class AuditList(BaseModel):
+    items: list[AuditRecordView]
+
+
 def _key_view(info: KeyInfo) -> dict[str, Any]:
     return {
         "id": info.display_id,
@@ -131,6 +153,7 @@ def admin_router(node: Node) -> APIRouter:
     )
     async def apply(request: Request) -> dict[str, Any]:
         principal = principal_of(node, request)
+        audit.begin(request, "apply")
         raw = await read_body(request, _MAX_MANIFEST)
         try:
             text = raw.decode("utf-8")
@@ -147,10 +170,22 @@ def admin_router(node: Node) -> APIRouter:
                     f"{resource.kind} documents are not applied to a running node: "
                     "pass a Node file to 'gpuvisor up --config', a Fleet to 'gpuvisor plan'"
                 )
+            meta = resource.metadata
+            audit.begin(request, "apply", resource.kind, meta.name, meta.tenant or "")
             _may_write(principal, resource)
-        validate_references(resources, await all_resources())
+        audit.begin(request, "apply")
+        existing = await all_resources()
+        validate_references(resources, existing)
+        check_signed_models(resources, existing)
         objects = [StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources]
         applied = await asyncio.to_thread(store().apply, objects)
+        await audit.record_ok(
+            node,
+            request,
+            principal,
+            "apply",
+            [(o.kind, o.name, o.tenant, outcome) for o, outcome in applied],
+        )
         if node.controller is not None:
             await node.controller.reconcile()
         return {
@@ -242,7 +277,9 @@ def admin_router(node: Node) -> APIRouter:
 
     @router.post("/keys", response_model=KeyCreated, status_code=201, summary="Create an API key")
     async def create_key(request: Request, body: KeyCreate) -> dict[str, Any]:
-        require_admin(principal_of(node, request))
+        principal = principal_of(node, request)
+        audit.begin(request, "key.create", "ApiKey", "", body.tenant or "")
+        require_admin(principal)
         if body.role == "tenant" and body.tenant:
             known = await asyncio.to_thread(store().get, "Tenant", "", body.tenant)
             if known is None:
@@ -259,6 +296,16 @@ def admin_router(node: Node) -> APIRouter:
         info, secret = await asyncio.to_thread(
             node.keys.create, body.role, body.tenant, body.description, expires_at
         )
+        reason = f"role {info.role}" + (
+            f", expires {expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else ""
+        )
+        await audit.record_ok(
+            node,
+            request,
+            principal,
+            "key.create",
+            [("ApiKey", info.display_id, info.tenant or "", reason)],
+        )
         return {**_key_view(info), "key": secret}
 
     @router.get("/keys", summary="List API keys (never their secrets)")
@@ -270,12 +317,45 @@ def admin_router(node: Node) -> APIRouter:
 
     @router.delete("/keys/{key_id}", summary="Revoke an API key")
     async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
-        require_admin(principal_of(node, request))
-        assert node.keys is not None
+        principal = principal_of(node, request)
         plain = key_id.removeprefix("gvk_")
+        audit.begin(request, "key.revoke", "ApiKey", f"gvk_{plain}")
+        require_admin(principal)
+        assert node.keys is not None
         if not await asyncio.to_thread(node.keys.revoke, plain):
             raise NotFound(f"API key {key_id} not found")
+        await audit.record_ok(
+            node, request, principal, "key.revoke", [("ApiKey", f"gvk_{plain}", "", "revoked")]
+        )
         return {"revoked": f"gvk_{plain}"}
+
+    # ---- audit log --------------------------------------------------------------------------
+
+    @router.get("/audit", response_model=AuditList, summary="List audit records (newest last)")
+    async def list_audit(
+        request: Request,
+        actor: str | None = Query(None, description="key id, with or without gvk_"),
+        tenant: str | None = Query(None, description="the tenant the action concerns"),
+        action: str | None = Query(None, description="apply, delete, key.create, ..."),
+        result: Literal["ok", "denied", "failed"] | None = None,
+        since: datetime | None = Query(None, description="records at or after this time"),
+        until: datetime | None = Query(None, description="records before this time"),
+        limit: int = Query(100, ge=1, le=1000, description="the newest this many matches"),
+    ) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        if principal.role not in ("admin", "operator"):
+            raise Forbidden("the audit log is for admin and operator keys")
+        records = await asyncio.to_thread(
+            store().audit.list,
+            actor=actor,
+            tenant=tenant,
+            action=action,
+            result=result,
+            since=since,
+            until=until,
+            limit=limit,
+        )
+        return {"items": [r.to_dict() for r in records]}
 
     # generic kinds last: '/{plural}' would otherwise shadow /devices, /slices, /keys
     @router.get("/{plural}", response_model=ObjectList, summary="List objects of a kind")
@@ -311,6 +391,7 @@ def admin_router(node: Node) -> APIRouter:
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
+        audit.begin(request, "delete", kind, name, tenant or principal.tenant or "")
         found = await _find(principal, kind, name, tenant)
         _may_write(principal, resource_from_dict(found.body))
         users = _users_of(await all_resources(), kind, found)
@@ -319,6 +400,9 @@ def admin_router(node: Node) -> APIRouter:
                 f"{kind} {found.name} is used by {', '.join(users)}: delete or change those first"
             )
         await asyncio.to_thread(store().delete, kind, found.tenant, found.name)
+        await audit.record_ok(
+            node, request, principal, "delete", [(kind, found.name, found.tenant, "deleted")]
+        )
         if node.controller is not None:
             await node.controller.reconcile()
         return {"deleted": {"kind": kind, "name": found.name, "tenant": found.tenant or None}}

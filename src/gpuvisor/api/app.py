@@ -12,9 +12,11 @@ from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
 from gpuvisor.api.admin import admin_router
+from gpuvisor.api.audit import audited_error_handler
 from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.errors import install_error_handlers
 from gpuvisor.api.oip import inference_target, oip_router, serve_inference
+from gpuvisor.errors import GpuvisorError
 from gpuvisor.node import Node
 
 __all__ = ["create_app"]
@@ -59,6 +61,8 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     )
     app.node = node
     install_error_handlers(app)
+    # Refused keys and roles, and failed mutations, go to the audit log before the answer.
+    app.add_exception_handler(GpuvisorError, audited_error_handler(node))
     app.include_router(oip_router(node))
     app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it
     app.include_router(admin_router(node))

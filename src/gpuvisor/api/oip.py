@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
+from gpuvisor.api.audit import begin, record_ok, record_refusal
 from gpuvisor.api.errors import gpuvisor_error_response, unexpected_error_response
 from gpuvisor.errors import GpuvisorError, InvalidRequest, PayloadTooLarge, Unavailable
 from gpuvisor.node import Node
@@ -51,6 +52,7 @@ def principal_of(node: Node, request: Request) -> Principal:
         extract_key(headers.get("authorization"), headers.get("x-api-key"))
     )
     request.state.tenant = principal.tenant
+    request.state.principal = principal
     return principal
 
 
@@ -148,6 +150,7 @@ async def serve_inference(
     try:
         response = await infer_response(node, request, name, version)
     except GpuvisorError as exc:
+        await record_refusal(node, request, exc)
         response = gpuvisor_error_response(request, exc)
     except Exception as exc:
         response = unexpected_error_response(request, exc)
@@ -338,20 +341,24 @@ def oip_router(node: Node) -> APIRouter:
     @router.post("/v2/repository/models/{name}/load", summary="Load (start serving) a model")
     async def repository_load(request: Request, name: str) -> Response:
         principal = principal_of(node, request)
+        begin(request, "model.load", "Deployment", name, principal.tenant or "")
         dep = node.find_deployment(principal, name)
         await _repository_body(request)
         assert node.controller is not None
         await node.controller.load(dep.metadata.tenant or "", name)
+        await record_ok(node, request, principal, "model.load", [("Deployment", name, "", "")])
         await node.wait_deployment_loaded(dep, timeout=node.spec.workers.start_timeout)
         return _json({})
 
     @router.post("/v2/repository/models/{name}/unload", summary="Unload (stop serving) a model")
     async def repository_unload(request: Request, name: str) -> Response:
         principal = principal_of(node, request)
+        begin(request, "model.unload", "Deployment", name, principal.tenant or "")
         dep = node.find_deployment(principal, name)
         await _repository_body(request)
         assert node.controller is not None
         await node.controller.unload(dep.metadata.tenant or "", name)
+        await record_ok(node, request, principal, "model.unload", [("Deployment", name, "", "")])
         return _json({})
 
     return router

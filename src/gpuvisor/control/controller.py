@@ -21,6 +21,7 @@ from gpuvisor.inventory.device import Device, Topology
 from gpuvisor.placement.placer import PlacedSlice, SliceRequest, place_slice
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
+from gpuvisor.security.signing import SignaturePolicy
 from gpuvisor.spec.kinds import DEFAULT_POOL, Deployment, Model, Pool, Profile, Resource, Tenant
 from gpuvisor.spec.loader import find_model, resource_from_dict
 from gpuvisor.store.repo import Store
@@ -323,6 +324,7 @@ class Controller:
         )
         state.set_state("Loading", f"placed on {where}; starting its worker")
         launch = self._launch(state, want.model, dep, device)
+        policy, model = SignaturePolicy.of(want.pool), want.model
         sup = SliceSupervisor(
             state,
             launch,
@@ -333,6 +335,7 @@ class Controller:
             self.backoff,
             self.backoff_max,
             on_ready=self._remember_model,
+            verify_model=(lambda: policy.check_file(model).sha256) if policy else None,
         )
         self.supervisors[state.id] = sup
         sup.start()

@@ -101,6 +101,7 @@ class SliceSupervisor:
         backoff: float = 0.5,
         backoff_max: float = 30.0,
         on_ready: Callable[[SliceState], None] | None = None,
+        verify_model: Callable[[], str] | None = None,
     ) -> None:
         self.slice = slice_
         self.launch = launch
@@ -111,6 +112,8 @@ class SliceSupervisor:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.on_ready = on_ready
+        # checks the model's signature and file before each load; returns the signed sha256
+        self.verify_model = verify_model
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
 
@@ -134,6 +137,20 @@ class SliceSupervisor:
         s = self.slice
         delay = self.backoff
         while not self.stopping:
+            if self.verify_model is not None:
+                s.set_state("Loading", "checking the model's signature")
+                try:
+                    # the worker then refuses a file that changes between this check and its load
+                    self.launch.load.sha256 = await asyncio.to_thread(self.verify_model)
+                except ModelError as exc:
+                    s.set_state("Failed", exc.message)
+                    log.warning(
+                        "slice %s refused its model: %s",
+                        s.id,
+                        exc.message,
+                        extra={"tenant": s.tenant},
+                    )
+                    return
             s.set_state("Loading", "starting worker and loading the model")
             try:
                 loaded, worker = await self.pool.load_slice(self.launch)

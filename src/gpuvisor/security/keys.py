@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from gpuvisor import errors
+from gpuvisor.store.audit import AuditEvent
 from gpuvisor.store.repo import Store, StoredKey
 
 __all__ = [
@@ -289,8 +290,20 @@ class KeyRing:
         for key in self._store.list_keys(role="admin"):
             if key.revoked_at is None and (key.expires_at is None or key.expires_at > now):
                 return None
-        _info, secret = self.create(role="admin", description="bootstrap admin key")
-        _write_private_file(admin_key_path(state_dir), secret + "\n")
+        info, secret = self.create(role="admin", description="bootstrap admin key")
+        path = admin_key_path(state_dir)
+        _write_private_file(path, secret + "\n")
+        self._store.audit.append(
+            [
+                AuditEvent(
+                    action="key.create",
+                    result="ok",
+                    object_kind="ApiKey",
+                    object_name=info.display_id,
+                    reason=f"role admin, the bootstrap admin key written to {path}",
+                )
+            ]
+        )
         return secret
 
 

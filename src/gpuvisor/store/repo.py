@@ -1,4 +1,4 @@
-"""The Store: desired-state objects and API key records as plain data, over SQLAlchemy."""
+"""The Store: desired-state objects, API key records and the audit log, over SQLAlchemy."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gpuvisor import errors
+from gpuvisor.store.audit import AuditLog
 from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
 from gpuvisor.store.tables import ApiKeyRow, ObjectRow
 
@@ -113,6 +114,8 @@ class Store:
         self._write_lock = threading.Lock()
         self._keys_version = 0
         upgrade_to_head(self._engine)
+        # The audit log shares the write lock: one writer per process, whatever it writes.
+        self.audit = AuditLog(self._engine, write_engine=self._write_engine, lock=self._write_lock)
 
     # ----------------------------------------------------------------- objects
 
@@ -308,6 +311,7 @@ class Store:
 
     def close(self) -> None:
         """Release every pooled connection; the Store must not be used afterwards."""
+        self.audit.close()
         self._engine.dispose()
 
     def __enter__(self) -> Store:

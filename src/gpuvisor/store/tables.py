@@ -1,4 +1,4 @@
-"""The database tables: desired-state objects and API keys (SQLAlchemy 2 declarative)."""
+"""The database tables: desired-state objects, API keys and the audit log (SQLAlchemy 2 declarative)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["ApiKeyRow", "Base", "ObjectRow", "UtcDateTime", "metadata"]
+__all__ = ["ApiKeyRow", "AuditRow", "Base", "ObjectRow", "UtcDateTime", "metadata"]
 
 # Explicit constraint names keep migrations identical on SQLite and PostgreSQL and let
 # batch-mode ALTERs on SQLite find the constraints they rebuild.
@@ -90,6 +90,34 @@ class ApiKeyRow(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class AuditRow(Base):
+    """One audit record: who did what to which object, with what result; hash-chained by ``seq``.
+
+    ``seq`` is assigned by the appender (1, 2, 3, ...), never by the database, because it is
+    part of what ``hash`` covers. See ``gpuvisor.store.audit``.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_at", "at"),
+        Index("ix_audit_log_tenant", "tenant"),
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    role: Mapped[str] = mapped_column(String(32), nullable=False)
+    tenant: Mapped[str] = mapped_column(String(255), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    object_kind: Mapped[str] = mapped_column(String(64), nullable=False)
+    object_name: Mapped[str] = mapped_column(String(512), nullable=False)
+    result: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
 
 
 metadata = Base.metadata

@@ -1,0 +1,149 @@
+"""Audit records for the HTTP API: every mutation, and every refused key or role, with the
+request id the node logs. Routes name what they are about to do (``begin``) and record
+success (``record_ok``); refusals are recorded by the error handler (``record_refusal``)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.responses import Response
+
+from gpuvisor.api.errors import gpuvisor_error_response
+from gpuvisor.errors import Forbidden, GpuvisorError, NotFound, Unauthenticated
+from gpuvisor.node import Node
+from gpuvisor.security.keys import Principal
+from gpuvisor.store.audit import AuditEvent, AuditResult
+
+__all__ = [
+    "AuditTarget",
+    "audited_error_handler",
+    "begin",
+    "record_ok",
+    "record_refusal",
+    "request_id_of",
+]
+
+log = logging.getLogger("gpuvisor.api")
+
+
+@dataclass(frozen=True)
+class AuditTarget:
+    """What a request is about to do: the action and the object (kind, name, tenant)."""
+
+    action: str
+    kind: str = ""
+    name: str = ""
+    tenant: str = ""
+
+
+def request_id_of(request: Request) -> str:
+    """Return the request's id (the client's ``X-Request-ID``, else a new one), kept on the
+    request so error responses and logs carry the same id."""
+    current = getattr(request.state, "request_id", None)
+    if not current:
+        current = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = current
+    return str(current)
+
+
+def begin(request: Request, action: str, kind: str = "", name: str = "", tenant: str = "") -> None:
+    """Name the mutation this request is attempting, so a refusal or failure is recorded as such."""
+    request.state.audit = AuditTarget(action, kind, name, tenant)
+
+
+async def record_ok(
+    node: Node,
+    request: Request,
+    principal: Principal,
+    action: str,
+    objects: Sequence[tuple[str, str, str, str]],
+) -> None:
+    """Record a successful mutation: one record per ``(kind, name, tenant, reason)`` object."""
+    request_id = request_id_of(request)
+    events = [
+        AuditEvent(
+            action=action,
+            result="ok",
+            actor=principal.key_id,
+            role=principal.role,
+            tenant=tenant or principal.tenant or "",
+            object_kind=kind,
+            object_name=name,
+            reason=reason,
+            request_id=request_id,
+        )
+        for kind, name, tenant, reason in objects
+    ]
+    await _append(node, events)
+
+
+async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> None:
+    """Record ``exc`` if it refused a key or a role, or failed a mutation; else do nothing.
+
+    A 404 counts as a refusal when a tenant key named another tenant (tenant keys see only
+    their own objects, so the API answers "not found" rather than "forbidden").
+    """
+    target: AuditTarget | None = getattr(request.state, "audit", None)
+    principal: Principal | None = getattr(request.state, "principal", None)
+    named_tenant = (target.tenant if target else "") or request.query_params.get("tenant") or ""
+    result: AuditResult
+    if isinstance(exc, Unauthenticated):
+        result, principal = "denied", None
+    elif isinstance(exc, Forbidden) or (
+        isinstance(exc, NotFound)
+        and principal is not None
+        and principal.role == "tenant"
+        and named_tenant not in ("", principal.tenant)
+    ):
+        result = "denied"
+    elif target is not None:
+        result = "failed"
+    else:
+        return
+    endpoint = f"{request.method} {request.url.path}"
+    if isinstance(exc, Unauthenticated) or target is None:
+        action = "authenticate" if isinstance(exc, Unauthenticated) else "request"
+        target = AuditTarget(action, "endpoint", endpoint, named_tenant)
+    key_id = str(exc.fields.get("key_id", "")) if isinstance(exc, Unauthenticated) else ""
+    event = AuditEvent(
+        action=target.action,
+        result=result,
+        actor=principal.key_id if principal else key_id,
+        role=principal.role if principal else "",
+        tenant=target.tenant or (principal.tenant if principal else None) or "",
+        object_kind=target.kind,
+        object_name=target.name,
+        reason=f"{exc.http_status} {exc.message}",
+        request_id=request_id_of(request),
+    )
+    await _append(node, [event])
+
+
+def audited_error_handler(node: Node) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Return the app's GpuvisorError handler: record the refusal, then render it as usual."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GpuvisorError)
+        await record_refusal(node, request, exc)
+        return gpuvisor_error_response(request, exc)
+
+    return handle
+
+
+async def _append(node: Node, events: list[AuditEvent]) -> None:
+    # An audit write that fails must not turn the answer into a 500 (the mutation, if any,
+    # is done): it is logged as an error with the record, so it can be traced.
+    if node.store is None:
+        return
+    try:
+        await node.store.audit.append_async(events)
+    except Exception:
+        log.exception(
+            "could not write %d audit record(s): %s",
+            len(events),
+            "; ".join(f"{e.action} {e.object_kind} {e.object_name} {e.result}" for e in events),
+        )

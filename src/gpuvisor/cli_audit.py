@@ -1,0 +1,188 @@
+"""`gpuvisor audit`: list a running node's audit records, and verify the hash chain straight
+from the database (offline; registered on the app in cli.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from gpuvisor.client import NodeClient, resolve_state_dir
+from gpuvisor.errors import ConfigError, GpuvisorError
+from gpuvisor.store.audit import AuditLog
+from gpuvisor.store.db import default_url
+from gpuvisor.units import parse_duration
+
+__all__ = ["audit_app", "parse_time", "verify_command"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+audit_app = typer.Typer(
+    help="The tamper-evident audit log: list records, verify the hash chain.",
+    no_args_is_help=True,
+)
+
+StateOpt = Annotated[
+    str | None,
+    typer.Option("--state", help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]"),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def parse_time(value: str, now: datetime | None = None) -> datetime:
+    """Return the time ``value`` names: RFC 3339 (``2026-11-21T13:00:00Z``; no zone is UTC)
+    or a duration ago (``90s``, ``15m``, ``2h``). Raises ConfigError otherwise."""
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        pass
+    else:
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        raise ConfigError(
+            f"{value!r} is neither a time like 2026-11-21T13:00:00Z nor a duration ago like 2h"
+        ) from None
+    return (now or datetime.now(timezone.utc)) - timedelta(seconds=ago)
+
+
+@audit_app.command("list")
+def list_command(
+    actor: Annotated[str | None, typer.Option(help="key id, e.g. gvk_ab12cd34")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="the tenant the action concerns")
+    ] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(help="apply, delete, key.create, key.revoke, authenticate, request"),
+    ] = None,
+    result: Annotated[str | None, typer.Option(help="ok, denied or failed")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="from this time (RFC 3339) or this long ago (2h)")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="before this time, or this long ago")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="the newest this many")] = 100,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="node URL [env GPUVISOR_URL; default http://127.0.0.1:8700]"),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option("--key", help="API key [env GPUVISOR_KEY; default the state dir's admin key]"),
+    ] = None,
+    state: StateOpt = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="table, yaml or json")] = "table",
+) -> None:
+    """List the node's audit records, oldest first (admin and operator keys only)."""
+    params: dict[str, Any] = {"limit": limit}
+    for name, value in (("actor", actor), ("tenant", tenant), ("action", action)):
+        if value:
+            params[name] = value
+    if result:
+        params["result"] = result
+    try:
+        for name, value in (("since", since), ("until", until)):
+            if value:
+                params[name] = parse_time(value).isoformat()
+        data = NodeClient(url, key, state).request("GET", "/api/v1/audit", params=params)
+    except GpuvisorError as exc:
+        raise _fail(exc.message) from None
+    if output == "json":
+        console.print_json(json.dumps(data))
+        return
+    if output == "yaml":
+        console.print(yaml.safe_dump(data, sort_keys=False), end="", highlight=False)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("SEQ", "TIME", "ACTOR", "ROLE", "TENANT", "ACTION", "OBJECT", "RESULT"):
+        table.add_column(column)
+    table.add_column("REASON", overflow="fold")
+    for r in data["items"]:
+        obj = "/".join(part for part in (r["object_kind"], r["object_name"]) if part)
+        table.add_row(
+            str(r["seq"]),
+            r["at"][:19] + "Z",
+            f"gvk_{r['actor']}" if r["actor"] else "-",
+            r["role"] or "-",
+            r["tenant"] or "-",
+            r["action"],
+            obj or "-",
+            r["result"],
+            r["reason"],
+        )
+    console.print(table)
+
+
+@audit_app.command("verify")
+def verify_command(
+    state: StateOpt = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db", help="database URL (the node's --db); default sqlite in the state dir"
+        ),
+    ] = None,
+    anchor: Annotated[
+        str | None,
+        typer.Option(help="SEQ:HASH of a head noted earlier, which must still be in the chain"),
+    ] = None,
+) -> None:
+    """Check the audit log's hash chain in the database itself (no node needed).
+
+    Exits 0 when the chain is intact, 1 naming the first bad record otherwise."""
+    try:
+        url = db or _state_db_url(state)
+        anchored = _parse_anchor(anchor) if anchor else None
+        log = AuditLog.open(url)
+        try:
+            report = log.verify(anchor=anchored)
+        finally:
+            log.close()
+    except GpuvisorError as exc:
+        raise _fail(exc.message) from None
+    if not report.ok:
+        err_console.print(
+            f"[red]audit log tampered:[/red] {report.problem} "
+            f"({report.records} record{'' if report.records == 1 else 's'} before it intact)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"audit log intact: {report.records} records; head {report.head_seq}:{report.head_hash}\n"
+        "(keep the head elsewhere and pass it as --anchor later to detect a cut tail)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _state_db_url(state: str | None) -> str:
+    state_dir = resolve_state_dir(state)
+    path = Path(state_dir) / "gpuvisor.db"
+    if not path.is_file():
+        raise ConfigError(
+            f"no database at {path}: pass the node's --state, or --db URL for PostgreSQL"
+        )
+    return default_url(state_dir)
+
+
+def _parse_anchor(text: str) -> tuple[int, str]:
+    seq, _, digest = text.partition(":")
+    if not seq.isdigit() or len(digest) != 64:
+        raise ConfigError(
+            f"--anchor {text!r}: expected SEQ:HASH as printed by 'gpuvisor audit verify'"
+        )
+    return int(seq), digest.lower()

@@ -1,0 +1,147 @@
+"""`gpuvisor models keygen|sign|verify`: make signing keys, sign model files, check signatures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+
+from gpuvisor.errors import ConfigError, GpuvisorError
+from gpuvisor.security.signing import (
+    generate_key_pair,
+    load_private_key,
+    sign_file,
+    verify_file,
+)
+
+__all__ = ["models_app"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+models_app = typer.Typer(
+    help="Sign model files and check signatures (for pools with requireSignedModels).",
+    no_args_is_help=True,
+)
+
+
+def _fail(exc: GpuvisorError) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@models_app.command("keygen")
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="folder to write NAME.key and NAME.pub into")],
+    name: Annotated[str, typer.Option("--name", help="file name of the key pair")] = (
+        "model-signing"
+    ),
+) -> None:
+    """Create an Ed25519 signing key pair: NAME.key (private, mode 0600; keep it secret) and
+    NAME.pub (the text to list in a Pool's trustedKeys)."""
+    try:
+        pair = generate_key_pair(out, name)
+    except GpuvisorError as exc:
+        _fail(exc)
+    console.print(f"private key: {pair.private_path} (mode 0600; keep it secret)", highlight=False)
+    console.print(f"public key:  {pair.public_path} (fingerprint {pair.fingerprint})")
+    console.print("add it to the Pool that should trust it:", highlight=False)
+    console.print(f"  trustedKeys: [{pair.public_text!r}]", highlight=False, soft_wrap=True)
+
+
+@models_app.command("sign")
+def sign(
+    file: Annotated[Path, typer.Argument(help="the model file to sign")],
+    key: Annotated[Path, typer.Option("--key", help="private key from 'gpuvisor models keygen'")],
+    write: Annotated[
+        Path | None,
+        typer.Option(
+            "--write",
+            help="manifest to update: sets spec.signature of its Model documents whose source "
+            "is FILE (the file is rewritten; YAML comments are not kept)",
+        ),
+    ] = None,
+) -> None:
+    """Sign a model file (Ed25519 over its SHA-256) and print the line for the Model's
+    spec, or write it into a manifest with --write."""
+    try:
+        signature = sign_file(load_private_key(key), file)
+        if write is not None:
+            names = _write_signature(write, file, signature)
+            console.print(f"signed {file}; set spec.signature of {', '.join(names)} in {write}")
+            return
+    except GpuvisorError as exc:
+        _fail(exc)
+    console.print(f"signature: {signature}", highlight=False, soft_wrap=True)
+
+
+def _write_signature(manifest: Path, file: Path, signature: str) -> list[str]:
+    """Set spec.signature on the manifest's Models whose source is ``file``; return their names."""
+    try:
+        documents = list(yaml.safe_load_all(manifest.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"manifest {manifest} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{manifest} is not valid YAML: {exc}") from None
+    target = file.resolve()
+    names: list[str] = []
+    for doc in documents:
+        spec: Any = doc.get("spec") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or doc.get("kind") != "Model" or not isinstance(spec, dict):
+            continue
+        source = Path(str(spec.get("source", "")))
+        if not source.is_absolute():
+            source = manifest.parent / source
+        if source.resolve() == target:
+            spec["signature"] = signature
+            names.append(str(doc.get("metadata", {}).get("name", "?")))
+    if not names:
+        raise ConfigError(
+            f"{manifest} has no Model whose spec.source is {file}: check the path, or paste "
+            "the printed signature line by hand (run without --write)"
+        )
+    manifest.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    return names
+
+
+@models_app.command("verify")
+def verify(
+    file: Annotated[Path, typer.Argument(help="the model file to check")],
+    signature: Annotated[
+        str, typer.Option("--signature", help="the signature text (a Model's spec.signature)")
+    ],
+    trusted_key: Annotated[
+        list[str],
+        typer.Option(
+            "--trusted-key",
+            help="a public key 'ed25519:...' or a .pub file (repeatable)",
+        ),
+    ],
+) -> None:
+    """Check a model file's signature as a pool with requireSignedModels does: it must be made
+    by one of the trusted keys over this very file. Exits 1 with the reason when it is not."""
+    try:
+        keys = [_key_text(k) for k in trusted_key]
+        signed = verify_file(signature.removeprefix("signature:").strip(), keys, file)
+    except GpuvisorError as exc:
+        _fail(exc)
+    console.print(
+        f"OK: {file} (sha256 {signed.sha256}) is signed by trusted key {signed.fingerprint}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _key_text(value: str) -> str:
+    """Return the key text of ``value``: itself when it is key text, else the file's content."""
+    if value.startswith("ed25519:"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(
+            f"--trusted-key {value!r} is neither a public key 'ed25519:...' nor a .pub file"
+        )
+    return path.read_text().strip()
