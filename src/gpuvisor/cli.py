@@ -19,6 +19,7 @@ from gpuvisor import __version__
 from gpuvisor.cli_audit import audit_app
 from gpuvisor.cli_models import models_app
 from gpuvisor.cli_observe import bench_sampler, top
+from gpuvisor.cli_options import KeyOpt, OutputOpt, StateOpt, TenantOpt, UrlOpt
 from gpuvisor.cli_plan import bench_placement, plan_command
 from gpuvisor.client import NodeClient
 from gpuvisor.errors import ConfigError, GpuvisorError
@@ -47,22 +48,6 @@ app.command("plan")(plan_command)
 app.add_typer(audit_app, name="audit")  # the audit log lives in cli_audit.py
 app.add_typer(models_app, name="models")  # model signing lives in cli_models.py
 
-UrlOpt = Annotated[
-    str | None,
-    typer.Option("--url", help="node URL [env GPUVISOR_URL; default http://127.0.0.1:8700]"),
-]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option("--key", help="API key [env GPUVISOR_KEY; default the state dir's admin key]"),
-]
-StateOpt = Annotated[
-    str | None,
-    typer.Option("--state", help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]"),
-]
-OutputOpt = Annotated[str, typer.Option("--output", "-o", help="table, yaml or json")]
-TenantOpt = Annotated[
-    str | None, typer.Option("--tenant", "-t", help="tenant of tenant-scoped objects")
-]
 
 KIND_ALIASES = {
     "tenant": "tenants",

@@ -13,6 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from gpuvisor.cli_options import KeyOpt, OutputOpt, StateOpt, UrlOpt
 from gpuvisor.client import NodeClient, resolve_state_dir
 from gpuvisor.errors import ConfigError, GpuvisorError
 from gpuvisor.store.audit import AuditLog
@@ -28,11 +29,6 @@ audit_app = typer.Typer(
     help="The tamper-evident audit log: list records, verify the hash chain.",
     no_args_is_help=True,
 )
-
-StateOpt = Annotated[
-    str | None,
-    typer.Option("--state", help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]"),
-]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -75,16 +71,10 @@ def list_command(
     ] = None,
     until: Annotated[str | None, typer.Option(help="before this time, or this long ago")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="the newest this many")] = 100,
-    url: Annotated[
-        str | None,
-        typer.Option("--url", help="node URL [env GPUVISOR_URL; default http://127.0.0.1:8700]"),
-    ] = None,
-    key: Annotated[
-        str | None,
-        typer.Option("--key", help="API key [env GPUVISOR_KEY; default the state dir's admin key]"),
-    ] = None,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
     state: StateOpt = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="table, yaml or json")] = "table",
+    output: OutputOpt = "table",
 ) -> None:
     """List the node's audit records, oldest first (admin and operator keys only)."""
     params: dict[str, Any] = {"limit": limit}

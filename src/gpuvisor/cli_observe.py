@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from gpuvisor.cli_options import KeyOpt, StateOpt, UrlOpt
 from gpuvisor.errors import GpuvisorError
 
 __all__ = ["bench_sampler", "top"]
@@ -28,18 +29,9 @@ def top(
     iterations: Annotated[
         int | None, typer.Option(min=1, help="refreshes before exiting (default: until Ctrl-C)")
     ] = None,
-    url: Annotated[
-        str | None,
-        typer.Option("--url", help="node URL [env GPUVISOR_URL; default http://127.0.0.1:8700]"),
-    ] = None,
-    key: Annotated[
-        str | None,
-        typer.Option("--key", help="API key [env GPUVISOR_KEY; default the state dir's admin key]"),
-    ] = None,
-    state: Annotated[
-        str | None,
-        typer.Option("--state", help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]"),
-    ] = None,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+    state: StateOpt = None,
 ) -> None:
     """Live view of the node: who waits, who uses each device against its guarantee, memory by
     slice, deployments' latency, slices that are not serving. A tenant key sees its own."""

@@ -24,7 +24,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gpuvisor.errors import ConfigError, IntegrityError, ModelError
+from gpuvisor.errors import ConfigError, IntegrityError
+from gpuvisor.runtime.executors.base import file_sha256
 from gpuvisor.spec.kinds import Model, Pool
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
 
 PREFIX = "ed25519"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 1 << 20
 _FORMAT_HINT = (
     "spec.signature must be the line 'gpuvisor models sign' prints: "
     "ed25519:<public key>:<sha256>:<signature>"
@@ -181,20 +181,6 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 # ---- signatures ---------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    """Return the file's SHA-256 hex digest. Raises ModelError when it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as stream:
-            while chunk := stream.read(_HASH_CHUNK):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise ModelError(f"model file not found: {path}", path=str(path)) from None
-    except OSError as exc:
-        raise ModelError(f"cannot read model file {path}: {exc.strerror}", path=str(path)) from None
-    return digest.hexdigest()
 
 
 def sign_file(key: Ed25519PrivateKey, path: Path) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "FORMATS",
     "Executor",
     "ExecutorDevice",
+    "file_sha256",
     "is_batchable",
     "load_executor",
     "reconcile_metadata",
@@ -119,22 +120,27 @@ def _narrow_shape(found: tuple[int, ...], declared: tuple[int, ...]) -> tuple[in
     return tuple(shape)
 
 
-def verify_sha256(path: Path, expected: str | None) -> str:
-    """Return the sha256 hex digest of the file at ``path``.
-
-    Raises ModelError when the file is missing, IntegrityError naming both digests when
-    ``expected`` is given and differs.
-    """
+def file_sha256(path: Path) -> str:
+    """Return the file's SHA-256 hex digest. Raises ModelError when it cannot be read."""
     digest = hashlib.sha256()
     try:
-        with Path(path).open("rb") as stream:
+        with path.open("rb") as stream:
             while chunk := stream.read(_HASH_CHUNK):
                 digest.update(chunk)
     except FileNotFoundError:
         raise ModelError(f"model file not found: {path}", path=str(path)) from None
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc.strerror}", path=str(path)) from None
-    actual = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str | None) -> str:
+    """Return the sha256 hex digest of the file at ``path``.
+
+    Raises ModelError when the file is missing, IntegrityError naming both digests when
+    ``expected`` is given and differs.
+    """
+    actual = file_sha256(Path(path))
     if expected is not None and actual != expected.lower():
         raise IntegrityError(
             f"model file {path} has sha256 {actual} but the spec expects {expected.lower()}",
