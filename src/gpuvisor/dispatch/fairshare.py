@@ -15,8 +15,11 @@ Each decision, over the ``candidates`` (slices with a ready batch that are not b
    and ``next_eligible`` says when the first of them may run again.
 3. Guarantee tier. Entitlement ``e = share`` (best-effort, fixed-share) or ``1/K`` for an
    ``equal-share`` slice (``K``: equal-share candidates). Candidates with ``e > 0`` that
-   used less than ``e * span`` (span 0 counts as under) go first, ordered by latency class
+   used less than ``e * max(span, quantum)`` go first, ordered by latency class
    (``CLASS_RANK``), then by how much of their entitlement they used, then oldest request.
+   The floor of one quantum keeps a new slice within its guarantee for its first batch
+   (whose predicted time is charged at its grant) without crediting it with time it was
+   not there.
 4. Surplus. Otherwise start-time fair queuing on device time. When every candidate is
    equal-share: flat, the least ``vt_s`` (ties: class, then oldest request). Otherwise two
    levels: the tenant with the least ``vt_T`` (ties: its best class, then the oldest
@@ -255,12 +258,12 @@ class FairSharePolicy:
                 entitled = queue.share
             else:
                 continue
-            span = min(window, now - state.first_seen)
-            used_part = 0.0
-            if span > 0:
-                used_part = state.used / (entitled * span)
-                if used_part >= 1.0:
-                    continue
+            # at least one quantum: a new slice's first batch, charged at its grant, must not
+            # put it over a guarantee judged over the few microseconds it has been known
+            span = max(min(window, now - state.first_seen), self.quantum)
+            used_part = state.used / (entitled * span)
+            if used_part >= 1.0:
+                continue
             key = (_rank(queue), used_part, queue.head_arrival, queue.slice_id)
             if best_key is None or key < best_key:
                 best, best_key = queue, key

@@ -154,6 +154,19 @@ def test_a_slice_under_its_share_goes_before_fair_queuing() -> None:
     assert policy.choose([guaranteed, plain], 10.0) is plain
 
 
+def test_a_new_slice_stays_within_its_guarantee_after_its_first_batch() -> None:
+    # The first batch's predicted time is charged at its grant: judged over the microseconds
+    # the slice has been known it would be far over its share. One quantum is the floor.
+    policy = FairSharePolicy(quantum=0.01, window=1.0)
+    chat = _queue("chat", "a", arrival=5.0, share=0.5, latency_class="critical")
+    bulk = _queue("bulk", "b", arrival=0.0, latency_class="batch")
+    assert policy.choose([chat, bulk], 5.0) is chat
+    policy.charge(chat, 0.002, 5.0)  # its first batch, predicted at 2 ms
+    assert policy.choose([chat, bulk], 5.0001) is chat  # still within 0.5 of one quantum
+    policy.charge(chat, 0.004, 5.0001)  # 6 ms used: over half of one quantum
+    assert policy.choose([chat, bulk], 5.0002) is bulk  # fair queuing: bulk has used nothing
+
+
 def test_a_new_slice_with_a_share_counts_as_under_it() -> None:
     policy = FairSharePolicy(quantum=0.01, window=1.0)
     old = _queue("old", "a", arrival=0.0)
