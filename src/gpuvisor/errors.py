@@ -8,6 +8,7 @@ The tree::
     ├── InvalidRequest              400 invalid_request    a malformed inference or admin request
     ├── Unauthenticated             401 unauthenticated    no key, unknown key, revoked or expired key
     ├── Forbidden                   403 forbidden          the key's role may not do this
+    │   └── QuotaExceeded           403 quota_exceeded     an apply would take a tenant over its quota
     ├── NotFound                    404 not_found          no such object visible to the caller
     ├── Conflict                    409 conflict           the object exists or is in use
     ├── PayloadTooLarge             413 payload_too_large  a body over the configured limit
@@ -39,6 +40,7 @@ __all__ = [
     "ModelError",
     "NotFound",
     "PayloadTooLarge",
+    "QuotaExceeded",
     "SpecError",
     "TooManyRequests",
     "Unauthenticated",
@@ -89,6 +91,14 @@ class Unauthenticated(GpuvisorError):
 class Forbidden(GpuvisorError):
     code = "forbidden"
     http_status = 403
+
+
+class QuotaExceeded(Forbidden):
+    """An apply would take a tenant over ``quota.memory``, ``quota.compute`` or
+    ``quota.deployments``; a Forbidden (403) so that it is audited as ``denied``, like a
+    refused key: the request is well formed, the tenant's policy refuses it."""
+
+    code = "quota_exceeded"
 
 
 class NotFound(GpuvisorError):
@@ -159,6 +169,7 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         InvalidRequest,
         Unauthenticated,
         Forbidden,
+        QuotaExceeded,
         NotFound,
         Conflict,
         PayloadTooLarge,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from gpuvisor.api import audit
 from gpuvisor.api.oip import principal_of, read_body
+from gpuvisor.control.quotas import check_quotas
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import KeyInfo, Principal
@@ -177,6 +178,7 @@ def admin_router(node: Node) -> APIRouter:
         existing = await all_resources()
         validate_references(resources, existing)
         check_signed_models(resources, existing)
+        check_quotas(resources, existing)
         objects = [StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources]
         applied = await asyncio.to_thread(store().apply, objects)
         await audit.record_ok(
