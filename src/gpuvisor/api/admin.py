@@ -233,7 +233,7 @@ def admin_router(node: Node) -> APIRouter:
 
     @router.get("/devices", summary="Devices this node serves on")
     async def devices(request: Request) -> dict[str, Any]:
-        principal_of(node, request)
+        principal = principal_of(node, request)
         assert node.controller is not None
         items = []
         for device in node.topology.devices:
@@ -241,7 +241,8 @@ def admin_router(node: Node) -> APIRouter:
             items.append(
                 {
                     **device.to_dict(),
-                    "slices": [s.id for s in on_device],
+                    # a tenant key sees its own slices' ids only (they name their owners)
+                    "slices": [s.id for s in on_device if _visible(principal, s.tenant)],
                     "memoryReserved": sum(s.memory for s in on_device),
                 }
             )
@@ -366,6 +367,9 @@ def admin_router(node: Node) -> APIRouter:
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
+        if principal.role == "tenant" and tenant and tenant != principal.tenant:
+            # another tenant's objects do not exist for a tenant key: 404, as for one object
+            raise NotFound(f"tenant '{tenant}' not found")
         objects = await asyncio.to_thread(store().list, kind, tenant)
         items = [
             _with_status(o.body)
