@@ -166,29 +166,43 @@ def test_after_a_finished_batch_starts_at_once(models: dict[str, Path]) -> None:
     assert asyncio.run(scenario()) < 5.0
 
 
-def test_a_revoked_batch_runs_nothing_but_keeps_its_place(models: dict[str, Path]) -> None:
+def _revoke_scenario(
+    models: dict[str, Path], staged: tuple[str, BenchModel, int], following: tuple[str, BenchModel]
+) -> Finish:
+    """A slow batch runs on slow/0 ("running"); a batch ``staged`` behind it is taken back at
+    once; a batch ``following`` is sent behind the staged one ("next"). Times in ``at`` are
+    from the first send."""
+
     async def scenario() -> Finish:
         pool = await _pool_with(models)
         try:
             finish = Finish()
             finish.expected = 3
             sent = time.monotonic()
-            slow = pool.start_batch("slow/0", [_request(1, SLOW, 256)], finish.callback("slow"))
-            staged = pool.start_batch(
-                "fast/0", [_request(2, FAST, 1)], finish.callback("staged"), after=slow
+            running = pool.start_batch(
+                "slow/0", [_request(1, SLOW, 256)], finish.callback("running")
             )
-            pool.revoke(staged)
-            pool.start_batch("slow/0", [_request(3, SLOW, 1)], finish.callback("next"), staged)
+            slice_id, model, rows = staged
+            handle = pool.start_batch(
+                slice_id, [_request(2, model, rows)], finish.callback("staged"), after=running
+            )
+            pool.revoke(handle)
+            slice_id, model = following
+            pool.start_batch(slice_id, [_request(3, model, 1)], finish.callback("next"), handle)
             await asyncio.wait_for(finish.all_done.wait(), 30)
             finish.at = {name: at - sent for name, at in finish.at.items()}
             return finish
         finally:
             await pool.close()
 
-    finish = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_revoked_batch_runs_nothing_but_keeps_its_place(models: dict[str, Path]) -> None:
+    finish = _revoke_scenario(models, ("fast/0", FAST, 1), ("slow/0", SLOW))
     assert finish.results["staged"] is None and finish.seconds["staged"] == 0.0
     # taken back, it still passed the device on in order: after the slow batch, before "next"
-    assert finish.at["staged"] >= finish.seconds["slow"]
+    assert finish.at["staged"] >= finish.seconds["running"]
     assert isinstance(finish.results["next"], Sequence)
     assert [o.status for o in finish.results["next"]] == [200]
 
@@ -214,27 +228,7 @@ def test_a_batch_that_started_is_not_revoked(models: dict[str, Path]) -> None:
 def test_a_revoked_batch_behind_a_batch_of_its_own_worker_hands_on_in_order(
     models: dict[str, Path],
 ) -> None:
-    async def scenario() -> Finish:
-        pool = await _pool_with(models)
-        try:
-            finish = Finish()
-            finish.expected = 3
-            sent = time.monotonic()
-            running = pool.start_batch(
-                "slow/0", [_request(1, SLOW, 256)], finish.callback("running")
-            )
-            staged = pool.start_batch(
-                "slow/0", [_request(2, SLOW, 256)], finish.callback("staged"), after=running
-            )
-            pool.revoke(staged)
-            pool.start_batch("fast/0", [_request(3, FAST, 1)], finish.callback("next"), staged)
-            await asyncio.wait_for(finish.all_done.wait(), 30)
-            finish.at = {name: at - sent for name, at in finish.at.items()}
-            return finish
-        finally:
-            await pool.close()
-
-    finish = asyncio.run(scenario())
+    finish = _revoke_scenario(models, ("slow/0", SLOW, 256), ("fast/0", FAST))
     assert finish.results["staged"] is None and finish.seconds["staged"] == 0.0
     assert isinstance(finish.results["next"], Sequence)
     assert [o.status for o in finish.results["next"]] == [200]
