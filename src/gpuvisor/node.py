@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpuvisor import __version__
 from gpuvisor.control.controller import Controller
+from gpuvisor.control.health import apply_health
 from gpuvisor.control.slices import SliceState
 from gpuvisor.dispatch.admission import deadline_error
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
@@ -34,7 +35,12 @@ from gpuvisor.store.db import default_url
 from gpuvisor.store.repo import Store
 from gpuvisor.telemetry.metrics import LiveSlice, Metrics, is_out_of_memory
 from gpuvisor.telemetry.recent import RecentActivity
-from gpuvisor.telemetry.sampler import TelemetrySampler, WorkerTarget, targets_from_slices
+from gpuvisor.telemetry.sampler import (
+    Sample,
+    TelemetrySampler,
+    WorkerTarget,
+    targets_from_slices,
+)
 
 __all__ = ["Node", "NodeOptions"]
 
@@ -69,6 +75,7 @@ class Node:
         self.controller: Controller | None = None
         self.recent = RecentActivity()  # the dashboard's recent latencies, waits and device time
         self.sampler: TelemetrySampler | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.admin_key_created: str | None = None
         self.ready = False
         self.started_at = 0.0
@@ -128,6 +135,7 @@ class Node:
             self._worker_targets,
             self.spec.telemetry.sample_period,
             is_current=self._worker_is_current,
+            on_sample=self._on_sample,
         )
         self.sampler.start()
         self.started_at = time.time()
@@ -394,6 +402,13 @@ class Node:
             for d in self.dispatchers.values()
             for q in list(d.queues.values())
         ]
+
+    def _on_sample(self, sample: Sample) -> None:
+        """Mark devices healthy or not from a telemetry sample; a change reconciles now."""
+        if apply_health(self.topology.devices, sample.devices) and self.controller is not None:
+            task = asyncio.create_task(self.controller.reconcile(), name="reconcile-on-health")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _worker_targets(self) -> list[WorkerTarget]:
         return targets_from_slices(self.controller.slices.values()) if self.controller else []

@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -18,7 +18,16 @@ from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.profiles import ExecutionProfile
 from gpuvisor.dispatch.queues import SliceQueue
 from gpuvisor.inventory.device import Device, Topology
-from gpuvisor.placement.placer import PlacedSlice, SliceRequest, place_slice
+from gpuvisor.placement.defaults import default_framework
+from gpuvisor.placement.framework import (
+    Cycle,
+    Framework,
+    PlacedSlice,
+    PoolPolicy,
+    SliceRequest,
+    Snapshot,
+    TenantQuota,
+)
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
 from gpuvisor.security.signing import SignaturePolicy
@@ -123,8 +132,12 @@ class Controller:
         backoff_max: float = 30.0,
         admission: Admission | None = None,
         max_queued_per_slice: int = 1024,
+        framework: Framework | None = None,
+        drain_timeout: float = 5.0,
     ) -> None:
         self.store = store
+        self.framework = framework or default_framework()
+        self.drain_timeout = drain_timeout
         self.admission = admission or Admission()
         self.max_queued_per_slice = max_queued_per_slice
         self.topology = topology
@@ -138,6 +151,7 @@ class Controller:
         self.supervisors: dict[str, SliceSupervisor] = {}
         self.unloaded: set[tuple[str, str]] = set()
         self.model_info: dict[tuple[str, str], p.ModelLoaded] = {}
+        self.moved: dict[str, str] = {}  # slice id -> why it was moved, for its next status
         self.resources: list[Resource] = []
         self._deployments: dict[tuple[str, str], Deployment] = {}
         # slices by (tenant, deployment): inference looks them up on every request
@@ -193,10 +207,15 @@ class Controller:
             self.supervisors.clear()
 
     async def reconcile(self) -> None:
-        """Bring running slices in line with the store: stop what is gone or changed, start what is new."""
+        """Bring running slices in line with the store: stop what is gone or changed, move
+        what sits on a cordoned or unhealthy device, start what is new or still Pending."""
         objects = await asyncio.to_thread(self.store.list)
+        cordons = await asyncio.to_thread(self.store.list_cordons)
         resources = [resource_from_dict(o.body) for o in objects]
         async with self._lock:
+            cordoned = {c.device_id for c in cordons}
+            for device in self.topology.devices:
+                device.cordoned = device.id in cordoned
             self.resources = resources
             self._deployments = {
                 (r.metadata.tenant or "", r.metadata.name): r
@@ -209,8 +228,15 @@ class Controller:
                 for sid, s in self.slices.items()
                 if sid not in desired or desired[sid].spec_hash != s.spec_hash
             ]
-            for sid in stale:
-                await self._stop_slice(sid)
+            # a deleted or changed slice finishes what it has queued first (new requests
+            # already go elsewhere or wait for its successor)
+            await asyncio.gather(
+                *(
+                    self._stop_slice(sid, self.drain_timeout, "stopping: spec changed or deleted")
+                    for sid in stale
+                )
+            )
+            await self._move_off_unusable_devices()
             for sid, want in desired.items():
                 current = self.slices.get(sid)
                 if current is None or (current.state == "Pending" and sid not in self.supervisors):
@@ -249,15 +275,65 @@ class Controller:
         queue.weight = tenant.spec.weight if tenant else 1.0
         queue.mode = pool.spec.scheduler if pool else "best-effort"
 
-    def _placed(self, exclude: str) -> list[PlacedSlice]:
-        return [
-            PlacedSlice(
-                s.id, s.tenant, s.device_id, s.memory, s.compute_share, s.isolation, s.mig_start
+    def _snapshot(self, exclude: str) -> Snapshot:
+        return Snapshot(
+            self.topology.devices,
+            [
+                PlacedSlice(
+                    s.id,
+                    s.tenant,
+                    s.device_id,
+                    s.memory,
+                    s.compute_share,
+                    s.isolation,
+                    s.mig_start,
+                    s.deployment,
+                    s.numa,  # type: ignore[arg-type]
+                )
+                for s in self.slices.values()
+                # a Failed slice runs nothing: its room goes back to the device
+                if s.device_id is not None and s.id != exclude and s.state != "Failed"
+            ],
+        )
+
+    def _unusable(self, device_id: str) -> str | None:
+        """Return why slices must leave this device (cordoned, unhealthy), or None."""
+        device = self.topology.get(device_id)
+        if device is None:
+            return "its device is gone"
+        if device.cordoned:
+            return f"{device_id} is cordoned"
+        if not device.healthy:
+            return f"{device_id} is unhealthy" + (
+                f" ({device.health_reason})" if device.health_reason else ""
             )
-            for s in self.slices.values()
-            # a Failed slice runs nothing: its room goes back to the device
-            if s.device_id is not None and s.id != exclude and s.state != "Failed"
-        ]
+        return None
+
+    async def _move_off_unusable_devices(self) -> None:
+        """Stop the slices on cordoned or unhealthy devices (draining what they have queued)
+        so that this reconcile places them elsewhere, or leaves them Pending with reasons. A
+        ``disallowMigration`` slice stays where it is, with the reason in its status."""
+        moving: list[Awaitable[None]] = []
+        for state in list(self.slices.values()):
+            if state.device_id is None:
+                continue
+            why = self._unusable(state.device_id)
+            if why is None:
+                if state.reason.startswith("disallowMigration:"):
+                    state.set_state(state.state)  # the device is back: drop the note
+                continue
+            if state.disallow_migration:
+                note = f"disallowMigration: stays on {why}"
+                if state.reason != note:
+                    state.set_state(state.state, note)
+                continue
+            log.info("moving slice %s: %s", state.id, why, extra={"tenant": state.tenant})
+            device = self.topology.get(state.device_id)
+            # a cordoned device still works: let queued requests finish; a failed one cannot
+            drain = self.drain_timeout if device is not None and device.healthy else 0.0
+            moving.append(self._stop_slice(state.id, drain, f"moving: {why}"))
+            self.moved[state.id] = f"moved off {why}"
+        await asyncio.gather(*moving)
 
     def _start_slice(self, want: DesiredSlice) -> None:
         dep = want.deployment
@@ -279,6 +355,9 @@ class Controller:
             if want.model
             else (dep.spec.model_version or "?"),
             mig_profile=profile.spec.mig_profile if profile else None,
+            numa=dep.spec.placement.numa,
+            anti_affinity=dep.spec.placement.anti_affinity,
+            disallow_migration=dep.spec.placement.disallow_migration,
         )
         replaced = self.slices.get(state.id)
         self.slices[state.id] = state
@@ -289,25 +368,10 @@ class Controller:
         if want.problem or want.model is None or profile is None:
             state.set_state("Pending", want.problem)
             return
-        selector = want.pool.spec.selector if want.pool else {}
-        tenancy = want.pool.spec.tenancy if want.pool else "shared"
-        result = place_slice(
-            SliceRequest(
-                state.id,
-                state.tenant,
-                state.pool,
-                state.memory,
-                state.compute_share,
-                state.isolation,
-                state.mig_profile,
-            ),
-            self.topology.devices,
-            self._placed(state.id),
-            selector,
-            tenancy,
-        )
+        result = self.framework.place(self._cycle(want, state), self._snapshot(state.id))
+        moved = self.moved.pop(state.id, "")
         if result.device_id is None:
-            state.set_state("Pending", result.explain())
+            state.set_state("Pending", (f"{moved}; " if moved else "") + result.explain())
             if replaced is None or replaced.state != "Pending":  # once per episode, not per retry
                 self.metrics.allocation_failures.labels(
                     "", state.tenant, state.deployment, "unplaceable"
@@ -322,7 +386,9 @@ class Controller:
             if result.mig_start is None
             else (f"{device.id} (MIG {state.mig_profile}@{result.mig_start})")
         )
-        state.set_state("Loading", f"placed on {where}; starting its worker")
+        state.set_state(
+            "Loading", (f"{moved}; " if moved else "") + f"placed on {where}; starting its worker"
+        )
         launch = self._launch(state, want.model, dep, device)
         policy, model = SignaturePolicy.of(want.pool), want.model
         sup = SliceSupervisor(
@@ -339,6 +405,40 @@ class Controller:
         )
         self.supervisors[state.id] = sup
         sup.start()
+
+    def _cycle(self, want: DesiredSlice, state: SliceState) -> Cycle:
+        pool = want.pool.spec if want.pool else None
+        tenant = next(
+            (
+                r
+                for r in self.resources
+                if isinstance(r, Tenant) and r.metadata.name == state.tenant
+            ),
+            None,
+        )
+        quota = tenant.spec.quota if tenant else None
+        return Cycle(
+            SliceRequest(
+                state.id,
+                state.tenant,
+                state.pool,
+                state.memory,
+                state.compute_share,
+                state.isolation,
+                state.mig_profile,
+                state.deployment,
+                want.deployment.spec.placement.numa,
+                state.anti_affinity,
+            ),
+            PoolPolicy(
+                state.pool,
+                dict(pool.selector) if pool else {},
+                pool.tenancy if pool else "shared",
+                pool.placement if pool else "binpack",
+                pool.memory_headroom if pool else 0,
+            ),
+            TenantQuota(quota.memory, quota.compute) if quota else TenantQuota(),
+        )
 
     def _launch(
         self, state: SliceState, model: Model, dep: Deployment, device: Device
@@ -400,10 +500,10 @@ class Controller:
         if state.loaded is not None:
             self.model_info[(state.tenant, state.deployment)] = state.loaded
 
-    async def _stop_slice(self, slice_id: str) -> None:
+    async def _stop_slice(self, slice_id: str, drain: float = 0.0, reason: str = "") -> None:
         sup = self.supervisors.pop(slice_id, None)
         if sup is not None:
-            await sup.stop()
+            await sup.stop(drain, reason)
         gone = self.slices.pop(slice_id, None)
         if gone is not None:
             siblings = self._by_deployment.get((gone.tenant, gone.deployment), [])

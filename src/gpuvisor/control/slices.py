@@ -51,6 +51,9 @@ class SliceState:
     since: float = field(default_factory=time.time)
     mig_profile: str | None = None
     mig_start: int | None = None  # the MIG instance a partition-tier slice holds
+    numa: str = "any"
+    anti_affinity: bool = False
+    disallow_migration: bool = False
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state != self.state or reason != self.reason:
@@ -120,10 +123,16 @@ class SliceSupervisor:
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"supervise-{self.slice.id}")
 
-    async def stop(self) -> None:
-        """Stop serving: fail what is queued, unload the model, end the supervisor."""
+    async def stop(self, drain: float = 0.0, reason: str = "") -> None:
+        """Stop serving: take no new requests, let what is queued or running finish for up
+        to ``drain`` seconds, fail what is left, unload the model, end the supervisor."""
         self.stopping = True
-        self.slice.set_state("Stopping")
+        self.slice.set_state("Stopping", reason)
+        queue = self.slice.queue
+        if drain > 0 and queue is not None:
+            deadline = time.monotonic() + drain
+            while (queue.items or queue.in_flight) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         self.dispatcher.remove_slice(
             self.slice.id, Unavailable(f"slice {self.slice.id} is stopping")
         )

@@ -70,6 +70,10 @@ class Device:
     node: str = "local"
     healthy: bool = True
     index: int | None = None
+    cordoned: bool = False
+    """An operator took the device out of placement: its slices move elsewhere."""
+    health_reason: str = ""
+    """Why the device is unhealthy (e.g. an Xid error NVML reported)."""
     mig_instances: tuple[MigInstance, ...] = ()
     """The GPU instances that exist on a MIG-enabled GPU (profile and start memory slice)."""
 

@@ -180,6 +180,10 @@ class PoolSpec(SpecModel):
     """Device label -> glob; empty selects every device."""
     tenancy: Literal["shared", "dedicated"] = "shared"
     scheduler: Literal["best-effort", "equal-share", "fixed-share"] = "best-effort"
+    placement: Literal["binpack", "spread"] = "binpack"
+    """binpack fills the fullest device that fits first; spread the emptiest."""
+    memory_headroom: Size = 0
+    """Memory kept free on each device of the pool (driver, CUDA contexts, fragmentation)."""
     require_signed_models: bool = False
     trusted_keys: list[str] = Field(default_factory=list)
 

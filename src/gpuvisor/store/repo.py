@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 from gpuvisor import errors
 from gpuvisor.store.audit import AuditLog
 from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
-from gpuvisor.store.tables import ApiKeyRow, ObjectRow
+from gpuvisor.store.tables import ApiKeyRow, CordonRow, ObjectRow
 
-__all__ = ["ApplyOutcome", "Store", "StoredKey", "StoredObject"]
+__all__ = ["ApplyOutcome", "Cordon", "Store", "StoredKey", "StoredObject"]
 
 ApplyOutcome = Literal["created", "configured", "unchanged"]
 
@@ -72,6 +72,16 @@ class StoredKey:
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Cordon:
+    """A device taken out of placement by an operator."""
+
+    device_id: str
+    actor: str
+    reason: str
+    at: datetime
 
 
 def _object_from_row(row: ObjectRow) -> StoredObject:
@@ -296,6 +306,34 @@ class Store:
                 )
 
         self._write(touch)
+
+    # ----------------------------------------------------------------- cordons
+
+    def cordon(self, device_id: str, actor: str, reason: str = "") -> bool:
+        """Cordon a device; False (and the first record kept) when it already was."""
+
+        def add(session: Session) -> bool:
+            if session.get(CordonRow, device_id, with_for_update=True) is not None:
+                return False
+            session.add(CordonRow(device_id=device_id, actor=actor, reason=reason, at=_utcnow()))
+            return True
+
+        return self._write(add)
+
+    def uncordon(self, device_id: str) -> bool:
+        """Lift a cordon; False when the device was not cordoned."""
+
+        def remove(session: Session) -> bool:
+            result = session.execute(delete(CordonRow).where(CordonRow.device_id == device_id))
+            return bool(getattr(result, "rowcount", 0))
+
+        return self._write(remove)
+
+    def list_cordons(self) -> builtins.list[Cordon]:
+        """Return every cordoned device, oldest first."""
+        query = select(CordonRow).order_by(CordonRow.at, CordonRow.device_id)
+        with Session(self._engine) as session:
+            return [Cordon(r.device_id, r.actor, r.reason, r.at) for r in session.scalars(query)]
 
     # ----------------------------------------------------------------- plumbing
 

@@ -120,4 +120,15 @@ class AuditRow(Base):
     hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
 
 
+class CordonRow(Base):
+    """A device an operator took out of placement: who, when and why."""
+
+    __tablename__ = "device_cordons"
+
+    device_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
 metadata = Base.metadata

@@ -91,6 +91,7 @@ class TelemetrySampler:
         period: float = DEFAULT_SAMPLE_PERIOD,
         nvml: Any = None,
         is_current: Callable[[WorkerTarget], bool] | None = None,
+        on_sample: Callable[[Sample], None] | None = None,
     ) -> None:
         if not period > 0:
             raise ValueError(f"the sampling period must be > 0 seconds, got {period}")
@@ -99,6 +100,7 @@ class TelemetrySampler:
         self.targets = targets
         self.period = period
         self.is_current = is_current or (lambda _: True)
+        self.on_sample = on_sample  # e.g. the node marking devices unhealthy
         self.latest: Sample | None = None
         self.cpu_seconds = 0.0  # the sampler's own CPU time, all passes
         self.samples = 0
@@ -217,6 +219,8 @@ class TelemetrySampler:
         targets = self.targets()
         sample = await asyncio.to_thread(self.sample, targets)
         self.publish(sample, targets)
+        if self.on_sample is not None:
+            self.on_sample(sample)
         return sample
 
     def start(self) -> None:

@@ -167,6 +167,8 @@ def test_two_gpus_are_described_from_nvml(install: Any) -> None:
         "healthy": True,
         "index": 0,
         "mig_instances": (),
+        "cordoned": False,
+        "health_reason": "",
     }
     assert (second.id, second.model, second.index) == ("gpu-1", "A100-40GB", 1)
     assert (second.numa_node, second.pci_bus_id, second.mig_mode) == (1, "0001:af:00.0", True)

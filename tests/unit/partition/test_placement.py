@@ -164,7 +164,7 @@ def test_the_controller_passes_each_slices_instance_back_to_placement() -> None:
     )
     state.set_state("Ready")
     controller.slices[state.id] = state
-    (placed,) = controller._placed(exclude="")
+    (placed,) = controller._snapshot(exclude="").slices()
     assert placed.mig_start == 4
     assert state.to_dict()["migInstance"] == "1g.10gb@4"
     result = place_slice(request(), controller.topology.devices, [placed], {})

@@ -36,7 +36,14 @@ def test_binpacks_onto_the_fullest_device_that_fits() -> None:
 @pytest.mark.parametrize(
     ("request_", "placed", "selector", "tenancy", "reason"),
     [
-        (_req(memory=100 * GI), [], {}, "shared", "80Gi free < 100Gi requested"),
+        (_req(memory=100 * GI), [], {}, "shared", "100Gi requested > 80Gi on this device"),
+        (
+            _req(memory=50 * GI),
+            [PlacedSlice("x", "b", "gpu-0", 40 * GI, 0.1, "process")],
+            {},
+            "shared",
+            "40Gi free < 50Gi requested",
+        ),
         (
             _req(share=0.5),
             [PlacedSlice("x", "b", "gpu-0", GI, 0.75, "process")],
@@ -124,6 +131,6 @@ def test_failed_slices_give_their_room_back() -> None:
         )
         s.set_state(state)
         controller.slices[s.id] = s
-    placed = controller._placed(exclude="")
+    placed = controller._snapshot(exclude="").slices()
     assert [p.slice_id for p in placed] == ["a/Ready/0"]
     assert asyncio.iscoroutinefunction(controller.reconcile)

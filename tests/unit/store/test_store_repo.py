@@ -311,3 +311,21 @@ def test_generation_counts_body_changes(shared_store: Store, bodies: list[dict[s
     assert stored is not None
     assert stored.generation == 1 + changes
     assert stored.body == bodies[-1]
+
+
+def test_cordons_are_kept_once_listed_in_order_and_lifted(db_url: str) -> None:
+    with Store(db_url) as store:
+        assert store.cordon("edge-1/gpu-0", "admin", "replacing a fan") is True
+        assert store.cordon("edge-1/gpu-2", "ops") is True
+        # a second cordon keeps the first record (who and why)
+        assert store.cordon("edge-1/gpu-0", "someone-else", "other") is False
+    with Store(db_url) as reopened:  # an operator's decision survives a restart
+        cordons = reopened.list_cordons()
+        assert [(c.device_id, c.actor, c.reason) for c in cordons] == [
+            ("edge-1/gpu-0", "admin", "replacing a fan"),
+            ("edge-1/gpu-2", "ops", ""),
+        ]
+        assert cordons[0].at.tzinfo is not None
+        assert reopened.uncordon("edge-1/gpu-0") is True
+        assert reopened.uncordon("edge-1/gpu-0") is False
+        assert [c.device_id for c in reopened.list_cordons()] == ["edge-1/gpu-2"]

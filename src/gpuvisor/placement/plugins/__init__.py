@@ -1,1 +1,1 @@
-"""gpuvisor.placement.plugins."""
+"""Placement plugins, one per file. ``default_framework`` in ``placement.defaults`` wires them."""

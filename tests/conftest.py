@@ -1,4 +1,5 @@
-"""Database URLs for store tests: a SQLite file in tmp_path, and PostgreSQL when configured."""
+"""Database URLs for every suite that touches the store: a SQLite file in tmp_path, and a
+fresh PostgreSQL schema when $GPUVISOR_TEST_PG_URL is set (``.ci/run`` starts a server)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,14 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    """A URL to a SQLite file that does not exist yet."""
-    return default_url(tmp_path / "state")
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def sqlite_url(state_dir: Path) -> str:
+    """A URL to a SQLite file (in ``state_dir``) that does not exist yet."""
+    return default_url(state_dir)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -1,0 +1,222 @@
+"""Cordon and device failure on a simulated fleet: slices move within one reconcile, or wait
+Pending with reasons; a ``disallowMigration`` slice stays. Real workers, a real store (SQLite,
+and PostgreSQL when configured), the controller in this process.
+
+The fleet is two nodes of four GPUs (see tests/unit/placement/test_scenarios.py); the
+simulated GPUs run their workers on the host CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import yaml
+
+from gpuvisor.control.controller import Controller
+from gpuvisor.control.health import apply_health
+from gpuvisor.demo.models import build_demo_models
+from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.fairshare import FairSharePolicy
+from gpuvisor.inventory.device import Topology
+from gpuvisor.inventory.simulated import devices_from_fleet
+from gpuvisor.runtime.pool import WorkerPool
+from gpuvisor.spec.kinds import Fleet, resource_key
+from gpuvisor.spec.loader import load_documents, resource_to_dict
+from gpuvisor.store.repo import Store, StoredObject
+from gpuvisor.telemetry.metrics import Metrics
+from gpuvisor.telemetry.readers import DeviceReading
+
+FLEET = """
+apiVersion: gpuvisor/v1
+kind: Fleet
+metadata: {name: two-edge-nodes}
+spec:
+  nodes:
+    - name: edge-1
+      numaNodes: 2
+      devices:
+        - {model: H100-80GB, count: 2, numa: 0}
+        - {model: L4, count: 2, numa: 1}
+    - name: edge-2
+      numaNodes: 2
+      devices:
+        - {model: A100-80GB, count: 1, numa: 0}
+        - {model: A100-40GB, count: 1, numa: 0}
+        - {model: T4, count: 1, numa: 1}
+        - {model: L40S, count: 1, numa: 1}
+"""
+
+MANIFEST = """
+apiVersion: gpuvisor/v1
+kind: Tenant
+metadata: {name: retail}
+---
+apiVersion: gpuvisor/v1
+kind: Profile
+metadata: {name: small}
+spec: {memory: 1Gi, computeShare: 0.25, isolation: process}
+---
+apiVersion: gpuvisor/v1
+kind: Pool
+metadata: {name: h100}
+spec: {selector: {model: "H100*"}}
+---
+apiVersion: gpuvisor/v1
+kind: Pool
+metadata: {name: l4}
+spec: {selector: {model: L4}, placement: spread}
+---
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {name: scorer, tenant: retail}
+spec: {source: MODEL}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: shelf, tenant: retail}
+spec: {model: scorer, profile: small, pool: l4, replicas: 2, placement: {antiAffinity: true}}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: pinned, tenant: retail}
+spec: {model: scorer, profile: small, pool: h100, placement: {disallowMigration: true}}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: chat, tenant: retail}
+spec: {model: scorer, profile: small, pool: h100}
+"""
+
+
+@contextlib.asynccontextmanager
+async def fleet_controller(db_url: str, tmp_path: Path) -> AsyncIterator[Controller]:
+    """A controller over the simulated fleet with the manifest applied and every slice settled."""
+    model = build_demo_models(tmp_path / "models")["basket-scorer"]
+    store = Store(db_url)
+    resources = load_documents(MANIFEST.replace("MODEL", str(model)))
+    store.apply([StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources])
+    topology = Topology(devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET))))
+    pool = WorkerPool(start_timeout=120)
+    pool.start()
+    dispatchers = {
+        d.id: DeviceDispatcher(d.id, pool, FairSharePolicy(d.quantum)) for d in topology.devices
+    }
+    for dispatcher in dispatchers.values():
+        dispatcher.start()
+    ctl = Controller(store, topology, pool, dispatchers, Metrics(), drain_timeout=2.0)
+    try:
+        await ctl.reconcile()
+        await settle(ctl)
+        yield ctl
+    finally:
+        await ctl.stop()
+        for dispatcher in dispatchers.values():
+            await dispatcher.stop()
+        await pool.close()
+        store.close()
+
+
+async def settle(ctl: Controller, timeout: float = 120.0) -> None:
+    """Wait until no slice is loading or restarting."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while any(s.state in ("Loading", "Restarting") for s in ctl.slices.values()):
+        assert loop.time() < deadline, {s.id: (s.state, s.reason) for s in ctl.slices.values()}
+        await asyncio.sleep(0.05)
+
+
+def where(ctl: Controller) -> dict[str, tuple[str | None, str]]:
+    return {s.id: (s.device_id, s.state) for s in ctl.slices.values()}
+
+
+def test_cordon_moves_slices_in_one_reconcile_but_not_a_pinned_one(
+    db_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(cordon_scenario(db_url, tmp_path))
+
+
+def test_a_failed_device_sends_its_slices_elsewhere_or_to_pending_with_reasons(
+    db_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(failure_scenario(db_url, tmp_path))
+
+
+async def cordon_scenario(db_url: str, tmp_path: Path) -> None:
+    async with fleet_controller(db_url, tmp_path) as ctl:
+        before = where(ctl)
+        # spread + anti-affinity: one replica on each L4; both H100 slices binpack onto gpu-0
+        assert before == {
+            "retail/shelf/0": ("edge-1/gpu-2", "Ready"),
+            "retail/shelf/1": ("edge-1/gpu-3", "Ready"),
+            "retail/pinned/0": ("edge-1/gpu-0", "Ready"),
+            "retail/chat/0": ("edge-1/gpu-0", "Ready"),
+        }
+        old_pid = ctl.slices["retail/chat/0"].worker_pid
+        assert ctl.store.cordon("edge-1/gpu-0", "test", "fan replacement")
+        await ctl.reconcile()  # one pass
+        chat, pinned = ctl.slices["retail/chat/0"], ctl.slices["retail/pinned/0"]
+        assert chat.device_id == "edge-1/gpu-1"
+        assert chat.reason.startswith("moved off edge-1/gpu-0 is cordoned; placed on edge-1/gpu-1")
+        assert pinned.device_id == "edge-1/gpu-0"
+        assert pinned.reason == "disallowMigration: stays on edge-1/gpu-0 is cordoned"
+        await settle(ctl)
+        assert chat.state == "Ready" and chat.worker_pid != old_pid
+        assert pinned.state == "Ready"
+
+        # uncordoned: nothing moves back (a running slice is not disturbed), the note goes
+        assert ctl.store.uncordon("edge-1/gpu-0")
+        await ctl.reconcile()
+        assert where(ctl)["retail/chat/0"] == ("edge-1/gpu-1", "Ready")
+        assert ctl.slices["retail/pinned/0"].reason == ""
+
+
+async def failure_scenario(db_url: str, tmp_path: Path) -> None:
+    async with fleet_controller(db_url, tmp_path) as ctl:
+        gpu2 = ctl.topology.get("edge-1/gpu-2")
+        assert gpu2 is not None
+        # the sampler's reading after an Xid 79: the node applies it as health
+        changed = apply_health([gpu2], {gpu2.id: DeviceReading(gpu2.id, xids=(79,))})
+        assert changed == ["edge-1/gpu-2"]
+        await ctl.reconcile()
+        shelf0 = ctl.slices["retail/shelf/0"]
+        # the only other L4 holds replica 1 and antiAffinity forbids sharing it: Pending, with
+        # every device's reason
+        assert shelf0.device_id is None and shelf0.state == "Pending"
+        assert shelf0.reason == (
+            "moved off edge-1/gpu-2 is unhealthy (Xid 79: GPU has fallen off the bus); "
+            "edge-1/gpu-0: not in pool 'l4'; edge-1/gpu-1: not in pool 'l4'; "
+            "edge-1/gpu-2: device is unhealthy: Xid 79: GPU has fallen off the bus; "
+            "edge-1/gpu-3: antiAffinity: replica retail/shelf/1 of deployment 'shelf' is on "
+            "this device; edge-2/gpu-0: not in pool 'l4'; edge-2/gpu-1: not in pool 'l4'; "
+            "edge-2/gpu-2: not in pool 'l4'; edge-2/gpu-3: not in pool 'l4'"
+        )
+        assert ctl.slices["retail/shelf/1"].device_id == "edge-1/gpu-3"
+
+        # the H100 holding both h100 slices fails too: chat moves, pinned stays (with why)
+        gpu0 = ctl.topology.get("edge-1/gpu-0")
+        assert gpu0 is not None
+        apply_health(
+            [gpu0], {gpu0.id: DeviceReading(gpu0.id, healthy=False, problem="NVML read failed")}
+        )
+        await ctl.reconcile()
+        assert ctl.slices["retail/chat/0"].device_id == "edge-1/gpu-1"
+        pinned = ctl.slices["retail/pinned/0"]
+        assert pinned.device_id == "edge-1/gpu-0"
+        assert (
+            pinned.reason
+            == "disallowMigration: stays on edge-1/gpu-0 is unhealthy (NVML read failed)"
+        )
+        await settle(ctl)
+        assert ctl.slices["retail/chat/0"].state == "Ready"
+
+        # a read that works again clears a read failure but not an Xid (that GPU needs a reset)
+        assert apply_health(
+            [gpu0, gpu2], {gpu0.id: DeviceReading(gpu0.id), gpu2.id: DeviceReading(gpu2.id)}
+        ) == ["edge-1/gpu-0"]
+        assert not gpu2.healthy
+        await ctl.reconcile()
+        assert ctl.slices["retail/shelf/0"].state == "Pending"
+        assert ctl.slices["retail/pinned/0"].reason == ""
