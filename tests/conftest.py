@@ -3,6 +3,7 @@ fresh PostgreSQL schema when $GPUVISOR_TEST_PG_URL is set (``.ci/run`` starts a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,9 +23,10 @@ def postgres_schema_url(base_url: str, schema: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A URL to a fresh, empty schema on the PostgreSQL server at $GPUVISOR_TEST_PG_URL."""
+@contextlib.contextmanager
+def fresh_postgres_schema() -> Iterator[str]:
+    """Yield a URL to a new, empty schema on $GPUVISOR_TEST_PG_URL's server (skips without
+    one), and drop the schema afterwards."""
     base_url = os.environ.get(PG_URL_ENV)
     if not base_url:
         pytest.skip(f"{PG_URL_ENV} is not set")
@@ -38,6 +40,13 @@ def pg_url() -> Iterator[str]:
         with admin.begin() as connection:
             connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL to a fresh, empty schema on the PostgreSQL server at $GPUVISOR_TEST_PG_URL."""
+    with fresh_postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture
@@ -56,3 +65,16 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Each test using this runs on SQLite, and on PostgreSQL when $GPUVISOR_TEST_PG_URL is set."""
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
     return str(request.getfixturevalue(name))
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def node_db(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """For a module's node (``NodeProcess.db``): None (SQLite in its state directory), then a
+    fresh PostgreSQL schema when $GPUVISOR_TEST_PG_URL is set."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_postgres_schema() as url:
+        yield url

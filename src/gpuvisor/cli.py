@@ -207,8 +207,96 @@ def describe(
     key: KeyOpt = None,
     state: StateOpt = None,
 ) -> None:
-    """Show one object with its status: for a deployment, each slice's device, state and reason."""
-    get(kind, name, tenant, "yaml", url, key, state)
+    """Show one object with its status: for a deployment, each slice's device, state and
+    reason, and for a slice that fits nowhere the reason from every device."""
+    plural = KIND_ALIASES.get(kind.lower())
+    if plural != "deployments":
+        get(kind, name, tenant, "yaml", url, key, state)
+        return
+    from gpuvisor.cli_tables import describe_deployment
+
+    client = _client(url, key, state)
+    try:
+        body = client.request(
+            "GET", f"/api/v1/deployments/{name}", params={"tenant": tenant} if tenant else {}
+        )
+    except GpuvisorError as exc:
+        _fail(exc)
+    console.print(describe_deployment(body), highlight=False, markup=False)
+
+
+DeviceArg = Annotated[str, typer.Argument(help="the device id, as `gpuvisor get devices` shows it")]
+ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="why (kept in the audit log)")]
+
+
+def _device_action(
+    action: str,
+    device: str,
+    body: dict[str, str] | None,
+    url: str | None,
+    key: str | None,
+    state: str | None,
+    params: dict[str, str] | None = None,
+) -> None:
+    client = _client(url, key, state)
+    try:
+        result = client.request(
+            "POST",
+            f"/api/v1/devices/{device}/{action}",
+            json=body,
+            params=params or {},
+            timeout=float(params.get("timeout", 0)) + 30 if params else 30,
+        )
+    except GpuvisorError as exc:
+        _fail(exc)
+    verb = {"cordon": "cordoned", "drain": "drained", "uncordon": "uncordoned"}[action]
+    note = (
+        ""
+        if result["changed"]
+        else f" (it already was {'cordoned' if result['cordoned'] else 'uncordoned'})"
+    )
+    console.print(f"device/{device} {verb}{note}", highlight=False)
+    for sl in result["slices"]:
+        where = sl.get("device") or "nowhere"
+        console.print(
+            f"  {sl['id']}: {sl['state']} on {where}  {sl.get('reason', '')}",
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command()
+def cordon(
+    device: DeviceArg,
+    reason: ReasonOpt = "",
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+    state: StateOpt = None,
+) -> None:
+    """Take a device out of placement: its slices move to other devices of their pools now
+    (or wait Pending with reasons); disallowMigration slices stay. Kept across restarts."""
+    _device_action("cordon", device, {"reason": reason}, url, key, state)
+
+
+@app.command()
+def drain(
+    device: DeviceArg,
+    reason: ReasonOpt = "",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the slices to settle")] = 60.0,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+    state: StateOpt = None,
+) -> None:
+    """Cordon a device and wait until its slices are Ready elsewhere (or Pending with reasons)."""
+    _device_action("drain", device, {"reason": reason}, url, key, state, {"timeout": str(timeout)})
+
+
+@app.command()
+def uncordon(
+    device: DeviceArg, url: UrlOpt = None, key: KeyOpt = None, state: StateOpt = None
+) -> None:
+    """Return a cordoned device to placement; Pending slices may then be placed on it."""
+    _device_action("uncordon", device, None, url, key, state)
 
 
 @app.command()

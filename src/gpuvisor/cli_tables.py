@@ -8,7 +8,7 @@ from rich.table import Table
 
 from gpuvisor.units import format_size
 
-__all__ = ["render_table"]
+__all__ = ["describe_deployment", "render_table"]
 
 
 def _spec(item: dict[str, Any], *path: str) -> Any:
@@ -73,7 +73,8 @@ _COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("THREADS/SMS", lambda i: i.get("threads") or i.get("sm_count") or "-"),
         ("NUMA", lambda i: i.get("numa_node")),
         ("MIG", lambda i: "on" if i.get("mig_mode") else "off"),
-        ("HEALTHY", lambda i: "yes" if i.get("healthy", True) else "no"),
+        ("NODE", lambda i: i.get("node")),
+        ("STATUS", lambda i: _device_status(i)),
         ("SLICES", lambda i: len(i.get("slices", []))),
     ],
     "slices": [
@@ -95,6 +96,53 @@ _COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("DESCRIPTION", lambda i: i.get("description")),
     ],
 }
+
+
+def _device_status(item: dict[str, Any]) -> str:
+    if item.get("cordoned"):
+        return "cordoned"
+    if not item.get("healthy", True):
+        return "unhealthy" + (f": {item['health_reason']}" if item.get("health_reason") else "")
+    return "ok"
+
+
+def describe_deployment(body: dict[str, Any]) -> str:
+    """Return a deployment as an operator reads it: what it asks for, then each slice's
+    device, state and why, with one line per device for a slice that fits nowhere."""
+    meta, spec, status = body["metadata"], body.get("spec", {}), body.get("status", {})
+    placement = spec.get("placement", {})
+    batching = spec.get("batching", {})
+    lines = [
+        f"Name:        {meta['name']}",
+        f"Tenant:      {meta.get('tenant') or '-'}",
+        f"Model:       {spec.get('model')}",
+        f"Profile:     {spec.get('profile')}",
+        f"Pool:        {spec.get('pool')}",
+        f"Replicas:    {status.get('readyReplicas', 0)} ready of {spec.get('replicas')}",
+        f"Batching:    maxBatchSize {batching.get('maxBatchSize')}, "
+        f"maxQueueDelay {batching.get('maxQueueDelay')}",
+        f"Placement:   numa {placement.get('numa', 'any')}, "
+        f"antiAffinity {str(placement.get('antiAffinity', False)).lower()}, "
+        f"disallowMigration {str(placement.get('disallowMigration', False)).lower()}",
+    ]
+    if status.get("unloaded"):
+        lines.append("Unloaded:    yes (load it again through the model repository API)")
+    lines.append("Slices:")
+    slices = status.get("slices", [])
+    if not slices:
+        lines.append("  (none)")
+    for sl in slices:
+        where = sl.get("device") or "-"
+        if sl.get("migInstance"):
+            where += f" (MIG {sl['migInstance']})"
+        lines.append(f"  {sl['id']}  {sl['state']}  on {where}  pid {sl.get('pid') or '-'}")
+        unplaced = sl.get("unplacedReasons") or {}
+        if unplaced:
+            lines.append("    cannot be placed:")
+            lines.extend(f"      {device}: {why}" for device, why in sorted(unplaced.items()))
+        elif sl.get("reason"):
+            lines.append(f"    {sl['reason']}")
+    return "\n".join(lines)
 
 
 def render_table(kind: str, items: list[dict[str, Any]]) -> Table:

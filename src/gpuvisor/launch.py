@@ -34,6 +34,8 @@ class NodeProcess:
     port: int = field(default_factory=free_port)
     config: Path | None = None
     demo: bool = True
+    db: str | None = None
+    """A database URL (``--db``); None uses SQLite in the state directory."""
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -61,6 +63,8 @@ class NodeProcess:
         ]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
+        if self.db is not None:
+            cmd += ["--db", self.db]
         log_path = self.log_path or (self.state_dir / "node.log")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it

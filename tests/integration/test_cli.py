@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -34,7 +35,49 @@ def test_get_lists_what_the_node_serves(env: dict[str, str]) -> None:
     described = runner.invoke(
         app, ["describe", "deployment", "shelf-detector", "--tenant", "retail"], env=env
     )
-    assert described.exit_code == 0 and "readyReplicas: 1" in described.output
+    assert described.exit_code == 0, described.output
+    assert "Replicas:    1 ready of 1" in described.output
+    assert "retail/shelf-detector/0  Ready  on cpu-0" in described.output
+
+
+def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_back(
+    env: dict[str, str], demo_node: NodeProcess
+) -> None:
+    cordoned = runner.invoke(app, ["cordon", "cpu-0", "--reason", "kernel update"], env=env)
+    assert cordoned.exit_code == 0, cordoned.output
+    assert "device/cpu-0 cordoned" in cordoned.output
+    try:
+        again = runner.invoke(app, ["cordon", "cpu-0"], env=env)
+        assert "(it already was cordoned)" in again.output
+        devices = runner.invoke(app, ["get", "devices"], env=env)
+        assert "cordoned" in devices.output
+        # the demo has one device: every slice waits Pending, and describe says why
+        described = runner.invoke(
+            app, ["describe", "deployment", "intent-router", "--tenant", "support"], env=env
+        )
+        assert "support/intent-router/0  Pending  on -" in described.output, described.output
+        assert "cannot be placed:\n      cpu-0: cordoned by an operator" in described.output
+        # what was refused is audited with who and why
+        records = httpx.get(
+            f"{demo_node.url}/api/v1/audit",
+            params={"action": "device.cordon"},
+            headers=demo_node.auth(demo_node.admin_key),
+            timeout=30,
+        ).json()["items"]
+        assert [r["reason"] for r in records][-2:] == ["kernel update", "cordoned"]
+    finally:
+        back = runner.invoke(app, ["uncordon", "cpu-0"], env=env)
+    assert back.exit_code == 0 and "device/cpu-0 uncordoned" in back.output
+    drained = runner.invoke(app, ["drain", "cpu-0", "--timeout", "1"], env=env)
+    assert drained.exit_code == 0 and "device/cpu-0 drained" in drained.output
+    assert "support/intent-router/0: Pending on nowhere" in drained.output
+    runner.invoke(app, ["uncordon", "cpu-0"], env=env)
+    ready = f"{demo_node.url}/v2/models/intent-router/ready"
+    auth = demo_node.auth(demo_node.tenant_key("support"))
+    deadline = time.monotonic() + 60
+    while httpx.get(ready, headers=auth, timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the slices did not come back after uncordon"
+        time.sleep(0.2)
 
 
 def test_apply_keys_and_delete(env: dict[str, str], demo_node: NodeProcess, tmp_path: Path) -> None:

@@ -33,9 +33,20 @@ def _worker_pids(node: NodeProcess) -> set[int]:
     return {int(s["pid"]) for s in items if s["pid"]}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_state_survives_restart(tmp_path: Path, sig: int) -> None:
-    node = NodeProcess(state_dir=tmp_path / "state").start()
+@pytest.mark.parametrize(
+    ("sig", "database"),
+    [
+        (signal.SIGTERM, "sqlite"),
+        (signal.SIGKILL, "sqlite"),
+        pytest.param(signal.SIGKILL, "postgres", marks=pytest.mark.postgres),
+    ],
+    ids=["sigterm", "sigkill", "sigkill-postgres"],
+)
+def test_state_survives_restart(
+    tmp_path: Path, sig: int, database: str, request: pytest.FixtureRequest
+) -> None:
+    db = request.getfixturevalue("pg_url") if database == "postgres" else None
+    node = NodeProcess(state_dir=tmp_path / "state", db=db).start()
     try:
         admin = node.auth(node.admin_key)
         created = httpx.post(
@@ -73,7 +84,7 @@ def test_state_survives_restart(tmp_path: Path, sig: int) -> None:
             p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
         ]
 
-        node = NodeProcess(state_dir=tmp_path / "state").start()
+        node = NodeProcess(state_dir=tmp_path / "state", db=db).start()
         assert node.admin_key == admin_key
         assert _deployments(node) == before
         for key in (analytics_key, extra_key):

@@ -63,11 +63,11 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, node_db: str | None) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("quotas")
     source = root / "scorer.onnx"
     source.write_bytes(build_demo_model("basket-scorer").SerializeToString())
-    node = NodeProcess(state_dir=root / "state", demo=False)
+    node = NodeProcess(state_dir=root / "state", demo=False, db=node_db)
     node.start(timeout=120)
     try:
         admin = node.auth(node.admin_key)

@@ -131,6 +131,17 @@ def revoke_key_call(ctx: Ctx, role: str) -> Call:
     return Call(f"/api/v1/keys/{key_id}", cleanup=[undo])
 
 
+def device_call(action: str) -> Callable[[Ctx, str], Call]:
+    """Cordon, drain or uncordon the demo's CPU device; the cleanup leaves it uncordoned."""
+
+    def build(ctx: Ctx, _: str) -> Call:
+        undo = lambda: ctx.admin("POST", "/api/v1/devices/cpu-0/uncordon")  # noqa: E731
+        query = "?timeout=1" if action == "drain" else ""
+        return Call(f"/api/v1/devices/cpu-0/{action}{query}", json={}, cleanup=[undo])
+
+    return build
+
+
 def fixed(path_own: str, path_other: str | None = None) -> Callable[[Ctx, str], Call]:
     def build(_: Ctx, role: str) -> Call:
         if role == "tenant-other":
@@ -170,6 +181,12 @@ TABLE = [
     Row("POST", "/api/v1/apply", apply_call, 200, 403, 200, 404),
     Row("GET", "/api/v1/devices", fixed("/api/v1/devices"), 200, 200, 200, None),
     Row("GET", "/api/v1/slices", fixed("/api/v1/slices"), 200, 200, 200, None),
+    # Devices are the operators' to cordon and drain; a tenant key may not, whatever it names.
+    Row("POST", "/api/v1/devices/{device_id}/cordon", device_call("cordon"), 200, 200, 403, None),
+    Row("POST", "/api/v1/devices/{device_id}/drain", device_call("drain"), 200, 200, 403, None),
+    Row(
+        "POST", "/api/v1/devices/{device_id}/uncordon", device_call("uncordon"), 200, 200, 403, None
+    ),
     Row("GET", "/api/v1/status", fixed("/api/v1/status"), 200, 200, 200, None),
     Row("GET", "/api/v1/dashboard", fixed("/api/v1/dashboard"), 200, 200, 200, None),
     # Keys are the admin's alone; a tenant is refused for its own tenant and any other alike

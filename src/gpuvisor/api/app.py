@@ -14,6 +14,7 @@ from gpuvisor import __version__
 from gpuvisor.api.admin import admin_router
 from gpuvisor.api.audit import audited_error_handler
 from gpuvisor.api.dashboard import dashboard_router
+from gpuvisor.api.devices import devices_router
 from gpuvisor.api.errors import install_error_handlers
 from gpuvisor.api.oip import inference_target, oip_router, serve_inference
 from gpuvisor.errors import GpuvisorError
@@ -65,6 +66,7 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     app.add_exception_handler(GpuvisorError, audited_error_handler(node))
     app.include_router(oip_router(node))
     app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it
+    app.include_router(devices_router(node))
     app.include_router(admin_router(node))
 
     @app.get("/metrics", include_in_schema=False)

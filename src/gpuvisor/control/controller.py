@@ -371,6 +371,7 @@ class Controller:
         result = self.framework.place(self._cycle(want, state), self._snapshot(state.id))
         moved = self.moved.pop(state.id, "")
         if result.device_id is None:
+            state.unplaced = dict(result.reasons)
             state.set_state("Pending", (f"{moved}; " if moved else "") + result.explain())
             if replaced is None or replaced.state != "Pending":  # once per episode, not per retry
                 self.metrics.allocation_failures.labels(

@@ -52,6 +52,7 @@ class SliceState:
     mig_profile: str | None = None
     mig_start: int | None = None  # the MIG instance a partition-tier slice holds
     numa: str = "any"
+    unplaced: dict[str, str] = field(default_factory=dict)  # device -> why not, when Pending
     anti_affinity: bool = False
     disallow_migration: bool = False
 
@@ -86,6 +87,7 @@ class SliceState:
             "rssBytes": loaded.rss_bytes if loaded else None,
             "profileSeconds": {str(k): v for k, v in loaded.profile.items()} if loaded else {},
             "since": self.since,
+            "unplacedReasons": dict(self.unplaced),
         }
 
 

@@ -1,0 +1,132 @@
+"""Device operations under /api/v1/devices: cordon, uncordon and drain (admin and operator keys).
+
+A cordoned device takes no new slices and its slices move to other devices of their pools
+at once (or wait Pending with the reasons), except ``disallowMigration`` ones, which stay.
+The cordon is kept in the store, so it survives restarts, until uncordoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+
+from gpuvisor.api import audit
+from gpuvisor.api.oip import principal_of
+from gpuvisor.control.controller import Controller
+from gpuvisor.errors import Forbidden, NotFound
+from gpuvisor.node import Node
+from gpuvisor.security.keys import Principal
+
+__all__ = ["devices_router"]
+
+_SETTLED = ("Ready", "Pending", "Failed")
+
+
+class CordonRequest(BaseModel):
+    reason: str = Field("", max_length=1024, description="why, for the audit log and status")
+
+
+class DeviceAction(BaseModel):
+    device: str
+    cordoned: bool
+    changed: bool = Field(description="false when the device already was (or was not) cordoned")
+    slices: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="the slices that were on the device, where they are now, and why",
+    )
+
+
+def _require_operator(principal: Principal) -> None:
+    if principal.role not in ("admin", "operator"):
+        raise Forbidden(f"a {principal.role} key may not cordon or drain devices")
+
+
+def devices_router(node: Node) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+    def controller() -> Controller:
+        assert node.controller is not None
+        return node.controller
+
+    def known(device_id: str) -> str:
+        if node.topology.get(device_id) is None:
+            ids = ", ".join(d.id for d in node.topology.devices)
+            raise NotFound(f"device '{device_id}' not found (this node has: {ids})")
+        return device_id
+
+    def on_device(device_id: str) -> list[str]:
+        return [s.id for s in controller().slices.values() if s.device_id == device_id]
+
+    async def settle(slice_ids: list[str], timeout: float) -> list[dict[str, Any]]:
+        """Wait until each moved slice is Ready, Pending or Failed (or the timeout), then
+        return their status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = [controller().slices.get(sid) for sid in slice_ids]
+            if all(s is None or s.state in _SETTLED for s in states):
+                break
+            await asyncio.sleep(0.1)
+        return [s.to_dict() for sid in slice_ids if (s := controller().slices.get(sid))]
+
+    async def set_cordon(
+        request: Request, device_id: str, cordon: bool, reason: str, wait: float
+    ) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        action = "device.cordon" if cordon else "device.uncordon"
+        audit.begin(request, action, "Device", device_id)
+        _require_operator(principal)
+        known(device_id)
+        before = on_device(device_id)
+        store = node.store
+        assert store is not None
+        if cordon:
+            changed = await asyncio.to_thread(store.cordon, device_id, principal.key_id, reason)
+        else:
+            changed = await asyncio.to_thread(store.uncordon, device_id)
+        await audit.record_ok(
+            node,
+            request,
+            principal,
+            action,
+            [("Device", device_id, "", reason or ("cordoned" if cordon else "uncordoned"))],
+        )
+        await controller().reconcile()
+        slices = await settle(before, wait) if before else []
+        return {"device": device_id, "cordoned": cordon, "changed": changed, "slices": slices}
+
+    @router.post(
+        "/{device_id}/cordon",
+        response_model=DeviceAction,
+        summary="Cordon a device: no new slices; its slices move elsewhere now",
+    )
+    async def cordon(
+        request: Request, device_id: str, body: CordonRequest | None = None
+    ) -> dict[str, Any]:
+        return await set_cordon(request, device_id, True, body.reason if body else "", 0.0)
+
+    @router.post(
+        "/{device_id}/drain",
+        response_model=DeviceAction,
+        summary="Cordon a device and wait until its slices run elsewhere (or are Pending)",
+    )
+    async def drain(
+        request: Request,
+        device_id: str,
+        body: CordonRequest | None = None,
+        timeout: float = Query(60.0, gt=0, le=600, description="seconds to wait"),
+    ) -> dict[str, Any]:
+        return await set_cordon(request, device_id, True, body.reason if body else "", timeout)
+
+    @router.post(
+        "/{device_id}/uncordon",
+        response_model=DeviceAction,
+        summary="Return a device to placement; Pending slices may be placed on it",
+    )
+    async def uncordon(request: Request, device_id: str) -> dict[str, Any]:
+        return await set_cordon(request, device_id, False, "", 0.0)
+
+    return router
