@@ -113,7 +113,8 @@ def _device(
         "model": device.model,
         "kind": device.kind,
         "healthy": device.healthy and (reading is None or reading.healthy),
-        "problem": reading.problem if reading is not None else "",
+        "problem": (reading.problem if reading is not None else "") or device.health_reason,
+        "cordoned": device.cordoned,
         "utilization": reading.utilization if reading is not None else None,
         "temperature": reading.temperature if reading is not None else None,
         "power": reading.power if reading is not None else None,
@@ -284,6 +285,8 @@ def attention(
                     f"{d['id']} is unhealthy: {d['problem'] or 'reported by the inventory'}",
                 )
             )
+        if d.get("cordoned"):
+            items.append((2, "warn", d["id"], f"{d['id']} is cordoned: it takes no new slices"))
         if d["throttle"]:
             items.append(
                 (2, "warn", d["id"], f"{d['id']} clocks are throttled ({', '.join(d['throttle'])})")

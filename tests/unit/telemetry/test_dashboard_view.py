@@ -166,3 +166,12 @@ def test_attention_lists_the_worst_first() -> None:
     assert "gpu-0 clocks are throttled (hw_thermal)" in texts
     assert "support/c/0 uses 95% of its memory cap" in texts
     assert texts[-1] == "support has 3 request(s) queued, p99 wait 4 ms"
+
+
+def test_a_cordoned_device_is_pointed_out() -> None:
+    items = attention([_device(id="gpu-1", cordoned=True)], [_tenant_row()], [], [])
+    assert {
+        "level": "warn",
+        "subject": "gpu-1",
+        "text": "gpu-1 is cordoned: it takes no new slices",
+    } in items
