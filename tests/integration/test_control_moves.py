@@ -2,7 +2,7 @@
 Pending with reasons; a ``disallowMigration`` slice stays. Real workers, a real store (SQLite,
 and PostgreSQL when configured), the controller in this process.
 
-The fleet is two nodes of four GPUs (see tests/unit/placement/test_scenarios.py); the
+The fleet is two nodes of four GPUs (tests/data/two-edge-nodes.fleet.yaml); the
 simulated GPUs run their workers on the host CPU.
 """
 
@@ -29,25 +29,7 @@ from gpuvisor.store.repo import Store, StoredObject
 from gpuvisor.telemetry.metrics import Metrics
 from gpuvisor.telemetry.readers import DeviceReading
 
-FLEET = """
-apiVersion: gpuvisor/v1
-kind: Fleet
-metadata: {name: two-edge-nodes}
-spec:
-  nodes:
-    - name: edge-1
-      numaNodes: 2
-      devices:
-        - {model: H100-80GB, count: 2, numa: 0}
-        - {model: L4, count: 2, numa: 1}
-    - name: edge-2
-      numaNodes: 2
-      devices:
-        - {model: A100-80GB, count: 1, numa: 0}
-        - {model: A100-40GB, count: 1, numa: 0}
-        - {model: T4, count: 1, numa: 1}
-        - {model: L40S, count: 1, numa: 1}
-"""
+FLEET = Path(__file__).parents[1] / "data" / "two-edge-nodes.fleet.yaml"
 
 MANIFEST = """
 apiVersion: gpuvisor/v1
@@ -98,7 +80,7 @@ async def fleet_controller(db_url: str, tmp_path: Path) -> AsyncIterator[Control
     store = Store(db_url)
     resources = load_documents(MANIFEST.replace("MODEL", str(model)))
     store.apply([StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources])
-    topology = Topology(devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET))))
+    topology = Topology(devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET.read_text()))))
     pool = WorkerPool(start_timeout=120)
     pool.start()
     dispatchers = {

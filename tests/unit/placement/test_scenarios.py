@@ -9,6 +9,7 @@ The fleet: two nodes with four GPUs each, of different sizes, on two NUMA nodes 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,31 +30,13 @@ from gpuvisor.spec.kinds import Fleet
 
 GI = 2**30
 
-FLEET = """
-apiVersion: gpuvisor/v1
-kind: Fleet
-metadata: {name: two-edge-nodes}
-spec:
-  nodes:
-    - name: edge-1
-      numaNodes: 2
-      devices:
-        - {model: H100-80GB, count: 2, numa: 0}
-        - {model: L4, count: 2, numa: 1}
-    - name: edge-2
-      numaNodes: 2
-      devices:
-        - {model: A100-80GB, count: 1, numa: 0}
-        - {model: A100-40GB, count: 1, numa: 0}
-        - {model: T4, count: 1, numa: 1}
-        - {model: L40S, count: 1, numa: 1}
-"""
+FLEET = Path(__file__).parents[2] / "data" / "two-edge-nodes.fleet.yaml"
 
 ALL = [f"edge-{n}/gpu-{i}" for n in (1, 2) for i in range(4)]
 
 
 def fleet(cordoned: tuple[str, ...] = (), unhealthy: tuple[str, ...] = ()) -> list[Device]:
-    devices = devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET)))
+    devices = devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET.read_text())))
     for d in devices:
         d.cordoned = d.id in cordoned
         if d.id in unhealthy:
