@@ -71,7 +71,11 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **self.extra_env}
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        self.wait_ready(timeout, log_path)
+        try:
+            self.wait_ready(timeout, log_path)
+        except BaseException:
+            self.stop()  # a node that did not come up is not left running (with its workers)
+            raise
         return self
 
     def wait_ready(self, timeout: float, log_path: Path | None = None) -> None:

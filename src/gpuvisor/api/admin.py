@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from gpuvisor.api import audit
+from gpuvisor.api.errors import error_responses
 from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.control.quotas import check_quotas
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
@@ -39,6 +41,11 @@ PLURALS = {
     "deployments": "Deployment",
 }
 _MAX_MANIFEST = 4 << 20
+# Any other kind answers 404 naming these (so the document lists them, and the route checks).
+_PLURAL = PathParam(
+    description="the kind of object, in the plural", json_schema_extra={"enum": list(PLURALS)}
+)
+_NAME = PathParam(description="the object's name")
 
 
 class ApplyResult(BaseModel):
@@ -80,6 +87,51 @@ class KeyView(BaseModel):
 
 class KeyCreated(KeyView):
     key: str = Field(description="the secret, shown once")
+
+
+class KeyList(BaseModel):
+    items: list[KeyView]
+
+
+class KeyRevoked(BaseModel):
+    revoked: str = Field(description="the revoked key's id")
+
+
+class DeletedObject(BaseModel):
+    kind: str
+    name: str
+    tenant: str | None
+
+
+class DeleteResult(BaseModel):
+    deleted: DeletedObject
+
+
+_MANIFESTS = {
+    "type": "object",
+    "description": "a manifest; the body may hold several, as YAML documents separated by ---",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"type": "string", "enum": ["gpuvisor/v1"]},
+        "kind": {"type": "string", "enum": ["Tenant", "Profile", "Pool", "Model", "Deployment"]},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "tenant": {"type": "string"}},
+        },
+        "spec": {"type": "object"},
+    },
+}
+_APPLY_REQUEST = {
+    "requestBody": {
+        "required": True,
+        "description": "YAML manifests (multi-document), as 'gpuvisor apply -f' sends them",
+        "content": {
+            "application/yaml": {"schema": _MANIFESTS},
+            "text/yaml": {"schema": _MANIFESTS},
+        },
+    }
+}
 
 
 class AuditRecordView(BaseModel):
@@ -139,7 +191,8 @@ def _visible(principal: Principal, tenant: str) -> bool:
 
 
 def admin_router(node: Node) -> APIRouter:
-    router = APIRouter(prefix="/api/v1", tags=["admin"])
+    # every route needs a key: without a valid one it answers 401
+    router = APIRouter(prefix="/api/v1", tags=["admin"], responses=error_responses(401))
 
     def store() -> Any:
         assert node.store is not None
@@ -150,7 +203,11 @@ def admin_router(node: Node) -> APIRouter:
         return [resource_from_dict(o.body) for o in objects]
 
     @router.post(
-        "/apply", response_model=ApplyResponse, summary="Apply YAML manifests (multi-document)"
+        "/apply",
+        response_model=ApplyResponse,
+        responses=error_responses(400, 403, 404, 413),
+        openapi_extra=_APPLY_REQUEST,
+        summary="Apply YAML manifests (multi-document)",
     )
     async def apply(request: Request) -> dict[str, Any]:
         principal = principal_of(node, request)
@@ -278,7 +335,13 @@ def admin_router(node: Node) -> APIRouter:
 
     # ---- keys -------------------------------------------------------------------------------
 
-    @router.post("/keys", response_model=KeyCreated, status_code=201, summary="Create an API key")
+    @router.post(
+        "/keys",
+        response_model=KeyCreated,
+        status_code=201,
+        responses=error_responses(400, 403),
+        summary="Create an API key",
+    )
     async def create_key(request: Request, body: KeyCreate) -> dict[str, Any]:
         principal = principal_of(node, request)
         audit.begin(request, "key.create", "ApiKey", "", body.tenant or "")
@@ -311,14 +374,24 @@ def admin_router(node: Node) -> APIRouter:
         )
         return {**_key_view(info), "key": secret}
 
-    @router.get("/keys", summary="List API keys (never their secrets)")
+    @router.get(
+        "/keys",
+        response_model=KeyList,
+        responses=error_responses(403),
+        summary="List API keys (never their secrets)",
+    )
     async def list_keys(request: Request, tenant: str | None = None) -> dict[str, Any]:
         require_admin(principal_of(node, request))
         assert node.keys is not None
         infos = await asyncio.to_thread(node.keys.list, tenant)
         return {"items": [_key_view(i) for i in infos]}
 
-    @router.delete("/keys/{key_id}", summary="Revoke an API key")
+    @router.delete(
+        "/keys/{key_id}",
+        response_model=KeyRevoked,
+        responses=error_responses(403, 404),
+        summary="Revoke an API key",
+    )
     async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
         principal = principal_of(node, request)
         plain = key_id.removeprefix("gvk_")
@@ -334,7 +407,12 @@ def admin_router(node: Node) -> APIRouter:
 
     # ---- audit log --------------------------------------------------------------------------
 
-    @router.get("/audit", response_model=AuditList, summary="List audit records (newest last)")
+    @router.get(
+        "/audit",
+        response_model=AuditList,
+        responses=error_responses(403),
+        summary="List audit records (newest last)",
+    )
     async def list_audit(
         request: Request,
         actor: str | None = Query(None, description="key id, with or without gvk_"),
@@ -361,9 +439,14 @@ def admin_router(node: Node) -> APIRouter:
         return {"items": [r.to_dict() for r in records]}
 
     # generic kinds last: '/{plural}' would otherwise shadow /devices, /slices, /keys
-    @router.get("/{plural}", response_model=ObjectList, summary="List objects of a kind")
+    @router.get(
+        "/{plural}",
+        response_model=ObjectList,
+        responses=error_responses(404),
+        summary="List objects of a kind",
+    )
     async def list_objects(
-        request: Request, plural: str, tenant: str | None = None
+        request: Request, plural: str = _PLURAL, tenant: str | None = None
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
@@ -382,18 +465,27 @@ def admin_router(node: Node) -> APIRouter:
         ]
         return {"items": items}
 
-    @router.get("/{plural}/{name}", summary="Get one object (with status for deployments)")
+    @router.get(
+        "/{plural}/{name}",
+        responses=error_responses(400, 404),
+        summary="Get one object (with status for deployments)",
+    )
     async def get_object(
-        request: Request, plural: str, name: str, tenant: str | None = None
+        request: Request, plural: str = _PLURAL, name: str = _NAME, tenant: str | None = None
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
         found = await _find(principal, kind, name, tenant)
         return _with_status(found.body)
 
-    @router.delete("/{plural}/{name}", summary="Delete one object")
+    @router.delete(
+        "/{plural}/{name}",
+        response_model=DeleteResult,
+        responses=error_responses(400, 403, 404, 409),
+        summary="Delete one object",
+    )
     async def delete_object(
-        request: Request, plural: str, name: str, tenant: str | None = None
+        request: Request, plural: str = _PLURAL, name: str = _NAME, tenant: str | None = None
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)

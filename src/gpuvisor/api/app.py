@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,7 +16,7 @@ from gpuvisor.api.admin import admin_router
 from gpuvisor.api.audit import audited_error_handler
 from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.devices import devices_router
-from gpuvisor.api.errors import install_error_handlers
+from gpuvisor.api.errors import ErrorBody, error_responses, install_error_handlers
 from gpuvisor.api.oip import inference_target, oip_router, serve_inference
 from gpuvisor.errors import GpuvisorError
 from gpuvisor.node import Node
@@ -39,6 +40,52 @@ class NodeApp(FastAPI):
             await super().__call__(scope, receive, send)
         else:
             await serve_inference(self.node, scope, receive, send, *target)
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document, with invalid parameters and bodies documented as answered.
+
+        FastAPI documents a 422 with its own validation-error body on every route that takes
+        parameters; this node answers those requests with a 400 and ``{"error": ...}`` (see
+        api/errors.py), so the 422 is replaced by that 400 wherever a route documents none.
+        Every route that answers 401 takes an API key, as a Bearer token or an X-API-Key
+        header: the document says so (its security schemes), so clients and tools send one.
+        """
+        if self.openapi_schema:
+            return self.openapi_schema
+        document = super().openapi()  # also kept as self.openapi_schema, changed in place
+        error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+        bad_request = error_responses(400)[400]
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if "401" in responses:
+                    operation["security"] = [{"bearerKey": []}, {"headerKey": []}]
+                if "HTTPValidationError" not in str(responses.get("422", "")):
+                    continue
+                del responses["422"]
+                if "400" not in responses:
+                    responses["400"] = {
+                        "description": bad_request["description"],
+                        "content": {"application/json": {"schema": error_ref}},
+                    }
+        document.setdefault("components", {})["securitySchemes"] = {
+            "bearerKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "an API key: 'Authorization: Bearer gvk_...'",
+            },
+            "headerKey": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-API-Key",
+                "description": "an API key, when Authorization carries something else",
+            },
+        }
+        schemas = document["components"].setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        return document
 
 
 def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
+from gpuvisor.api.errors import error_responses
 from gpuvisor.api.oip import principal_of
 from gpuvisor.errors import NotFound
 from gpuvisor.node import Node
@@ -36,6 +37,7 @@ def dashboard_router(node: Node) -> APIRouter:
     @router.get(
         "/api/v1/dashboard",
         tags=["admin"],
+        responses=error_responses(401),
         summary="Dashboard data for the caller's key: devices, tenants' shares, deployments, "
         "pending slices and what needs attention",
     )

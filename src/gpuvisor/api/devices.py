@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from gpuvisor.api import audit
+from gpuvisor.api.errors import error_responses
 from gpuvisor.api.oip import principal_of
 from gpuvisor.control.controller import Controller
 from gpuvisor.errors import Forbidden, NotFound
@@ -46,7 +47,10 @@ def _require_operator(principal: Principal) -> None:
 
 
 def devices_router(node: Node) -> APIRouter:
-    router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+    # refusals: no key or a wrong one, a tenant key, an unknown device
+    router = APIRouter(
+        prefix="/api/v1/devices", tags=["devices"], responses=error_responses(401, 403, 404)
+    )
 
     def controller() -> Controller:
         assert node.controller is not None

@@ -4,23 +4,58 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from gpuvisor.errors import GpuvisorError
 
 __all__ = [
+    "ErrorBody",
     "error_response",
+    "error_responses",
     "gpuvisor_error_response",
     "install_error_handlers",
     "unexpected_error_response",
 ]
 
 log = logging.getLogger("gpuvisor.api")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response (any other fields add detail, e.g. ``limit``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="what was wrong, and how to fix it")
+    code: str = Field(
+        "", description="a stable identifier of the kind of error, e.g. not_found, forbidden"
+    )
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: the message says which part is wrong and how to fix it",
+    401: "No API key, or one that is unknown, expired or revoked",
+    403: "The key's role may not do this",
+    404: "Not found for this key (another tenant's objects are not found either)",
+    409: "Conflicts with the node's current state",
+    413: "Request body over the node's limit",
+    429: "Too many requests; retry after the Retry-After header's seconds",
+    503: "Not available now; retry after the Retry-After header's seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Return the OpenAPI ``responses`` entries of the given error statuses (for ``responses=``)."""
+    return {
+        status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]}
+        for status in statuses
+    }
 
 
 def error_response(
@@ -87,7 +122,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     for err in exc.errors():
         where = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
         problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return error_response(400, "invalid request: " + "; ".join(problems))
+    return error_response(400, "invalid request: " + "; ".join(problems), code="invalid_request")
 
 
 def unexpected_error_response(request: Request, exc: Exception) -> Response:

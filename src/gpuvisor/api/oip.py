@@ -11,15 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from typing import Literal
 
 import orjson
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
 from gpuvisor.api.audit import begin, record_ok, record_refusal
-from gpuvisor.api.errors import gpuvisor_error_response, unexpected_error_response
+from gpuvisor.api.errors import (
+    error_responses,
+    gpuvisor_error_response,
+    unexpected_error_response,
+)
 from gpuvisor.errors import GpuvisorError, InvalidRequest, PayloadTooLarge, Unavailable
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal, extract_key
@@ -39,6 +45,72 @@ log = logging.getLogger("gpuvisor.api")
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
 _JSON = "application/json"
+
+
+# ---- response bodies, for the OpenAPI document (the routes build their JSON directly) -----
+
+
+class LiveBody(BaseModel):
+    live: bool
+
+
+class ReadyBody(BaseModel):
+    ready: bool
+    error: str = Field("", description="why the node is not ready (only when it is not)")
+
+
+class ServerMetadataBody(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadataBody(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension of any size")
+
+
+class ModelMetadataBody(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadataBody]
+    outputs: list[TensorMetadataBody]
+
+
+class ModelReadyBody(BaseModel):
+    name: str
+    ready: bool
+    error: str = Field("", description="why the model is not ready (only when it is not)")
+
+
+class RepositoryEntryBody(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE", "LOADING"]
+    reason: str
+    tenant: str = Field("", description="the deployment's tenant (for admin and operator keys)")
+
+
+class EmptyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+_REPOSITORY_REQUEST = {
+    "requestBody": {
+        "required": False,
+        "description": 'optional: {"parameters": {...}} (the parameters are not used)',
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"parameters": {"type": "object"}},
+                }
+            }
+        },
+    }
+}
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -235,20 +307,31 @@ def _infer_target(path: str) -> tuple[str, str | None] | None:
     return None
 
 
+_MODEL_READY_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ModelReadyBody, "description": "The model is not ready"},
+    **error_responses(401, 404),
+}
+
+
 def oip_router(node: Node) -> APIRouter:
     router = APIRouter(tags=["inference"])
 
-    @router.get("/v2/health/live", summary="Is the node process alive")
+    @router.get("/v2/health/live", response_model=LiveBody, summary="Is the node process alive")
     async def live() -> Response:
         return _json({"live": True})
 
-    @router.get("/v2/health/ready", summary="Is the node ready to serve")
+    @router.get(
+        "/v2/health/ready",
+        response_model=ReadyBody,
+        responses={503: {"model": ReadyBody, "description": "The node is starting or stopping"}},
+        summary="Is the node ready to serve",
+    )
     async def ready() -> Response:
         if not node.ready:
             return _json({"ready": False, "error": "the node is starting or stopping"}, 503)
         return _json({"ready": True})
 
-    @router.get("/v2", summary="Server metadata")
+    @router.get("/v2", response_model=ServerMetadataBody, summary="Server metadata")
     async def server_metadata() -> Response:
         return _json({"name": "gpuvisor", "version": __version__, "extensions": EXTENSIONS})
 
@@ -275,11 +358,21 @@ def oip_router(node: Node) -> APIRouter:
             }
         )
 
-    @router.get("/v2/models/{name}", summary="Model metadata")
+    @router.get(
+        "/v2/models/{name}",
+        response_model=ModelMetadataBody,
+        responses=error_responses(401, 404, 503),
+        summary="Model metadata",
+    )
     async def model_metadata(request: Request, name: str) -> Response:
         return _metadata(request, name, None)
 
-    @router.get("/v2/models/{name}/versions/{version}", summary="Model metadata of one version")
+    @router.get(
+        "/v2/models/{name}/versions/{version}",
+        response_model=ModelMetadataBody,
+        responses=error_responses(401, 404, 503),
+        summary="Model metadata of one version",
+    )
     async def model_version_metadata(request: Request, name: str, version: str) -> Response:
         return _metadata(request, name, version)
 
@@ -293,17 +386,32 @@ def oip_router(node: Node) -> APIRouter:
             body["error"] = f"model '{name}' is not ready"
         return _json(body, 200 if is_ready else 400)
 
-    @router.get("/v2/models/{name}/ready", summary="Is the model ready")
+    @router.get(
+        "/v2/models/{name}/ready",
+        response_model=ModelReadyBody,
+        responses=_MODEL_READY_RESPONSES,
+        summary="Is the model ready",
+    )
     async def model_ready(request: Request, name: str) -> Response:
         return _ready(request, name, None)
 
-    @router.get("/v2/models/{name}/versions/{version}/ready", summary="Is this model version ready")
+    @router.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        response_model=ModelReadyBody,
+        responses=_MODEL_READY_RESPONSES,
+        summary="Is this model version ready",
+    )
     async def model_version_ready(request: Request, name: str, version: str) -> Response:
         return _ready(request, name, version)
 
     # ---- model repository extension (the caller's own deployments) ------------------------
 
-    @router.post("/v2/repository/index", summary="List the caller's models and their state")
+    @router.post(
+        "/v2/repository/index",
+        response_model=list[RepositoryEntryBody],
+        responses=error_responses(401),
+        summary="List the caller's models and their state",
+    )
     async def repository_index(request: Request) -> Response:
         principal = principal_of(node, request)
         assert node.controller is not None
@@ -338,7 +446,13 @@ def oip_router(node: Node) -> APIRouter:
             if not isinstance(parsed, dict):
                 raise InvalidRequest('the body must be a JSON object like {"parameters": {}}')
 
-    @router.post("/v2/repository/models/{name}/load", summary="Load (start serving) a model")
+    @router.post(
+        "/v2/repository/models/{name}/load",
+        response_model=EmptyBody,
+        responses=error_responses(400, 401, 404, 413, 503),
+        openapi_extra=_REPOSITORY_REQUEST,
+        summary="Load (start serving) a model",
+    )
     async def repository_load(request: Request, name: str) -> Response:
         principal = principal_of(node, request)
         begin(request, "model.load", "Deployment", name, principal.tenant or "")
@@ -350,7 +464,13 @@ def oip_router(node: Node) -> APIRouter:
         await node.wait_deployment_loaded(dep, timeout=node.spec.workers.start_timeout)
         return _json({})
 
-    @router.post("/v2/repository/models/{name}/unload", summary="Unload (stop serving) a model")
+    @router.post(
+        "/v2/repository/models/{name}/unload",
+        response_model=EmptyBody,
+        responses=error_responses(400, 401, 404, 413),
+        openapi_extra=_REPOSITORY_REQUEST,
+        summary="Unload (stop serving) a model",
+    )
     async def repository_unload(request: Request, name: str) -> Response:
         principal = principal_of(node, request)
         begin(request, "model.unload", "Deployment", name, principal.tenant or "")

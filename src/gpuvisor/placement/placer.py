@@ -4,6 +4,7 @@ lists of devices and placed slices (the fleet planner, ``gpuvisor plan``)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+
 from gpuvisor.inventory.device import Device
 from gpuvisor.placement.defaults import default_framework
 from gpuvisor.placement.framework import (
