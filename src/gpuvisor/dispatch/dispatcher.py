@@ -211,7 +211,9 @@ class DeviceDispatcher:
             for queue in self.queues.values():
                 if not queue.items:
                     continue
-                if queue.in_flight and not (base is not None and self._may_follow(queue, base)):
+                if queue.in_flight and not (
+                    base is not None and self._may_follow(queue, base) and self._full(queue)
+                ):
                     continue
                 at = ready_at(queue)
                 if at <= now:
@@ -251,6 +253,16 @@ class DeviceDispatcher:
             ):
                 base = grant
         return base
+
+    def _full(self, queue: SliceQueue) -> bool:
+        """Whether a slice with a batch on the device may stage another now: a critical slice
+        always (its requests should not wait for a trip to the node), any other only when the
+        batch it would get is as large as it may be. Staging saves one trip to the worker;
+        waiting for the running batch to end lets more requests join the next one, which
+        saves a trip for each of them."""
+        if queue.latency_class == "critical":
+            return True
+        return queue.queued_rows >= min(queue.max_batch_size, self.policy.batch_rows(queue))
 
     def _may_follow(self, queue: SliceQueue, base: _Grant) -> bool:
         """Whether a batch of ``queue``, which has batches on the device, may be staged behind

@@ -327,6 +327,51 @@ def test_lookahead_sends_the_next_batch_before_the_running_one_ends(lookahead: f
         assert staged == [] and most == 1
 
 
+def test_a_slice_stages_behind_its_own_batch_only_a_full_batch() -> None:
+    """Staged behind its own running batch, a part-filled batch would cost the requests that
+    arrive meanwhile a trip of their own: the slice waits for the running batch instead."""
+    runner = RecordingRunner(seconds=0.03)
+    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=0.03)
+    queue = SliceQueue("a", "a", "a", "default", "p", max_batch_size=4, latency_class="standard")
+    queue.profile = ExecutionProfile({1: 0.03, 2: 0.03, 4: 0.03})
+    dispatcher.add_slice(queue)
+
+    async def scenario() -> None:
+        dispatcher.start()
+        futures = [dispatcher.submit("a", _request(0))]  # runs alone
+        await asyncio.sleep(0.005)
+        futures += [dispatcher.submit("a", _request(i)) for i in (1, 2)]  # 2 of 4: not staged
+        await asyncio.sleep(0.005)
+        assert runner.sent_after == [None]
+        futures += [dispatcher.submit("a", _request(i)) for i in (3, 4, 5, 6, 7)]  # 4 and more
+        await asyncio.sleep(0.005)
+        assert runner.sent_after == [None, 1], "a full batch is staged behind the running one"
+        await _gather(dispatcher, futures)
+
+    asyncio.run(scenario())
+    assert [ids for _, ids in runner.batches] == [[0], [1, 2, 3, 4], [5, 6, 7]]
+
+
+def test_a_critical_slice_stages_behind_its_own_batch_at_once() -> None:
+    runner = RecordingRunner(seconds=0.03)
+    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=0.03)
+    queue = SliceQueue("c", "c", "c", "default", "p", max_batch_size=4, latency_class="critical")
+    queue.profile = ExecutionProfile({1: 0.03, 2: 0.03, 4: 0.03})
+    dispatcher.add_slice(queue)
+
+    async def scenario() -> None:
+        dispatcher.start()
+        futures = [dispatcher.submit("c", _request(0))]
+        await asyncio.sleep(0.005)
+        futures.append(dispatcher.submit("c", _request(1)))  # 1 of 4, staged all the same
+        await asyncio.sleep(0.005)
+        assert runner.sent_after == [None, 1]
+        await _gather(dispatcher, futures)
+
+    asyncio.run(scenario())
+    assert [ids for _, ids in runner.batches] == [[0], [1]]
+
+
 def test_a_critical_request_takes_the_place_of_a_staged_batch() -> None:
     from gpuvisor.dispatch.fairshare import FairSharePolicy
 
