@@ -202,3 +202,38 @@ async def failure_scenario(db_url: str, tmp_path: Path) -> None:
         await ctl.reconcile()
         assert ctl.slices["retail/shelf/0"].state == "Pending"
         assert ctl.slices["retail/pinned/0"].reason == ""
+
+
+def test_scaling_up_and_down_and_an_idle_reconcile_changes_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(scale_scenario(db_url, tmp_path))
+
+
+def _apply_replicas(ctl: Controller, replicas: int) -> None:
+    stored = ctl.store.get("Deployment", "retail", "shelf")
+    assert stored is not None
+    body = {**stored.body, "spec": {**stored.body["spec"], "replicas": replicas}}
+    ctl.store.apply([StoredObject("Deployment", "retail", "shelf", body)])
+
+
+async def scale_scenario(db_url: str, tmp_path: Path) -> None:
+    async with fleet_controller(db_url, tmp_path) as ctl:
+        pids = {sid: s.worker_pid for sid, s in ctl.slices.items()}
+        await ctl.reconcile()  # nothing changed: nothing restarts
+        assert {sid: s.worker_pid for sid, s in ctl.slices.items()} == pids
+
+        _apply_replicas(ctl, 3)
+        await ctl.reconcile()
+        # two L4s and antiAffinity: the third replica has nowhere to go
+        third = ctl.slices["retail/shelf/2"]
+        assert third.state == "Pending"
+        assert third.unplaced["edge-1/gpu-2"].startswith("antiAffinity: replica retail/shelf/")
+        assert third.unplaced["edge-2/gpu-0"] == "not in pool 'l4'"
+
+        _apply_replicas(ctl, 1)
+        await ctl.reconcile()
+        shelf = sorted(sid for sid in ctl.slices if sid.startswith("retail/shelf/"))
+        assert shelf == ["retail/shelf/0"]
+        assert ctl.slices["retail/shelf/0"].worker_pid == pids["retail/shelf/0"]
+        assert ctl.pool.slice_worker.get("retail/shelf/1") is None  # its worker was unloaded

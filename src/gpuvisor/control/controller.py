@@ -94,8 +94,9 @@ def desired_slices(
             problem = f"profile '{dep.spec.profile}' not found"
         elif pool is None and dep.spec.pool != DEFAULT_POOL:
             problem = f"pool '{dep.spec.pool}' not found"
+        # the replica count is not part of a replica's spec: scaling leaves the others running
         spec_hash = _hash(
-            dep.spec.model_dump(mode="json"),
+            dep.spec.model_dump(mode="json", exclude={"replicas"}),
             model.spec.model_dump(mode="json") if model else None,
             profile.spec.model_dump(mode="json") if profile else None,
             pool.spec.model_dump(mode="json") if pool else None,
