@@ -327,14 +327,22 @@ def test_lookahead_sends_the_next_batch_before_the_running_one_ends(lookahead: f
         assert staged == [] and most == 1
 
 
+def _one_slice_of_four(name: str, latency_class: str) -> tuple[RecordingRunner, DeviceDispatcher]:
+    """A dispatcher with a 30 ms lookahead and one slice whose batches of 1-4 rows take 30 ms."""
+    runner = RecordingRunner(seconds=0.03)
+    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=0.03)
+    queue = SliceQueue(
+        name, name, name, "default", "p", max_batch_size=4, latency_class=latency_class
+    )  # type: ignore[arg-type]
+    queue.profile = ExecutionProfile({1: 0.03, 2: 0.03, 4: 0.03})
+    dispatcher.add_slice(queue)
+    return runner, dispatcher
+
+
 def test_a_slice_stages_behind_its_own_batch_only_a_full_batch() -> None:
     """Staged behind its own running batch, a part-filled batch would cost the requests that
     arrive meanwhile a trip of their own: the slice waits for the running batch instead."""
-    runner = RecordingRunner(seconds=0.03)
-    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=0.03)
-    queue = SliceQueue("a", "a", "a", "default", "p", max_batch_size=4, latency_class="standard")
-    queue.profile = ExecutionProfile({1: 0.03, 2: 0.03, 4: 0.03})
-    dispatcher.add_slice(queue)
+    runner, dispatcher = _one_slice_of_four("a", "standard")
 
     async def scenario() -> None:
         dispatcher.start()
@@ -353,11 +361,7 @@ def test_a_slice_stages_behind_its_own_batch_only_a_full_batch() -> None:
 
 
 def test_a_critical_slice_stages_behind_its_own_batch_at_once() -> None:
-    runner = RecordingRunner(seconds=0.03)
-    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=0.03)
-    queue = SliceQueue("c", "c", "c", "default", "p", max_batch_size=4, latency_class="critical")
-    queue.profile = ExecutionProfile({1: 0.03, 2: 0.03, 4: 0.03})
-    dispatcher.add_slice(queue)
+    runner, dispatcher = _one_slice_of_four("c", "critical")
 
     async def scenario() -> None:
         dispatcher.start()
