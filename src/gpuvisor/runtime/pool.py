@@ -106,6 +106,7 @@ class WorkerPool:
         self._waiters: dict[int, list[WorkerProcess]] = {}  # batch id -> workers waiting for it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
+        self._early_ready: dict[str, p.WorkerReady] = {}  # from workers not registered yet
         self._watchers: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -314,6 +315,9 @@ class WorkerPool:
         )
         self.workers[worker_id] = worker
         self.by_key[key] = worker
+        early = self._early_ready.pop(worker_id, None)
+        if early is not None:
+            worker.ready.set_result(early)
         watcher = asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
@@ -429,13 +433,19 @@ class WorkerPool:
             # Copied frames: replies are small, and zero-copy Frame objects cost more to make
             # than the copy they save.
             frames = socket.recv_multipart(zmq.NOBLOCK)
-            worker = self.workers.get(frames[0].decode())
-            if worker is None or len(frames) < 2:
+            if len(frames) < 2:
                 continue
+            worker_id = frames[0].decode()
+            worker = self.workers.get(worker_id)
             try:
                 message = p.decode(frames[1])
             except Exception:
-                log.warning("worker %s sent an undecodable message", worker.worker_id)
+                log.warning("worker %s sent an undecodable message", worker_id)
+                continue
+            if worker is None:
+                if isinstance(message, p.WorkerReady):
+                    # it was quicker than the spawning coroutine: kept until it is registered
+                    self._early_ready[worker_id] = message
                 continue
             try:
                 self._handle(worker, message, frames[2:])

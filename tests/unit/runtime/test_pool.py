@@ -117,3 +117,41 @@ def test_crash_fails_in_flight_batches_and_resolves_exited(model: Path) -> None:
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_ready_before_it_is_registered_is_not_lost(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's WorkerReady can reach the node while the coroutine that spawned it has not
+    registered it yet; the pool keeps it until then instead of dropping it (which left the
+    slice waiting for the whole start timeout)."""
+    from gpuvisor.runtime import pool as pool_module
+
+    spawn = asyncio.create_subprocess_exec
+    pool = WorkerPool(start_timeout=10)
+
+    async def slow_to_return(*args: str, **kwargs: object) -> asyncio.subprocess.Process:
+        process = await spawn(*args, **kwargs)  # type: ignore[arg-type]
+        worker_id = args[args.index("--worker-id") + 1]
+        for _ in range(1000):  # return only once the worker's WorkerReady has been read
+            await asyncio.sleep(0.01)
+            if worker_id in pool._early_ready:
+                break
+        return process
+
+    monkeypatch.setattr(pool_module.asyncio, "create_subprocess_exec", slow_to_return)
+
+    async def scenario() -> None:
+        pool.start()
+        try:
+            started = time.monotonic()
+            _, worker = await pool.load_slice(_launch("a/x/0", model, "a"))
+            assert time.monotonic() - started < 8, "it waited for the start timeout"
+            assert (await worker.ready).pid == worker.pid
+            assert pool._early_ready == {}
+            outcomes, _ = await pool.run_batch("a/x/0", [_request(1)])
+            assert [o.status for o in outcomes] == [200]
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
