@@ -4,15 +4,20 @@ changed in the database."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
+from gpuvisor.api.app import create_app
 from gpuvisor.cli import app
 from gpuvisor.launch import NodeProcess
+from gpuvisor.node import Node, NodeOptions
 
 runner = CliRunner()
 
@@ -170,3 +175,45 @@ def test_mutations_and_refusals_are_recorded_and_verified(demo_node: NodeProcess
     tampered = runner.invoke(app, ["audit", "verify", *state])
     assert tampered.exit_code == 1
     assert f"record {apply_record['seq']} was modified" in tampered.output
+
+
+def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 500 during an apply still leaves a record of the attempt, with the error (the node
+    runs in this process so that its store can be made to fail)."""
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    async def scenario() -> None:
+        node = Node(NodeOptions(state_dir=tmp_path / "state"))
+        await node.start()
+        try:
+            assert node.store is not None
+            admin = (tmp_path / "state" / "admin.key").read_text().strip()
+            monkeypatch.setattr(node.store, "apply", broken)
+            transport = httpx.ASGITransport(
+                app=create_app(node, manage_lifecycle=False), raise_app_exceptions=False
+            )
+            async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+                answer = await client.post(
+                    "/api/v1/apply",
+                    content=PROFILE,
+                    headers={"Authorization": f"Bearer {admin}", "X-Request-ID": "req-500"},
+                )
+            assert answer.status_code == 500
+            assert answer.json()["error"] == "internal error: RuntimeError: disk on fire"
+            (record,) = node.store.audit.list(action="apply", result="failed")
+            assert (record.object_kind, record.object_name, record.role) == (
+                "Profile",
+                "audited-extra",
+                "admin",
+            )
+            assert record.reason == "500 internal error: RuntimeError: disk on fire"
+            assert record.request_id == "req-500"
+            assert node.store.audit.verify().ok
+        finally:
+            await node.stop()
+
+    asyncio.run(scenario())

@@ -231,7 +231,8 @@ def admin_router(node: Node) -> APIRouter:
             meta = resource.metadata
             audit.begin(request, "apply", resource.kind, meta.name, meta.tenant or "")
             _may_write(principal, resource)
-        audit.begin(request, "apply")
+        if len(resources) > 1:  # a failure from here on concerns the whole manifest
+            audit.begin(request, "apply")
         existing = await all_resources()
         validate_references(resources, existing)
         check_signed_models(resources, existing)

@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
 from gpuvisor.api.admin import admin_router
-from gpuvisor.api.audit import audited_error_handler
+from gpuvisor.api.audit import audited_error_handler, audited_unexpected_handler
 from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.devices import devices_router
 from gpuvisor.api.errors import ErrorBody, error_responses, install_error_handlers
@@ -111,6 +111,7 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     install_error_handlers(app)
     # Refused keys and roles, and failed mutations, go to the audit log before the answer.
     app.add_exception_handler(GpuvisorError, audited_error_handler(node))
+    app.add_exception_handler(Exception, audited_unexpected_handler(node))
     app.include_router(oip_router(node))
     app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it
     app.include_router(devices_router(node))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.responses import Response
 
-from gpuvisor.api.errors import gpuvisor_error_response
+from gpuvisor.api.errors import gpuvisor_error_response, unexpected_error_response
 from gpuvisor.errors import Forbidden, GpuvisorError, NotFound, Unauthenticated
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal
@@ -21,6 +21,7 @@ from gpuvisor.store.audit import AuditEvent, AuditResult
 __all__ = [
     "AuditTarget",
     "audited_error_handler",
+    "audited_unexpected_handler",
     "begin",
     "record_ok",
     "record_refusal",
@@ -130,6 +131,31 @@ def audited_error_handler(node: Node) -> Callable[[Request, Exception], Awaitabl
         assert isinstance(exc, GpuvisorError)
         await record_refusal(node, request, exc)
         return gpuvisor_error_response(request, exc)
+
+    return handle
+
+
+def audited_unexpected_handler(node: Node) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Return the app's handler for bugs (500): a mutation that failed on one is recorded as
+    failed, with the error, before the 500 is rendered as usual."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        target: AuditTarget | None = getattr(request.state, "audit", None)
+        principal: Principal | None = getattr(request.state, "principal", None)
+        if target is not None:
+            event = AuditEvent(
+                action=target.action,
+                result="failed",
+                actor=principal.key_id if principal else "",
+                role=principal.role if principal else "",
+                tenant=target.tenant or (principal.tenant if principal else None) or "",
+                object_kind=target.kind,
+                object_name=target.name,
+                reason=f"500 internal error: {type(exc).__name__}: {exc}",
+                request_id=request_id_of(request),
+            )
+            await _append(node, [event])
+        return unexpected_error_response(request, exc)
 
     return handle
 
