@@ -110,7 +110,20 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
         action = "authenticate" if isinstance(exc, Unauthenticated) else "request"
         target = AuditTarget(action, "endpoint", endpoint, named_tenant)
     key_id = str(exc.fields.get("key_id", "")) if isinstance(exc, Unauthenticated) else ""
-    event = AuditEvent(
+    reason = f"{exc.http_status} {exc.message}"
+    await _append(node, [_event(request, target, principal, result, reason, key_id)])
+
+
+def _event(
+    request: Request,
+    target: AuditTarget,
+    principal: Principal | None,
+    result: AuditResult,
+    reason: str,
+    key_id: str = "",
+) -> AuditEvent:
+    """The record of ``target`` attempted by ``principal`` (``key_id`` when no key was valid)."""
+    return AuditEvent(
         action=target.action,
         result=result,
         actor=principal.key_id if principal else key_id,
@@ -118,10 +131,9 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
         tenant=target.tenant or (principal.tenant if principal else None) or "",
         object_kind=target.kind,
         object_name=target.name,
-        reason=f"{exc.http_status} {exc.message}",
+        reason=reason,
         request_id=request_id_of(request),
     )
-    await _append(node, [event])
 
 
 def audited_error_handler(node: Node) -> Callable[[Request, Exception], Awaitable[Response]]:
@@ -143,18 +155,8 @@ def audited_unexpected_handler(node: Node) -> Callable[[Request, Exception], Awa
         target: AuditTarget | None = getattr(request.state, "audit", None)
         principal: Principal | None = getattr(request.state, "principal", None)
         if target is not None:
-            event = AuditEvent(
-                action=target.action,
-                result="failed",
-                actor=principal.key_id if principal else "",
-                role=principal.role if principal else "",
-                tenant=target.tenant or (principal.tenant if principal else None) or "",
-                object_kind=target.kind,
-                object_name=target.name,
-                reason=f"500 internal error: {type(exc).__name__}: {exc}",
-                request_id=request_id_of(request),
-            )
-            await _append(node, [event])
+            reason = f"500 internal error: {type(exc).__name__}: {exc}"
+            await _append(node, [_event(request, target, principal, "failed", reason)])
         return unexpected_error_response(request, exc)
 
     return handle
