@@ -186,10 +186,6 @@ def _may_write(principal: Principal, resource: Resource) -> None:
     raise Forbidden(f"a {principal.role} key may not change {resource.kind} objects")
 
 
-def _visible(principal: Principal, tenant: str) -> bool:
-    return principal.role in ("admin", "operator") or (tenant != "" and tenant == principal.tenant)
-
-
 def admin_router(node: Node) -> APIRouter:
     # every route needs a key: without a valid one it answers 401
     router = APIRouter(prefix="/api/v1", tags=["admin"], responses=error_responses(401))
@@ -265,7 +261,7 @@ def admin_router(node: Node) -> APIRouter:
         candidates = await asyncio.to_thread(store().list, kind, tenant)
         for o in candidates:
             if (o.name == name or (kind == "Model" and o.body["metadata"]["name"] == name)) and (
-                _visible(principal, o.tenant)
+                principal.may_see(o.tenant)
                 or (o.tenant == "" and (kind != "Tenant" or o.name == principal.tenant))
             ):
                 return o  # type: ignore[no-any-return]
@@ -300,7 +296,7 @@ def admin_router(node: Node) -> APIRouter:
                 {
                     **device.to_dict(),
                     # a tenant key sees its own slices' ids only (they name their owners)
-                    "slices": [s.id for s in on_device if _visible(principal, s.tenant)],
+                    "slices": [s.id for s in on_device if principal.may_see(s.tenant)],
                     "memoryReserved": sum(s.memory for s in on_device),
                 }
             )
@@ -312,9 +308,7 @@ def admin_router(node: Node) -> APIRouter:
         assert node.controller is not None
         return {
             "items": [
-                s.to_dict()
-                for s in node.controller.slices.values()
-                if _visible(principal, s.tenant)
+                s.to_dict() for s in node.controller.slices.values() if principal.may_see(s.tenant)
             ]
         }
 
@@ -322,7 +316,7 @@ def admin_router(node: Node) -> APIRouter:
     async def status(request: Request) -> dict[str, Any]:
         principal = principal_of(node, request)
         assert node.controller is not None
-        visible = [s for s in node.controller.slices.values() if _visible(principal, s.tenant)]
+        visible = [s for s in node.controller.slices.values() if principal.may_see(s.tenant)]
         states: dict[str, int] = {}
         for s in visible:
             states[s.state] = states.get(s.state, 0) + 1
@@ -425,7 +419,7 @@ def admin_router(node: Node) -> APIRouter:
         limit: int = Query(100, ge=1, le=1000, description="the newest this many matches"),
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
-        if principal.role not in ("admin", "operator"):
+        if not principal.sees_all:
             raise Forbidden("the audit log is for admin and operator keys")
         records = await asyncio.to_thread(
             store().audit.list,
@@ -458,7 +452,7 @@ def admin_router(node: Node) -> APIRouter:
         items = [
             _with_status(o.body)
             for o in objects
-            if _visible(principal, o.tenant)
+            if principal.may_see(o.tenant)
             or (
                 (o.tenant == "" and kind in ("Profile", "Pool"))
                 or (kind == "Tenant" and o.name == principal.tenant)

@@ -70,6 +70,15 @@ class Principal:
     tenant: str | None
     key_id: str
 
+    @property
+    def sees_all(self) -> bool:
+        """Admin and operator keys read every tenant's objects (and operate devices)."""
+        return self.role in ("admin", "operator")
+
+    def may_see(self, tenant: str) -> bool:
+        """Whether this key may read what belongs to ``tenant`` ("" for no tenant: no)."""
+        return self.sees_all or (tenant != "" and tenant == self.tenant)
+
 
 @dataclass
 class KeyInfo:

@@ -39,10 +39,7 @@ def build_dashboard(node: Node, principal: Principal) -> dict[str, Any]:
     """Return the dashboard document for ``principal`` (see docs/observability.md)."""
     assert node.controller is not None
     controller = node.controller
-    everyone = principal.role in ("admin", "operator")
-
-    def visible(tenant: str) -> bool:
-        return everyone or (bool(tenant) and tenant == principal.tenant)
+    visible = principal.may_see
 
     slices = list(controller.slices.values())
     sample = node.sampler.latest if node.sampler is not None else None
