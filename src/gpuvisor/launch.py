@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -109,6 +110,33 @@ class NodeProcess:
     @staticmethod
     def auth(key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
+
+    def apply_as_admin(self, manifest: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Apply a YAML manifest with the admin key and return the answer; RuntimeError with
+        the node's answer when it is refused."""
+        answer = httpx.post(
+            f"{self.url}/api/v1/apply",
+            headers=self.auth(self.admin_key),
+            content=manifest,
+            timeout=timeout,
+        )
+        if answer.status_code != 200:
+            raise RuntimeError(f"apply failed ({answer.status_code}): {answer.text}")
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def create_tenant_key(self, tenant: str, description: str = "") -> str:
+        """Create a key for ``tenant`` with the admin key and return its secret; RuntimeError
+        with the node's answer when it is refused."""
+        answer = httpx.post(
+            f"{self.url}/api/v1/keys",
+            headers=self.auth(self.admin_key),
+            json={"role": "tenant", "tenant": tenant, "description": description},
+            timeout=30,
+        )
+        if answer.status_code != 201:
+            raise RuntimeError(f"key creation failed ({answer.status_code}): {answer.text}")
+        return str(answer.json()["key"])
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` to the node process (only it) and wait for it to exit; return its code."""

@@ -70,19 +70,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, node_db: str | None) -> Iter
     node = NodeProcess(state_dir=root / "state", demo=False, db=node_db)
     node.start(timeout=120)
     try:
-        admin = node.auth(node.admin_key)
-        applied = httpx.post(
-            f"{node.url}/api/v1/apply",
-            headers=admin,
-            content=BASE.format(source=source),
-            timeout=60,
-        )
-        assert applied.status_code == 200, applied.text
-        created = httpx.post(
-            f"{node.url}/api/v1/keys", headers=admin, json={"role": "tenant", "tenant": "retail"}
-        )
-        assert created.status_code == 201, created.text
-        yield Setup(node, created.json()["key"])
+        node.apply_as_admin(BASE.format(source=source))
+        yield Setup(node, node.create_tenant_key("retail"))
     finally:
         node.stop()
 

@@ -119,19 +119,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     node = NodeProcess(state_dir=root / "state", demo=False)
     node.start(timeout=120)
     try:
-        admin = node.auth(node.admin_key)
-        applied = httpx.post(
-            f"{node.url}/api/v1/apply",
-            headers=admin,
-            content=BASE.format(key=trusted.public_text),
-            timeout=60,
-        )
-        assert applied.status_code == 200, applied.text
-        created = httpx.post(
-            f"{node.url}/api/v1/keys", headers=admin, json={"role": "tenant", "tenant": "acme"}
-        )
-        assert created.status_code == 201, created.text
-        yield Setup(node, trusted, other, models, created.json()["key"])
+        node.apply_as_admin(BASE.format(key=trusted.public_text))
+        yield Setup(node, trusted, other, models, node.create_tenant_key("acme"))
     finally:
         node.stop()
 

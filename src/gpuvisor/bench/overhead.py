@@ -292,22 +292,9 @@ def start_gpuvisor(
     try:
         node.start(timeout)
         admin = node.auth(node.admin_key)
+        node.apply_as_admin(bench_manifest(model, model_path, max_batch_size))
+        target = GpuvisorTarget(node, model, node.create_tenant_key(TENANT, "bench"))
         with httpx.Client(base_url=node.url, timeout=30) as http:
-            applied = http.post(
-                "/api/v1/apply",
-                headers=admin,
-                content=bench_manifest(model, model_path, max_batch_size),
-            )
-            if applied.status_code != 200:
-                raise RuntimeError(f"apply failed ({applied.status_code}): {applied.text}")
-            created = http.post(
-                "/api/v1/keys",
-                headers=admin,
-                json={"role": "tenant", "tenant": TENANT, "description": "bench"},
-            )
-            if created.status_code != 201:
-                raise RuntimeError(f"key creation failed ({created.status_code}): {created.text}")
-            target = GpuvisorTarget(node, model, str(created.json()["key"]))
             deadline = time.monotonic() + timeout
             while http.get(f"/v2/models/{model}/ready", headers=target.headers).status_code != 200:
                 if time.monotonic() > deadline:

@@ -263,19 +263,9 @@ def start_node(
     try:
         node.start(timeout)
         admin = node.auth(node.admin_key)
+        node.apply_as_admin(manifest(plans, paths, pools))
+        keys = {p.tenant: node.create_tenant_key(p.tenant, "bench") for p in plans}
         with httpx.Client(base_url=node.url, timeout=30) as http:
-            applied = http.post(
-                "/api/v1/apply", headers=admin, content=manifest(plans, paths, pools)
-            )
-            if applied.status_code != 200:
-                raise RuntimeError(f"apply failed ({applied.status_code}): {applied.text}")
-            keys: dict[str, str] = {}
-            for p in plans:
-                body = {"role": "tenant", "tenant": p.tenant, "description": "bench"}
-                created = http.post("/api/v1/keys", headers=admin, json=body)
-                if created.status_code != 201:
-                    raise RuntimeError(f"key creation failed: {created.text}")
-                keys[p.tenant] = str(created.json()["key"])
             scenario = NodeScenario(node, plans, keys)
             deadline = time.monotonic() + timeout
             for p in plans:
