@@ -175,6 +175,9 @@ class Snapshot:
             info = self.infos.get(s.device_id)
             if info is not None:
                 info.slices.append(s)
+        # slices by NUMA domain and by node, built when first asked for and dropped on change
+        self._by_domain: dict[tuple[str, int | None], list[PlacedSlice]] | None = None
+        self._by_node: dict[str, list[PlacedSlice]] | None = None
 
     def __iter__(self) -> Any:
         return iter(self.infos.values())
@@ -185,27 +188,32 @@ class Snapshot:
     def slices(self) -> list[PlacedSlice]:
         return [s for info in self.infos.values() for s in info.slices]
 
-    def numa_domain(self, device: Device) -> tuple[str, int | None]:
-        """Return the (node, NUMA node) a device hangs off; a device with no NUMA node
-        (the host CPU) counts as the whole node."""
-        return (device.node, device.numa_node)
-
     def in_numa_domain(self, device: Device) -> list[PlacedSlice]:
-        """Return the slices on every device sharing ``device``'s NUMA node."""
-        domain = self.numa_domain(device)
-        return [
-            s
-            for info in self.infos.values()
-            if self.numa_domain(info.device) == domain
-            for s in info.slices
-        ]
+        """Return the slices on every device sharing ``device``'s NUMA node; a device with no
+        NUMA node (the host CPU) counts as the whole node."""
+        if self._by_domain is None:
+            self._by_domain = {}
+            for info in self.infos.values():
+                key = (info.device.node, info.device.numa_node)
+                self._by_domain.setdefault(key, []).extend(info.slices)
+        return self._by_domain.get((device.node, device.numa_node), [])
+
+    def on_node(self, node: str) -> list[PlacedSlice]:
+        """Return the slices on every device of ``node``."""
+        if self._by_node is None:
+            self._by_node = {}
+            for info in self.infos.values():
+                self._by_node.setdefault(info.device.node, []).extend(info.slices)
+        return self._by_node.get(node, [])
 
     def add(self, placed: PlacedSlice) -> None:
         self.infos[placed.device_id].slices.append(placed)
+        self._by_domain = self._by_node = None
 
     def remove(self, slice_id: str) -> None:
         for info in self.infos.values():
             info.slices = [s for s in info.slices if s.slice_id != slice_id]
+        self._by_domain = self._by_node = None
 
 
 @dataclass

@@ -38,6 +38,4 @@ class AntiAffinity:
     def score(self, cycle: Cycle, info: DeviceInfo, snapshot: Snapshot) -> float:
         if not cycle.request.anti_affinity:
             return 0.0
-        node = info.device.node
-        on_node = [s for i in snapshot if i.device.node == node for s in i.slices]
-        return 100.0 / (1 + len(_siblings(cycle, on_node)))
+        return 100.0 / (1 + len(_siblings(cycle, snapshot.on_node(info.device.node))))
