@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from gpuvisor.inventory.device import Device
 from gpuvisor.partition.fragmentation import GpuLayout, plan_defrag, unusable_slices
 from gpuvisor.partition.mig import MigGeometry, MigInstance, geometry_for, occupied_slices
 from gpuvisor.partition.planner import InstanceRequest, add_instance, plan_requests
-from gpuvisor.placement.placer import PlacedSlice, SliceRequest, place_slice
+from gpuvisor.placement.placer import PlacedSlice, SliceRequest, place_slice, selector_matches
 
 __all__ = ["FleetPlan", "GpuPlan", "Holder", "Pending", "Workload", "plan_fleet"]
 
@@ -112,11 +111,6 @@ class FleetPlan:
         return unusable_slices(geometry, gpu.instances, self.requested_profiles)
 
 
-def _matches(selector: tuple[tuple[str, str], ...], device: Device) -> bool:
-    labels = device.labels
-    return all(fnmatch.fnmatchcase(labels.get(k, ""), pattern) for k, pattern in selector)
-
-
 def _tenancy_allows(gpu: GpuPlan, workload: Workload) -> bool:
     return workload.tenancy != "dedicated" or gpu.tenants <= {workload.tenant}
 
@@ -132,8 +126,9 @@ class _Planner:
     def in_pool(self, workload: Workload) -> list[GpuPlan]:
         key = workload.selector
         if key not in self._pool_cache:
+            selector = dict(key)
             self._pool_cache[key] = [
-                g for g in self.gpus if g.device.healthy and _matches(key, g.device)
+                g for g in self.gpus if g.device.healthy and selector_matches(selector, g.device)
             ]
         return self._pool_cache[key]
 
