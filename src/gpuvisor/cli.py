@@ -236,16 +236,18 @@ def _device_action(
     url: str | None,
     key: str | None,
     state: str | None,
-    params: dict[str, str] | None = None,
+    wait: float = 0.0,
 ) -> None:
+    """POST a device action and print where the device's slices are now; ``wait``: the
+    seconds a drain may wait for them to settle."""
     client = _client(url, key, state)
     try:
         result = client.request(
             "POST",
             f"/api/v1/devices/{device}/{action}",
             json=body,
-            params=params or {},
-            timeout=float(params.get("timeout", 0)) + 30 if params else 30,
+            params={"timeout": wait} if wait else {},
+            timeout=wait + 30,
         )
     except GpuvisorError as exc:
         _fail(exc)
@@ -288,7 +290,7 @@ def drain(
     state: StateOpt = None,
 ) -> None:
     """Cordon a device and wait until its slices are Ready elsewhere (or Pending with reasons)."""
-    _device_action("drain", device, {"reason": reason}, url, key, state, {"timeout": str(timeout)})
+    _device_action("drain", device, {"reason": reason}, url, key, state, timeout)
 
 
 @app.command()
