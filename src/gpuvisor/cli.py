@@ -475,6 +475,14 @@ def bench_isolation(
     ] = 0.5,
     quantum_ms: QuantumOpt = None,
     lookahead_ms: LookaheadOpt = None,
+    batch_nice: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=19,
+            help="the node's workers.batchNice, 0 for none (default: the node's default)",
+        ),
+    ] = None,
     client_threads: Annotated[
         int, typer.Option(min=1, help="connections of the open-loop client")
     ] = 6,
@@ -497,6 +505,7 @@ def bench_isolation(
         critical_share=critical_share,
         quantum_ms=quantum_ms,
         lookahead_ms=lookahead_ms,
+        batch_nice=batch_nice,
         client_threads=client_threads,
         seed=seed,
     )

@@ -125,6 +125,7 @@ class Node:
             backoff=self.spec.workers.restart_backoff,
             backoff_max=self.spec.workers.restart_backoff_max,
             max_queued_per_slice=self.spec.limits.max_queued_per_slice,
+            batch_nice=self.spec.workers.batch_nice,
         )
         await self.controller.reconcile()
         self.controller.start(self.spec.reconcile_period)

@@ -90,3 +90,16 @@ def test_sigkill_worker_under_load(demo_node: NodeProcess) -> None:
     assert retail[-1] == 200, "shelf-detector serves again after the restart"
     metrics = httpx.get(f"{demo_node.url}/metrics").text
     assert 'gpuvisor_worker_restarts_total{deployment="shelf-detector",tenant="retail"}' in metrics
+
+
+def test_batch_class_workers_yield_the_cpu(demo_node: NodeProcess) -> None:
+    """The demo's nightly scorer (latencyClass batch) runs niced by workers.batchNice (10 by
+    default); the shelf detector (critical) and the intent router (standard) do not."""
+    base = psutil.Process(demo_node.process.pid).nice()
+    for slice_id, wanted in [
+        ("analytics/basket-scorer/0", base + 10),
+        ("retail/shelf-detector/0", base),
+        ("support/intent-router/0", base),
+    ]:
+        pid = int(_slice(demo_node, slice_id)["pid"])  # type: ignore[arg-type]
+        assert psutil.Process(pid).nice() == wanted, slice_id

@@ -72,6 +72,7 @@ class IsolationConfig:
     critical_share: float = 0.5  # the critical Profile's computeShare
     quantum_ms: float | None = None  # the node's cpu.quantum; None: the node's default
     lookahead_ms: float | None = None  # the node's cpu.lookahead; None: the node's default
+    batch_nice: int | None = None  # the node's workers.batchNice; None: the node's default
     client_threads: int = 6  # connections of the open-loop client
     seed: int = 1
     workdir: Path | None = None
@@ -159,6 +160,7 @@ class IsolationReport:
                 "critical_share": cfg.critical_share,
                 "quantum_ms": cfg.quantum_ms,
                 "lookahead_ms": cfg.lookahead_ms,
+                "batch_nice": cfg.batch_nice,
                 "client_threads": cfg.client_threads,
                 "seed": cfg.seed,
                 "client": "http.client keep-alive, binary OIP bodies; open loop (Poisson), "
@@ -269,6 +271,7 @@ def run_isolation(config: IsolationConfig, out: Reporter | None = None) -> Isola
                 root / "gpuvisor",
                 quantum_ms=config.quantum_ms,
                 lookahead_ms=config.lookahead_ms,
+                batch_nice=config.batch_nice,
             )
         )
         paths = {

@@ -241,9 +241,11 @@ def start_node(
     timeout: float = 120.0,
     lookahead_ms: float | None = None,
     extra_env: Mapping[str, str] | None = None,
+    batch_nice: int | None = None,
 ) -> Iterator[NodeScenario]:
     """Build the plans' models under ``root``, start a node (no demo; CPU device with
-    ``quantum_ms`` and ``lookahead_ms`` when given), apply the manifest, create one key per
+    ``quantum_ms`` and ``lookahead_ms``, and ``workers.batchNice``, when given), apply the
+    manifest, create one key per
     tenant and wait until every model is ready. The node is stopped by PID on exit. Raises
     RuntimeError when the node or a deployment does not come up."""
     paths = {p.model.name: p.model.build(root / "models") for p in plans}
@@ -253,9 +255,12 @@ def start_node(
         cpu["quantum"] = f"{quantum_ms:g}ms"
     if lookahead_ms is not None:
         cpu["lookahead"] = f"{lookahead_ms:g}ms"
-    if cpu:
+    spec: dict[str, Any] = {"cpu": cpu} if cpu else {}
+    if batch_nice is not None:
+        spec["workers"] = {"batchNice": batch_nice}
+    if spec:
         config = root / "node.yaml"
-        doc = {"kind": "Node", "metadata": {"name": "bench"}, "spec": {"cpu": cpu}}
+        doc = {"kind": "Node", "metadata": {"name": "bench"}, "spec": spec}
         config.write_text(yaml.safe_dump({"apiVersion": "gpuvisor/v1", **doc}))
     node = NodeProcess(
         state_dir=root / "node", config=config, demo=False, extra_env=dict(extra_env or {})

@@ -135,10 +135,12 @@ class Controller:
         max_queued_per_slice: int = 1024,
         framework: Framework | None = None,
         drain_timeout: float = 5.0,
+        batch_nice: int = 0,
     ) -> None:
         self.store = store
         self.framework = framework or default_framework()
         self.drain_timeout = drain_timeout
+        self.batch_nice = batch_nice
         self.admission = admission or Admission()
         self.max_queued_per_slice = max_queued_per_slice
         self.topology = topology
@@ -471,6 +473,7 @@ class Controller:
             if model.spec.outputs
             else None,
             profile_batch_sizes=_profile_batch_sizes(max_batch),
+            nice=self.batch_nice if state.latency_class == "batch" else 0,
         )
         state.launch = load
         return SliceLaunch(state.id, state.tenant, device.id, state.isolation, load)

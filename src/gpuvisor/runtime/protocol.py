@@ -68,6 +68,7 @@ class LoadModel(msgspec.Struct, tag=True):
     declared_outputs: list[TensorInfo] | None = None
     profile_batch_sizes: list[int] = []
     profile_repeats: int = 3
+    nice: int = 0  # OS niceness this slice asks of its worker process
 
 
 class UnloadModel(msgspec.Struct, tag=True):

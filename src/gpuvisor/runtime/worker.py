@@ -168,6 +168,8 @@ class Worker:
         self.revoked: dict[int, None] = {}  # own batches taken back before they started
         self.handoff_failures: set[int] = set()  # passed-over batches whose handoff failed
         self.stopping = False
+        self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self.nice = self.base_nice
         # GPUVISOR_BATCH_TRACE=<file>: append "<worker> <batch> <start> <end> <revoked>" per
         # batch (monotonic seconds, comparable across processes), to check what ran when.
         trace = os.environ.get("GPUVISOR_BATCH_TRACE")
@@ -194,6 +196,7 @@ class Worker:
                 loaded = self.slices.pop(message.slice_id, None)
                 if loaded is not None:
                     loaded.executor.close()
+                    self.apply_nice()
 
     def orphaned(self) -> bool:
         if os.getppid() != self.parent_pid:
@@ -303,6 +306,7 @@ class Worker:
             self.send(p.LoadFailed(spec.slice_id, "model_error", f"{type(exc).__name__}: {exc}"))
             return
         self.slices[spec.slice_id] = loaded
+        self.apply_nice()
         self.send(
             p.ModelLoaded(
                 slice_id=spec.slice_id,
@@ -316,6 +320,32 @@ class Worker:
                 profile=profile,
             )
         )
+
+    def apply_nice(self) -> None:
+        """Run at the niceness the most urgent of this worker's slices asks for (the node's own
+        plus the smallest ``nice`` among them): a worker serving only batch-class slices yields
+        the CPU to the node and to every other worker. Raising the priority again (a more
+        urgent slice joined a shared worker) needs CAP_SYS_NICE; without it the worker keeps
+        its niceness and says so."""
+        if not self.slices:
+            return
+        wanted = min(19, self.base_nice + min(s.spec.nice for s in self.slices.values()))
+        if wanted == self.nice:
+            return
+        try:
+            set_niceness(wanted)
+        except OSError as exc:
+            log.warning(
+                "worker %s stays at niceness %d (wanted %d for its slices %s): %s",
+                self.worker_id,
+                self.nice,
+                wanted,
+                ", ".join(sorted(self.slices)),
+                exc,
+            )
+            return
+        log.info("worker %s runs at niceness %d", self.worker_id, wanted)
+        self.nice = wanted
 
     def execute(self, batch: p.ExecuteBatch, bodies: list[memoryview]) -> None:
         self.read(0)  # a Revoke may be waiting
@@ -457,6 +487,20 @@ def _run_chunk(
             continue
         payloads[i] = body
         header_lengths[i] = header_length if header_length is not None else -1
+
+
+def set_niceness(value: int) -> None:
+    """Set the niceness of every thread of this process (on Linux a thread's niceness is its
+    own, and the executor's threads exist by now); raises OSError when the OS refuses."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: the process as a whole
+        threads = [0]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, value)
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
 
 
 def _die_with_parent() -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 
 from gpuvisor.demo.models import build_demo_models
@@ -34,6 +35,7 @@ def _launch(
     tenant: str = "t",
     isolation: str = "process",
     sha256: str | None = None,
+    nice: int = 0,
 ) -> SliceLaunch:
     load = p.LoadModel(
         slice_id,
@@ -48,6 +50,7 @@ def _launch(
         None,
         4,
         profile_batch_sizes=[1, 2, 4],
+        nice=nice,
     )
     return SliceLaunch(slice_id, tenant, "cpu-0", isolation, load)
 
@@ -151,6 +154,49 @@ def test_a_worker_ready_before_it_is_registered_is_not_lost(
             assert pool._early_ready == {}
             outcomes, _ = await pool.run_batch("a/x/0", [_request(1)])
             assert [o.status for o in outcomes] == [200]
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def _niceness(pid: int) -> set[int]:
+    """The niceness of every thread of process ``pid`` (Linux keeps one per thread)."""
+    return {os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process(pid).threads()}
+
+
+async def _until_niceness(pid: int, wanted: set[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _niceness(pid) != wanted:
+        assert time.monotonic() < deadline, f"worker {pid} at {_niceness(pid)}, wanted {wanted}"
+        await asyncio.sleep(0.05)
+
+
+def test_a_worker_runs_at_the_niceness_its_most_urgent_slice_asks(model: Path) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            _, batch = await pool.load_slice(_launch("a/nightly/0", model, "a", nice=10))
+            _, chat = await pool.load_slice(_launch("a/chat/0", model, "a"))
+            assert _niceness(batch.pid) == {base + 10}, "every thread of a batch-only worker"
+            assert _niceness(chat.pid) == {base}
+            outcomes, _ = await pool.run_batch("a/nightly/0", [_request(1)])
+            assert [o.status for o in outcomes] == [200]
+
+            # A shared worker: batch-only, then a more urgent slice joins, then leaves again.
+            _, shared = await pool.load_slice(_launch("b/nightly/0", model, "b", "shared", nice=10))
+            assert _niceness(shared.pid) == {base + 10}
+            _, same = await pool.load_slice(_launch("b/chat/0", model, "b", "shared"))
+            assert same.pid == shared.pid
+            # Raising a process's priority again takes CAP_SYS_NICE (root has it); without it
+            # the worker keeps its niceness and logs why.
+            urgent = {base} if os.geteuid() == 0 else {base + 10}
+            await _until_niceness(shared.pid, urgent)
+            await pool.unload_slice("b/chat/0")
+            await _until_niceness(shared.pid, {base + 10})
         finally:
             await pool.close()
 

@@ -297,6 +297,18 @@ def test_node_worker_backoff_must_be_ordered() -> None:
     assert error["ctx"]["field"] == "restartBackoffMax"
 
 
+def test_node_batch_nice_defaults_to_10_and_stays_within_the_os_range() -> None:
+    node = parse("{kind: Node, metadata: {name: n}, spec: {}}")
+    assert node.spec.workers.batch_nice == 10  # type: ignore[attr-defined]
+    off = parse("{kind: Node, metadata: {name: n}, spec: {workers: {batchNice: 0}}}")
+    assert off.spec.workers.batch_nice == 0  # type: ignore[attr-defined]
+    for bad in ("20", "-1"):
+        (error,) = errors_of(
+            f"{{kind: Node, metadata: {{name: n}}, spec: {{workers: {{batchNice: {bad}}}}}}}"
+        )
+        assert error["loc"][-1] == "batchNice", error
+
+
 def test_model_spec_reads_integer_versions_and_lowers_digests() -> None:
     spec = ModelSpec.model_validate({"version": 7, "source": "m.onnx", "sha256": "A" * 64})
     assert (spec.version, spec.sha256) == ("7", "a" * 64)
