@@ -245,9 +245,9 @@ def start_node(
 ) -> Iterator[NodeScenario]:
     """Build the plans' models under ``root``, start a node (no demo; CPU device with
     ``quantum_ms`` and ``lookahead_ms``, and ``workers.batchNice``, when given), apply the
-    manifest, create one key per
-    tenant and wait until every model is ready. The node is stopped by PID on exit. Raises
-    RuntimeError when the node or a deployment does not come up."""
+    manifest, create one key per tenant and wait until every model is ready. The node is
+    stopped by PID on exit. Raises RuntimeError when the node or a deployment does not come
+    up."""
     paths = {p.model.name: p.model.build(root / "models") for p in plans}
     config = None
     cpu: dict[str, Any] = {}

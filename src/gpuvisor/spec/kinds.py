@@ -379,8 +379,8 @@ class WorkerSettings(SpecModel):
     restart_backoff: Duration = Field(default=0.5, ge=0)
     restart_backoff_max: Duration = Field(default=30.0, ge=0)
     batch_nice: int = Field(default=10, ge=0, le=19)
-    """OS niceness of workers that serve only ``batch``-class slices (0: none), so the node
-    and latency-sensitive workers get the host's CPU cores first."""
+    """Niceness added (to the node's own) for workers that serve only ``batch``-class slices
+    (0: none), so the node and latency-sensitive workers get the host's CPU cores first."""
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> WorkerSettings:
