@@ -180,10 +180,14 @@ class Controller:
         return [r for r in self.resources if isinstance(r, Deployment)]
 
     def tenant_weight(self, tenant: str) -> float:
-        for r in self.resources:
-            if isinstance(r, Tenant) and r.metadata.name == tenant:
-                return r.spec.weight
-        return 1.0
+        found = self._tenant(tenant)
+        return found.spec.weight if found else 1.0
+
+    def _tenant(self, name: str) -> Tenant | None:
+        return next(
+            (r for r in self.resources if isinstance(r, Tenant) and r.metadata.name == name),
+            None,
+        )
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -263,14 +267,7 @@ class Controller:
                 self._schedule_settings(state.queue)
 
     def _schedule_settings(self, queue: SliceQueue) -> None:
-        tenant = next(
-            (
-                r
-                for r in self.resources
-                if isinstance(r, Tenant) and r.metadata.name == queue.tenant
-            ),
-            None,
-        )
+        tenant = self._tenant(queue.tenant)
         pool = next(
             (r for r in self.resources if isinstance(r, Pool) and r.metadata.name == queue.pool),
             None,
@@ -412,14 +409,7 @@ class Controller:
 
     def _cycle(self, want: DesiredSlice, state: SliceState) -> Cycle:
         pool = want.pool.spec if want.pool else None
-        tenant = next(
-            (
-                r
-                for r in self.resources
-                if isinstance(r, Tenant) and r.metadata.name == state.tenant
-            ),
-            None,
-        )
+        tenant = self._tenant(state.tenant)
         quota = tenant.spec.quota if tenant else None
         return Cycle(
             SliceRequest(
