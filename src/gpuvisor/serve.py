@@ -57,7 +57,16 @@ def load_node_config(path: Path | None) -> NodeSpec:
             f"{path}: expected exactly one document of kind Node, found "
             f"{', '.join(d.kind for d in docs) or 'none'}"
         )
-    return nodes[0].spec
+    spec = nodes[0].spec
+    if spec.fleet is not None:
+        # Refused rather than ignored: a setting that silently does nothing misleads.
+        raise ConfigError(
+            f"{path}: spec.fleet: a running node does not load a Fleet (its simulated GPUs "
+            "run no workers). Remove 'fleet' from this file; to plan against the Fleet, run "
+            f"'gpuvisor plan --fleet {spec.fleet} -f MANIFESTS'",
+            field="spec.fleet",
+        )
+    return spec
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -170,3 +170,22 @@ def test_every_command_has_help() -> None:
         result = runner.invoke(app, command)
         assert result.exit_code == 0, command
         assert "Usage" in result.output
+
+
+def test_up_refuses_a_node_file_that_names_a_fleet(tmp_path: Path) -> None:
+    """A running node does not load a Fleet: `up` says so and starts nothing, rather than
+    accepting a setting that would silently do nothing."""
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        "apiVersion: gpuvisor/v1\nkind: Node\nmetadata: {name: edge}\nspec: {fleet: lab.fleet.yaml}\n"
+    )
+    state = tmp_path / "state"
+    port = str(free_port())
+    result = runner.invoke(
+        app, ["up", "--config", str(config), "--state", str(state), "--port", port]
+    )
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert "spec.fleet: a running node does not load a Fleet" in output
+    assert f"gpuvisor plan --fleet {tmp_path / 'lab.fleet.yaml'} -f MANIFESTS" in output
+    assert not state.exists()  # refused before anything was created
