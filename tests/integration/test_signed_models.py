@@ -1,5 +1,6 @@
 """Signed models on a running node: a pool with requireSignedModels serves a correctly signed
-model, refuses unsigned and untrusted ones at apply, and fails a slice whose file changed."""
+model, refuses unsigned and untrusted ones at apply, and fails a slice whose file changed until
+the signed file is back."""
 
 from __future__ import annotations
 
@@ -169,7 +170,9 @@ def test_malformed_signature_is_refused_at_apply(setup: Setup) -> None:
     _assert_refused(setup, "garbled", response, ["malformed signature"])
 
 
-def test_file_changed_after_signing_fails_the_slice(setup: Setup) -> None:
+def test_file_changed_after_signing_fails_the_slice_until_the_signed_file_is_back(
+    setup: Setup,
+) -> None:
     source = setup.model_file("tampered")
     applied = setup.apply("tampered", source, _sign(setup.trusted, source))
     assert applied.status_code == 200, applied.text
@@ -189,3 +192,10 @@ def test_file_changed_after_signing_fails_the_slice(setup: Setup) -> None:
     assert "changed after it was signed" in str(state["reason"])
     assert setup.trusted.fingerprint in str(state["reason"])
     assert setup.infer("tampered").status_code == 503
+    # putting the signed file back brings the slice back, with no apply and no load by hand
+    setup.model_file("tampered")
+    deadline = time.monotonic() + 60
+    while (state := setup.slices("tampered")[0])["state"] != "Ready":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+    assert setup.infer("tampered").status_code == 200

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from gpuvisor.control.slices import SliceState, SliceSupervisor
+from gpuvisor.control.slices import SliceState, SliceSupervisor, file_stamp
 from gpuvisor.dispatch.admission import Admission, TenantLimits
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.profiles import ExecutionProfile
@@ -246,10 +246,32 @@ class Controller:
             await self._move_off_unusable_devices()
             for sid, want in desired.items():
                 current = self.slices.get(sid)
-                if current is None or (current.state == "Pending" and sid not in self.supervisors):
+                if (
+                    current is None
+                    or (current.state == "Pending" and sid not in self.supervisors)
+                    or self._model_file_changed(current)
+                ):
                     self._start_slice(want)
             self._refresh_scheduling()
             self._publish_slice_counts()
+
+    def _model_file_changed(self, state: SliceState) -> bool:
+        """Whether a slice that Failed for its model should be loaded again: its model file was
+        replaced, rewritten or created since the attempt that failed."""
+        if state.state != "Failed" or not state.failed_on_model or state.launch is None:
+            return False
+        supervisor = self.supervisors.get(state.id)
+        if supervisor is not None and supervisor.task is not None and not supervisor.task.done():
+            return False  # still giving back what it held
+        if file_stamp(state.launch.path) == state.failed_model_stamp:
+            return False
+        log.info(
+            "slice %s: its model file %s changed; loading it again",
+            state.id,
+            state.launch.path,
+            extra={"tenant": state.tenant},
+        )
+        return True
 
     def _refresh_scheduling(self) -> None:
         """Apply tenants' weights and quotas to running slices and admission (they change

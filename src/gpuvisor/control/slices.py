@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +19,22 @@ from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
 from gpuvisor.telemetry.metrics import Metrics, is_out_of_memory
 from gpuvisor.units import format_size
 
-__all__ = ["SliceState", "SliceSupervisor"]
+__all__ = ["SliceState", "SliceSupervisor", "file_stamp"]
 
 log = logging.getLogger("gpuvisor.control")
+
+#: What a model file looked like when it was read: (inode, size, mtime in ns); None: no file.
+FileStamp = tuple[int, int, int] | None
+
+
+def file_stamp(path: str) -> FileStamp:
+    """Return the stamp of the file at ``path``, None when it does not exist (or cannot be read):
+    when it changes, the file was replaced, rewritten or created."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(eq=False)
@@ -55,6 +69,11 @@ class SliceState:
     unplaced: dict[str, str] = field(default_factory=dict)  # device -> why not, when Pending
     anti_affinity: bool = False
     disallow_migration: bool = False
+    # Failed because of its model (unloadable, refused, over its memory cap): the stamp of the
+    # model file as that attempt found it. The controller loads the slice again once the file
+    # changes (False: not failed for its model, nothing to watch).
+    failed_on_model: bool = False
+    failed_model_stamp: FileStamp = None
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state != self.state or reason != self.reason:
@@ -148,13 +167,14 @@ class SliceSupervisor:
         s = self.slice
         delay = self.backoff
         while not self.stopping:
+            stamp = file_stamp(self.launch.load.path)  # before reading it: no change is missed
             if self.verify_model is not None:
                 s.set_state("Loading", "checking the model's signature")
                 try:
                     # the worker then refuses a file that changes between this check and its load
                     self.launch.load.sha256 = await asyncio.to_thread(self.verify_model)
                 except ModelError as exc:
-                    s.set_state("Failed", exc.message)
+                    self._fail(exc.message, stamp)
                     log.warning(
                         "slice %s refused its model: %s",
                         s.id,
@@ -166,7 +186,7 @@ class SliceSupervisor:
             try:
                 loaded, worker = await self.pool.load_slice(self.launch)
             except ModelError as exc:
-                s.set_state("Failed", exc.message)
+                self._fail(exc.message, stamp)
                 if is_out_of_memory(exc.message.encode()):
                     self._count_allocation_failure("out_of_memory")
                 log.warning(
@@ -180,7 +200,7 @@ class SliceSupervisor:
                 continue
             over = self._memory_overrun(loaded)
             if over:
-                s.set_state("Failed", over)
+                self._fail(over, stamp)
                 self._count_allocation_failure("over_cap")
                 log.warning("slice %s failed: %s", s.id, over, extra={"tenant": s.tenant})
                 await self.pool.unload_slice(s.id)
@@ -226,6 +246,13 @@ class SliceSupervisor:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
+
+    def _fail(self, message: str, stamp: FileStamp) -> None:
+        """The slice cannot serve its model as it is: Failed until the model file changes (the
+        controller then loads it again), the deployment changes, or it is loaded by hand."""
+        s = self.slice
+        s.failed_on_model, s.failed_model_stamp = True, stamp
+        s.set_state("Failed", f"{message} (loaded again when the model file changes)")
 
     def _memory_overrun(self, loaded: p.ModelLoaded) -> str | None:
         s = self.slice
