@@ -234,13 +234,11 @@ def admin_router(node: Node) -> APIRouter:
         check_signed_models(resources, existing)
         check_quotas(resources, existing)
         objects = [StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources]
-        applied = await asyncio.to_thread(store().apply, objects)
-        await audit.record_ok(
-            node,
-            request,
-            principal,
-            "apply",
-            [(o.kind, o.name, o.tenant, outcome) for o, outcome in applied],
+        ok = audit.recorder(request, principal, "apply")
+        applied = await asyncio.to_thread(
+            store().apply,
+            objects,
+            lambda applied: ok([(o.kind, o.name, o.tenant, outcome) for o, outcome in applied]),
         )
         if node.controller is not None:
             await node.controller.reconcile()
@@ -354,18 +352,17 @@ def admin_router(node: Node) -> APIRouter:
             except ValueError as exc:
                 raise InvalidRequest(f"expiresIn: {exc}") from None
         assert node.keys is not None
+        expiry = f", expires {expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else ""
+        ok = audit.recorder(request, principal, "key.create")
         info, secret = await asyncio.to_thread(
-            node.keys.create, body.role, body.tenant, body.description, expires_at
-        )
-        reason = f"role {info.role}" + (
-            f", expires {expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else ""
-        )
-        await audit.record_ok(
-            node,
-            request,
-            principal,
-            "key.create",
-            [("ApiKey", info.display_id, info.tenant or "", reason)],
+            node.keys.create,
+            body.role,
+            body.tenant,
+            body.description,
+            expires_at,
+            lambda info: ok(
+                [("ApiKey", info.display_id, info.tenant or "", f"role {info.role}{expiry}")]
+            ),
         )
         return {**_key_view(info), "key": secret}
 
@@ -393,11 +390,14 @@ def admin_router(node: Node) -> APIRouter:
         audit.begin(request, "key.revoke", "ApiKey", f"gvk_{plain}")
         require_admin(principal)
         assert node.keys is not None
-        if not await asyncio.to_thread(node.keys.revoke, plain):
-            raise NotFound(f"API key {key_id} not found")
-        await audit.record_ok(
-            node, request, principal, "key.revoke", [("ApiKey", f"gvk_{plain}", "", "revoked")]
+        ok = audit.recorder(request, principal, "key.revoke")
+        revoked = await asyncio.to_thread(
+            node.keys.revoke,
+            plain,
+            lambda revoked: ok([("ApiKey", f"gvk_{plain}", "", "revoked")] if revoked else []),
         )
+        if not revoked:
+            raise NotFound(f"API key {key_id} not found")
         return {"revoked": f"gvk_{plain}"}
 
     # ---- audit log --------------------------------------------------------------------------
@@ -492,10 +492,16 @@ def admin_router(node: Node) -> APIRouter:
             raise Conflict(
                 f"{kind} {found.name} is used by {', '.join(users)}: delete or change those first"
             )
-        await asyncio.to_thread(store().delete, kind, found.tenant, found.name)
-        await audit.record_ok(
-            node, request, principal, "delete", [(kind, found.name, found.tenant, "deleted")]
+        ok = audit.recorder(request, principal, "delete")
+        deleted = await asyncio.to_thread(
+            store().delete,
+            kind,
+            found.tenant,
+            found.name,
+            lambda deleted: ok([(kind, found.name, found.tenant, "deleted")] if deleted else []),
         )
+        if not deleted:  # another request deleted it meanwhile
+            raise NotFound(f"{kind} {found.name} not found")
         if node.controller is not None:
             await node.controller.reconcile()
         return {"deleted": {"kind": kind, "name": found.name, "tenant": found.tenant or None}}

@@ -1,6 +1,7 @@
 """Audit records for the HTTP API: every mutation, and every refused key or role, with the
-request id the node logs. Routes name what they are about to do (``begin``) and record
-success (``record_ok``); refusals are recorded by the error handler (``record_refusal``)."""
+request id the node logs. Routes name what they are about to do (``begin``) and hand the
+Store the records of their success (``recorder``), which it commits with the change;
+refusals are recorded by the error handler (``record_refusal``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ __all__ = [
     "begin",
     "record_ok",
     "record_refusal",
+    "recorder",
     "request_id_of",
 ]
 
@@ -56,6 +58,33 @@ def begin(request: Request, action: str, kind: str = "", name: str = "", tenant:
     request.state.audit = AuditTarget(action, kind, name, tenant)
 
 
+def recorder(
+    request: Request, principal: Principal, action: str
+) -> Callable[[Sequence[tuple[str, str, str, str]]], list[AuditEvent]]:
+    """Return what makes the records of a successful mutation, one per ``(kind, name, tenant,
+    reason)`` object. Routes hand it to the Store, which writes the records in the mutation's
+    own transaction: a committed change always has its record."""
+    request_id = request_id_of(request)
+
+    def events(objects: Sequence[tuple[str, str, str, str]]) -> list[AuditEvent]:
+        return [
+            AuditEvent(
+                action=action,
+                result="ok",
+                actor=principal.key_id,
+                role=principal.role,
+                tenant=tenant or principal.tenant or "",
+                object_kind=kind,
+                object_name=name,
+                reason=reason,
+                request_id=request_id,
+            )
+            for kind, name, tenant, reason in objects
+        ]
+
+    return events
+
+
 async def record_ok(
     node: Node,
     request: Request,
@@ -63,23 +92,11 @@ async def record_ok(
     action: str,
     objects: Sequence[tuple[str, str, str, str]],
 ) -> None:
-    """Record a successful mutation: one record per ``(kind, name, tenant, reason)`` object."""
-    request_id = request_id_of(request)
-    events = [
-        AuditEvent(
-            action=action,
-            result="ok",
-            actor=principal.key_id,
-            role=principal.role,
-            tenant=tenant or principal.tenant or "",
-            object_kind=kind,
-            object_name=name,
-            reason=reason,
-            request_id=request_id,
-        )
-        for kind, name, tenant, reason in objects
-    ]
-    await _append(node, events)
+    """Record a change that is not kept in the database (a deployment loaded or unloaded
+    through the repository API), before making it: when the record cannot be written the
+    change is not made (the error propagates)."""
+    assert node.store is not None
+    await node.store.audit.append_async(recorder(request, principal, action)(objects))
 
 
 async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> None:
@@ -163,8 +180,8 @@ def audited_unexpected_handler(node: Node) -> Callable[[Request, Exception], Awa
 
 
 async def _append(node: Node, events: list[AuditEvent]) -> None:
-    # An audit write that fails must not turn the answer into a 500 (the mutation, if any,
-    # is done): it is logged as an error with the record, so it can be traced.
+    # The record of a refusal or failure: writing it must not turn the answer into a 500 (no
+    # change was made), so a failed write is logged as an error with the record instead.
     if node.store is None:
         return
     try:

@@ -87,17 +87,14 @@ def devices_router(node: Node) -> APIRouter:
         before = on_device(device_id)
         store = node.store
         assert store is not None
+        ok = audit.recorder(request, principal, action)
+        record = [("Device", device_id, "", reason or ("cordoned" if cordon else "uncordoned"))]
         if cordon:
-            changed = await asyncio.to_thread(store.cordon, device_id, principal.key_id, reason)
+            changed = await asyncio.to_thread(
+                store.cordon, device_id, principal.key_id, reason, lambda _: ok(record)
+            )
         else:
-            changed = await asyncio.to_thread(store.uncordon, device_id)
-        await audit.record_ok(
-            node,
-            request,
-            principal,
-            action,
-            [("Device", device_id, "", reason or ("cordoned" if cordon else "uncordoned"))],
-        )
+            changed = await asyncio.to_thread(store.uncordon, device_id, lambda _: ok(record))
         await controller().reconcile()
         slices = await settle(before, wait) if before else []
         return {"device": device_id, "cordoned": cordon, "changed": changed, "slices": slices}

@@ -459,8 +459,8 @@ def oip_router(node: Node) -> APIRouter:
         dep = node.find_deployment(principal, name)
         await _repository_body(request)
         assert node.controller is not None
-        await node.controller.load(dep.metadata.tenant or "", name)
         await record_ok(node, request, principal, "model.load", [("Deployment", name, "", "")])
+        await node.controller.load(dep.metadata.tenant or "", name)
         await node.wait_deployment_loaded(dep, timeout=node.spec.workers.start_timeout)
         return _json({})
 
@@ -477,8 +477,8 @@ def oip_router(node: Node) -> APIRouter:
         dep = node.find_deployment(principal, name)
         await _repository_body(request)
         assert node.controller is not None
-        await node.controller.unload(dep.metadata.tenant or "", name)
         await record_ok(node, request, principal, "model.unload", [("Deployment", name, "", "")])
+        await node.controller.unload(dep.metadata.tenant or "", name)
         return _json({})
 
     return router

@@ -9,7 +9,7 @@ import secrets
 import string
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -164,8 +164,10 @@ class KeyRing:
         tenant: str | None = None,
         description: str = "",
         expires_at: datetime | None = None,
+        audit: Callable[[KeyInfo], Sequence[AuditEvent]] | None = None,
     ) -> tuple[KeyInfo, str]:
-        """Create a key; return its info and the secret (shown once, never stored).
+        """Create a key; return its info and the secret (shown once, never stored). ``audit``'s
+        records of the new key are committed with it.
 
         A tenant key needs a tenant; admin and operator keys must not have one. Raises
         errors.InvalidRequest otherwise, or when ``expires_at`` is not in the future.
@@ -197,11 +199,12 @@ class KeyRing:
                 created_at=now,
                 expires_at=expiry,
             )
+            info = _info_from_stored(stored)
             try:
-                self._store.insert_key(stored)
+                self._store.insert_key(stored, None if audit is None else _bound(audit, info))
             except errors.Conflict:
                 continue  # an id collision: 36**8 ids make this vanishingly rare
-            return _info_from_stored(stored), secret
+            return info, secret
         raise errors.GpuvisorError("could not allocate a unique API key id")
 
     # ------------------------------------------------------------ authenticate
@@ -279,12 +282,15 @@ class KeyRing:
         stored = self._store.get_key(key_id.removeprefix(KEY_PREFIX))
         return None if stored is None else _info_from_stored(stored)
 
-    def revoke(self, key_id: str) -> bool:
-        """Revoke a key by id (``ab12cd34`` or ``gvk_ab12cd34``), effective at once.
+    def revoke(
+        self, key_id: str, audit: Callable[[bool], Sequence[AuditEvent]] | None = None
+    ) -> bool:
+        """Revoke a key by id (``ab12cd34`` or ``gvk_ab12cd34``), effective at once, with
+        ``audit``'s records of the result.
 
         Returns False when no such key exists; revoking twice keeps the first time.
         """
-        return self._store.revoke_key(key_id.removeprefix(KEY_PREFIX), self._clock())
+        return self._store.revoke_key(key_id.removeprefix(KEY_PREFIX), self._clock(), audit)
 
     # --------------------------------------------------------------- admin key
 
@@ -367,3 +373,10 @@ def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
     if x_api_key and x_api_key.strip():
         return x_api_key.strip()
     return None
+
+
+def _bound(
+    audit: Callable[[KeyInfo], Sequence[AuditEvent]], info: KeyInfo
+) -> Callable[[None], Sequence[AuditEvent]]:
+    """``audit`` of ``info``, as the Store calls it (with what its write returned)."""
+    return lambda _: audit(info)

@@ -172,6 +172,14 @@ def _record_from_row(row: AuditRow) -> AuditRecord:
     )
 
 
+def _check_results(events: Sequence[AuditEvent]) -> None:
+    for event in events:
+        if event.result not in RESULTS:
+            raise errors.InvalidRequest(
+                f"audit result {event.result!r} is not one of {', '.join(RESULTS)}"
+            )
+
+
 def _clip(event: AuditEvent) -> dict[str, str]:
     """Return the event's fields cut to their column widths (the hash covers what is stored)."""
     values: dict[str, str] = asdict(event)
@@ -214,29 +222,34 @@ class AuditLog:
         """Append ``events`` in order, in one transaction; return the stored records."""
         if not events:
             return []
-        for event in events:
-            if event.result not in RESULTS:
-                raise errors.InvalidRequest(
-                    f"audit result {event.result!r} is not one of {', '.join(RESULTS)}"
-                )
+        _check_results(events)
         with self._lock, Session(self._write_engine) as session, session.begin():
-            if session.get_bind().dialect.name == "postgresql":
-                session.execute(text(f"SELECT pg_advisory_xact_lock({_PG_AUDIT_LOCK_ID})"))
-            last = session.execute(
-                select(AuditRow.seq, AuditRow.hash).order_by(AuditRow.seq.desc()).limit(1)
-            ).first()
-            seq, prev_hash = (0, GENESIS_HASH) if last is None else (last[0], last[1])
-            at = datetime.now(timezone.utc)
-            rows = []
-            for event in events:
-                seq += 1
-                row = AuditRow(seq=seq, at=at, prev_hash=prev_hash, **_clip(event))
-                row.hash = digest = _hash_of_row(row)
-                session.add(row)
-                rows.append(row)
-                prev_hash = digest
-            session.flush()
-            return [_record_from_row(row) for row in rows]
+            return self.append_in(session, events)
+
+    def append_in(self, session: Session, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        """Append ``events`` within the caller's write transaction, so that they are committed
+        together with the change they record, or not at all. The caller holds the log's lock
+        (the Store's write lock) and opened ``session`` on the write engine."""
+        if not events:
+            return []
+        _check_results(events)
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text(f"SELECT pg_advisory_xact_lock({_PG_AUDIT_LOCK_ID})"))
+        last = session.execute(
+            select(AuditRow.seq, AuditRow.hash).order_by(AuditRow.seq.desc()).limit(1)
+        ).first()
+        seq, prev_hash = (0, GENESIS_HASH) if last is None else (last[0], last[1])
+        at = datetime.now(timezone.utc)
+        rows = []
+        for event in events:
+            seq += 1
+            row = AuditRow(seq=seq, at=at, prev_hash=prev_hash, **_clip(event))
+            row.hash = digest = _hash_of_row(row)
+            session.add(row)
+            rows.append(row)
+            prev_hash = digest
+        session.flush()
+        return [_record_from_row(row) for row in rows]
 
     async def append_async(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
         """``append`` on the log's own writer thread, so the event loop and the default

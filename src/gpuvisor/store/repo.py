@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gpuvisor import errors
-from gpuvisor.store.audit import AuditLog
+from gpuvisor.store.audit import AuditEvent, AuditLog
 from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
 from gpuvisor.store.tables import ApiKeyRow, CordonRow, ObjectRow
 
@@ -24,6 +24,10 @@ __all__ = ["ApplyOutcome", "Cordon", "Store", "StoredKey", "StoredObject"]
 ApplyOutcome = Literal["created", "configured", "unchanged"]
 
 _T = TypeVar("_T")
+#: The audit records of a write, made from what the write returned; they are committed in the
+#: write's own transaction (an audit record is never missing for a committed change, and a
+#: change whose record cannot be written is rolled back).
+AuditFor = Callable[[_T], Sequence[AuditEvent]]
 # A concurrent writer on PostgreSQL can insert the same key between our read and our
 # insert; the whole apply is then retried (it sees the row on the next attempt).
 _APPLY_ATTEMPTS = 3
@@ -129,15 +133,20 @@ class Store:
 
     # ----------------------------------------------------------------- objects
 
-    def apply(self, objects: list[StoredObject]) -> list[tuple[StoredObject, ApplyOutcome]]:
+    def apply(
+        self,
+        objects: list[StoredObject],
+        audit: AuditFor[list[tuple[StoredObject, ApplyOutcome]]] | None = None,
+    ) -> list[tuple[StoredObject, ApplyOutcome]]:
         """Create or update ``objects`` in one transaction; return each as stored, with its outcome.
 
         The outcome is "created" (new key, generation 1), "configured" (body changed,
-        generation + 1) or "unchanged". Either every object is written or none is.
+        generation + 1) or "unchanged". Either every object is written or none is, together
+        with the records ``audit`` makes of the result.
         """
         for attempt in range(_APPLY_ATTEMPTS):
             try:
-                return self._write(lambda session: self._apply_in(session, objects))
+                return self._write(lambda session: self._apply_in(session, objects), audit=audit)
             except IntegrityError:
                 if attempt == _APPLY_ATTEMPTS - 1:
                     raise
@@ -209,8 +218,11 @@ class Store:
             ).one_or_none()
             return None if row is None else _object_from_row(row)
 
-    def delete(self, kind: str, tenant: str | None, name: str) -> bool:
-        """Delete the object with this key; return whether it existed."""
+    def delete(
+        self, kind: str, tenant: str | None, name: str, audit: AuditFor[bool] | None = None
+    ) -> bool:
+        """Delete the object with this key; return whether it existed. ``audit``'s records of
+        the result are committed with the deletion."""
 
         def remove(session: Session) -> bool:
             result = session.execute(
@@ -222,7 +234,7 @@ class Store:
             )
             return bool(getattr(result, "rowcount", 0))
 
-        return self._write(remove)
+        return self._write(remove, audit=audit)
 
     # ---------------------------------------------------------------- API keys
 
@@ -231,8 +243,9 @@ class Store:
         """A counter bumped by every key write through this Store (cache invalidation)."""
         return self._keys_version
 
-    def insert_key(self, key: StoredKey) -> None:
-        """Store a new key record; raise errors.Conflict if its id or hash already exists."""
+    def insert_key(self, key: StoredKey, audit: AuditFor[None] | None = None) -> None:
+        """Store a new key record, with ``audit``'s records; raise errors.Conflict if its id or
+        hash already exists."""
 
         def insert(session: Session) -> None:
             session.add(
@@ -251,7 +264,7 @@ class Store:
             session.flush()
 
         try:
-            self._write(insert, keys_changed=True)
+            self._write(insert, keys_changed=True, audit=audit)
         except IntegrityError as exc:
             raise errors.Conflict(f"API key gvk_{key.id} already exists", key_id=key.id) from exc
 
@@ -281,8 +294,9 @@ class Store:
         with Session(self._engine) as session:
             return [_key_from_row(row) for row in session.scalars(query)]
 
-    def revoke_key(self, key_id: str, at: datetime) -> bool:
-        """Mark the key revoked at ``at`` (an earlier revocation is kept); False if unknown."""
+    def revoke_key(self, key_id: str, at: datetime, audit: AuditFor[bool] | None = None) -> bool:
+        """Mark the key revoked at ``at`` (an earlier revocation is kept), with ``audit``'s
+        records of the result; False if unknown."""
 
         def revoke(session: Session) -> bool:
             row = session.get(ApiKeyRow, key_id, with_for_update=True)
@@ -292,7 +306,7 @@ class Store:
                 row.revoked_at = at
             return True
 
-        return self._write(revoke, keys_changed=True)
+        return self._write(revoke, keys_changed=True, audit=audit)
 
     def touch_keys(self, last_used: dict[str, datetime]) -> None:
         """Record when each key (by id) was last used; unknown ids are ignored."""
@@ -309,8 +323,11 @@ class Store:
 
     # ----------------------------------------------------------------- cordons
 
-    def cordon(self, device_id: str, actor: str, reason: str = "") -> bool:
-        """Cordon a device; False (and the first record kept) when it already was."""
+    def cordon(
+        self, device_id: str, actor: str, reason: str = "", audit: AuditFor[bool] | None = None
+    ) -> bool:
+        """Cordon a device, with ``audit``'s records of the result; False (and the first record
+        kept) when it already was."""
 
         def add(session: Session) -> bool:
             if session.get(CordonRow, device_id, with_for_update=True) is not None:
@@ -318,16 +335,17 @@ class Store:
             session.add(CordonRow(device_id=device_id, actor=actor, reason=reason, at=_utcnow()))
             return True
 
-        return self._write(add)
+        return self._write(add, audit=audit)
 
-    def uncordon(self, device_id: str) -> bool:
-        """Lift a cordon; False when the device was not cordoned."""
+    def uncordon(self, device_id: str, audit: AuditFor[bool] | None = None) -> bool:
+        """Lift a cordon, with ``audit``'s records of the result; False when the device was not
+        cordoned."""
 
         def remove(session: Session) -> bool:
             result = session.execute(delete(CordonRow).where(CordonRow.device_id == device_id))
             return bool(getattr(result, "rowcount", 0))
 
-        return self._write(remove)
+        return self._write(remove, audit=audit)
 
     def list_cordons(self) -> builtins.list[Cordon]:
         """Return every cordoned device, oldest first."""
@@ -337,11 +355,20 @@ class Store:
 
     # ----------------------------------------------------------------- plumbing
 
-    def _write(self, work: Callable[[Session], _T], *, keys_changed: bool = False) -> _T:
+    def _write(
+        self,
+        work: Callable[[Session], _T],
+        *,
+        keys_changed: bool = False,
+        audit: AuditFor[_T] | None = None,
+    ) -> _T:
         with self._write_lock:
             try:
                 with Session(self._write_engine) as session, session.begin():
-                    return work(session)
+                    result = work(session)
+                    if audit is not None:
+                        self.audit.append_in(session, audit(result))
+                    return result
             finally:
                 # Bumped after the commit, so a cache reloading on the new version sees it.
                 if keys_changed:

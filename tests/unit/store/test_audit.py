@@ -18,7 +18,7 @@ from gpuvisor.errors import ConfigError, InvalidRequest
 from gpuvisor.security.keys import KeyRing
 from gpuvisor.store.audit import GENESIS_HASH, AuditEvent, AuditLog, record_hash
 from gpuvisor.store.db import make_engine
-from gpuvisor.store.repo import Store
+from gpuvisor.store.repo import Store, StoredObject
 
 
 @pytest.fixture
@@ -135,6 +135,66 @@ def test_concurrent_appends_keep_one_chain(store: Store) -> None:
         thread.join()
     report = store.audit.verify()
     assert (report.ok, report.records) == (True, 40)
+
+
+def _deployment(name: str) -> StoredObject:
+    return StoredObject("Deployment", "retail", name, body={"kind": "Deployment", "n": name})
+
+
+def test_a_change_and_its_record_are_committed_together(store: Store) -> None:
+    applied = store.apply(
+        [_deployment("shelf")],
+        audit=lambda result: [
+            _event(1, object_name=obj.name, reason=outcome) for obj, outcome in result
+        ],
+    )
+    assert [outcome for _, outcome in applied] == ["created"]
+    [record] = store.audit.list()
+    assert (record.object_name, record.reason) == ("shelf", "created")
+    assert store.delete(
+        "Deployment", "retail", "shelf", audit=lambda deleted: [_event(2, reason=str(deleted))]
+    )
+    assert [r.reason for r in store.audit.list()] == ["created", "True"]
+    assert store.audit.verify().ok
+
+
+def test_a_change_whose_record_cannot_be_written_is_rolled_back(store: Store) -> None:
+    store.apply([_deployment("kept")], audit=lambda _: [_event(1)])
+
+    def failing(_: object) -> list[AuditEvent]:
+        raise RuntimeError("the audit table is not writable")
+
+    with pytest.raises(RuntimeError, match="not writable"):
+        store.apply([_deployment("lost")], audit=failing)
+    with pytest.raises(InvalidRequest, match="audit result 'maybe'"):
+        store.delete("Deployment", "retail", "kept", audit=lambda _: [_event(2, result="maybe")])
+    with pytest.raises(RuntimeError, match="not writable"):
+        store.cordon("cpu-0", "key00001", "maintenance", audit=failing)
+    # nothing of the three changes is stored, and the log has only the first record
+    assert store.get("Deployment", "retail", "lost") is None
+    assert store.get("Deployment", "retail", "kept") is not None
+    assert store.list_cordons() == []
+    assert [r.seq for r in store.audit.list()] == [1]
+    assert store.audit.verify().ok
+
+
+def test_a_key_and_its_record_are_committed_together(store: Store) -> None:
+    keys = KeyRing(store)
+    info, _ = keys.create(
+        "tenant", "retail", audit=lambda made: [_event(1, object_name=made.display_id)]
+    )
+    [record] = store.audit.list()
+    assert record.object_name == info.display_id
+
+    def failing(_: object) -> list[AuditEvent]:
+        raise RuntimeError("no room for the record")
+
+    with pytest.raises(RuntimeError):
+        keys.revoke(info.display_id, audit=failing)
+    assert keys.get(info.display_id).revoked_at is None  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError):
+        keys.create("tenant", "retail", audit=failing)
+    assert [k.id for k in keys.list()] == [info.id]
 
 
 def test_two_stores_on_one_database_append_to_one_chain(store: Store) -> None:
