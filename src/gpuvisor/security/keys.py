@@ -305,11 +305,11 @@ class KeyRing:
         for key in self._store.list_keys(role="admin"):
             if key.revoked_at is None and (key.expires_at is None or key.expires_at > now):
                 return None
-        info, secret = self.create(role="admin", description="bootstrap admin key")
         path = admin_key_path(state_dir)
-        _write_private_file(path, secret + "\n")
-        self._store.audit.append(
-            [
+        _, secret = self.create(
+            role="admin",
+            description="bootstrap admin key",
+            audit=lambda info: [
                 AuditEvent(
                     action="key.create",
                     result="ok",
@@ -317,8 +317,9 @@ class KeyRing:
                     object_name=info.display_id,
                     reason=f"role admin, the bootstrap admin key written to {path}",
                 )
-            ]
+            ],
         )
+        _write_private_file(path, secret + "\n")
         return secret
 
 
