@@ -8,8 +8,10 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from gpuvisor.control.quotas import check_quotas
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.security.keys import KeyRing
+from gpuvisor.security.signed_models import check_signed_models
 from gpuvisor.spec.kinds import Tenant, resource_key
 from gpuvisor.spec.loader import (
     load_documents,
@@ -17,6 +19,7 @@ from gpuvisor.spec.loader import (
     resource_to_dict,
     validate_references,
 )
+from gpuvisor.store.audit import AuditEvent
 from gpuvisor.store.repo import Store, StoredObject
 
 __all__ = ["DemoState", "prepare_demo"]
@@ -41,7 +44,9 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
     """Build the demo models, apply the demo manifests and create one key per demo tenant.
 
     The manifests are applied once, on the first start: afterwards the store is the truth,
-    so what an operator changed or deleted stays that way. The model files are rebuilt
+    so what an operator changed or deleted stays that way. They pass the checks an apply
+    through the API passes (references, signed models, quotas), and what they create is in
+    the audit log like any apply (no actor: the node did it). The model files are rebuilt
     when missing. Returns where the demo lives.
     """
     demo = DemoState(state_dir)
@@ -55,11 +60,40 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
     docs = load_documents(demo.manifest.read_text(), source=str(demo.manifest), base_dir=demo.dir)
     existing = [resource_from_dict(o.body) for o in store.list()]
     validate_references(docs, existing)
-    store.apply([StoredObject(*resource_key(d), body=resource_to_dict(d)) for d in docs])
+    check_signed_models(docs, existing)
+    check_quotas(docs, existing)
+    store.apply(
+        [StoredObject(*resource_key(d), body=resource_to_dict(d)) for d in docs],
+        audit=lambda applied: [
+            AuditEvent(
+                action="apply",
+                result="ok",
+                tenant=o.tenant,
+                object_kind=o.kind,
+                object_name=o.name,
+                reason=f"{outcome}: the demo, on the node's first start",
+            )
+            for o, outcome in applied
+        ],
+    )
     tenant_keys = demo.tenant_keys()
     for doc in docs:
         if isinstance(doc, Tenant) and doc.metadata.name not in tenant_keys:
-            _, secret = keys.create("tenant", doc.metadata.name, description="demo key")
+            _, secret = keys.create(
+                "tenant",
+                doc.metadata.name,
+                description="demo key",
+                audit=lambda info: [
+                    AuditEvent(
+                        action="key.create",
+                        result="ok",
+                        tenant=info.tenant or "",
+                        object_kind="ApiKey",
+                        object_name=info.display_id,
+                        reason=f"role tenant, the demo's key written to {demo.keys_file}",
+                    )
+                ],
+            )
             tenant_keys[doc.metadata.name] = secret
     demo.keys_file.write_text(json.dumps(tenant_keys, indent=2))
     os.chmod(demo.keys_file, 0o600)
