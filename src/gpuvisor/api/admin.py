@@ -16,17 +16,15 @@ from pydantic import BaseModel, Field
 from gpuvisor.api import audit
 from gpuvisor.api.errors import error_responses
 from gpuvisor.api.oip import principal_of, read_body
-from gpuvisor.control.quotas import check_quotas
+from gpuvisor.control.checks import check_apply
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import KeyInfo, Principal
-from gpuvisor.security.signed_models import check_signed_models
 from gpuvisor.spec.kinds import TENANT_SCOPED, Deployment, Resource, Tenant, resource_key
 from gpuvisor.spec.loader import (
     load_documents,
     resource_from_dict,
     resource_to_dict,
-    validate_references,
 )
 from gpuvisor.store.repo import StoredObject
 from gpuvisor.units import parse_duration
@@ -230,9 +228,7 @@ def admin_router(node: Node) -> APIRouter:
         if len(resources) > 1:  # a failure from here on concerns the whole manifest
             audit.begin(request, "apply")
         existing = await all_resources()
-        validate_references(resources, existing)
-        check_signed_models(resources, existing)
-        check_quotas(resources, existing)
+        check_apply(resources, existing)
         objects = [StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources]
         ok = audit.recorder(request, principal, "apply")
         applied = await asyncio.to_thread(

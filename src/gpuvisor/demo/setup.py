@@ -8,16 +8,14 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from gpuvisor.control.quotas import check_quotas
+from gpuvisor.control.checks import check_apply
 from gpuvisor.demo.models import build_demo_models
-from gpuvisor.security.keys import KeyRing
-from gpuvisor.security.signed_models import check_signed_models
+from gpuvisor.security.keys import KeyRing, node_made_key_record
 from gpuvisor.spec.kinds import Tenant, resource_key
 from gpuvisor.spec.loader import (
     load_documents,
     resource_from_dict,
     resource_to_dict,
-    validate_references,
 )
 from gpuvisor.store.audit import AuditEvent
 from gpuvisor.store.repo import Store, StoredObject
@@ -59,9 +57,7 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
         shutil.copyfile(path, demo.manifest)
     docs = load_documents(demo.manifest.read_text(), source=str(demo.manifest), base_dir=demo.dir)
     existing = [resource_from_dict(o.body) for o in store.list()]
-    validate_references(docs, existing)
-    check_signed_models(docs, existing)
-    check_quotas(docs, existing)
+    check_apply(docs, existing)
     store.apply(
         [StoredObject(*resource_key(d), body=resource_to_dict(d)) for d in docs],
         audit=lambda applied: [
@@ -84,13 +80,8 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
                 doc.metadata.name,
                 description="demo key",
                 audit=lambda info: [
-                    AuditEvent(
-                        action="key.create",
-                        result="ok",
-                        tenant=info.tenant or "",
-                        object_kind="ApiKey",
-                        object_name=info.display_id,
-                        reason=f"role tenant, the demo's key written to {demo.keys_file}",
+                    node_made_key_record(
+                        info, f"role tenant, the demo's key written to {demo.keys_file}"
                     )
                 ],
             )

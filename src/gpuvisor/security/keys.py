@@ -30,6 +30,7 @@ __all__ = [
     "admin_key_path",
     "extract_key",
     "hash_secret",
+    "node_made_key_record",
     "read_admin_key",
 ]
 
@@ -310,17 +311,24 @@ class KeyRing:
             role="admin",
             description="bootstrap admin key",
             audit=lambda info: [
-                AuditEvent(
-                    action="key.create",
-                    result="ok",
-                    object_kind="ApiKey",
-                    object_name=info.display_id,
-                    reason=f"role admin, the bootstrap admin key written to {path}",
-                )
+                node_made_key_record(info, f"role admin, the bootstrap admin key written to {path}")
             ],
         )
         _write_private_file(path, secret + "\n")
         return secret
+
+
+def node_made_key_record(info: KeyInfo, reason: str) -> AuditEvent:
+    """The audit record of a key the node made itself, not an API caller (no actor): the
+    bootstrap admin key, the demo's tenant keys."""
+    return AuditEvent(
+        action="key.create",
+        result="ok",
+        tenant=info.tenant or "",
+        object_kind="ApiKey",
+        object_name=info.display_id,
+        reason=reason,
+    )
 
 
 def admin_key_path(state_dir: Path) -> Path:

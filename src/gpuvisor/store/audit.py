@@ -172,14 +172,6 @@ def _record_from_row(row: AuditRow) -> AuditRecord:
     )
 
 
-def _check_results(events: Sequence[AuditEvent]) -> None:
-    for event in events:
-        if event.result not in RESULTS:
-            raise errors.InvalidRequest(
-                f"audit result {event.result!r} is not one of {', '.join(RESULTS)}"
-            )
-
-
 def _clip(event: AuditEvent) -> dict[str, str]:
     """Return the event's fields cut to their column widths (the hash covers what is stored)."""
     values: dict[str, str] = asdict(event)
@@ -222,7 +214,6 @@ class AuditLog:
         """Append ``events`` in order, in one transaction; return the stored records."""
         if not events:
             return []
-        _check_results(events)
         with self._lock, Session(self._write_engine) as session, session.begin():
             return self.append_in(session, events)
 
@@ -232,7 +223,11 @@ class AuditLog:
         (the Store's write lock) and opened ``session`` on the write engine."""
         if not events:
             return []
-        _check_results(events)
+        for event in events:
+            if event.result not in RESULTS:
+                raise errors.InvalidRequest(
+                    f"audit result {event.result!r} is not one of {', '.join(RESULTS)}"
+                )
         if session.get_bind().dialect.name == "postgresql":
             session.execute(text(f"SELECT pg_advisory_xact_lock({_PG_AUDIT_LOCK_ID})"))
         last = session.execute(
