@@ -47,6 +47,7 @@ __all__ = [
     "Unavailable",
     "WorkerCrashed",
     "error_from_code",
+    "is_out_of_memory",
 ]
 
 
@@ -188,3 +189,20 @@ def error_from_code(code: str, message: str, **fields: Any) -> GpuvisorError:
     """Rebuild an error from its code (errors cross process boundaries as code + message)."""
     cls = _BY_CODE.get(code, GpuvisorError)
     return cls(message, **fields)
+
+
+# What onnxruntime's arena, CUDA and torch say when an allocation fails.
+_OUT_OF_MEMORY_MARKERS = (
+    b"out of memory",
+    b"failed to allocate",
+    b"cudaerrormemoryallocation",
+    b"bad_alloc",
+    b"memoryerror",
+)
+
+
+def is_out_of_memory(answer: bytes) -> bool:
+    """Return True when an error message (a worker's answer, a framework's exception) says
+    an allocation failed."""
+    text = answer[:4096].lower()
+    return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)

@@ -14,7 +14,7 @@ from pathlib import Path
 from gpuvisor import __version__
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.health import apply_health
-from gpuvisor.control.slices import SliceState
+from gpuvisor.control.slices import Backoff, SliceState
 from gpuvisor.dispatch.admission import deadline_error
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.fairshare import FairSharePolicy
@@ -25,6 +25,7 @@ from gpuvisor.errors import (
     NotFound,
     TooManyRequests,
     Unavailable,
+    is_out_of_memory,
 )
 from gpuvisor.inventory.device import Topology
 from gpuvisor.inventory.discovery import discover
@@ -33,7 +34,7 @@ from gpuvisor.security.keys import KeyRing, Principal
 from gpuvisor.spec.kinds import Deployment, NodeSpec
 from gpuvisor.store.db import default_url
 from gpuvisor.store.repo import Store
-from gpuvisor.telemetry.metrics import LiveSlice, Metrics, is_out_of_memory
+from gpuvisor.telemetry.metrics import LiveSlice, Metrics
 from gpuvisor.telemetry.recent import RecentActivity
 from gpuvisor.telemetry.sampler import (
     Sample,
@@ -122,8 +123,12 @@ class Node:
             self.dispatchers,
             self.metrics,
             cluster=self.spec.cluster,
-            backoff=self.spec.workers.restart_backoff,
-            backoff_max=self.spec.workers.restart_backoff_max,
+            restart=Backoff(
+                self.spec.workers.restart_backoff, self.spec.workers.restart_backoff_max
+            ),
+            out_of_memory=Backoff(
+                self.spec.workers.out_of_memory_retry, self.spec.workers.out_of_memory_retry_max
+            ),
             max_queued_per_slice=self.spec.limits.max_queued_per_slice,
             batch_nice=self.spec.workers.batch_nice,
         )

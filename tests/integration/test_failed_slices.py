@@ -1,20 +1,25 @@
 """A slice that Failed for its model comes back on its own once the model file is fixed, and is
-not loaded again while the file stays as it was. Real workers, a real store, the controller in
-this process, on the host CPU."""
+not loaded again while the file stays as it was; one whose model ran out of memory while
+loading is also loaded again later, with a growing delay. Real workers, a real store, the
+controller in this process, on the host CPU."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import orjson
+from onnx import TensorProto, helper, numpy_helper
 
 from gpuvisor.control.controller import Controller
-from gpuvisor.control.slices import SliceState
+from gpuvisor.control.slices import Backoff, SliceState, file_stamp
 from gpuvisor.demo.models import build_demo_model, sample_inputs
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.queues import PendingRequest
@@ -50,7 +55,9 @@ SLICE = "analytics/scorer/0"
 
 
 @contextlib.asynccontextmanager
-async def cpu_controller(db_url: str, model: Path) -> AsyncIterator[Controller]:
+async def cpu_controller(
+    db_url: str, model: Path, out_of_memory: Backoff = Backoff(30.0, 600.0)
+) -> AsyncIterator[Controller]:
     store = Store(db_url)
     resources = load_documents(MANIFEST.replace("MODEL", str(model)))
     store.apply([StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources])
@@ -59,7 +66,9 @@ async def cpu_controller(db_url: str, model: Path) -> AsyncIterator[Controller]:
     pool.start()
     dispatcher = DeviceDispatcher(cpu.id, pool)
     dispatcher.start()
-    ctl = Controller(store, Topology([cpu]), pool, {cpu.id: dispatcher}, Metrics())
+    ctl = Controller(
+        store, Topology([cpu]), pool, {cpu.id: dispatcher}, Metrics(), out_of_memory=out_of_memory
+    )
     try:
         yield ctl
     finally:
@@ -110,21 +119,96 @@ async def fix_the_file(db_url: str, model: Path) -> None:
         state = await reconcile_and_settle(ctl)
         assert state.state == "Ready", (state.state, state.reason)
         (name, array), *_ = sample_inputs("basket-scorer").items()
-        body = {
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(array.shape),
-                    "datatype": "FP32",
-                    "data": array.ravel().tolist(),
-                }
-            ]
-        }
-        request = PendingRequest(1, "analytics", orjson.dumps(body), -1, 0.0)
-        [outcome], _ = await ctl.pool.run_batch(SLICE, [request])
-        assert outcome.status == 200, outcome.body
-        [answer] = orjson.loads(outcome.body)["outputs"]
-        expected = ort.InferenceSession(str(model)).run(None, {name: array})[0]
-        np.testing.assert_allclose(
-            np.array(answer["data"]).reshape(expected.shape), expected, rtol=1e-6
-        )
+        await assert_serves(ctl, model, name, array)
+
+
+async def assert_serves(ctl: Controller, model: Path, name: str, array: np.ndarray) -> None:
+    """The slice answers a JSON request with what onnxruntime computes from the model file."""
+    body = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": "FP32",
+                "data": array.ravel().tolist(),
+            }
+        ]
+    }
+    request = PendingRequest(1, "analytics", orjson.dumps(body), -1, 0.0)
+    [outcome], _ = await ctl.pool.run_batch(SLICE, [request])
+    assert outcome.status == 200, outcome.body
+    [answer] = orjson.loads(outcome.body)["outputs"]
+    expected = ort.InferenceSession(str(model)).run(None, {name: array})[0]
+    np.testing.assert_allclose(
+        np.array(answer["data"]).reshape(expected.shape), expected, rtol=1e-6
+    )
+
+
+def filler_model(elements: int) -> bytes:
+    """y = x + sum(ones(elements)): running it allocates ``elements`` floats, so with 2**40 of
+    them (4 TiB) every run, and with it the load's profiling, fails to allocate memory. The file
+    has the same size whatever ``elements`` is."""
+    shape = numpy_helper.from_array(np.array([elements], dtype=np.int64), "shape")
+    ones = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["shape"], ["filler"], value=ones),
+            helper.make_node("ReduceSum", ["filler"], ["total"], keepdims=0),
+            helper.make_node("Add", ["x", "total"], ["y"]),
+        ],
+        "filler",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_a_slice_that_ran_out_of_memory_is_loaded_again_later(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(memory_comes_back(sqlite_url, tmp_path / "scorer.onnx"))
+
+
+async def memory_comes_back(db_url: str, model: Path) -> None:
+    model.write_bytes(filler_model(2**40))
+    async with cpu_controller(db_url, model, out_of_memory=Backoff(0.5, 1.0)) as ctl:
+        state = await reconcile_and_settle(ctl)
+        assert state.state == "Failed", (state.state, state.reason)
+        assert "the model ran out of memory running a batch of 1 while loading" in state.reason
+        assert "failed to allocate memory" in state.reason.lower()
+        assert "ran out of memory once; loaded again 0.5s after this failure" in state.reason
+        assert state.memory_failures == 1 and state.retry_at is not None
+        counted = ctl.metrics.allocation_failures.labels(
+            "cpu-0", "analytics", "scorer", "out_of_memory"
+        )._value.get()
+        assert counted == 1
+
+        # not due yet: no new attempt
+        since = state.since
+        again = await reconcile_and_settle(ctl)
+        assert again is state and again.since == since
+
+        # due: loaded again with nothing changed, fails again, and waits longer (up to the cap)
+        await asyncio.sleep(max(0.0, state.retry_at - time.monotonic()))
+        second = await reconcile_and_settle(ctl)
+        assert second is not state and second.state == "Failed", (second.state, second.reason)
+        assert second.memory_failures == 2
+        assert "ran out of memory 2 times in a row; loaded again 1s after" in second.reason
+
+        # the memory is there now (the same file, as far as its stamp tells: the slice comes
+        # back through the timer, not through a change of its model file)
+        stamp = file_stamp(str(model))
+        before = os.stat(model)
+        with open(model, "r+b") as f:
+            f.write(filler_model(4))
+        os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert file_stamp(str(model)) == stamp
+        assert second.retry_at is not None
+        await asyncio.sleep(max(0.0, second.retry_at - time.monotonic()))
+        ready = await reconcile_and_settle(ctl)
+        assert ready.state == "Ready", (ready.state, ready.reason)
+        assert ready.memory_failures == 0 and ready.retry_at is None
+        await assert_serves(ctl, model, "x", np.arange(8, dtype=np.float32).reshape(2, 4))

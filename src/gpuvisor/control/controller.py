@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from gpuvisor.control.slices import SliceState, SliceSupervisor, file_stamp
+from gpuvisor.control.slices import Backoff, SliceState, SliceSupervisor, file_stamp
 from gpuvisor.dispatch.admission import Admission, TenantLimits
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.profiles import ExecutionProfile
@@ -129,8 +129,8 @@ class Controller:
         dispatchers: dict[str, DeviceDispatcher],
         metrics: Metrics,
         cluster: str = "local",
-        backoff: float = 0.5,
-        backoff_max: float = 30.0,
+        restart: Backoff = Backoff(0.5, 30.0),
+        out_of_memory: Backoff = Backoff(30.0, 600.0),
         admission: Admission | None = None,
         max_queued_per_slice: int = 1024,
         framework: Framework | None = None,
@@ -148,8 +148,8 @@ class Controller:
         self.dispatchers = dispatchers
         self.metrics = metrics
         self.cluster = cluster
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        self.restart = restart
+        self.out_of_memory = out_of_memory
         self.slices: dict[str, SliceState] = {}
         self.supervisors: dict[str, SliceSupervisor] = {}
         self.unloaded: set[tuple[str, str]] = set()
@@ -252,6 +252,8 @@ class Controller:
                     or self._model_file_changed(current)
                 ):
                     self._start_slice(want)
+                elif self._memory_retry_due(current):
+                    self._start_slice(want, memory_failures=current.memory_failures)
             self._refresh_scheduling()
             self._publish_slice_counts()
 
@@ -269,6 +271,22 @@ class Controller:
             "slice %s: its model file %s changed; loading it again",
             state.id,
             state.launch.path,
+            extra={"tenant": state.tenant},
+        )
+        return True
+
+    def _memory_retry_due(self, state: SliceState) -> bool:
+        """Whether a slice whose model ran out of memory while loading is due to be loaded
+        again (others may have given memory back since)."""
+        if state.state != "Failed" or state.retry_at is None or time.monotonic() < state.retry_at:
+            return False
+        supervisor = self.supervisors.get(state.id)
+        if supervisor is not None and supervisor.task is not None and not supervisor.task.done():
+            return False
+        log.info(
+            "slice %s: loading it again after running out of memory (%d time(s) in a row)",
+            state.id,
+            state.memory_failures,
             extra={"tenant": state.tenant},
         )
         return True
@@ -357,7 +375,9 @@ class Controller:
             self.moved[state.id] = f"moved off {why}"
         await asyncio.gather(*moving)
 
-    def _start_slice(self, want: DesiredSlice) -> None:
+    def _start_slice(self, want: DesiredSlice, memory_failures: int = 0) -> None:
+        """Place and load a slice anew. ``memory_failures``: how many loads of the slice it
+        replaces ran out of memory in a row (the next delay grows with it)."""
         dep = want.deployment
         profile = want.profile
         state = SliceState(
@@ -380,6 +400,7 @@ class Controller:
             numa=dep.spec.placement.numa,
             anti_affinity=dep.spec.placement.anti_affinity,
             disallow_migration=dep.spec.placement.disallow_migration,
+            memory_failures=memory_failures,
         )
         replaced = self.slices.get(state.id)
         self.slices[state.id] = state
@@ -421,8 +442,8 @@ class Controller:
             self.dispatchers[device.id],
             self.metrics,
             self._make_queue,
-            self.backoff,
-            self.backoff_max,
+            self.restart,
+            self.out_of_memory,
             on_ready=self._remember_model,
             verify_model=(lambda: policy.check_file(model).sha256) if policy else None,
         )

@@ -13,13 +13,13 @@ from typing import Any
 
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.queues import SliceQueue
-from gpuvisor.errors import ModelError, Unavailable, WorkerCrashed
+from gpuvisor.errors import ModelError, Unavailable, WorkerCrashed, is_out_of_memory
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
-from gpuvisor.telemetry.metrics import Metrics, is_out_of_memory
+from gpuvisor.telemetry.metrics import Metrics
 from gpuvisor.units import format_size
 
-__all__ = ["SliceState", "SliceSupervisor", "file_stamp"]
+__all__ = ["Backoff", "SliceState", "SliceSupervisor", "file_stamp"]
 
 log = logging.getLogger("gpuvisor.control")
 
@@ -35,6 +35,19 @@ def file_stamp(path: str) -> FileStamp:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays that start at ``first`` seconds and double with each consecutive attempt, up to
+    ``most`` seconds."""
+
+    first: float
+    most: float
+
+    def delay(self, attempt: int) -> float:
+        """The delay before try ``attempt + 1`` (``attempt`` 1: the first delay)."""
+        return min(self.first * 2.0 ** min(max(attempt - 1, 0), 60), self.most)
 
 
 @dataclass(eq=False)
@@ -74,6 +87,10 @@ class SliceState:
     # changes (False: not failed for its model, nothing to watch).
     failed_on_model: bool = False
     failed_model_stamp: FileStamp = None
+    # Loads that ran out of memory in a row, and (monotonic) when the controller loads the slice
+    # again: memory that others held may be free by then, with no change to the slice.
+    memory_failures: int = 0
+    retry_at: float | None = None
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state != self.state or reason != self.reason:
@@ -122,8 +139,8 @@ class SliceSupervisor:
         dispatcher: DeviceDispatcher,
         metrics: Metrics,
         make_queue: Callable[[SliceState], SliceQueue],
-        backoff: float = 0.5,
-        backoff_max: float = 30.0,
+        restart: Backoff = Backoff(0.5, 30.0),
+        out_of_memory: Backoff = Backoff(30.0, 600.0),
         on_ready: Callable[[SliceState], None] | None = None,
         verify_model: Callable[[], str] | None = None,
     ) -> None:
@@ -133,8 +150,8 @@ class SliceSupervisor:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.make_queue = make_queue
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        self.restart = restart
+        self.out_of_memory = out_of_memory
         self.on_ready = on_ready
         # checks the model's signature and file before each load; returns the signed sha256
         self.verify_model = verify_model
@@ -165,7 +182,7 @@ class SliceSupervisor:
 
     async def _run(self) -> None:
         s = self.slice
-        delay = self.backoff
+        delay = self.restart.first
         while not self.stopping:
             stamp = file_stamp(self.launch.load.path)  # before reading it: no change is missed
             if self.verify_model is not None:
@@ -186,8 +203,9 @@ class SliceSupervisor:
             try:
                 loaded, worker = await self.pool.load_slice(self.launch)
             except ModelError as exc:
-                self._fail(exc.message, stamp)
-                if is_out_of_memory(exc.message.encode()):
+                out_of_memory = is_out_of_memory(exc.message.encode())
+                self._fail(exc.message, stamp, out_of_memory)
+                if out_of_memory:
                     self._count_allocation_failure("out_of_memory")
                 log.warning(
                     "slice %s failed to load: %s", s.id, exc.message, extra={"tenant": s.tenant}
@@ -196,7 +214,7 @@ class SliceSupervisor:
             except Unavailable as exc:
                 s.set_state("Restarting", f"{exc.message}; retrying in {delay:.1f}s")
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
+                delay = min(delay * 2, self.restart.most)
                 continue
             over = self._memory_overrun(loaded)
             if over:
@@ -208,6 +226,7 @@ class SliceSupervisor:
             s.loaded, s.worker_pid = loaded, worker.pid
             s.queue = self.make_queue(s)
             self.dispatcher.add_slice(s.queue)
+            s.memory_failures, s.retry_at = 0, None
             s.set_state("Ready")
             self._observe_memory(loaded)
             if self.on_ready is not None:
@@ -233,7 +252,7 @@ class SliceSupervisor:
             if self.stopping:
                 return
             if time.monotonic() - started > 30.0:
-                delay = self.backoff  # it ran stably: start the backoff over
+                delay = self.restart.first  # it ran stably: start the backoff over
             s.restarts += 1
             self.metrics.worker_restarts.labels(s.tenant, s.deployment).inc()
             s.set_state("Restarting", f"worker exited with code {code}; restarting in {delay:.1f}s")
@@ -245,14 +264,26 @@ class SliceSupervisor:
                 extra={"tenant": s.tenant},
             )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.backoff_max)
+            delay = min(delay * 2, self.restart.most)
 
-    def _fail(self, message: str, stamp: FileStamp) -> None:
+    def _fail(self, message: str, stamp: FileStamp, out_of_memory: bool = False) -> None:
         """The slice cannot serve its model as it is: Failed until the model file changes (the
-        controller then loads it again), the deployment changes, or it is loaded by hand."""
+        controller then loads it again), the deployment changes, or it is loaded by hand. A
+        load that ran out of memory is also tried again later, with a growing delay."""
         s = self.slice
         s.failed_on_model, s.failed_model_stamp = True, stamp
-        s.set_state("Failed", f"{message} (loaded again when the model file changes)")
+        if not out_of_memory:
+            s.set_state("Failed", f"{message} (loaded again when the model file changes)")
+            return
+        s.memory_failures += 1
+        delay = self.out_of_memory.delay(s.memory_failures)
+        s.retry_at = time.monotonic() + delay
+        times = "once" if s.memory_failures == 1 else f"{s.memory_failures} times in a row"
+        s.set_state(
+            "Failed",
+            f"{message} (ran out of memory {times}; loaded again {delay:g}s after this "
+            "failure, or when the model file changes)",
+        )
 
     def _memory_overrun(self, loaded: p.ModelLoaded) -> str | None:
         s = self.slice

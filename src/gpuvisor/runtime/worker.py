@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 import zmq
 
-from gpuvisor.errors import GpuvisorError
+from gpuvisor.errors import GpuvisorError, ModelError, is_out_of_memory
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.executors.base import Executor, ExecutorDevice, load_executor, verify_sha256
 from gpuvisor.runtime.tensors import (
@@ -108,6 +108,14 @@ def profile_batches(
                 slice_.executor.run(feed)
                 times.append(time.perf_counter() - t0)
         except GpuvisorError as exc:
+            if not profile and is_out_of_memory(exc.message.encode()):
+                # not even the smallest batch fits in memory: the slice could serve nothing
+                raise ModelError(
+                    f"the model ran out of memory running a batch of {rows} while loading: "
+                    f"{exc.message}"
+                ) from exc
+            # synthetic inputs a model rejects (values out of its range, say) say nothing
+            # about real requests: that size goes unprofiled
             log.debug("profiling %s at batch %d failed: %s", slice_.spec.slice_id, rows, exc)
             continue
         profile[rows] = statistics.median(times)

@@ -378,6 +378,10 @@ class WorkerSettings(SpecModel):
     start_timeout: Duration = Field(default=120.0, gt=0)
     restart_backoff: Duration = Field(default=0.5, ge=0)
     restart_backoff_max: Duration = Field(default=30.0, ge=0)
+    out_of_memory_retry: Duration = Field(default=30.0, gt=0)
+    """First delay before a slice whose model ran out of memory while loading is loaded again
+    (Failed in the meantime); doubles with each such failure in a row."""
+    out_of_memory_retry_max: Duration = Field(default=600.0, gt=0)
     batch_nice: int = Field(default=10, ge=0, le=19)
     """Niceness added (to the node's own) for workers that serve only ``batch``-class slices
     (0: none), so the node and latency-sensitive workers get the host's CPU cores first."""
@@ -389,6 +393,12 @@ class WorkerSettings(SpecModel):
                 "restartBackoffMax",
                 f"must be at least restartBackoff ({self.restart_backoff:g}s), "
                 f"got {self.restart_backoff_max:g}s",
+            )
+        if self.out_of_memory_retry_max < self.out_of_memory_retry:
+            raise field_error(
+                "outOfMemoryRetryMax",
+                f"must be at least outOfMemoryRetry ({self.out_of_memory_retry:g}s), "
+                f"got {self.out_of_memory_retry_max:g}s",
             )
         return self
 

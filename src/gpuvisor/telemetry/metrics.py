@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 
-__all__ = ["LiveSlice", "LiveSliceCollector", "Metrics", "is_out_of_memory"]
+__all__ = ["LiveSlice", "LiveSliceCollector", "Metrics"]
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -188,23 +188,6 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
-
-
-# What onnxruntime's arena, CUDA and torch say when an allocation fails.
-_OUT_OF_MEMORY_MARKERS = (
-    b"out of memory",
-    b"failed to allocate",
-    b"cudaerrormemoryallocation",
-    b"bad_alloc",
-    b"memoryerror",
-)
-
-
-def is_out_of_memory(answer: bytes) -> bool:
-    """Return True when a worker's error answer says an allocation failed (counted as an
-    ``out_of_memory`` allocation failure)."""
-    text = answer[:4096].lower()
-    return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
 
 
 @dataclass(frozen=True)

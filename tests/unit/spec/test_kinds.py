@@ -295,6 +295,27 @@ def test_node_worker_backoff_must_be_ordered() -> None:
         "{kind: Node, metadata: {name: n}, spec: {workers: {restartBackoff: 5s, restartBackoffMax: 1s}}}"
     )
     assert error["ctx"]["field"] == "restartBackoffMax"
+    (error,) = errors_of(
+        "{kind: Node, metadata: {name: n}, spec: {workers: {outOfMemoryRetryMax: 10s}}}"
+    )
+    assert error["ctx"]["field"] == "outOfMemoryRetryMax"
+    assert "at least outOfMemoryRetry (30s)" in error["msg"]
+
+
+def test_node_out_of_memory_retry_defaults_and_units() -> None:
+    node = parse("{kind: Node, metadata: {name: n}, spec: {}}")
+    workers = node.spec.workers  # type: ignore[attr-defined]
+    assert (workers.out_of_memory_retry, workers.out_of_memory_retry_max) == (30.0, 600.0)
+    node = parse(
+        "{kind: Node, metadata: {name: n}, "
+        "spec: {workers: {outOfMemoryRetry: 500ms, outOfMemoryRetryMax: 2m}}}"
+    )
+    workers = node.spec.workers  # type: ignore[attr-defined]
+    assert (workers.out_of_memory_retry, workers.out_of_memory_retry_max) == (0.5, 120.0)
+    (error,) = errors_of(
+        "{kind: Node, metadata: {name: n}, spec: {workers: {outOfMemoryRetry: 0s}}}"
+    )
+    assert error["loc"][-1] in ("outOfMemoryRetry", "out_of_memory_retry")
 
 
 def test_node_batch_nice_defaults_to_10_and_stays_within_the_os_range() -> None:

@@ -8,7 +8,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
-from gpuvisor.telemetry.metrics import LiveSlice, Metrics, is_out_of_memory
+from gpuvisor.errors import is_out_of_memory
+from gpuvisor.telemetry.metrics import LiveSlice, Metrics
 
 # family name as exposed (counters without _total) -> (type, label names)
 DECLARED = {
