@@ -22,7 +22,7 @@ from gpuvisor.cli_observe import bench_sampler, top
 from gpuvisor.cli_options import KeyOpt, OutputOpt, StateOpt, TenantOpt, UrlOpt
 from gpuvisor.cli_plan import bench_placement, plan_command
 from gpuvisor.client import NodeClient
-from gpuvisor.errors import ConfigError, GpuvisorError
+from gpuvisor.errors import ConfigError, GpuvisorError, NotFound
 
 __all__ = ["app", "main"]
 
@@ -164,7 +164,10 @@ def get(
     kind: Annotated[
         str, typer.Argument(help="tenants, profiles, pools, models, deployments, devices or slices")
     ],
-    name: Annotated[str | None, typer.Argument(help="one object's name")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="one object's name (a device's or slice's id); printed as yaml"),
+    ] = None,
     tenant: TenantOpt = None,
     output: OutputOpt = "table",
     url: UrlOpt = None,
@@ -182,6 +185,15 @@ def get(
     client = _client(url, key, state)
     params = {"tenant": tenant} if tenant else {}
     try:
+        if name and plural in ("devices", "slices"):
+            # no route for one of them (a slice id holds slashes): picked from the list
+            items = client.request("GET", f"/api/v1/{plural}", params=params)["items"]
+            found = next((item for item in items if item.get("id") == name), None)
+            if found is None:
+                known = ", ".join(str(item.get("id")) for item in items) or "none"
+                raise NotFound(f"no {plural[:-1]} '{name}' on this node (there are: {known})")
+            _print(found, "yaml" if output == "table" else output)
+            return
         if name:
             data = client.request("GET", f"/api/v1/{plural}/{name}", params=params)
             _print(data, "yaml" if output == "table" else output)

@@ -4,7 +4,7 @@ from the database (offline; registered on the app in cli.py)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,14 +45,14 @@ def parse_time(value: str, now: datetime | None = None) -> datetime:
     except ValueError:
         pass
     else:
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     try:
         ago = parse_duration(text)
     except ValueError:
         raise ConfigError(
             f"{value!r} is neither a time like 2026-11-21T13:00:00Z nor a duration ago like 2h"
         ) from None
-    return (now or datetime.now(timezone.utc)) - timedelta(seconds=ago)
+    return (now or datetime.now(UTC)) - timedelta(seconds=ago)
 
 
 @audit_app.command("list")
@@ -63,7 +63,10 @@ def list_command(
     ] = None,
     action: Annotated[
         str | None,
-        typer.Option(help="apply, delete, key.create, key.revoke, authenticate, request"),
+        typer.Option(
+            help="apply, delete, key.create, key.revoke, device.cordon, device.uncordon, "
+            "model.load, model.unload, authenticate or request"
+        ),
     ] = None,
     result: Annotated[str | None, typer.Option(help="ok, denied or failed")] = None,
     since: Annotated[

@@ -20,7 +20,9 @@ StateOpt = Annotated[
     str | None,
     typer.Option("--state", help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]"),
 ]
-OutputOpt = Annotated[str, typer.Option("--output", "-o", help="table, yaml or json")]
+OutputOpt = Annotated[
+    str, typer.Option("--output", "-o", help="table, yaml or json (one object: yaml or json)")
+]
 TenantOpt = Annotated[
     str | None, typer.Option("--tenant", "-t", help="tenant of tenant-scoped objects")
 ]

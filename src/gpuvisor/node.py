@@ -355,7 +355,7 @@ class Node:
         (a request already on the device is answered: its device time is spent)."""
         try:
             return await asyncio.wait_for(asyncio.shield(future), budget)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if not dispatcher.withdraw(queue.slice_id, request):
                 return await future
         m = self.metrics

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from gpuvisor.cli import app
@@ -38,6 +40,25 @@ def test_get_lists_what_the_node_serves(env: dict[str, str]) -> None:
     assert described.exit_code == 0, described.output
     assert "Replicas:    1 ready of 1" in described.output
     assert "retail/shelf-detector/0  Ready  on cpu-0" in described.output
+
+
+def test_get_one_device_or_slice_by_its_id(env: dict[str, str]) -> None:
+    device = runner.invoke(app, ["get", "devices", "cpu-0", "-o", "json"], env=env)
+    assert device.exit_code == 0, device.output
+    assert json.loads(device.output)["id"] == "cpu-0"
+    one = runner.invoke(app, ["get", "slices", "retail/shelf-detector/0"], env=env)
+    assert one.exit_code == 0, one.output
+    body = yaml.safe_load(one.output)
+    assert (body["id"], body["state"], body["device"]) == (
+        "retail/shelf-detector/0",
+        "Ready",
+        "cpu-0",
+    )
+    described = runner.invoke(app, ["describe", "device", "cpu-0"], env=env)
+    assert described.exit_code == 0 and "id: cpu-0" in described.output
+    missing = runner.invoke(app, ["get", "devices", "gpu-7"], env=env)
+    assert missing.exit_code == 1
+    assert "no device 'gpu-7' on this node (there are: cpu-0)" in missing.output
 
 
 def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_back(

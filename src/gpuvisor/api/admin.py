@@ -5,7 +5,7 @@ slices, keys and the audit log. Request and response bodies are pydantic models,
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -342,9 +342,7 @@ def admin_router(node: Node) -> APIRouter:
         expires_at = None
         if body.expires_in:
             try:
-                expires_at = datetime.now(timezone.utc) + timedelta(
-                    seconds=parse_duration(body.expires_in)
-                )
+                expires_at = datetime.now(UTC) + timedelta(seconds=parse_duration(body.expires_in))
             except ValueError as exc:
                 raise InvalidRequest(f"expiresIn: {exc}") from None
         assert node.keys is not None
@@ -408,7 +406,11 @@ def admin_router(node: Node) -> APIRouter:
         request: Request,
         actor: str | None = Query(None, description="key id, with or without gvk_"),
         tenant: str | None = Query(None, description="the tenant the action concerns"),
-        action: str | None = Query(None, description="apply, delete, key.create, ..."),
+        action: str | None = Query(
+            None,
+            description="apply, delete, key.create, key.revoke, device.cordon, device.uncordon, "
+            "model.load, model.unload, authenticate or request",
+        ),
         result: Literal["ok", "denied", "failed"] | None = None,
         since: datetime | None = Query(None, description="records at or after this time"),
         until: datetime | None = Query(None, description="records before this time"),

@@ -112,7 +112,7 @@ def run_batching(config: BatchingConfig, out: Reporter | None = None) -> Batchin
     out = out or Reporter()
     began = time.perf_counter()
     report = BatchingReport(
-        config, machine_info(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        config, machine_info(), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
     with workdir(config.workdir) as root:
         for model in config.models:

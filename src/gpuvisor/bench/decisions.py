@@ -192,7 +192,7 @@ def render_decisions(result: dict[str, Any], console: Console) -> None:
 
 def decisions_command(slices: int, decisions: int, output: Path, console: Console) -> int:
     """Run the benchmark, print its table and write its JSON to ``output``; return 0."""
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     with console.status(f"timing {decisions} decisions per policy over {slices} slices"):
         result = run_decisions(slices, decisions)
     render_decisions(result, console)

@@ -261,7 +261,7 @@ def run_fairness(config: FairnessConfig, out: Reporter | None = None) -> Fairnes
     report = FairnessReport(
         config,
         machine_info(),
-        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         windows={WEIGHTED: [], NAIVE: [], FIXED: [], ALONE: []},
     )
     weights = {t: f.weight for t, f in TENANTS.items()}

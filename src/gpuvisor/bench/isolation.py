@@ -242,7 +242,7 @@ def run_isolation(config: IsolationConfig, out: Reporter | None = None) -> Isola
     report = IsolationReport(
         config,
         machine_info(),
-        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         runs={GPUVISOR: [], NAIVE: []},
     )
     with ExitStack() as stack:

@@ -323,7 +323,7 @@ def run_overhead(config: OverheadConfig, reporter: Reporter | None = None) -> Ov
     report = OverheadReport(
         config,
         machine_info(),
-        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         runs={DIRECT: [], FLOOR: [], GPUVISOR: []},
     )
     inputs = sample_inputs(config.model, config.batch)

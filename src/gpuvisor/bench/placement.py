@@ -379,7 +379,7 @@ def render_placement(result: dict[str, Any], console: Console) -> None:
 
 def placement_command(config: PlacementConfig, output: Path, console: Console) -> int:
     """Run the benchmark, print its tables and write its JSON to ``output``; return 0."""
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     result = run_placement(config, console)
     render_placement(result, console)
     payload = {"benchmark": "placement", "started": started, "machine": machine_info(), **result}

@@ -154,7 +154,7 @@ def render_sampler(result: dict[str, Any], console: Console) -> None:
 
 def sampler_command(config: SamplerBenchConfig, output: Path, console: Console) -> int:
     """Run the benchmark, print its table and write its JSON to ``output``; return 0."""
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     total = config.seconds * (len(config.periods) + 1)
     # no spinner: its refresh thread would be measured along with the sampler
     console.print(f"measuring the sampler for about {total:.0f} s", highlight=False)

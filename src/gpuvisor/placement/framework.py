@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 from gpuvisor.inventory.device import Device
@@ -47,7 +47,7 @@ __all__ = [
 Numa = Literal["any", "local", "dedicated"]
 
 
-class Code(str, Enum):
+class Code(StrEnum):
     """How a plugin answered."""
 
     SUCCESS = "Success"

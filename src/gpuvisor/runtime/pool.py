@@ -147,7 +147,7 @@ class WorkerPool:
         await self._send(worker, launch.load)
         try:
             result = await asyncio.wait_for(asyncio.shield(loaded), self.start_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.unload_slice(launch.slice_id)
             raise Unavailable(
                 f"worker {worker.worker_id} did not load the model within {self.start_timeout:.0f}s"
@@ -324,7 +324,7 @@ class WorkerPool:
         log.info("started worker %s (pid %d) for %s", worker_id, process.pid, key)
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._stop_worker(worker)
             raise Unavailable(
                 f"worker {worker_id} did not start within {self.start_timeout:.0f}s"
@@ -380,7 +380,7 @@ class WorkerPool:
         try:
             await asyncio.wait_for(asyncio.shield(worker.exited), grace)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         for sig in (signal.SIGTERM, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
@@ -388,7 +388,7 @@ class WorkerPool:
             try:
                 await asyncio.wait_for(asyncio.shield(worker.exited), grace)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     # ---- the socket ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Engine, func, select, text
@@ -112,8 +112,8 @@ class ChainReport:
 
 
 def _format_time(at: datetime) -> str:
-    aware = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at
-    return aware.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    aware = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+    return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def record_hash(
@@ -234,7 +234,7 @@ class AuditLog:
             select(AuditRow.seq, AuditRow.hash).order_by(AuditRow.seq.desc()).limit(1)
         ).first()
         seq, prev_hash = (0, GENESIS_HASH) if last is None else (last[0], last[1])
-        at = datetime.now(timezone.utc)
+        at = datetime.now(UTC)
         rows = []
         for event in events:
             seq += 1

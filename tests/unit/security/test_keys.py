@@ -6,7 +6,7 @@ import hashlib
 import os
 import re
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from gpuvisor.store.db import make_engine
 from gpuvisor.store.repo import Store
 
 SECRET_FORMAT = re.compile(r"^gvk_([a-z0-9]{8})_[A-Za-z0-9_-]{43}$")
-START = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+START = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 class Clock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -119,7 +119,7 @@ def test_list_filters_and_limits(store: Store) -> None:
     later = [r.seq for r in store.audit.list(since=after)]
     assert 1 not in later and later == sorted(later)
     assert store.audit.list(until=everything[0].at) == []
-    future = datetime.now(timezone.utc) + timedelta(hours=1)
+    future = datetime.now(UTC) + timedelta(hours=1)
     assert store.audit.list(since=future) == []
 
 
@@ -244,7 +244,7 @@ def test_reordered_records_are_named(store: Store) -> None:
 def test_an_inserted_record_is_named_even_with_a_correct_hash(store: Store) -> None:
     _fill(store)
     second = store.audit.list(limit=1000)[1]
-    at = datetime.now(timezone.utc).replace(microsecond=0)
+    at = datetime.now(UTC).replace(microsecond=0)
     forged = record_hash(
         3, at, "x", "admin", "", "key.create", "ApiKey", "gvk_x", "ok", "", "", second.hash
     )
@@ -343,15 +343,15 @@ def test_cli_verify_refuses_a_malformed_anchor(sqlite_url: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("2026-11-21T13:00:00Z", datetime(2026, 11, 21, 13, 0, tzinfo=timezone.utc)),
-        ("2026-11-21T13:00:00", datetime(2026, 11, 21, 13, 0, tzinfo=timezone.utc)),
-        ("2026-11-21T15:00:00+02:00", datetime(2026, 11, 21, 13, 0, tzinfo=timezone.utc)),
-        ("2h", datetime(2026, 11, 21, 11, 0, tzinfo=timezone.utc)),
-        ("90s", datetime(2026, 11, 21, 12, 58, 30, tzinfo=timezone.utc)),
+        ("2026-11-21T13:00:00Z", datetime(2026, 11, 21, 13, 0, tzinfo=UTC)),
+        ("2026-11-21T13:00:00", datetime(2026, 11, 21, 13, 0, tzinfo=UTC)),
+        ("2026-11-21T15:00:00+02:00", datetime(2026, 11, 21, 13, 0, tzinfo=UTC)),
+        ("2h", datetime(2026, 11, 21, 11, 0, tzinfo=UTC)),
+        ("90s", datetime(2026, 11, 21, 12, 58, 30, tzinfo=UTC)),
     ],
 )
 def test_cli_times_are_rfc3339_or_a_duration_ago(text: str, expected: datetime) -> None:
-    now = datetime(2026, 11, 21, 13, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 21, 13, 0, tzinfo=UTC)
     assert parse_time(text, now=now) == expected
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 
@@ -261,7 +261,7 @@ def test_two_stores_on_one_sqlite_file_do_not_lock_each_other_out(tmp_path: Path
 
 
 def test_insert_key_with_an_existing_id_is_a_conflict(store: Store) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     key = StoredKey(
         id="ab12cd34",
         role="admin",
