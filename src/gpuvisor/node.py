@@ -86,7 +86,7 @@ class Node:
 
     async def start(self) -> None:
         """Open the store, discover devices, start dispatchers and workers; ready when this returns."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         url = self.options.db_url or default_url(self.state_dir)
         self.store = await asyncio.to_thread(Store, url)
         self.keys = KeyRing(self.store)

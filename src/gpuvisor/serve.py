@@ -7,21 +7,25 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
 from gpuvisor import __version__
 from gpuvisor.api.app import create_app
 from gpuvisor.client import resolve_state_dir
 from gpuvisor.demo.setup import DemoState, prepare_demo
 from gpuvisor.errors import ConfigError
+from gpuvisor.inventory.discovery import discover
 from gpuvisor.logs import configure_logging
 from gpuvisor.node import Node, NodeOptions
-from gpuvisor.security.keys import KeyRing, admin_key_path
+from gpuvisor.security.keys import KeyRing, admin_key_path, claimed_key_id
 from gpuvisor.spec.kinds import Node as NodeDoc
 from gpuvisor.spec.kinds import NodeSpec
 from gpuvisor.spec.loader import load_documents
@@ -105,8 +109,11 @@ async def serve_node(
     """Run a node until it is stopped (SIGINT/SIGTERM); return the process exit code."""
     configure_logging(log_level, log_format)
     spec = load_node_config(config)
+    # Before anything is written: a node file that asks for a GPU this host does not have is
+    # refused here, in one line, rather than from inside the server's start-up.
+    await asyncio.to_thread(discover, spec)
     state_dir = resolve_state_dir(state)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     db_url = db or default_url(state_dir)
     use_demo = demo if demo is not None else config is None
     _check_port_free(host, port)
@@ -118,9 +125,17 @@ async def serve_node(
             _prepare_state, state_dir, db_url, use_demo
         )
     node = Node(NodeOptions(spec=spec, state_dir=state_dir, db_url=db_url, host=host, port=port))
+    with console.status("Starting the node: discovering devices, starting workers, loading models"):
+        try:
+            await node.start()
+        except BaseException:
+            await node.stop()
+            if admin_secret:  # made just now: its only showing
+                _print_admin_key(console, state_dir, admin_secret)
+            raise
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(node),
+            create_app(node),  # started already; stopped when the server stops
             host=host,
             port=port,
             log_config=None,
@@ -130,12 +145,13 @@ async def serve_node(
         )
     )
     serving = asyncio.create_task(server.serve())
-    with console.status("Starting the node: discovering devices, starting workers, loading models"):
+    with console.status("Loading models"):
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if serving.done():
             with contextlib.suppress(BaseException):
                 await serving
+            await node.stop()
             return 1
         not_ready = await node.wait_until_loaded(timeout=spec.workers.start_timeout)
     _print_banner(
@@ -143,12 +159,35 @@ async def serve_node(
     )
     for s in not_ready:
         console.print(
-            f"[yellow]slice {s.id} is {s.state}: {s.reason}[/yellow]",
+            f"[yellow]slice {s.id} is {s.state}:[/yellow] {escape(s.reason)}",
             highlight=False,
             soft_wrap=True,
         )
+    # The server's shutdown stops the node (uvicorn re-raises SIGTERM once it has stopped,
+    # so nothing after this line runs then).
     await serving
     return 0
+
+
+def _key_status(keys: KeyRing, secret: str) -> str:
+    """ "" for a key that works, else why not (looked up by id: showing a key is not using it)."""
+    key_id = claimed_key_id(secret)
+    info = keys.get(key_id) if key_id else None
+    if info is None:
+        return "(no longer known to this node)"
+    if info.revoked_at is not None:
+        return f"(gvk_{info.id}, revoked)"
+    if info.expires_at is not None and info.expires_at <= datetime.now(UTC):
+        return f"(gvk_{info.id}, expired)"
+    return ""
+
+
+def _print_admin_key(console: Console, state_dir: Path, secret: str) -> None:
+    console.print(
+        f"\nadmin key (shown once; also in {admin_key_path(state_dir)}, mode 0600):\n  {secret}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_banner(
@@ -182,18 +221,22 @@ def _print_banner(
             f"  device {device.id}: {device.model} ({device.kind})", highlight=False, soft_wrap=True
         )
     if admin_secret:
-        console.print(
-            f"\nadmin key (shown once; also in {admin_key_path(state_dir)}, mode 0600):\n  {admin_secret}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _print_admin_key(console, state_dir, admin_secret)
     else:
         console.print(f"\nadmin key: {admin_key_path(state_dir)}", highlight=False, soft_wrap=True)
     if demo is None:
         return
+    assert node.keys is not None
     keys = demo.tenant_keys()
+    # Shown in a terminal only: a node whose output goes to a log or a journal keeps them in
+    # the file (mode 0600) alone.
+    shown = console.is_terminal
     console.print(
-        "\n[bold]demo tenants[/bold] (keys also in " + str(demo.keys_file) + "):",
+        "\n[bold]demo tenants[/bold] (keys "
+        + ("also " if shown else "")
+        + f"in {escape(str(demo.keys_file))}"
+        + ("" if shown else ", not printed when the output is not a terminal")
+        + "):",
         highlight=False,
         soft_wrap=True,
     )
@@ -204,22 +247,38 @@ def _print_banner(
             soft_wrap=True,
         )
     for tenant, key in sorted(keys.items()):
-        console.print(f"  {tenant:10} key {key}", highlight=False, soft_wrap=True)
-    retail = keys.get("retail", "RETAIL_KEY")
-    analytics = keys.get("analytics", "ANALYTICS_KEY")
+        status = _key_status(node.keys, key)
+        console.print(
+            f"  {tenant:10} key {key if shown and not status else status or 'in the file'}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    if shown:
+        retail, analytics, setup = keys.get("retail", ""), keys.get("analytics", ""), ""
+    else:
+        retail, analytics = "$RETAIL_KEY", "$ANALYTICS_KEY"
+        read = "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])"
+        setup = "".join(
+            f"  export {name.upper()}_KEY=$(python3 -c '{read}' {demo.keys_file} {name})\n"
+            for name in ("analytics", "retail")
+        )
+    if sys.prefix != sys.base_prefix:  # in a virtual environment: other terminals need it too
+        setup = f"  . {Path(sys.prefix) / 'bin' / 'activate'}   # in another terminal\n" + setup
+    retail_py = repr(retail) if shown else 'os.environ["RETAIL_KEY"]'
     features = ",".join(["0.5"] * 16)
     console.print("\n[bold]try it[/bold]")
     console.print(
         f"""
-  curl -s -H 'Authorization: Bearer {analytics}' {base}/v2/models/basket-scorer/infer \\
+{setup}  curl -s -H "Authorization: Bearer {analytics}" {base}/v2/models/basket-scorer/infer \\
     -d '{{"inputs":[{{"name":"features","shape":[1,16],"datatype":"FP32","data":[{features}]}}]}}'
 
   python - <<'PY'
-import numpy as np, tritonclient.http as http
+import os, numpy as np, tritonclient.http as http
 client = http.InferenceServerClient("{host}:{port}")
 image = http.InferInput("image", [1, 3, 32, 32], "FP32")
 image.set_data_from_numpy(np.random.rand(1, 3, 32, 32).astype(np.float32))
-result = client.infer("shelf-detector", [image], headers={{"Authorization": "Bearer {retail}"}})
+result = client.infer("shelf-detector", [image], headers={{"Authorization": "Bearer " + {retail_py}}})
 print("shelf class:", result.as_numpy("probabilities").argmax())
 PY
 

@@ -177,6 +177,53 @@ def test_mutations_and_refusals_are_recorded_and_verified(demo_node: NodeProcess
     assert f"record {apply_record['seq']} was modified" in tampered.output
 
 
+def test_secrets_sent_by_mistake_are_kept_out_of_answers_logs_and_the_audit_log(
+    demo_node: NodeProcess,
+) -> None:
+    url, admin = demo_node.url, demo_node.admin_key
+    support = demo_node.tenant_key("support")
+    node_log = demo_node.state_dir / "node.log"
+    logged_before = node_log.stat().st_size  # what the node logs from here on
+    # a tenant key sent without "Bearer ": refused, and the answer does not repeat it
+    bare = httpx.get(f"{url}/v2/models/intent-router", headers={"Authorization": support})
+    assert bare.status_code == 401
+    assert bare.json()["error"] == (
+        "the Authorization header has no scheme: send 'Authorization: Bearer <key>'"
+    )
+    # a whole key pasted in place of its id: the key is revoked by its id
+    created = httpx.post(
+        f"{url}/api/v1/keys",
+        headers=demo_node.auth(admin),
+        json={"role": "tenant", "tenant": "support"},
+    )
+    assert created.status_code == 201, created.text
+    throwaway = created.json()["key"]
+    revoked = httpx.delete(f"{url}/api/v1/keys/{throwaway}", headers=demo_node.auth(admin))
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json() == {"revoked": f"gvk_{_key_id(throwaway)}"}
+    gone = httpx.get(f"{url}/v2/models/intent-router", headers=demo_node.auth(throwaway))
+    assert gone.status_code == 401 and "was revoked" in gone.json()["error"]
+    malformed = httpx.delete(
+        f"{url}/api/v1/keys/gvk_short_S3cretS3cret", headers=demo_node.auth(admin)
+    )
+    assert malformed.status_code == 400
+    assert "not its secret" in malformed.json()["error"]
+    assert "S3cret" not in malformed.text
+
+    records = httpx.get(
+        f"{url}/api/v1/audit", headers=demo_node.auth(admin), params={"limit": 1000}
+    )
+    assert records.status_code == 200
+    secrets = [support.rpartition("_")[2], throwaway.rpartition("_")[2], "S3cretS3cret"]
+    places = {
+        "the audit log": records.text,
+        "the node's log": node_log.read_bytes()[logged_before:].decode(),
+    }
+    for where, text in places.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret reached {where}"
+
+
 def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

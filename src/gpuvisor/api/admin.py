@@ -19,7 +19,7 @@ from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.control.checks import check_apply
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
-from gpuvisor.security.keys import KeyInfo, Principal
+from gpuvisor.security.keys import KEY_PREFIX, KeyInfo, Principal, claimed_key_id
 from gpuvisor.spec.kinds import TENANT_SCOPED, Deployment, Resource, Tenant, resource_key
 from gpuvisor.spec.loader import (
     load_documents,
@@ -380,7 +380,14 @@ def admin_router(node: Node) -> APIRouter:
     )
     async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
         principal = principal_of(node, request)
-        plain = key_id.removeprefix("gvk_")
+        # a whole key pasted in place of its id: use the id, and keep the secret out of the
+        # audit record and the answer
+        plain = claimed_key_id(key_id) or key_id.removeprefix(KEY_PREFIX)
+        if "_" in plain:
+            raise InvalidRequest(
+                "give the key's id (gvk_ and 8 letters or digits, as `gpuvisor keys list` "
+                "shows it), not its secret"
+            )
         audit.begin(request, "key.revoke", "ApiKey", f"gvk_{plain}")
         require_admin(principal)
         assert node.keys is not None
@@ -391,7 +398,7 @@ def admin_router(node: Node) -> APIRouter:
             lambda revoked: ok([("ApiKey", f"gvk_{plain}", "", "revoked")] if revoked else []),
         )
         if not revoked:
-            raise NotFound(f"API key {key_id} not found")
+            raise NotFound(f"API key gvk_{plain} not found")
         return {"revoked": f"gvk_{plain}"}
 
     # ---- audit log --------------------------------------------------------------------------

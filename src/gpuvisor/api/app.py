@@ -93,7 +93,7 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if manage_lifecycle:
+        if manage_lifecycle and not node.ready:  # (`up` starts it before serving)
             await node.start()
         try:
             yield

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from gpuvisor.api.errors import gpuvisor_error_response, unexpected_error_response
 from gpuvisor.errors import Forbidden, GpuvisorError, NotFound, Unauthenticated
 from gpuvisor.node import Node
-from gpuvisor.security.keys import Principal
+from gpuvisor.security.keys import Principal, redact_secrets
 from gpuvisor.store.audit import AuditEvent, AuditResult
 
 __all__ = [
@@ -122,7 +122,7 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
         result = "failed"
     else:
         return
-    endpoint = f"{request.method} {request.url.path}"
+    endpoint = f"{request.method} {redact_secrets(request.url.path)}"
     if isinstance(exc, Unauthenticated) or target is None:
         action = "authenticate" if isinstance(exc, Unauthenticated) else "request"
         target = AuditTarget(action, "endpoint", endpoint, named_tenant)

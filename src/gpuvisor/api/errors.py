@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from gpuvisor.errors import GpuvisorError
+from gpuvisor.security.keys import redact_secrets
 
 __all__ = [
     "ErrorBody",
@@ -81,7 +82,7 @@ def gpuvisor_error_response(request: Request, exc: GpuvisorError) -> Response:
     log.info(
         "%s %s -> %d %s: %s",
         request.method,
-        request.url.path,
+        redact_secrets(request.url.path),
         exc.http_status,
         exc.code,
         exc.message,
@@ -110,9 +111,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
-        message = f"no such endpoint: {request.method} {request.url.path}"
+        message = f"no such endpoint: {request.method} {redact_secrets(request.url.path)}"
     elif exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
+        message = f"method {request.method} is not allowed on {redact_secrets(request.url.path)}"
     return error_response(exc.status_code, message)
 
 
@@ -127,7 +128,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 def unexpected_error_response(request: Request, exc: Exception) -> Response:
     """Return a 500 for a bug, logged with its traceback (call from an ``except`` block)."""
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    log.exception("unexpected error on %s %s", request.method, redact_secrets(request.url.path))
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 

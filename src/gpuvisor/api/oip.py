@@ -28,7 +28,7 @@ from gpuvisor.api.errors import (
 )
 from gpuvisor.errors import GpuvisorError, InvalidRequest, PayloadTooLarge, Unavailable
 from gpuvisor.node import Node
-from gpuvisor.security.keys import Principal, extract_key
+from gpuvisor.security.keys import Principal, extract_key, redact_secrets
 from gpuvisor.units import format_size
 
 __all__ = [
@@ -199,7 +199,7 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
         log.info(
             "%s %s -> %d: %s",
             request.method,
-            request.url.path,
+            redact_secrets(request.url.path),
             outcome.status,
             outcome.body[:300].decode(errors="replace"),
             extra={"tenant": principal.tenant, "request_id": trace_id},

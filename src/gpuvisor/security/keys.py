@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import os
+import re
 import secrets
 import string
 import threading
@@ -28,10 +29,12 @@ __all__ = [
     "Principal",
     "Role",
     "admin_key_path",
+    "claimed_key_id",
     "extract_key",
     "hash_secret",
     "node_made_key_record",
     "read_admin_key",
+    "redact_secrets",
 ]
 
 Role = Literal["admin", "operator", "tenant"]
@@ -221,7 +224,14 @@ class KeyRing:
         self._refresh_if_stale()
         entry = self._cache.get(hash_secret(secret))
         if entry is None:
-            raise errors.Unauthenticated("unknown API key")
+            claimed = claimed_key_id(secret)
+            if claimed is None:
+                raise errors.Unauthenticated("unknown API key")
+            # the id is not secret: naming it lets an operator tie repeated tries to one key
+            raise errors.Unauthenticated(
+                f"unknown API key (no key {KEY_PREFIX}{claimed} with this secret)",
+                claimed_key_id=claimed,
+            )
         principal = entry.principal
         shown = f"{KEY_PREFIX}{principal.key_id}"
         if entry.revoked_at is not None:
@@ -360,6 +370,29 @@ def _write_private_file(path: Path, text: str) -> None:
         raise
 
 
+_SECRET_IN_TEXT = re.compile(r"(gvk_[a-z0-9]{1,16})_[A-Za-z0-9_-]+")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the secret part of every ``gvk_<id>_<secret>`` in it replaced by ``…``
+    (for paths and messages that are logged, recorded or echoed back)."""
+    return _SECRET_IN_TEXT.sub(r"\1_…", text)
+
+
+def claimed_key_id(text: str) -> str | None:
+    """The id part of ``gvk_<id>_<secret>`` (or of ``gvk_<id>``) when ``text`` has that form,
+    else None; never any of the secret."""
+    rest = text.strip().removeprefix(KEY_PREFIX)
+    key_id, _, _ = rest.partition("_")
+    if (
+        text.strip().startswith(KEY_PREFIX)
+        and len(key_id) == _ID_LENGTH
+        and all(c in _ID_ALPHABET for c in key_id)
+    ):
+        return key_id
+    return None
+
+
 def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
     """Return the key sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 
@@ -373,11 +406,14 @@ def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
         if scheme.lower() == "bearer" and token:
             return token
         if not (x_api_key and x_api_key.strip()):
-            problem = (
-                "empty Bearer token"
-                if scheme.lower() == "bearer"
-                else f"unsupported Authorization scheme {scheme!r}"
-            )
+            if scheme.lower() == "bearer":
+                problem = "empty Bearer token"
+            elif not token:  # one word: most likely a key sent without "Bearer " (never echo it)
+                problem = "the Authorization header has no scheme"
+            elif scheme.isalpha() and len(scheme) <= 16:
+                problem = f"unsupported Authorization scheme {scheme!r}"
+            else:
+                problem = "the Authorization header is not 'Bearer <key>'"
             raise errors.Unauthenticated(f"{problem}: send 'Authorization: Bearer <key>'")
     if x_api_key and x_api_key.strip():
         return x_api_key.strip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -69,7 +71,12 @@ def make_engine(url: str) -> Engine:
         # Every new connection to ":memory:" is a new empty database: share one.
         options["poolclass"] = StaticPool
     elif not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(database).expanduser()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Made private before SQLite makes it (SQLite gives its -wal and -shm files the same
+        # mode): it holds key hashes and the audit log.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     engine = create_engine(parsed, **options)
     _install_sqlite_hooks(engine, in_memory=in_memory)
     return engine

@@ -22,6 +22,7 @@ from gpuvisor.security.keys import (
     admin_key_path,
     extract_key,
     read_admin_key,
+    redact_secrets,
 )
 from gpuvisor.store.db import make_engine
 from gpuvisor.store.repo import Store
@@ -110,10 +111,25 @@ def test_no_key_says_how_to_send_one(ring: KeyRing, missing: str | None) -> None
 def test_unknown_and_tampered_keys_are_unknown(ring: KeyRing) -> None:
     info, secret = ring.create(role="tenant", tenant="retail")
     tampered = secret[:-1] + ("A" if secret[-1] != "A" else "B")
-    for candidate in ("gvk_zzzzzzzz_" + "x" * 43, tampered, "not-a-key", secret + " "):
+    cases = {
+        "gvk_zzzzzzzz_" + "x" * 43: "zzzzzzzz",
+        tampered: info.id,
+        secret + " ": info.id,
+        "not-a-key": None,
+        "gvk_short_" + "x" * 43: None,
+    }
+    for candidate, claimed in cases.items():
         with pytest.raises(errors.Unauthenticated) as caught:
             ring.authenticate(candidate)
-        assert caught.value.message == "unknown API key"
+        if claimed is None:
+            assert caught.value.message == "unknown API key"
+        else:
+            # the id it claims is named (it is not secret), never the secret
+            assert caught.value.message == (
+                f"unknown API key (no key gvk_{claimed} with this secret)"
+            )
+            assert caught.value.fields["claimed_key_id"] == claimed
+        assert candidate.strip().rpartition("_")[2] not in caught.value.message
     assert ring.authenticate(secret).key_id == info.id
 
 
@@ -338,13 +354,17 @@ def test_extract_key(
     ("authorization", "message"),
     [
         ("Basic dXNlcjpwdw==", "unsupported Authorization scheme 'Basic'"),
-        ("gvk_abc", "unsupported Authorization scheme 'gvk_abc'"),
+        ("gvk_abc", "the Authorization header has no scheme"),
+        ("gvk_ab12cd34_S3cretS3cretS3cret", "the Authorization header has no scheme"),
+        ("gvk_ab12cd34_S3cretS3cretS3cret x", "the Authorization header is not 'Bearer <key>'"),
         ("Bearer ", "empty Bearer token"),
     ],
 )
 def test_extract_key_rejects_other_schemes(authorization: str, message: str) -> None:
-    with pytest.raises(errors.Unauthenticated, match=re.escape(message)):
+    with pytest.raises(errors.Unauthenticated, match=re.escape(message)) as caught:
         extract_key(authorization, None)
+    # a key sent without "Bearer " is never echoed (answers, logs and audit records show this)
+    assert "S3cret" not in caught.value.message and "gvk_" not in caught.value.message
 
 
 @given(
@@ -357,3 +377,10 @@ def test_extract_key_rejects_other_schemes(authorization: str, message: str) -> 
 def test_extract_key_returns_any_bearer_token_unchanged(token: str) -> None:
     assert extract_key(f"Bearer {token}", None) == token
     assert extract_key(None, token) == token
+
+
+def test_redact_secrets_keeps_the_id_and_hides_the_secret() -> None:
+    text = "DELETE /api/v1/keys/gvk_ab12cd34_S3cr-et_x9 -> 404; and gvk_ab12cd34 alone"
+    assert (
+        redact_secrets(text) == "DELETE /api/v1/keys/gvk_ab12cd34_… -> 404; and gvk_ab12cd34 alone"
+    )

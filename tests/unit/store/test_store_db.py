@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import stat
 import threading
 from contextlib import closing
 from pathlib import Path
@@ -57,6 +58,20 @@ def test_sqlite_engine_creates_the_state_directory(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert (state / "gpuvisor.db").is_file()
+
+
+def test_a_new_sqlite_database_and_its_state_directory_are_private(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store = Store(default_url(state))  # migrates, so SQLite writes through its WAL
+    try:
+        store.apply([StoredObject("Tenant", "", "retail", {"kind": "Tenant"})])
+        modes = {path.name: path.stat().st_mode & 0o777 for path in state.iterdir()}
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert modes["gpuvisor.db"] == 0o600
+        assert modes.get("gpuvisor.db-wal", 0o600) == 0o600
+        assert set(modes.values()) == {0o600}, modes
+    finally:
+        store.close()
 
 
 def test_sqlite_connection_is_usable_from_another_thread(sqlite_url: str) -> None:

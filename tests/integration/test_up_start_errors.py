@@ -1,0 +1,36 @@
+"""`gpuvisor up` with a node file this host cannot honour: one clear line and nothing written,
+not a server's start-up traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gpuvisor.cli import app
+from gpuvisor.inventory.nvml import discover_nvml
+from gpuvisor.launch import free_port
+
+runner = CliRunner()
+
+
+def test_up_refuses_a_node_file_that_requires_a_gpu_on_a_host_without_one(tmp_path: Path) -> None:
+    gpus, _ = discover_nvml()
+    if gpus:
+        pytest.skip("this host has an NVIDIA GPU: nvml.enabled: true is satisfied here")
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        "apiVersion: gpuvisor/v1\nkind: Node\nmetadata: {name: edge}\n"
+        "spec: {nvml: {enabled: true}}\n"
+    )
+    state = tmp_path / "state"
+    result = runner.invoke(
+        app, ["up", "--config", str(config), "--state", str(state), "--port", str(free_port())]
+    )
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert output.startswith("error: nvml.enabled is true but no NVIDIA GPU was found")
+    assert "set nvml.enabled to auto to serve on the CPU instead" in output
+    assert "Traceback" not in result.output
+    assert not state.exists()  # refused before an admin key was made and never shown
