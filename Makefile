@@ -46,5 +46,5 @@ bench:  ## run the benchmarks (figures go to bench-results/)
 	$(BIN)/gpuvisor bench batching
 	$(BIN)/gpuvisor bench decisions
 
-clean:  ## remove build and test leftovers (not .venv)
-	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-results
+clean:  ## remove build and test leftovers (not .venv, not bench-results)
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -156,7 +156,21 @@ def test_body_over_the_limit_is_413(node: NodeProcess) -> None:
         f"{node.url}/v2/models/basket-scorer/infer", content=big, headers=auth, timeout=60
     )
     assert response.status_code == 413
-    assert "1Mi" in response.json()["error"]
+    assert response.json()["error"] == (
+        "request body is over the limit of 1Mi (limits.maxBodySize in the node configuration)"
+    )
+    # manifests have their own, fixed limit, and the refusal says so (not maxBodySize)
+    manifests = httpx.post(
+        f"{node.url}/api/v1/apply",
+        content=b"#" * (5 << 20),
+        headers=node.auth(node.admin_key),
+        timeout=60,
+    )
+    assert manifests.status_code == 413
+    assert manifests.json()["error"] == (
+        "request body is over the limit of 4Mi "
+        "(fixed for manifests: split a larger apply into several)"
+    )
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds for streamed bodies too
         for start in range(0, len(big), 65536):

@@ -20,7 +20,14 @@ from gpuvisor.control.checks import check_apply
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import KEY_PREFIX, KeyInfo, Principal, claimed_key_id
-from gpuvisor.spec.kinds import TENANT_SCOPED, Deployment, Resource, Tenant, resource_key
+from gpuvisor.spec.kinds import (
+    TENANT_SCOPED,
+    Deployment,
+    Model,
+    Resource,
+    Tenant,
+    resource_key,
+)
 from gpuvisor.spec.loader import (
     load_documents,
     resource_from_dict,
@@ -51,6 +58,11 @@ class ApplyResult(BaseModel):
     name: str
     tenant: str | None = None
     outcome: Literal["created", "configured", "unchanged"]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="stored, but will not serve as it is: a model file missing on the node, "
+        "replicas that fit on no device",
+    )
 
 
 class ApplyResponse(BaseModel):
@@ -206,7 +218,9 @@ def admin_router(node: Node) -> APIRouter:
     async def apply(request: Request) -> dict[str, Any]:
         principal = principal_of(node, request)
         audit.begin(request, "apply")
-        raw = await read_body(request, _MAX_MANIFEST)
+        raw = await read_body(
+            request, _MAX_MANIFEST, "fixed for manifests: split a larger apply into several"
+        )
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -238,12 +252,37 @@ def admin_router(node: Node) -> APIRouter:
         )
         if node.controller is not None:
             await node.controller.reconcile()
+        bodies = {resource_key(r): r for r in resources}
         return {
             "results": [
-                {"kind": o.kind, "name": o.name, "tenant": o.tenant or None, "outcome": outcome}
+                {
+                    "kind": o.kind,
+                    "name": o.name,
+                    "tenant": o.tenant or None,
+                    "outcome": outcome,
+                    "warnings": _apply_warnings(bodies.get((o.kind, o.tenant, o.name))),
+                }
                 for o, outcome in applied
             ]
         }
+
+    def _apply_warnings(resource: Resource | None) -> list[str]:
+        """What will keep an applied object from serving, as far as the node can tell now."""
+        if isinstance(resource, Model):
+            source = Path(resource.spec.source)
+            if not source.is_file():
+                return [
+                    f"model file {source} is not on this node (yet): deployments of this "
+                    "model stay Failed until it is (they load as soon as it appears)"
+                ]
+        if isinstance(resource, Deployment) and node.controller is not None:
+            slices = node.controller.deployment_slices(
+                resource.metadata.tenant or "", resource.metadata.name
+            )
+            pending = [s for s in slices if s.state == "Pending"]
+            if pending:
+                return [f"{len(pending)} of {len(slices)} replica(s) Pending: {pending[0].reason}"]
+        return []
 
     async def _find(principal: Principal, kind: str, name: str, tenant: str | None) -> StoredObject:
         if kind in TENANT_SCOPED:

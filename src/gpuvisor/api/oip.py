@@ -128,12 +128,14 @@ def principal_of(node: Node, request: Request) -> Principal:
     return principal
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Return the request body, refusing more than ``limit`` bytes (also after decompression)."""
+async def read_body(
+    request: Request, limit: int, set_by: str = "limits.maxBodySize in the node configuration"
+) -> bytes:
+    """Return the request body, refusing more than ``limit`` bytes (also after decompression);
+    ``set_by``: what the refusal names as the limit's origin."""
     declared = request.headers.get("content-length")
     too_large = PayloadTooLarge(
-        f"request body is over the node's limit of {format_size(limit)} "
-        "(limits.maxBodySize in the node configuration)",
+        f"request body is over the limit of {format_size(limit)} ({set_by})",
         limit=limit,
     )
     if declared is not None:
@@ -437,7 +439,7 @@ def oip_router(node: Node) -> APIRouter:
         return _json(entries)
 
     async def _repository_body(request: Request) -> None:
-        raw = await read_body(request, 1 << 20)
+        raw = await read_body(request, 1 << 20, "fixed for repository requests")
         if raw.strip():
             try:
                 parsed = orjson.loads(raw)
