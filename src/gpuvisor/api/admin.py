@@ -193,7 +193,7 @@ def _may_write(principal: Principal, resource: Resource) -> None:
         return
     if principal.role == "tenant" and resource.kind in TENANT_SCOPED:
         raise NotFound(f"tenant '{resource.metadata.tenant}' not found")
-    raise Forbidden(f"a {principal.role} key may not change {resource.kind} objects")
+    raise Forbidden(f"{principal.kind_of_key} may not change {resource.kind} objects")
 
 
 def admin_router(node: Node) -> APIRouter:

@@ -43,7 +43,7 @@ class DeviceAction(BaseModel):
 
 def _require_operator(principal: Principal) -> None:
     if not principal.sees_all:
-        raise Forbidden(f"a {principal.role} key may not cordon or drain devices")
+        raise Forbidden(f"{principal.kind_of_key} may not cordon or drain devices")
 
 
 def devices_router(node: Node) -> APIRouter:

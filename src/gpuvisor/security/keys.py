@@ -83,6 +83,11 @@ class Principal:
         """Whether this key may read what belongs to ``tenant`` ("" for no tenant: no)."""
         return self.sees_all or (tenant != "" and tenant == self.tenant)
 
+    @property
+    def kind_of_key(self) -> str:
+        """``an admin key``, ``an operator key``, ``a tenant key``: for messages."""
+        return f"{'an' if self.role[0] in 'aeiou' else 'a'} {self.role} key"
+
 
 @dataclass
 class KeyInfo:

@@ -384,3 +384,9 @@ def test_redact_secrets_keeps_the_id_and_hides_the_secret() -> None:
     assert (
         redact_secrets(text) == "DELETE /api/v1/keys/gvk_ab12cd34_… -> 404; and gvk_ab12cd34 alone"
     )
+
+
+def test_messages_name_the_kind_of_key_with_its_article() -> None:
+    kinds = {role: Principal(role, None, "ab12cd34").kind_of_key for role in ("admin", "operator")}
+    assert kinds == {"admin": "an admin key", "operator": "an operator key"}
+    assert Principal("tenant", "retail", "ab12cd34").kind_of_key == "a tenant key"
