@@ -141,6 +141,10 @@ def test_bad_request_gets_clear_error_and_node_keeps_serving(
     message = response.json()["error"]
     for word in words:
         assert word in message, f"{case}: {message!r} should mention {word!r}"
+    # every error carries its code, whether the node or the model's worker refused it
+    expected_code = {400: "invalid_request", 404: "not_found", 413: "payload_too_large"}
+    if status in expected_code:
+        assert response.json().get("code") == expected_code[status], response.text
     good = httpx.post(
         f"{node.url}/v2/models/basket-scorer/infer", content=GOOD, headers=auth, timeout=30
     )

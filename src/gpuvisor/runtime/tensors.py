@@ -76,9 +76,10 @@ class InferRequest:
     binary_output: bool = False
 
 
-def encode_error(message: str) -> bytes:
-    """Return the OIP error body ``{"error": message}``."""
-    return orjson.dumps({"error": message})
+def encode_error(message: str, code: str | None = None) -> bytes:
+    """Return the OIP error body ``{"error": message}``, with the node's ``code`` field when
+    given (as every error the node answers itself carries)."""
+    return orjson.dumps({"error": message} if code is None else {"error": message, "code": code})
 
 
 def decode_infer_request(

@@ -370,7 +370,10 @@ class Worker:
             for header in batch.requests:
                 results.append(p.RequestResult(header.request_id, 503, -1, 0))
                 out_frames.append(
-                    encode_error(f"model of slice {batch.slice_id} is not loaded in this worker")
+                    encode_error(
+                        f"model of slice {batch.slice_id} is not loaded in this worker",
+                        "unavailable",
+                    )
                 )
         else:
             results, out_frames = run_requests(loaded, batch.requests, bodies)
@@ -420,7 +423,7 @@ def run_requests(
                 loaded.outputs,
             )
         except GpuvisorError as exc:
-            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message)
+            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message, exc.code)
             continue
         decoded[i] = request
         row_counts[i] = _rows_of(request, loaded.executor.batchable)
@@ -483,7 +486,10 @@ def _run_chunk(
             for i in chunk:
                 _run_chunk(loaded, [i], decoded, row_counts, statuses, payloads, header_lengths)
             return
-        statuses[chunk[0]], payloads[chunk[0]] = exc.http_status, encode_error(exc.message)
+        statuses[chunk[0]], payloads[chunk[0]] = (
+            exc.http_status,
+            encode_error(exc.message, exc.code),
+        )
         return
     for i, request, results in zip(chunk, requests, outputs_per_request):
         try:
@@ -491,7 +497,7 @@ def _run_chunk(
                 loaded.spec.model_name, loaded.spec.model_version, request, results, loaded.outputs
             )
         except GpuvisorError as exc:
-            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message)
+            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message, exc.code)
             continue
         payloads[i] = body
         header_lengths[i] = header_length if header_length is not None else -1
