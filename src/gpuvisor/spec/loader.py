@@ -170,6 +170,10 @@ def load_documents(
     for index, document in enumerate(_parse_yaml(text, source), start=1):
         if document is None:
             continue
+        if isinstance(document, dict):
+            # what the node reports (`gpuvisor get … -o yaml`), not what is asked: ignored, so
+            # that a document got can be edited and applied again
+            document.pop("status", None)
         envelope = _envelope_problem(document)
         if envelope is not None:
             problems.append(_Problem(source, index, None, None, *envelope))

@@ -57,6 +57,19 @@ def test_empty_documents_are_skipped_but_counted() -> None:
     assert load_documents("", "empty.yaml") == []
 
 
+def test_a_reported_status_is_ignored_so_what_get_prints_applies_again() -> None:
+    text = HEADER + (
+        "kind: Deployment\nmetadata: {name: shelf, tenant: retail}\n"
+        "spec: {model: m, profile: p}\n"
+        "status: {replicas: 1, readyReplicas: 1, slices: [{id: retail/shelf/0}]}\n"
+    )
+    (deployment,) = load_documents(text, "got.yaml")
+    assert isinstance(deployment, Deployment) and deployment.spec.profile == "p"
+    assert "status" not in resource_to_dict(deployment)
+    # anything else unknown at the top is still refused
+    assert "unknown field 'state'" in one_line(text.replace("status:", "state:"))
+
+
 def test_unknown_field_is_refused_with_its_path_and_the_accepted_fields() -> None:
     text = HEADER + (
         "kind: Deployment\nmetadata: {name: shelf, tenant: retail}\n"
