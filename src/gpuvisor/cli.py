@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
-from rich.table import Table
 
 from gpuvisor import __version__
 from gpuvisor.cli_audit import audit_app
 from gpuvisor.cli_models import models_app
 from gpuvisor.cli_observe import bench_sampler, top
-from gpuvisor.cli_options import KeyOpt, OutputOpt, StateOpt, TenantOpt, UrlOpt
+from gpuvisor.cli_options import (
+    KeyOpt,
+    OutputFormat,
+    OutputOpt,
+    StateOpt,
+    TenantOpt,
+    UrlOpt,
+    fail,
+    print_data,
+    stdout_console,
+)
 from gpuvisor.cli_plan import bench_placement, plan_command
-from gpuvisor.client import NodeClient
 from gpuvisor.errors import ConfigError, GpuvisorError, NotFound
+
+if TYPE_CHECKING:
+    from gpuvisor.client import NodeClient
 
 __all__ = ["app", "main"]
 
+# for the node's and the benchmarks' own output, which is written with markup
 console = Console()
 err_console = Console(stderr=True)
 
@@ -35,6 +43,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 keys_app = typer.Typer(
     help="Create, list and revoke API keys (needs the admin key).", no_args_is_help=True
@@ -66,27 +75,59 @@ KIND_ALIASES = {
     "slice": "slices",
     "slices": "slices",
 }
+# spec.kinds.TENANT_SCOPED in the plural (not imported: pydantic would slow every command)
+TENANT_SCOPED = frozenset({"models", "deployments"})
 
 
-def _fail(exc: GpuvisorError) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"gpuvisor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """The root: its help is the app's; it only takes --version."""
+
+
+def _plural(kind: str) -> str:
+    """Return the plural of ``kind`` (any alias); exit naming the closest kind if there is none."""
+    plural = KIND_ALIASES.get(kind.lower())
+    if plural is None:
+        import difflib
+
+        close = difflib.get_close_matches(kind.lower(), KIND_ALIASES, n=1)
+        hint = f": did you mean '{close[0]}'?" if close else ""
+        known = ", ".join(sorted(set(KIND_ALIASES.values())))
+        fail(GpuvisorError(f"unknown kind '{kind}'{hint} (expected one of {known})"))
+    return plural
+
+
+def _check_tenant(plural: str, tenant: str | None) -> None:
+    """Refuse ``--tenant`` for a kind that belongs to no tenant (the node would ignore it)."""
+    if tenant and plural not in TENANT_SCOPED and plural != "slices":
+        fail(
+            ConfigError(
+                f"--tenant does not apply to {plural}: they belong to no tenant "
+                "(it applies to models, deployments and slices)"
+            )
+        )
 
 
 def _client(url: str | None, key: str | None, state: str | None) -> NodeClient:
+    from gpuvisor.client import NodeClient
+
     try:
         return NodeClient(url, key, state)
     except GpuvisorError as exc:
-        _fail(exc)
-
-
-def _print(data: Any, output: str) -> None:
-    if output == "json":
-        console.print_json(json.dumps(data, default=str))
-    else:
-        console.print(
-            yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="", highlight=False
-        )
+        fail(exc)
 
 
 @app.command()
@@ -113,6 +154,8 @@ def up(
 ) -> None:
     """Run a node in the foreground. With no --config it serves a demo: sample models for three
     tenants, their keys and copy-paste examples are printed once it is ready. Stop it with Ctrl-C."""
+    import asyncio
+
     from gpuvisor.serve import event_loop_factory, serve_node
 
     try:
@@ -121,7 +164,7 @@ def up(
                 serve_node(host, port, state, config, db, demo, log_level, log_format, console)
             )
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)
@@ -130,33 +173,36 @@ def up(
 @app.command()
 def apply(
     file: Annotated[
-        list[str], typer.Option("--filename", "-f", help="YAML manifest(s); '-' reads stdin")
+        list[str],
+        typer.Option("--filename", "-f", metavar="FILE", help="YAML manifest(s); '-' reads stdin"),
     ],
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
 ) -> None:
     """Apply manifests (Tenant, Profile, Pool, Model, Deployment): all documents or none."""
-    client = _client(url, key, state)
+    client, out = _client(url, key, state), stdout_console()
     for name in file:
         if name == "-":
             text, base = sys.stdin.read(), Path.cwd()
         else:
             path = Path(name)
             if not path.is_file():
-                _fail(GpuvisorError(f"{name}: no such file"))
+                fail(GpuvisorError(f"{name}: no such file"))
             text, base = path.read_text(), path.parent
         try:
             result = client.apply(
                 text, source=Path(name).name if name != "-" else "stdin", base_dir=base
             )
         except GpuvisorError as exc:
-            _fail(exc)
+            fail(exc)
         for item in result["results"]:
             owner = f" (tenant {item['tenant']})" if item.get("tenant") else ""
-            console.print(
+            out.print(
                 f"{item['kind'].lower()}/{item['name']}{owner} {item['outcome']}", highlight=False
             )
+            for warning in item.get("warnings", ()):
+                out.print(f"  warning: {warning}", highlight=False)
 
 
 @app.command()
@@ -169,45 +215,49 @@ def get(
         typer.Argument(help="one object's name (a device's or slice's id); printed as yaml"),
     ] = None,
     tenant: TenantOpt = None,
-    output: OutputOpt = "table",
+    output: OutputOpt = OutputFormat.table,
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
 ) -> None:
     """List objects of a kind, or show one."""
-    plural = KIND_ALIASES.get(kind.lower())
-    if plural is None:
-        _fail(
-            GpuvisorError(
-                f"unknown kind '{kind}' (expected one of {', '.join(sorted(set(KIND_ALIASES.values())))})"
-            )
-        )
+    plural = _plural(kind)
+    _check_tenant(plural, tenant)
     client = _client(url, key, state)
-    params = {"tenant": tenant} if tenant else {}
+    # the node keeps slices in memory, not in the store: they are filtered by tenant here
+    params = {"tenant": tenant} if tenant and plural != "slices" else {}
+    one = OutputFormat.yaml if output == OutputFormat.table else output
     try:
         if name and plural in ("devices", "slices"):
             # no route for one of them (a slice id holds slashes): picked from the list
-            items = client.request("GET", f"/api/v1/{plural}", params=params)["items"]
+            items = _items(client, plural, tenant)
             found = next((item for item in items if item.get("id") == name), None)
             if found is None:
                 known = ", ".join(str(item.get("id")) for item in items) or "none"
                 raise NotFound(f"no {plural[:-1]} '{name}' on this node (there are: {known})")
-            _print(found, "yaml" if output == "table" else output)
+            print_data(found, one)
             return
         if name:
-            data = client.request("GET", f"/api/v1/{plural}/{name}", params=params)
-            _print(data, "yaml" if output == "table" else output)
+            print_data(client.request("GET", f"/api/v1/{plural}/{name}", params=params), one)
             return
-        data = client.request("GET", f"/api/v1/{plural}", params=params)
+        if plural == "slices":
+            data: dict[str, Any] = {"items": _items(client, plural, tenant)}
+        else:
+            data = client.request("GET", f"/api/v1/{plural}", params=params)
     except GpuvisorError as exc:
-        _fail(exc)
-    if output != "table":
-        _print(data, output)
+        fail(exc)
+    if output != OutputFormat.table:
+        print_data(data, output)
         return
     from gpuvisor.cli_tables import render_table
 
-    table: Table = render_table(plural, data["items"])
-    console.print(table)
+    stdout_console().print(render_table(plural, data["items"]))
+
+
+def _items(client: NodeClient, plural: str, tenant: str | None) -> list[dict[str, Any]]:
+    """Return the devices or slices on the node; slices only ``tenant``'s when one is given."""
+    items: list[dict[str, Any]] = client.request("GET", f"/api/v1/{plural}")["items"]
+    return [i for i in items if i.get("tenant") == tenant] if tenant else items
 
 
 @app.command()
@@ -221,9 +271,8 @@ def describe(
 ) -> None:
     """Show one object with its status: for a deployment, each slice's device, state and
     reason, and for a slice that fits nowhere the reason from every device."""
-    plural = KIND_ALIASES.get(kind.lower())
-    if plural != "deployments":
-        get(kind, name, tenant, "yaml", url, key, state)
+    if _plural(kind) != "deployments":
+        get(kind, name, tenant, OutputFormat.yaml, url, key, state)
         return
     from gpuvisor.cli_tables import describe_deployment
 
@@ -233,8 +282,8 @@ def describe(
             "GET", f"/api/v1/deployments/{name}", params={"tenant": tenant} if tenant else {}
         )
     except GpuvisorError as exc:
-        _fail(exc)
-    console.print(describe_deployment(body), highlight=False, markup=False)
+        fail(exc)
+    stdout_console().print(describe_deployment(body), highlight=False)
 
 
 DeviceArg = Annotated[str, typer.Argument(help="the device id, as `gpuvisor get devices` shows it")]
@@ -262,20 +311,24 @@ def _device_action(
             timeout=wait + 30,
         )
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
     verb = {"cordon": "cordoned", "drain": "drained", "uncordon": "uncordoned"}[action]
     note = (
         ""
         if result["changed"]
         else f" (it already was {'cordoned' if result['cordoned'] else 'uncordoned'})"
     )
-    console.print(f"device/{device} {verb}{note}", highlight=False)
+    out = stdout_console()
+    out.print(f"device/{device} {verb}{note}", highlight=False)
     for sl in result["slices"]:
-        where = sl.get("device") or "nowhere"
-        console.print(
-            f"  {sl['id']}: {sl['state']} on {where}  {sl.get('reason', '')}",
+        where = f"on {sl['device']}" if sl.get("device") else "on no device"
+        out.print(f"  {sl['id']}: {sl['state']} {where}  {sl.get('reason', '')}", highlight=False)
+    stranded = [sl for sl in result["slices"] if sl["state"] == "Pending"]
+    if stranded and action != "uncordon":
+        out.print(
+            f"warning: {len(stranded)} slice(s) found no other device with room and serve "
+            f"nothing until one has room or `gpuvisor uncordon {device}`",
             highlight=False,
-            markup=False,
         )
 
 
@@ -323,41 +376,47 @@ def delete(
     state: StateOpt = None,
 ) -> None:
     """Delete an object; a deployment's workers are drained and stopped."""
-    plural = KIND_ALIASES.get(kind.lower())
-    if plural is None or plural in ("devices", "slices"):
-        _fail(GpuvisorError(f"cannot delete '{kind}'"))
+    plural = _plural(kind)
+    if plural in ("devices", "slices"):
+        fail(GpuvisorError(f"cannot delete '{kind}'"))
+    _check_tenant(plural, tenant)
     client = _client(url, key, state)
     try:
         client.request(
             "DELETE", f"/api/v1/{plural}/{name}", params={"tenant": tenant} if tenant else {}
         )
     except GpuvisorError as exc:
-        _fail(exc)
-    console.print(f"{plural[:-1]}/{name} deleted", highlight=False)
+        fail(exc)
+    stdout_console().print(f"{plural[:-1]}/{name} deleted", highlight=False)
 
 
 @app.command()
 def status(
-    url: UrlOpt = None, key: KeyOpt = None, state: StateOpt = None, output: OutputOpt = "yaml"
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+    state: StateOpt = None,
+    output: OutputOpt = OutputFormat.yaml,
 ) -> None:
     """Show whether the node is ready and how many slices are in each state."""
     client = _client(url, key, state)
     try:
-        _print(client.request("GET", "/api/v1/status"), output)
+        data = client.request("GET", "/api/v1/status")
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
+    print_data(data, OutputFormat.yaml if output == OutputFormat.table else output)
 
 
 @app.command()
 def version() -> None:
     """Print gpuvisor's version."""
-    console.print(f"gpuvisor {__version__}", highlight=False)
+    print(f"gpuvisor {__version__}")
 
 
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[
-        str | None, typer.Option("--tenant", "-t", help="the tenant a tenant key belongs to")
+        str | None,
+        typer.Option("--tenant", "-t", metavar="TENANT", help="the tenant a tenant key belongs to"),
     ] = None,
     role: Annotated[str, typer.Option(help="tenant, operator or admin")] = "tenant",
     description: Annotated[str, typer.Option(help="what the key is for")] = "",
@@ -374,35 +433,39 @@ def keys_create(
     try:
         created = client.request("POST", "/api/v1/keys", json=body)
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
     err_console.print(
         f"created {created['id']} ({role}{' of ' + tenant if tenant else ''}); "
         "store the key now, it is not shown again:",
         highlight=False,
+        markup=False,
     )
-    console.print(created["key"], highlight=False)
+    print(created["key"])
 
 
 @keys_app.command("list")
 def keys_list(
-    tenant: TenantOpt = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option("--tenant", "-t", metavar="TENANT", help="only the keys of this tenant"),
+    ] = None,
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
-    output: OutputOpt = "table",
+    output: OutputOpt = OutputFormat.table,
 ) -> None:
     """List keys (ids, roles, tenants, expiry) — never the secrets."""
     client = _client(url, key, state)
     try:
         data = client.request("GET", "/api/v1/keys", params={"tenant": tenant} if tenant else {})
     except GpuvisorError as exc:
-        _fail(exc)
-    if output != "table":
-        _print(data, output)
+        fail(exc)
+    if output != OutputFormat.table:
+        print_data(data, output)
         return
     from gpuvisor.cli_tables import render_table
 
-    console.print(render_table("keys", data["items"]))
+    stdout_console().print(render_table("keys", data["items"]))
 
 
 @keys_app.command("revoke")
@@ -417,18 +480,24 @@ def keys_revoke(
     try:
         client.request("DELETE", f"/api/v1/keys/{key_id}")
     except GpuvisorError as exc:
-        _fail(exc)
-    console.print(f"{key_id} revoked", highlight=False)
+        fail(exc)
+    stdout_console().print(f"{key_id} revoked", highlight=False)
 
 
 @bench_app.command("overhead")
 def bench_overhead(
-    requests: Annotated[int, typer.Option(min=1, help="requests per measured run")] = 4000,
-    threads: Annotated[int, typer.Option(min=1, help="client threads (closed loop)")] = 8,
+    requests: Annotated[
+        int, typer.Option(metavar="N", min=1, help="requests per measured run")
+    ] = 4000,
+    threads: Annotated[
+        int, typer.Option(metavar="N", min=1, help="client threads (closed loop)")
+    ] = 8,
     repeat: Annotated[
-        int, typer.Option(min=1, help="measured runs per system; medians are reported")
+        int, typer.Option(metavar="N", min=1, help="measured runs per system; medians are reported")
     ] = 3,
-    warmup: Annotated[int, typer.Option(min=0, help="warm-up requests per system")] = 400,
+    warmup: Annotated[
+        int, typer.Option(metavar="N", min=0, help="warm-up requests per system")
+    ] = 400,
     output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path(
         "bench-results/overhead.json"
     ),
@@ -441,11 +510,13 @@ def bench_overhead(
     try:
         code = overhead_command(config, output, console)
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
     raise typer.Exit(code)
 
 
-RepeatOpt = Annotated[int, typer.Option(min=1, help="measured runs; medians are reported")]
+RepeatOpt = Annotated[
+    int, typer.Option(metavar="N", min=1, help="measured runs; medians are reported")
+]
 QuantumOpt = Annotated[
     float | None,
     typer.Option(help="the nodes' cpu.quantum in milliseconds (default: the node's default)"),
@@ -462,13 +533,19 @@ ResultsOpt = typer.Option("--output", "-o", help="JSON results file")
 @bench_app.command("isolation")
 def bench_isolation(
     duration: Annotated[
-        float, typer.Option(min=0.5, help="seconds of critical traffic per measured window")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.5, help="seconds of critical traffic per measured window"
+        ),
     ] = 6.0,
     repeat: RepeatOpt = 3,
     load: Annotated[
         float,
         typer.Option(
-            min=0.01, max=1.0, help="critical arrivals as a fraction of its solo capacity"
+            metavar="FRACTION",
+            min=0.01,
+            max=1.0,
+            help="critical arrivals as a fraction of its solo capacity",
         ),
     ] = 0.30,
     rate: Annotated[
@@ -476,27 +553,33 @@ def bench_isolation(
         typer.Option(help="critical arrivals per second; overrides --load, skips calibration"),
     ] = None,
     batch_concurrency: Annotated[
-        int, typer.Option(min=1, help="batch-tenant requests kept in flight")
+        int, typer.Option(metavar="N", min=1, help="batch-tenant requests kept in flight")
     ] = 8,
-    batch_rows: Annotated[int, typer.Option(min=1, help="rows per batch-tenant request")] = 16,
+    batch_rows: Annotated[
+        int, typer.Option(metavar="N", min=1, help="rows per batch-tenant request")
+    ] = 16,
     batch_max_batch_size: Annotated[
-        int, typer.Option(min=1, help="the batch Deployment's maxBatchSize (rows)")
+        int, typer.Option(metavar="N", min=1, help="the batch Deployment's maxBatchSize (rows)")
     ] = 1,
     critical_share: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="the critical Profile's computeShare")
+        float,
+        typer.Option(
+            metavar="FRACTION", min=0.0, max=1.0, help="the critical Profile's computeShare"
+        ),
     ] = 0.5,
     quantum_ms: QuantumOpt = None,
     lookahead_ms: LookaheadOpt = None,
     batch_nice: Annotated[
         int | None,
         typer.Option(
+            metavar="N",
             min=0,
             max=19,
             help="the node's workers.batchNice, 0 for none (default: the node's default)",
         ),
     ] = None,
     client_threads: Annotated[
-        int, typer.Option(min=1, help="connections of the open-loop client")
+        int, typer.Option(metavar="N", min=1, help="connections of the open-loop client")
     ] = 6,
     seed: Annotated[int, typer.Option(help="seed of the arrival schedule")] = 1,
     output: Annotated[Path, ResultsOpt] = Path("bench-results/isolation.json"),
@@ -527,18 +610,30 @@ def bench_isolation(
 @bench_app.command("fairness")
 def bench_fairness(
     duration: Annotated[
-        float, typer.Option(min=0.5, help="seconds per measured window of the weighted test")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.5, help="seconds per measured window of the weighted test"
+        ),
     ] = 8.0,
     short_duration: Annotated[
         float,
-        typer.Option(min=0.5, help="seconds per window of the fixed-share and lone-tenant tests"),
+        typer.Option(
+            metavar="SECONDS",
+            min=0.5,
+            help="seconds per window of the fixed-share and lone-tenant tests",
+        ),
     ] = 5.0,
     repeat: RepeatOpt = 3,
-    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight per tenant")] = 8,
+    concurrency: Annotated[
+        int, typer.Option(metavar="N", min=1, help="requests in flight per tenant")
+    ] = 8,
     fixed_share: Annotated[
         float,
         typer.Option(
-            min=0.01, max=1.0, help="computeShare of the lone tenant in the fixed-share pool"
+            metavar="FRACTION",
+            min=0.01,
+            max=1.0,
+            help="computeShare of the lone tenant in the fixed-share pool",
         ),
     ] = 0.25,
     quantum_ms: QuantumOpt = None,
@@ -565,37 +660,47 @@ def bench_fairness(
 @bench_app.command("batching")
 def bench_batching(
     model: Annotated[
-        list[str] | None, typer.Option(help="demo model to measure (repeatable; default all)")
+        list[str] | None,
+        typer.Option(metavar="MODEL", help="demo model to measure (repeatable; default all)"),
     ] = None,
     sizes: Annotated[str, typer.Option(help="batch sizes, comma-separated; must include 1")] = (
         "1,2,4,8,16"
     ),
     seconds: Annotated[
-        float, typer.Option(min=0.05, help="timed seconds per model, size and run")
+        float,
+        typer.Option(metavar="SECONDS", min=0.05, help="timed seconds per model, size and run"),
     ] = 0.3,
     repeat: RepeatOpt = 3,
-    threads: Annotated[int, typer.Option(min=1, help="intra-op threads of the executor")] = 1,
+    threads: Annotated[
+        int, typer.Option(metavar="N", min=1, help="intra-op threads of the executor")
+    ] = 1,
     output: Annotated[Path, ResultsOpt] = Path("bench-results/batching.json"),
 ) -> None:
     """Batching: rows/s of each demo model at batch sizes up to 16, against batch 1."""
+    from dataclasses import replace
+
     from gpuvisor.bench.batching import BatchingConfig, batching_command
 
     try:
         parsed = tuple(int(part) for part in sizes.split(",") if part.strip())
     except ValueError:
-        _fail(ConfigError(f"--sizes must be integers separated by commas, got {sizes!r}"))
+        fail(ConfigError(f"--sizes must be integers separated by commas, got {sizes!r}"))
     if 1 not in parsed or any(size < 1 for size in parsed):
-        _fail(ConfigError(f"--sizes must be positive and include 1, got {sizes!r}"))
+        fail(ConfigError(f"--sizes must be positive and include 1, got {sizes!r}"))
     config = BatchingConfig(sizes=parsed, seconds=seconds, repeat=repeat, threads=threads)
     if model:
-        config = dataclasses.replace(config, models=tuple(model))
+        config = replace(config, models=tuple(model))
     _run_bench(lambda: batching_command(config, output, console))
 
 
 @bench_app.command("decisions")
 def bench_decisions(
-    slices: Annotated[int, typer.Option(min=1, help="backlogged slices on the device")] = 100,
-    decisions: Annotated[int, typer.Option(min=100, help="decisions timed per policy")] = 20000,
+    slices: Annotated[
+        int, typer.Option(metavar="N", min=1, help="backlogged slices on the device")
+    ] = 100,
+    decisions: Annotated[
+        int, typer.Option(metavar="N", min=100, help="decisions timed per policy")
+    ] = 20000,
     output: Annotated[Path, ResultsOpt] = Path("bench-results/decisions.json"),
 ) -> None:
     """Decision cost: the dispatcher's own time per decision (p50/p99 in microseconds) with
@@ -612,7 +717,7 @@ def _run_bench(command: Callable[[], int]) -> None:
     try:
         code = command()
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
     raise typer.Exit(code)
 
 

@@ -3,37 +3,35 @@ from the database (offline; registered on the app in cli.py)."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from gpuvisor.cli_options import KeyOpt, OutputOpt, StateOpt, UrlOpt
-from gpuvisor.client import NodeClient, resolve_state_dir
+from gpuvisor.cli_options import (
+    KeyOpt,
+    OutputFormat,
+    OutputOpt,
+    StateOpt,
+    UrlOpt,
+    fail,
+    print_data,
+    stdout_console,
+)
 from gpuvisor.errors import ConfigError, GpuvisorError
-from gpuvisor.store.audit import AuditLog
-from gpuvisor.store.db import default_url
 from gpuvisor.units import parse_duration
 
 __all__ = ["audit_app", "parse_time", "verify_command"]
 
-console = Console()
 err_console = Console(stderr=True)
 
 audit_app = typer.Typer(
     help="The tamper-evident audit log: list records, verify the hash chain.",
     no_args_is_help=True,
 )
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
 
 
 def parse_time(value: str, now: datetime | None = None) -> datetime:
@@ -57,9 +55,12 @@ def parse_time(value: str, now: datetime | None = None) -> datetime:
 
 @audit_app.command("list")
 def list_command(
-    actor: Annotated[str | None, typer.Option(help="key id, e.g. gvk_ab12cd34")] = None,
+    actor: Annotated[
+        str | None, typer.Option(metavar="KEY_ID", help="key id, e.g. gvk_ab12cd34")
+    ] = None,
     tenant: Annotated[
-        str | None, typer.Option("--tenant", "-t", help="the tenant the action concerns")
+        str | None,
+        typer.Option("--tenant", "-t", metavar="TENANT", help="the tenant the action concerns"),
     ] = None,
     action: Annotated[
         str | None,
@@ -73,13 +74,19 @@ def list_command(
         str | None, typer.Option(help="from this time (RFC 3339) or this long ago (2h)")
     ] = None,
     until: Annotated[str | None, typer.Option(help="before this time, or this long ago")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="the newest this many")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, max=1000, metavar="N", help="the newest this many")
+    ] = 100,
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
-    output: OutputOpt = "table",
+    output: OutputOpt = OutputFormat.table,
 ) -> None:
     """List the node's audit records, oldest first (admin and operator keys only)."""
+    from rich.table import Table
+
+    from gpuvisor.client import NodeClient
+
     params: dict[str, Any] = {"limit": limit}
     for name, value in (("actor", actor), ("tenant", tenant), ("action", action)):
         if value:
@@ -92,12 +99,9 @@ def list_command(
                 params[name] = parse_time(value).isoformat()
         data = NodeClient(url, key, state).request("GET", "/api/v1/audit", params=params)
     except GpuvisorError as exc:
-        raise _fail(exc.message) from None
-    if output == "json":
-        console.print_json(json.dumps(data))
-        return
-    if output == "yaml":
-        console.print(yaml.safe_dump(data, sort_keys=False), end="", highlight=False)
+        fail(exc)
+    if output != OutputFormat.table:
+        print_data(data, output)
         return
     table = Table(box=None, header_style="bold")
     for column in ("SEQ", "TIME", "ACTOR", "ROLE", "TENANT", "ACTION", "OBJECT", "RESULT"):
@@ -105,7 +109,7 @@ def list_command(
     table.add_column("REASON", overflow="fold")
     for r in data["items"]:
         obj = "/".join(part for part in (r["object_kind"], r["object_name"]) if part)
-        table.add_row(
+        cells = (
             str(r["seq"]),
             r["at"][:19] + "Z",
             f"gvk_{r['actor']}" if r["actor"] else "-",
@@ -116,7 +120,8 @@ def list_command(
             r["result"],
             r["reason"],
         )
-    console.print(table)
+        table.add_row(*(Text(cell) for cell in cells))  # text, never markup
+    stdout_console().print(table)
 
 
 @audit_app.command("verify")
@@ -136,6 +141,8 @@ def verify_command(
     """Check the audit log's hash chain in the database itself (no node needed).
 
     Exits 0 when the chain is intact, 1 naming the first bad record otherwise."""
+    from gpuvisor.store.audit import AuditLog
+
     try:
         url = db or _state_db_url(state)
         anchored = _parse_anchor(anchor) if anchor else None
@@ -145,16 +152,19 @@ def verify_command(
         finally:
             log.close()
     except GpuvisorError as exc:
-        raise _fail(exc.message) from None
+        fail(exc)
     if not report.ok:
         err_console.print(
-            f"[red]audit log tampered:[/red] {report.problem} "
-            f"({report.records} record{'' if report.records == 1 else 's'} before it intact)",
+            Text.assemble(
+                ("audit log tampered:", "red"),
+                f" {report.problem} "
+                f"({report.records} record{'' if report.records == 1 else 's'} before it intact)",
+            ),
             highlight=False,
             soft_wrap=True,
         )
         raise typer.Exit(1)
-    console.print(
+    stdout_console().print(
         f"audit log intact: {report.records} records; head {report.head_seq}:{report.head_hash}\n"
         "(keep the head elsewhere and pass it as --anchor later to detect a cut tail)",
         highlight=False,
@@ -163,6 +173,9 @@ def verify_command(
 
 
 def _state_db_url(state: str | None) -> str:
+    from gpuvisor.client import resolve_state_dir
+    from gpuvisor.store.db import default_url
+
     state_dir = resolve_state_dir(state)
     path = Path(state_dir) / "gpuvisor.db"
     if not path.is_file():

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-import yaml
-from rich.console import Console
 
+from gpuvisor.cli_options import fail, stdout_console
 from gpuvisor.errors import ConfigError, GpuvisorError
-from gpuvisor.security.signing import (
-    generate_key_pair,
-    load_private_key,
-    sign_file,
-    verify_file,
-)
 
 __all__ = ["models_app"]
-
-console = Console()
-err_console = Console(stderr=True)
 
 models_app = typer.Typer(
     help="Sign model files and check signatures (for pools with requireSignedModels).",
@@ -28,24 +18,25 @@ models_app = typer.Typer(
 )
 
 
-def _fail(exc: GpuvisorError) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
 @models_app.command("keygen")
 def keygen(
-    out: Annotated[Path, typer.Option("--out", help="folder to write NAME.key and NAME.pub into")],
-    name: Annotated[str, typer.Option("--name", help="file name of the key pair")] = (
-        "model-signing"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option("--out", metavar="DIR", help="folder to write NAME.key and NAME.pub into"),
+    ],
+    name: Annotated[
+        str, typer.Option("--name", metavar="NAME", help="file name of the key pair")
+    ] = "model-signing",
 ) -> None:
     """Create an Ed25519 signing key pair: NAME.key (private, mode 0600; keep it secret) and
     NAME.pub (the text to list in a Pool's trustedKeys)."""
+    from gpuvisor.security.signing import generate_key_pair
+
     try:
         pair = generate_key_pair(out, name)
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
+    console = stdout_console()
     console.print(f"private key: {pair.private_path} (mode 0600; keep it secret)", highlight=False)
     console.print(f"public key:  {pair.public_path} (fingerprint {pair.fingerprint})")
     console.print("add it to the Pool that should trust it:", highlight=False)
@@ -55,11 +46,15 @@ def keygen(
 @models_app.command("sign")
 def sign(
     file: Annotated[Path, typer.Argument(help="the model file to sign")],
-    key: Annotated[Path, typer.Option("--key", help="private key from 'gpuvisor models keygen'")],
+    key: Annotated[
+        Path,
+        typer.Option("--key", metavar="FILE", help="private key from 'gpuvisor models keygen'"),
+    ],
     write: Annotated[
         Path | None,
         typer.Option(
             "--write",
+            metavar="MANIFEST",
             help="manifest to update: sets spec.signature of its Model documents whose source "
             "is FILE (the file is rewritten; YAML comments are not kept)",
         ),
@@ -67,6 +62,9 @@ def sign(
 ) -> None:
     """Sign a model file (Ed25519 over its SHA-256) and print the line for the Model's
     spec, or write it into a manifest with --write."""
+    from gpuvisor.security.signing import load_private_key, sign_file
+
+    console = stdout_console()
     try:
         signature = sign_file(load_private_key(key), file)
         if write is not None:
@@ -74,12 +72,14 @@ def sign(
             console.print(f"signed {file}; set spec.signature of {', '.join(names)} in {write}")
             return
     except GpuvisorError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"signature: {signature}", highlight=False, soft_wrap=True)
 
 
 def _write_signature(manifest: Path, file: Path, signature: str) -> list[str]:
     """Set spec.signature on the manifest's Models whose source is ``file``; return their names."""
+    import yaml
+
     try:
         documents = list(yaml.safe_load_all(manifest.read_text()))
     except FileNotFoundError:
@@ -117,18 +117,21 @@ def verify(
         list[str],
         typer.Option(
             "--trusted-key",
+            metavar="KEY",
             help="a public key 'ed25519:...' or a .pub file (repeatable)",
         ),
     ],
 ) -> None:
     """Check a model file's signature as a pool with requireSignedModels does: it must be made
     by one of the trusted keys over this very file. Exits 1 with the reason when it is not."""
+    from gpuvisor.security.signing import verify_file
+
     try:
         keys = [_key_text(k) for k in trusted_key]
         signed = verify_file(signature.removeprefix("signature:").strip(), keys, file)
     except GpuvisorError as exc:
-        _fail(exc)
-    console.print(
+        fail(exc)
+    stdout_console().print(
         f"OK: {file} (sha256 {signed.sha256}) is signed by trusted key {signed.fingerprint}",
         highlight=False,
         soft_wrap=True,

@@ -9,25 +9,22 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gpuvisor.cli_options import KeyOpt, StateOpt, UrlOpt
+from gpuvisor.cli_options import KeyOpt, StateOpt, UrlOpt, fail, stdout_console
 from gpuvisor.errors import GpuvisorError
 
 __all__ = ["bench_sampler", "top"]
 
 console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(exc: GpuvisorError) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
 
 
 def top(
-    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 1.0,
+    interval: Annotated[
+        float, typer.Option(min=0.2, metavar="SECONDS", help="seconds between refreshes")
+    ] = 1.0,
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
     iterations: Annotated[
-        int | None, typer.Option(min=1, help="refreshes before exiting (default: until Ctrl-C)")
+        int | None,
+        typer.Option(min=1, metavar="N", help="refreshes before exiting (default: until Ctrl-C)"),
     ] = None,
     url: UrlOpt = None,
     key: KeyOpt = None,
@@ -40,28 +37,31 @@ def top(
 
     try:
         client = NodeClient(url, key, state, timeout=10.0)
-        code = run_top(client, console, interval, 1 if once else iterations)
+        # names, models and reasons come from the node: shown as they are, never as markup
+        code = run_top(client, stdout_console(), interval, 1 if once else iterations)
     except GpuvisorError as exc:
-        raise _fail(exc) from None
+        fail(exc)
     raise typer.Exit(code)
 
 
 def bench_sampler(
     seconds: Annotated[
-        float, typer.Option(min=1.0, help="wall seconds measured per period")
+        float, typer.Option(min=1.0, metavar="SECONDS", help="wall seconds measured per period")
     ] = 20.0,
     period: Annotated[
         list[float] | None,
         typer.Option(
-            help="sampling period in seconds (repeatable; default 1.0, the node's default)"
+            metavar="SECONDS",
+            help="sampling period in seconds (repeatable; default 1.0, the node's default)",
         ),
     ] = None,
     workers: Annotated[
-        int, typer.Option(min=0, help="idle worker processes whose memory is sampled")
+        int,
+        typer.Option(min=0, metavar="N", help="idle worker processes whose memory is sampled"),
     ] = 4,
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path(
-        "bench-results/sampler.json"
-    ),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FILE", help="JSON results file")
+    ] = Path("bench-results/sampler.json"),
 ) -> None:
     """Sampler overhead: the node's telemetry sampler run alone in this process against this
     machine's devices and idle worker processes; CPU seconds per wall second, per period."""
@@ -71,5 +71,5 @@ def bench_sampler(
     try:
         code = sampler_command(config, output, console)
     except GpuvisorError as exc:
-        raise _fail(exc) from None
+        fail(exc)
     raise typer.Exit(code)

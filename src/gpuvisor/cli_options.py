@@ -1,28 +1,123 @@
-"""Command-line options shared by every command that talks to a running node."""
+"""Options and output shared by the CLI's commands: node address, key, tenant, output format,
+and how data and errors are printed.
+
+Everything printed here comes from somewhere else (the node, a manifest, the user), so it is
+never read as rich markup: ``[old]`` in a path or ``gpuvisor[bench]`` in a message stays.
+Kept light to import: ``gpuvisor --help`` and ``gpuvisor version`` load this module.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import sys
+from enum import StrEnum
+from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.text import Text
 
-__all__ = ["KeyOpt", "OutputOpt", "StateOpt", "TenantOpt", "UrlOpt"]
+from gpuvisor.errors import GpuvisorError
+
+__all__ = [
+    "KeyOpt",
+    "OutputFormat",
+    "OutputOpt",
+    "StateOpt",
+    "TenantOpt",
+    "UrlOpt",
+    "fail",
+    "print_data",
+    "stdout_console",
+]
 
 UrlOpt = Annotated[
     str | None,
-    typer.Option("--url", help="node URL [env GPUVISOR_URL; default http://127.0.0.1:8700]"),
+    typer.Option(
+        "--url",
+        metavar="URL",
+        help="node URL [env GPUVISOR_URL; default http://127.0.0.1:8700]",
+    ),
 ]
 KeyOpt = Annotated[
     str | None,
-    typer.Option("--key", help="API key [env GPUVISOR_KEY; default the state dir's admin key]"),
+    typer.Option(
+        "--key",
+        metavar="KEY",
+        help="API key [env GPUVISOR_KEY; default the state dir's admin key]",
+    ),
 ]
 StateOpt = Annotated[
     str | None,
-    typer.Option("--state", help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]"),
+    typer.Option(
+        "--state",
+        metavar="DIR",
+        help="state directory [env GPUVISOR_STATE; default ~/.gpuvisor]",
+    ),
 ]
+
+
+class OutputFormat(StrEnum):
+    """What ``-o`` accepts."""
+
+    table = "table"
+    yaml = "yaml"
+    json = "json"
+
+
 OutputOpt = Annotated[
-    str, typer.Option("--output", "-o", help="table, yaml or json (one object: yaml or json)")
+    OutputFormat,
+    typer.Option("--output", "-o", help="how to print; one object prints as yaml or json"),
 ]
 TenantOpt = Annotated[
-    str | None, typer.Option("--tenant", "-t", help="tenant of tenant-scoped objects")
+    str | None,
+    typer.Option(
+        "--tenant",
+        "-t",
+        metavar="TENANT",
+        help="the tenant of models and deployments (get also filters slices by it)",
+    ),
 ]
+
+# Wider than any row: rich folds a table to the console's width, 80 columns when stdout is a
+# pipe, and `gpuvisor get slices | grep ID` must see each row on one line.
+_UNWRAPPED_WIDTH = 1 << 16
+
+# The admin API names its query parameter; a CLI user passes the option instead.
+_API_TENANT_HINT = "add ?tenant=NAME"
+_CLI_TENANT_HINT = "pass -t TENANT"
+
+_err_console = Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    """Return a console for what a command prints on stdout: no markup, and no wrapping when
+    stdout is not a terminal (a terminal keeps its width)."""
+    console = Console(markup=False)
+    if not console.is_terminal:
+        console.width = _UNWRAPPED_WIDTH
+    return console
+
+
+def print_data(data: Any, output: OutputFormat) -> None:
+    """Print ``data`` as JSON, or as YAML for any other format (one object has no table)."""
+    if output == OutputFormat.json:
+        stdout_console().print_json(json.dumps(data, default=str))
+        return
+    import yaml  # only the commands that print YAML pay for it
+
+    # verbatim: the YAML is data, and must read back as what the node sent
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def cli_message(message: str) -> str:
+    """Return an error message with the API's advice put in the CLI's terms."""
+    return message.replace(_API_TENANT_HINT, _CLI_TENANT_HINT)
+
+
+def fail(error: GpuvisorError | str) -> NoReturn:
+    """Print ``error: MESSAGE`` on stderr and exit with status 1."""
+    message = error if isinstance(error, str) else error.message
+    line = Text.assemble(("error:", "red"), " ", cli_message(message))
+    _err_console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)

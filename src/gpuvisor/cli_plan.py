@@ -4,37 +4,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
-from rich.table import Table
 
+from gpuvisor.cli_options import fail, stdout_console
 from gpuvisor.errors import ConfigError, GpuvisorError, SpecError
-from gpuvisor.inventory.device import Device
-from gpuvisor.inventory.simulated import devices_from_fleet
-from gpuvisor.partition.export import (
-    SHARING,
-    check_device_plugin,
-    check_mig_parted,
-    device_plugin_configs,
-    mig_parted_config,
-)
-from gpuvisor.partition.fleet import FleetPlan, GpuPlan, plan_fleet
-from gpuvisor.partition.report import plan_summary, plan_to_dict
-from gpuvisor.partition.workloads import workloads_from
-from gpuvisor.spec.kinds import Fleet, Resource
-from gpuvisor.spec.loader import load_documents
 from gpuvisor.units import format_size
 
+if TYPE_CHECKING:
+    from gpuvisor.inventory.device import Device
+    from gpuvisor.partition.fleet import FleetPlan, GpuPlan
+    from gpuvisor.spec.kinds import Resource
+
 __all__ = ["bench_placement", "load_fleet", "load_manifests", "plan_command", "write_exports"]
+
+# The planner, the spec and the inventory are imported by the functions that use them, so that
+# registering `plan` on the app does not slow down every other command.
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def _read(path: Path) -> list[Resource]:
+    from gpuvisor.spec.loader import load_documents
+
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     return load_documents(path.read_text(), source=path.name, base_dir=path.parent)
@@ -42,6 +37,9 @@ def _read(path: Path) -> list[Resource]:
 
 def load_fleet(path: Path) -> list[Device]:
     """Return the simulated devices of the one Fleet document in ``path``."""
+    from gpuvisor.inventory.simulated import devices_from_fleet
+    from gpuvisor.spec.kinds import Fleet
+
     fleets = [r for r in _read(path) if isinstance(r, Fleet)]
     if len(fleets) != 1:
         raise ConfigError(
@@ -73,6 +71,15 @@ def write_exports(plan: FleetPlan, folder: Path, sharing: str) -> tuple[list[Pat
     Returns the files written and notes for the operator. Each document is checked against its
     tool's format first; a failure there is a bug in gpuvisor (GpuvisorError).
     """
+    import yaml
+
+    from gpuvisor.partition.export import (
+        check_device_plugin,
+        check_mig_parted,
+        device_plugin_configs,
+        mig_parted_config,
+    )
+
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     mig = mig_parted_config(plan)
@@ -125,6 +132,10 @@ def _slices_cell(gpu: GpuPlan) -> str:
 
 def render_plan(plan: FleetPlan, out: Console) -> None:
     """Print the plan as tables: MIG GPUs, whole GPUs, pending replicas, then the totals."""
+    from rich.table import Table
+
+    from gpuvisor.partition.report import plan_summary
+
     mig = [g for g in plan.gpus if g.geometry is not None]
     whole = [g for g in plan.gpus if g.geometry is None and g.device.kind == "gpu"]
     if mig:
@@ -209,25 +220,37 @@ def _print_summary(s: dict[str, Any], out: Console) -> None:
 
 def plan_command(
     fleet: Annotated[
-        Path, typer.Option("--fleet", help="Fleet YAML: the nodes and (simulated) GPUs to plan for")
+        Path,
+        typer.Option(
+            "--fleet",
+            metavar="FILE",
+            help="Fleet YAML: the nodes and (simulated) GPUs to plan for",
+        ),
     ],
     filename: Annotated[
         list[Path],
         typer.Option(
             "--filename",
             "-f",
+            metavar="FILE",
             help="manifests with Profiles, Pools, Deployments (a folder: all its YAML)",
         ),
     ],
-    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    output: Annotated[
+        str, typer.Option("--output", "-o", metavar="FORMAT", help="table or json")
+    ] = "table",
     export: Annotated[
         Path | None,
-        typer.Option(help="folder to write mig-parted.yaml and device-plugin-<node>.yaml into"),
+        typer.Option(
+            metavar="DIR",
+            help="folder to write mig-parted.yaml and device-plugin-<node>.yaml into",
+        ),
     ] = None,
     sharing: Annotated[
         str,
         typer.Option(
-            help="how whole GPUs are shared in the device-plugin export: time-slicing or mps"
+            metavar="MODE",
+            help="how whole GPUs are shared in the device-plugin export: time-slicing or mps",
         ),
     ] = "time-slicing",
     existing_only: Annotated[
@@ -239,6 +262,11 @@ def plan_command(
 ) -> None:
     """Plan a fleet offline: where each deployment's replicas go (MIG instances, whole GPUs),
     what stays pending and why, utilisation and fragmentation. Nothing is changed anywhere."""
+    from gpuvisor.partition.export import SHARING
+    from gpuvisor.partition.fleet import plan_fleet
+    from gpuvisor.partition.report import plan_to_dict
+    from gpuvisor.partition.workloads import workloads_from
+
     try:
         if output not in ("table", "json"):
             raise ConfigError(f"--output must be table or json, got {output!r}")
@@ -249,30 +277,39 @@ def plan_command(
         plan = plan_fleet(devices, workloads, existing_only=existing_only)
         written, notes = write_exports(plan, export, sharing) if export else ([], [])
     except GpuvisorError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     if output == "json":
         print(json.dumps(plan_to_dict(plan), indent=2))
     else:
-        render_plan(plan, console)
+        render_plan(plan, stdout_console())  # names from the manifests: never markup
     for path in written:
-        err_console.print(f"wrote {path}", highlight=False)
+        err_console.print(f"wrote {path}", highlight=False, markup=False)
     for note in notes:
-        err_console.print(f"note: {note}", highlight=False)
+        err_console.print(f"note: {note}", highlight=False, markup=False)
 
 
 def bench_placement(
-    gpus: Annotated[int, typer.Option(min=1, help="simulated GPUs in the fleet")] = 1000,
+    gpus: Annotated[
+        int, typer.Option(metavar="N", min=1, help="simulated GPUs in the fleet")
+    ] = 1000,
     mig_gpus: Annotated[
-        int, typer.Option(min=0, help="of which MIG-enabled (no layout yet)")
+        int, typer.Option(metavar="N", min=0, help="of which MIG-enabled (no layout yet)")
     ] = 700,
-    slices: Annotated[int, typer.Option(min=1, help="slices (replicas) to place")] = 10_000,
+    slices: Annotated[
+        int, typer.Option(metavar="N", min=1, help="slices (replicas) to place")
+    ] = 10_000,
     partition_slices: Annotated[
-        int, typer.Option(min=0, help="of which partition-tier (one MIG instance each)")
+        int,
+        typer.Option(metavar="N", min=0, help="of which partition-tier (one MIG instance each)"),
     ] = 2_000,
-    repeat: Annotated[int, typer.Option(min=1, help="timed runs; medians are reported")] = 3,
+    repeat: Annotated[
+        int, typer.Option(metavar="N", min=1, help="timed runs; medians are reported")
+    ] = 3,
     small: Annotated[
-        int, typer.Option(min=1, help="small random demands solved exactly for the optimum")
+        int,
+        typer.Option(
+            metavar="N", min=1, help="small random demands solved exactly for the optimum"
+        ),
     ] = 40,
     output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path(
         "bench-results/placement.json"
@@ -293,6 +330,5 @@ def bench_placement(
         )
         code = placement_command(config, output, console)
     except GpuvisorError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     raise typer.Exit(code)

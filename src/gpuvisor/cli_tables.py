@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from gpuvisor.units import format_size
 
@@ -146,11 +147,16 @@ def describe_deployment(body: dict[str, Any]) -> str:
 
 
 def render_table(kind: str, items: list[dict[str, Any]]) -> Table:
-    """Return a rich table of ``items`` with the columns that matter for ``kind``."""
+    """Return a rich table of ``items`` with the columns that matter for ``kind``.
+
+    Cells are plain text, never markup: a model path like ``models/[old]/x.onnx`` is shown
+    as it is, whichever console prints the table."""
     table = Table(box=None, header_style="bold", pad_edge=False)
     columns = _COLUMNS[kind]
     for header, _ in columns:
         table.add_column(header, overflow="fold")
     for item in items:
-        table.add_row(*("" if (v := getter(item)) is None else str(v) for _, getter in columns))
+        table.add_row(
+            *(Text("" if (v := getter(item)) is None else str(v)) for _, getter in columns)
+        )
     return table

@@ -9,17 +9,25 @@ from typing import Any
 import httpx
 
 from gpuvisor.errors import ConfigError, GpuvisorError, Unauthenticated, error_from_code
-from gpuvisor.security.keys import read_admin_key
+from gpuvisor.security.admin_key import read_admin_key
 
-__all__ = ["DEFAULT_STATE", "DEFAULT_URL", "NodeClient", "resolve_state_dir"]
+__all__ = ["DEFAULT_STATE", "DEFAULT_URL", "NodeClient", "node_url", "resolve_state_dir"]
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 DEFAULT_STATE = "~/.gpuvisor"
+_URL_HINT = f"use --url or GPUVISOR_URL, e.g. {DEFAULT_URL}"
 
 
 def resolve_state_dir(state: str | None) -> Path:
     """Return the state directory: ``--state``, else GPUVISOR_STATE, else ~/.gpuvisor."""
     return Path(state or os.environ.get("GPUVISOR_STATE") or DEFAULT_STATE).expanduser()
+
+
+def node_url(url: str | None) -> str:
+    """Return the node's URL: ``url``, else GPUVISOR_URL, else the default; ``host:port``
+    without a scheme means plain HTTP, which is what a node serves."""
+    text = (url or os.environ.get("GPUVISOR_URL") or DEFAULT_URL).strip().rstrip("/")
+    return text if "://" in text else f"http://{text}"
 
 
 class NodeClient:
@@ -32,7 +40,7 @@ class NodeClient:
         state: str | None = None,
         timeout: float = 300.0,
     ) -> None:
-        self.url = (url or os.environ.get("GPUVISOR_URL") or DEFAULT_URL).rstrip("/")
+        self.url = node_url(url)
         state_dir = resolve_state_dir(state)
         self.key = key or os.environ.get("GPUVISOR_KEY") or read_admin_key(state_dir)
         if not self.key:
@@ -40,12 +48,16 @@ class NodeClient:
                 f"no API key: pass --key, set GPUVISOR_KEY, or start the node once so that "
                 f"{state_dir / 'admin.key'} exists"
             )
-        self.http = httpx.Client(
-            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.key}"}
-        )
+        try:
+            self.http = httpx.Client(
+                base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.key}"}
+            )
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"{self.url!r} is not a node URL ({exc}): {_URL_HINT}") from None
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send a request; return the decoded JSON; raise the node's error as a GpuvisorError."""
+        """Send a request; return the decoded JSON; raise the node's error as a GpuvisorError
+        (ConfigError when the URL is wrong or nothing answers there)."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.ConnectError:
@@ -55,6 +67,13 @@ class NodeClient:
             ) from None
         except httpx.TimeoutException:
             raise GpuvisorError(f"the node at {self.url} did not answer in time") from None
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise ConfigError(f"cannot use {self.url} as a node URL ({exc}): {_URL_HINT}") from None
+        except httpx.HTTPError as exc:
+            raise GpuvisorError(
+                f"the request to {self.url} failed ({type(exc).__name__}: {exc}): is it a "
+                f"gpuvisor node? ({_URL_HINT})"
+            ) from None
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -66,7 +85,13 @@ class NodeClient:
             error = error_from_code(code, message) if code else GpuvisorError(message)
             error.http_status = response.status_code
             raise error
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise GpuvisorError(
+                f"{self.url}{path} answered {response.status_code} but not with JSON: is it a "
+                f"gpuvisor node? ({_URL_HINT})"
+            ) from None
 
     def apply(self, text: str, source: str, base_dir: Path | None) -> Any:
         headers = {"Content-Type": "application/yaml", "X-Gpuvisor-Source": source}

@@ -67,6 +67,7 @@ def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_ba
     cordoned = runner.invoke(app, ["cordon", "cpu-0", "--reason", "kernel update"], env=env)
     assert cordoned.exit_code == 0, cordoned.output
     assert "device/cpu-0 cordoned" in cordoned.output
+    assert "warning: 4 slice(s) found no other device with room" in cordoned.output
     try:
         again = runner.invoke(app, ["cordon", "cpu-0"], env=env)
         assert "(it already was cordoned)" in again.output
@@ -78,6 +79,10 @@ def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_ba
         )
         assert "support/intent-router/0  Pending  on -" in described.output, described.output
         assert "cannot be placed:\n      cpu-0: cordoned by an operator" in described.output
+        # piped (no terminal, no COLUMNS), a slice's row stays on one line for grep
+        piped = runner.invoke(app, ["get", "slices"], env={**env, "COLUMNS": ""})
+        rows = [line for line in piped.output.splitlines() if "support/intent-router/0" in line]
+        assert len(rows) == 1 and rows[0].rstrip().endswith("cordoned by an operator"), rows
         # what was refused is audited with who and why
         records = httpx.get(
             f"{demo_node.url}/api/v1/audit",
@@ -91,7 +96,12 @@ def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_ba
     assert back.exit_code == 0 and "device/cpu-0 uncordoned" in back.output
     drained = runner.invoke(app, ["drain", "cpu-0", "--timeout", "1"], env=env)
     assert drained.exit_code == 0 and "device/cpu-0 drained" in drained.output
-    assert "support/intent-router/0: Pending on nowhere" in drained.output
+    assert "support/intent-router/0: Pending on no device" in drained.output
+    # on a one-device box nothing can move: said plainly, with the way back
+    assert (
+        "warning: 4 slice(s) found no other device with room and serve nothing until one "
+        "has room or `gpuvisor uncordon cpu-0`"
+    ) in " ".join(drained.output.split())
     runner.invoke(app, ["uncordon", "cpu-0"], env=env)
     ready = f"{demo_node.url}/v2/models/intent-router/ready"
     auth = demo_node.auth(demo_node.tenant_key("support"))
@@ -121,6 +131,18 @@ spec: {model: second-scorer, profile: std-small}
     assert "deployment/second-scorer (tenant analytics) created" in applied.output
     again = runner.invoke(app, ["apply", "-f", str(manifest)], env=env)
     assert "deployment/second-scorer (tenant analytics) unchanged" in again.output
+    # stored, but it cannot serve as it is: the CLI says so under the object
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(
+        "apiVersion: gpuvisor/v1\nkind: Model\n"
+        "metadata: {name: third-scorer, tenant: analytics}\nspec: {source: not-here.onnx}\n"
+    )
+    warned = runner.invoke(app, ["apply", "-f", str(elsewhere)], env=env)
+    assert warned.exit_code == 0, warned.output
+    assert (
+        f"model/third-scorer@1 (tenant analytics) created warning: model file "
+        f"{tmp_path / 'not-here.onnx'} is not on this node (yet)"
+    ) in " ".join(warned.output.split())
 
     created = runner.invoke(app, ["keys", "create", "--tenant", "analytics"], env=env)
     assert created.exit_code == 0, created.output
@@ -174,6 +196,47 @@ def test_errors_are_clear(env: dict[str, str], tmp_path: Path) -> None:
         app, ["get", "devices"], env={**env, "GPUVISOR_URL": f"http://127.0.0.1:{free_port()}"}
     )
     assert nowhere.exit_code == 1 and "is 'gpuvisor up' running?" in nowhere.output
+
+
+def test_what_the_node_says_reaches_the_user_as_it_is(
+    env: dict[str, str], demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    folder = tmp_path / "[old]"
+    folder.mkdir()
+    models = demo_node.state_dir / "demo" / "models"
+    (folder / "x.onnx").write_bytes((models / "basket-scorer.onnx").read_bytes())
+    manifest = tmp_path / "old.yaml"
+    manifest.write_text(
+        "apiVersion: gpuvisor/v1\nkind: Model\nmetadata: {name: old-scorer, tenant: analytics}\n"
+        "spec: {version: '1', source: '[old]/x.onnx'}\n"
+    )
+    applied = runner.invoke(app, ["apply", "-f", str(manifest)], env=env)
+    assert applied.exit_code == 0, applied.output
+    try:
+        table = runner.invoke(app, ["get", "models", "-t", "analytics"], env=env)
+        assert "[old]/x.onnx" in table.output, table.output
+        one = runner.invoke(
+            app, ["get", "model", "old-scorer", "-t", "analytics", "-o", "yaml"], env=env
+        )
+        assert yaml.safe_load(one.output)["spec"]["source"].endswith("[old]/x.onnx")
+    finally:
+        runner.invoke(app, ["delete", "model", "old-scorer", "-t", "analytics"], env=env)
+
+    # the API asks for ?tenant=NAME; the CLI user is told the option
+    untenanted = runner.invoke(app, ["get", "deployment", "shelf-detector"], env=env)
+    assert untenanted.exit_code == 1
+    assert "belong to a tenant: pass -t TENANT" in untenanted.output
+
+    # host:port is plain HTTP, as the node serves it
+    bare = demo_node.url.removeprefix("http://")
+    status = runner.invoke(app, ["status", "--url", bare, "-o", "json"], env=env)
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["ready"] is True
+
+    # slices are filtered by tenant in the CLI (the node lists them all)
+    sliced = runner.invoke(app, ["get", "slices", "-t", "retail", "-o", "json"], env=env)
+    tenants = {item["tenant"] for item in json.loads(sliced.output)["items"]}
+    assert tenants == {"retail"}
 
 
 def test_every_command_has_help() -> None:

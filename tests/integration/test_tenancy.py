@@ -89,7 +89,13 @@ spec: {memory: 256Mi, computeShare: 0.0}
     applied = httpx.post(f"{demo_node.url}/api/v1/apply", headers=admin, content=manifest)
     assert applied.status_code == 200, applied.text
     assert applied.json()["results"] == [
-        {"kind": "Profile", "name": "tiny-extra", "tenant": None, "outcome": "created"}
+        {
+            "kind": "Profile",
+            "name": "tiny-extra",
+            "tenant": None,
+            "outcome": "created",
+            "warnings": [],
+        }
     ]
     support = demo_node.auth(demo_node.tenant_key("support"))
     refused = httpx.post(f"{demo_node.url}/api/v1/apply", headers=support, content=manifest)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from gpuvisor import errors
+from gpuvisor.security.admin_key import ADMIN_KEY_FILE, admin_key_path, read_admin_key
 from gpuvisor.store.audit import AuditEvent
 from gpuvisor.store.repo import Store, StoredKey
 
@@ -41,7 +42,6 @@ Role = Literal["admin", "operator", "tenant"]
 ROLES: tuple[str, ...] = get_args(Role)
 
 KEY_PREFIX = "gvk_"
-ADMIN_KEY_FILE = "admin.key"
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_LENGTH = 8
 _SECRET_BYTES = 32  # token_urlsafe(32) is 43 characters
@@ -344,20 +344,6 @@ def node_made_key_record(info: KeyInfo, reason: str) -> AuditEvent:
         object_name=info.display_id,
         reason=reason,
     )
-
-
-def admin_key_path(state_dir: Path) -> Path:
-    """Return where the bootstrap admin key is written: ``<state_dir>/admin.key``."""
-    return Path(state_dir).expanduser() / ADMIN_KEY_FILE
-
-
-def read_admin_key(state_dir: Path) -> str | None:
-    """Return the admin key written by ``ensure_admin_key``, or None if there is none."""
-    try:
-        text = admin_key_path(state_dir).read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return text or None
 
 
 def _write_private_file(path: Path, text: str) -> None:
