@@ -57,6 +57,9 @@ class NodeOptions:
     db_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8700
+    # devices found by whoever starts the node (`up` checks them before writing anything);
+    # None: the node discovers them as it starts
+    topology: Topology | None = None
 
 
 class Node:
@@ -91,7 +94,8 @@ class Node:
         self.store = await asyncio.to_thread(Store, url)
         self.keys = KeyRing(self.store)
         self.admin_key_created = await asyncio.to_thread(self.keys.ensure_admin_key, self.state_dir)
-        self.topology = await asyncio.to_thread(discover, self.spec)
+        given = self.options.topology
+        self.topology = given if given is not None else await asyncio.to_thread(discover, self.spec)
         self.topology.devices[:] = [d for d in self.topology.devices if d.backend != "simulated"]
         if not self.topology.devices:
             raise Unavailable(

@@ -111,7 +111,7 @@ async def serve_node(
     spec = load_node_config(config)
     # Before anything is written: a node file that asks for a GPU this host does not have is
     # refused here, in one line, rather than from inside the server's start-up.
-    await asyncio.to_thread(discover, spec)
+    topology = await asyncio.to_thread(discover, spec)
     state_dir = resolve_state_dir(state)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     db_url = db or default_url(state_dir)
@@ -124,7 +124,11 @@ async def serve_node(
         admin_secret, demo_state = await asyncio.to_thread(
             _prepare_state, state_dir, db_url, use_demo
         )
-    node = Node(NodeOptions(spec=spec, state_dir=state_dir, db_url=db_url, host=host, port=port))
+    node = Node(
+        NodeOptions(
+            spec=spec, state_dir=state_dir, db_url=db_url, host=host, port=port, topology=topology
+        )
+    )
     with console.status("Starting the node: discovering devices, starting workers, loading models"):
         try:
             await node.start()

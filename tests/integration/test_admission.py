@@ -8,30 +8,16 @@ import threading
 import time
 
 import httpx
-import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuvisor.demo.models import sample_inputs
 from gpuvisor.launch import NodeProcess
+from gpuvisor.runtime.tensors import json_infer_request
 
 
 def _json_body(model: str, parameters: dict[str, object] | None = None) -> bytes:
-    inputs = sample_inputs(model)
-    (name, array), *_ = inputs.items()
-    body: dict[str, object] = {
-        "inputs": [
-            {
-                "name": name,
-                "shape": list(array.shape),
-                "datatype": "FP32" if array.dtype.kind == "f" else "INT64",
-                "data": array.ravel().tolist(),
-            }
-        ]
-    }
-    if parameters:
-        body["parameters"] = parameters
-    return orjson.dumps(body)
+    return json_infer_request(sample_inputs(model), parameters)
 
 
 def _batches_run(node: NodeProcess, deployment: str) -> float:

@@ -26,6 +26,7 @@ from gpuvisor.dispatch.queues import PendingRequest
 from gpuvisor.inventory.cpu import discover_cpu
 from gpuvisor.inventory.device import Topology
 from gpuvisor.runtime.pool import WorkerPool
+from gpuvisor.runtime.tensors import json_infer_request
 from gpuvisor.spec.kinds import resource_key
 from gpuvisor.spec.loader import load_documents, resource_to_dict
 from gpuvisor.store.repo import Store, StoredObject
@@ -124,17 +125,7 @@ async def fix_the_file(db_url: str, model: Path) -> None:
 
 async def assert_serves(ctl: Controller, model: Path, name: str, array: np.ndarray) -> None:
     """The slice answers a JSON request with what onnxruntime computes from the model file."""
-    body = {
-        "inputs": [
-            {
-                "name": name,
-                "shape": list(array.shape),
-                "datatype": "FP32",
-                "data": array.ravel().tolist(),
-            }
-        ]
-    }
-    request = PendingRequest(1, "analytics", orjson.dumps(body), -1, 0.0)
+    request = PendingRequest(1, "analytics", json_infer_request({name: array}), -1, 0.0)
     [outcome], _ = await ctl.pool.run_batch(SLICE, [request])
     assert outcome.status == 200, outcome.body
     [answer] = orjson.loads(outcome.body)["outputs"]

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 
 from gpuvisor.demo.models import build_demo_model, sample_inputs
 from gpuvisor.launch import NodeProcess
+from gpuvisor.runtime.tensors import json_infer_request
 from gpuvisor.security.signing import KeyPair, generate_key_pair, load_private_key, sign_file
 
 BASE = """
@@ -88,21 +88,10 @@ class Setup:
         raise AssertionError(f"{name} did not settle: {self.slices(name)}")
 
     def infer(self, name: str) -> httpx.Response:
-        (input_name, array), *_ = sample_inputs("basket-scorer").items()
-        body = {
-            "inputs": [
-                {
-                    "name": input_name,
-                    "shape": list(array.shape),
-                    "datatype": "FP32",
-                    "data": array.ravel().tolist(),
-                }
-            ]
-        }
         return httpx.post(
             f"{self.node.url}/v2/models/{name}/infer",
             headers=self.node.auth(self.tenant_key),
-            content=orjson.dumps(body),
+            content=json_infer_request(sample_inputs("basket-scorer")),
             timeout=30,
         )
 

@@ -182,7 +182,7 @@ class SliceSupervisor:
 
     async def _run(self) -> None:
         s = self.slice
-        delay = self.restart.first
+        exits = 0  # consecutive worker exits and failed starts: the restart delay grows with them
         while not self.stopping:
             stamp = file_stamp(self.launch.load.path)  # before reading it: no change is missed
             if self.verify_model is not None:
@@ -212,9 +212,10 @@ class SliceSupervisor:
                 )
                 return
             except Unavailable as exc:
+                exits += 1
+                delay = self.restart.delay(exits)
                 s.set_state("Restarting", f"{exc.message}; retrying in {delay:.1f}s")
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.restart.most)
                 continue
             over = self._memory_overrun(loaded)
             if over:
@@ -241,6 +242,10 @@ class SliceSupervisor:
             )
             started = time.monotonic()
             code = await asyncio.shield(worker.exited)
+            if time.monotonic() - started > 30.0:
+                exits = 0  # it ran stably: start the backoff over
+            exits += 1
+            delay = self.restart.delay(exits)
             self.dispatcher.remove_slice(
                 s.id,
                 WorkerCrashed(
@@ -251,8 +256,6 @@ class SliceSupervisor:
             s.worker_pid = None
             if self.stopping:
                 return
-            if time.monotonic() - started > 30.0:
-                delay = self.restart.first  # it ran stably: start the backoff over
             s.restarts += 1
             self.metrics.worker_restarts.labels(s.tenant, s.deployment).inc()
             s.set_state("Restarting", f"worker exited with code {code}; restarting in {delay:.1f}s")
@@ -264,7 +267,6 @@ class SliceSupervisor:
                 extra={"tenant": s.tenant},
             )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.restart.most)
 
     def _fail(self, message: str, stamp: FileStamp, out_of_memory: bool = False) -> None:
         """The slice cannot serve its model as it is: Failed until the model file changes (the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "decode_infer_request",
     "encode_error",
     "encode_infer_response",
+    "json_infer_request",
 ]
 
 Array = np.ndarray[Any, Any]
@@ -74,6 +75,28 @@ class InferRequest:
     inputs: dict[str, Array]
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False
+
+
+def json_infer_request(
+    inputs: Mapping[str, Array], parameters: Mapping[str, Any] | None = None
+) -> bytes:
+    """Return an OIP request body with ``inputs`` as JSON tensors (flat ``data``), as a client
+    that does not use the binary extension sends it; numeric and BOOL tensors only."""
+    names = {dtype: name for name, dtype in DATATYPES.items()}
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": names[array.dtype],
+                "data": array.ravel().tolist(),
+            }
+            for name, array in inputs.items()
+        ]
+    }
+    if parameters:
+        body["parameters"] = dict(parameters)
+    return orjson.dumps(body)
 
 
 def encode_error(message: str, code: str | None = None) -> bytes:

@@ -21,6 +21,7 @@ from gpuvisor.runtime.tensors import (
     decode_infer_request,
     encode_error,
     encode_infer_response,
+    json_infer_request,
 )
 
 SHAPES = hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4)
@@ -297,3 +298,17 @@ def test_encode_error_and_tensor_meta_dict() -> None:
         "datatype": "FP32",
         "shape": [-1, 3],
     }
+
+
+def test_json_infer_request_decodes_to_its_inputs() -> None:
+    inputs = {
+        "features": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "ids": np.array([[7, -1]], dtype=np.int64),
+    }
+    metas = [TensorMeta("features", "FP32", (-1, 3)), TensorMeta("ids", "INT64", (-1, 2))]
+    body = json_infer_request(inputs, {"priority": 1})
+    assert orjson.loads(body)["parameters"] == {"priority": 1}
+    decoded = decode_infer_request(body, None, metas, [])
+    for name, array in inputs.items():
+        np.testing.assert_array_equal(decoded.inputs[name], array)
+        assert decoded.inputs[name].dtype == array.dtype
