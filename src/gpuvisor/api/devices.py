@@ -63,18 +63,21 @@ def devices_router(node: Node) -> APIRouter:
         return device_id
 
     def on_device(device_id: str) -> list[str]:
-        return [s.id for s in controller().slices.values() if s.device_id == device_id]
+        """The replicas with an instance on the device."""
+        on = (s.replica_id for s in controller().slices.values() if s.device_id == device_id)
+        return list(dict.fromkeys(on))
 
-    async def settle(slice_ids: list[str], timeout: float) -> list[dict[str, Any]]:
-        """Wait until each moved slice is Ready, Pending or Failed (or the timeout), then
-        return their status."""
+    async def settle(replica_ids: list[str], timeout: float) -> list[dict[str, Any]]:
+        """Wait until every instance of each moved replica is Ready, Pending or Failed (or the
+        timeout), then return their status (a moved instance may come back under its
+        replica's own id)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            states = [controller().slices.get(sid) for sid in slice_ids]
-            if all(s is None or s.state in _SETTLED for s in states):
+            states = [s for rid in replica_ids for s in controller().instances(rid)]
+            if all(s.state in _SETTLED for s in states):
                 break
             await asyncio.sleep(0.1)
-        return [s.to_dict() for sid in slice_ids if (s := controller().slices.get(sid))]
+        return [s.to_dict() for rid in replica_ids for s in controller().instances(rid)]
 
     async def set_cordon(
         request: Request, device_id: str, cordon: bool, reason: str, wait: float

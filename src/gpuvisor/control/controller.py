@@ -40,6 +40,11 @@ __all__ = ["Controller", "DesiredSlice"]
 
 log = logging.getLogger("gpuvisor.control")
 
+#: The states of an instance that serves, or will again once its worker is back: during a
+#: rolling update, such an instance with the old spec stays until its replacement is Ready.
+_SERVING = ("Ready", "Restarting")
+_OLD_SPEC = "serving the previous spec"
+
 
 @dataclass(frozen=True)
 class DesiredSlice:
@@ -161,6 +166,7 @@ class Controller:
         self._by_deployment: dict[tuple[str, str], list[SliceState]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # instances replaced, draining
 
     # ---- queries used by the API --------------------------------------------------------
 
@@ -209,13 +215,15 @@ class Controller:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         async with self._lock:
             await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
             self.supervisors.clear()
 
     async def reconcile(self) -> None:
-        """Bring running slices in line with the store: stop what is gone or changed, move
-        what sits on a cordoned or unhealthy device, start what is new or still Pending."""
+        """Bring running slices in line with the store: stop what is gone, replace what
+        changed (the old instance serves until its replacement is Ready), move what sits on a
+        cordoned or unhealthy device, start what is new or still Pending."""
         objects = await asyncio.to_thread(self.store.list)
         cordons = await asyncio.to_thread(self.store.list_cordons)
         resources = [resource_from_dict(o.body) for o in objects]
@@ -230,32 +238,131 @@ class Controller:
                 if isinstance(r, Deployment)
             }
             desired = {d.slice_id: d for d in desired_slices(resources, self.unloaded)}
-            stale = [
-                sid
-                for sid, s in self.slices.items()
-                if sid not in desired or desired[sid].spec_hash != s.spec_hash
-            ]
             # a deleted or changed slice finishes what it has queued first (new requests
             # already go elsewhere or wait for its successor)
             await asyncio.gather(
                 *(
-                    self._stop_slice(sid, self.drain_timeout, "stopping: spec changed or deleted")
-                    for sid in stale
+                    self._stop_slice(sid, self.drain_timeout, why)
+                    for sid, why in self._outdated(desired)
                 )
             )
             await self._move_off_unusable_devices()
-            for sid, want in desired.items():
-                current = self.slices.get(sid)
-                if (
-                    current is None
-                    or (current.state == "Pending" and sid not in self.supervisors)
-                    or self._model_file_changed(current)
-                ):
-                    self._start_slice(want)
-                elif self._memory_retry_due(current):
-                    self._start_slice(want, memory_failures=current.memory_failures)
+            for want in desired.values():
+                await self._reconcile_replica(want)
+            self.moved.clear()  # the notes of this pass's moves went into their new statuses
             self._refresh_scheduling()
             self._publish_slice_counts()
+
+    def instances(self, replica_id: str) -> list[SliceState]:
+        """The instances of one replica: one, or two while a rolling update replaces it."""
+        return [s for s in self.slices.values() if s.replica_id == replica_id]
+
+    def _outdated(self, desired: dict[str, DesiredSlice]) -> list[tuple[str, str]]:
+        """Return the instances to stop now, with why: those of replicas no longer asked for,
+        and those whose spec changed, except one serving instance per replica, which serves
+        until an instance with the new spec is Ready (a rolling update). A spec that cannot
+        be served (a missing profile, model or tenant) replaces the old one at once."""
+        out: list[tuple[str, str]] = []
+        serving: set[str] = set()
+        for s in list(self.slices.values()):
+            want = desired.get(s.replica_id)
+            if want is None:
+                out.append((s.id, "stopping: deleted, scaled down or unloaded"))
+                continue
+            if s.spec_hash == want.spec_hash:
+                continue
+            successor = next(
+                (i for i in self.instances(s.replica_id) if i.spec_hash == want.spec_hash), None
+            )
+            if successor is not None and successor.state == "Ready":
+                out.append((s.id, f"stopping: replaced by {successor.id}"))
+            elif (
+                s.state in _SERVING
+                and s.replica_id not in serving
+                and not want.problem
+                and want.model is not None
+                and want.profile is not None
+            ):
+                serving.add(s.replica_id)
+            else:
+                out.append((s.id, "stopping: spec changed"))
+        return out
+
+    async def _reconcile_replica(self, want: DesiredSlice) -> None:
+        """Start the replica if it has no instance with its spec (beside the old one, when one
+        still serves), or load it again when it is due."""
+        instances = self.instances(want.slice_id)
+        current = next((s for s in instances if s.spec_hash == want.spec_hash), None)
+        serving = next((s for s in instances if s is not current and s.state in _SERVING), None)
+        if current is None:
+            await self._start(want, self._instance_id(want.slice_id), serving=serving)
+        elif (
+            current.state == "Pending" and current.id not in self.supervisors
+        ) or self._model_file_changed(current):
+            await self._start(want, current.id, serving=serving)
+        elif self._memory_retry_due(current):
+            await self._start(want, current.id, current.memory_failures, serving)
+        current = next(
+            (s for s in self.instances(want.slice_id) if s.spec_hash == want.spec_hash), None
+        )
+        if serving is not None and current is not None and serving.state == "Ready":
+            serving.set_state(
+                "Ready",
+                f"{_OLD_SPEC}: its replacement {current.id} failed"
+                if current.state == "Failed"
+                else f"{_OLD_SPEC} until its replacement {current.id} is Ready",
+            )
+        elif serving is None and current is not None and current.reason.startswith(_OLD_SPEC):
+            current.set_state(current.state)  # the spec went back to its own: nothing to tell
+
+    def _instance_id(self, replica_id: str) -> str:
+        """A free id for a new instance of a replica: the replica's own id, or, while another
+        instance holds it (the one a rolling update replaces), ``<replica id>#2``, ``#3``…"""
+        if replica_id not in self.slices:
+            return replica_id
+        n = 2
+        while f"{replica_id}#{n}" in self.slices:
+            n += 1
+        return f"{replica_id}#{n}"
+
+    async def _start(
+        self,
+        want: DesiredSlice,
+        instance_id: str,
+        memory_failures: int = 0,
+        serving: SliceState | None = None,
+    ) -> None:
+        """Place and load an instance of a replica; beside ``serving`` (the instance with the
+        old spec) when a device has room for both, else in its place once it has drained."""
+        state = self._start_slice(want, instance_id, memory_failures, serving)
+        if serving is None:
+            return
+        if state.device_id is not None:
+            log.info(
+                "slice %s: loading its new spec as %s on %s; %s serves until then",
+                want.slice_id,
+                state.id,
+                state.device_id,
+                serving.id,
+                extra={"tenant": want.tenant},
+            )
+            return
+        if not state.unplaced:
+            return
+        log.info(
+            "slice %s: no device has room for its new spec beside the old one; replacing it in "
+            "place",
+            want.slice_id,
+            extra={"tenant": want.tenant},
+        )
+        await self._stop_slice(
+            serving.id,
+            self.drain_timeout,
+            "stopping: spec changed, and no device has room to load the new spec beside it",
+        )
+        self._forget(state)
+        self.moved[want.slice_id] = "no device had room for the new spec beside the old one"
+        self._start_slice(want, self._instance_id(want.slice_id), memory_failures)
 
     def _model_file_changed(self, state: SliceState) -> bool:
         """Whether a slice that Failed for its model should be loaded again: its model file was
@@ -315,16 +422,20 @@ class Controller:
         queue.weight = tenant.spec.weight if tenant else 1.0
         queue.mode = pool.spec.scheduler if pool else "best-effort"
 
-    def _snapshot(self, exclude: str) -> Snapshot:
+    def _snapshot(self, exclude: str, retiring: SliceState | None = None) -> Snapshot:
+        """The room slices hold, for placing ``exclude``. ``retiring``: the instance that a
+        new one will replace once it is Ready: its memory is held until then, but its compute
+        share passes to its replacement, and it is the same replica (no quota or
+        anti-affinity against itself)."""
         return Snapshot(
             self.topology.devices,
             [
                 PlacedSlice(
-                    s.id,
+                    s.replica_id,
                     s.tenant,
                     s.device_id,
                     s.memory,
-                    s.compute_share,
+                    0.0 if s is retiring else s.compute_share,
                     s.isolation,
                     s.mig_start,
                     s.deployment,
@@ -372,16 +483,24 @@ class Controller:
             # a cordoned device still works: let queued requests finish; a failed one cannot
             drain = self.drain_timeout if device is not None and device.healthy else 0.0
             moving.append(self._stop_slice(state.id, drain, f"moving: {why}"))
-            self.moved[state.id] = f"moved off {why}"
+            self.moved[state.replica_id] = f"moved off {why}"
         await asyncio.gather(*moving)
 
-    def _start_slice(self, want: DesiredSlice, memory_failures: int = 0) -> None:
-        """Place and load a slice anew. ``memory_failures``: how many loads of the slice it
-        replaces ran out of memory in a row (the next delay grows with it)."""
+    def _start_slice(
+        self,
+        want: DesiredSlice,
+        instance_id: str,
+        memory_failures: int = 0,
+        replaces: SliceState | None = None,
+    ) -> SliceState:
+        """Place and load an instance of a replica anew. ``memory_failures``: how many loads of
+        the instance it replaces ran out of memory in a row (the next delay grows with it).
+        ``replaces``: the instance that serves the old spec until this one is Ready; when no
+        device has room for both, this one is left Pending for the caller to act on."""
         dep = want.deployment
         profile = want.profile
         state = SliceState(
-            id=want.slice_id,
+            id=instance_id,
             tenant=want.tenant,
             deployment=dep.metadata.name,
             replica=want.replica,
@@ -401,6 +520,8 @@ class Controller:
             anti_affinity=dep.spec.placement.anti_affinity,
             disallow_migration=dep.spec.placement.disallow_migration,
             memory_failures=memory_failures,
+            replica_id=want.slice_id,
+            replaces=replaces.id if replaces is not None else None,
         )
         replaced = self.slices.get(state.id)
         self.slices[state.id] = state
@@ -410,9 +531,15 @@ class Controller:
         siblings.append(state)
         if want.problem or want.model is None or profile is None:
             state.set_state("Pending", want.problem)
-            return
-        result = self.framework.place(self._cycle(want, state), self._snapshot(state.id))
-        moved = self.moved.pop(state.id, "")
+            return state
+        result = self.framework.place(
+            self._cycle(want, state), self._snapshot(state.id, retiring=replaces)
+        )
+        if result.device_id is None and replaces is not None:
+            state.unplaced = dict(result.reasons)
+            state.set_state("Pending", result.explain())
+            return state
+        moved = self.moved.pop(state.replica_id, "")
         if result.device_id is None:
             state.unplaced = dict(result.reasons)
             state.set_state("Pending", (f"{moved}; " if moved else "") + result.explain())
@@ -420,7 +547,7 @@ class Controller:
                 self.metrics.allocation_failures.labels(
                     "", state.tenant, state.deployment, "unplaceable"
                 ).inc()
-            return
+            return state
         device = self.topology.get(result.device_id)
         assert device is not None
         state.device_id = device.id
@@ -444,11 +571,12 @@ class Controller:
             self._make_queue,
             self.restart,
             self.out_of_memory,
-            on_ready=self._remember_model,
+            on_ready=self._slice_ready,
             verify_model=(lambda: policy.check_file(model).sha256) if policy else None,
         )
         self.supervisors[state.id] = sup
         sup.start()
+        return state
 
     def _cycle(self, want: DesiredSlice, state: SliceState) -> Cycle:
         pool = want.pool.spec if want.pool else None
@@ -456,7 +584,7 @@ class Controller:
         quota = tenant.spec.quota if tenant else None
         return Cycle(
             SliceRequest(
-                state.id,
+                state.replica_id,
                 state.tenant,
                 state.pool,
                 state.memory,
@@ -542,18 +670,45 @@ class Controller:
         sup = self.supervisors.pop(slice_id, None)
         if sup is not None:
             await sup.stop(drain, reason)
-        gone = self.slices.pop(slice_id, None)
+        gone = self.slices.get(slice_id)
         if gone is not None:
-            siblings = self._by_deployment.get((gone.tenant, gone.deployment), [])
-            if gone in siblings:
-                siblings.remove(gone)
-            if not siblings:
-                self._by_deployment.pop((gone.tenant, gone.deployment), None)
+            self._forget(gone)
         if gone is not None and gone.device_id is not None:
             labels = (gone.device_id, gone.tenant, gone.deployment, gone.id)
             for gauge in (self.metrics.slice_memory_limit, self.metrics.slice_memory_used):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
+
+    def _forget(self, state: SliceState) -> None:
+        """Drop an instance from the node's books (its supervisor, if any, is already gone)."""
+        if self.slices.get(state.id) is state:
+            del self.slices[state.id]
+        siblings = self._by_deployment.get((state.tenant, state.deployment), [])
+        if state in siblings:
+            siblings.remove(state)
+        if not siblings:
+            self._by_deployment.pop((state.tenant, state.deployment), None)
+
+    def _slice_ready(self, state: SliceState) -> None:
+        """An instance became Ready: remember its model, and retire the instance it replaces
+        at once (new requests go to this one from now; the old one finishes its queue)."""
+        self._remember_model(state)
+        if state.replaces is None:
+            return
+        old = self.slices.get(state.replaces)
+        state.replaces = None
+        if old is None or old.replica_id != state.replica_id:
+            return
+        old.set_state("Stopping", f"replaced by {state.id}")
+        log.info("slice %s replaced by %s", old.id, state.id, extra={"tenant": state.tenant})
+        task = asyncio.create_task(self._retire(old, state.id), name=f"retire-{old.id}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, old: SliceState, by: str) -> None:
+        async with self._lock:
+            if self.slices.get(old.id) is old:
+                await self._stop_slice(old.id, self.drain_timeout, f"stopping: replaced by {by}")
 
     def _publish_slice_counts(self) -> None:
         self.metrics.slices.clear()

@@ -52,7 +52,11 @@ class Backoff:
 
 @dataclass(eq=False)
 class SliceState:
-    """One replica of a deployment: where it is placed, its state and why."""
+    """One instance of a deployment's replica: where it is placed, its state and why.
+
+    A replica normally has one instance, whose id is the replica's (``tenant/deployment/0``).
+    While a rolling update replaces it, a second one, with the new spec, loads beside it under
+    ``<replica id>#2`` (or ``#3``…); the old one serves until the new one is Ready."""
 
     id: str
     tenant: str
@@ -91,6 +95,12 @@ class SliceState:
     # again: memory that others held may be free by then, with no change to the slice.
     memory_failures: int = 0
     retry_at: float | None = None
+    replica_id: str = ""  # the replica this is an instance of ("": the same as ``id``)
+    replaces: str | None = None  # the instance this one takes over from once it is Ready
+
+    def __post_init__(self) -> None:
+        if not self.replica_id:
+            self.replica_id = self.id
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state != self.state or reason != self.reason:
@@ -101,9 +111,10 @@ class SliceState:
         loaded = self.loaded
         return {
             "id": self.id,
+            "replica": self.replica,
+            "replaces": self.replaces,
             "tenant": self.tenant,
             "deployment": self.deployment,
-            "replica": self.replica,
             "device": self.device_id,
             "state": self.state,
             "reason": self.reason,
@@ -230,8 +241,6 @@ class SliceSupervisor:
             s.memory_failures, s.retry_at = 0, None
             s.set_state("Ready")
             self._observe_memory(loaded)
-            if self.on_ready is not None:
-                self.on_ready(s)
             log.info(
                 "slice %s ready on %s (worker pid %d, load %.2fs)",
                 s.id,
@@ -240,6 +249,8 @@ class SliceSupervisor:
                 loaded.load_seconds,
                 extra={"tenant": s.tenant},
             )
+            if self.on_ready is not None:
+                self.on_ready(s)
             started = time.monotonic()
             code = await asyncio.shield(worker.exited)
             if time.monotonic() - started > 30.0:

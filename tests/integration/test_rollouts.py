@@ -1,0 +1,331 @@
+"""Rolling updates: a changed deployment (a new model version, say) loads beside the old one,
+which keeps serving until the new one is Ready; then the old one drains and stops. Clients see
+no 503. A replacement that fails leaves the old one serving; a device without room for both
+replaces the slice in place. Real workers and models, a real node over HTTP for what clients
+see, the controller in this process for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import orjson
+from onnx import TensorProto, helper
+
+from gpuvisor.control.controller import Controller
+from gpuvisor.dispatch.dispatcher import DeviceDispatcher
+from gpuvisor.dispatch.queues import PendingRequest
+from gpuvisor.inventory.cpu import discover_cpu
+from gpuvisor.inventory.device import Topology
+from gpuvisor.launch import NodeProcess
+from gpuvisor.runtime.pool import WorkerPool
+from gpuvisor.runtime.tensors import json_infer_request
+from gpuvisor.spec.kinds import resource_key
+from gpuvisor.spec.loader import load_documents, resource_to_dict
+from gpuvisor.store.repo import Store, StoredObject
+from gpuvisor.telemetry.metrics import Metrics
+
+TENANT = "rollout"
+REPLICA = f"{TENANT}/adder/0"
+SUCCESSOR = f"{REPLICA}#2"
+X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+
+
+def adder_model(constant: float) -> bytes:
+    """y = x + constant, for x of shape [N, 4]: each version answers differently."""
+    c = helper.make_tensor("c", TensorProto.FLOAT, [1], [constant])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "adder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[c],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def manifest(profile: str, quota: str = "{}") -> str:
+    return f"""
+apiVersion: gpuvisor/v1
+kind: Tenant
+metadata: {{name: {TENANT}}}
+spec: {{quota: {quota}}}
+---
+apiVersion: gpuvisor/v1
+kind: Profile
+metadata: {{name: rollout}}
+spec: {profile}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {{name: adder, tenant: {TENANT}}}
+spec: {{model: adder, profile: rollout}}
+"""
+
+
+def model_doc(version: str, source: Path) -> str:
+    return f"""
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {{name: adder, tenant: {TENANT}}}
+spec: {{version: "{version}", source: "{source}"}}
+"""
+
+
+def added(body: bytes) -> float:
+    """What the answering version adds to x."""
+    [out] = orjson.loads(body)["outputs"]
+    return float(np.array(out["data"], dtype=np.float32)[0] - X[0, 0])
+
+
+def gone(pid: int | None, timeout: float = 30.0) -> bool:
+    """Whether the process ``pid`` has exited (waiting up to ``timeout`` for it to)."""
+    deadline = time.monotonic() + timeout
+    while pid is not None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# ---- what clients see, through a real node -------------------------------------------------
+
+
+def test_a_new_model_version_rolls_out_with_no_failed_request(
+    demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    one, two = tmp_path / "adder-1.onnx", tmp_path / "adder-2.onnx"
+    one.write_bytes(adder_model(1.0))
+    two.write_bytes(adder_model(2.0))
+    demo_node.apply_as_admin(
+        manifest("{memory: 512Mi, computeShare: 0.05}") + "---" + model_doc("1", one)
+    )
+    admin = httpx.Client(base_url=demo_node.url, headers=demo_node.auth(demo_node.admin_key))
+    history: list[list[dict[str, Any]]] = []
+    old = wait_for(admin, history, lambda s: [i["state"] for i in s] == ["Ready"])[0]
+    assert old["id"] == REPLICA and old["model"] == "adder@1"
+
+    key = demo_node.create_tenant_key(TENANT)
+    body = json_infer_request({"x": X})
+    answers: list[tuple[int, float | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        # one request at a time: once the new version has answered, the old one never does
+        with httpx.Client(base_url=demo_node.url, headers=demo_node.auth(key)) as http:
+            while not stop.is_set():
+                r = http.post("/v2/models/adder/infer", content=body, timeout=30)
+                answers.append((r.status_code, added(r.content) if r.is_success else None))
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        while len(answers) < 20:
+            time.sleep(0.01)
+        demo_node.apply_as_admin(model_doc("2", two))
+        history.clear()
+        seen = wait_for(
+            admin, history, lambda s: [(i["id"], i["state"]) for i in s] == [(SUCCESSOR, "Ready")]
+        )
+        settled = len(answers)
+        while len(answers) < settled + 20:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        sender.join(timeout=60)
+    admin.close()
+
+    failed = [a for a in answers if a[0] != 200]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:3]}"
+    versions = [a[1] for a in answers]
+    switch = versions.index(2.0)
+    assert switch > 0 and set(versions[:switch]) == {1.0} and set(versions[switch:]) == {2.0}
+    assert seen[0]["model"] == "adder@2" and seen[0]["replaces"] is None
+    # while the new version loaded, both were listed: the old one Ready and saying why
+    both = [h for h in history if len(h) == 2]
+    assert both, history[:5]
+    by_id = {i["id"]: i for i in both[0]}
+    assert by_id[REPLICA]["state"] == "Ready", by_id
+    assert by_id[REPLICA]["reason"] == (
+        f"serving the previous spec until its replacement {SUCCESSOR} is Ready"
+    )
+    assert by_id[SUCCESSOR]["replaces"] == REPLICA
+    assert by_id[SUCCESSOR]["model"] == "adder@2"
+    assert gone(old["pid"]), "the old worker still runs"
+
+
+def wait_for(
+    admin: httpx.Client,
+    history: list[list[dict[str, Any]]],
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 120.0,
+) -> list[dict[str, Any]]:
+    """Poll the tenant's slices (recording each listing in ``history``) until ``done`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        items = admin.get("/api/v1/slices", timeout=30).json()["items"]
+        mine = [i for i in items if i["tenant"] == TENANT]
+        history.append(mine)
+        if done(mine):
+            return mine
+        assert time.monotonic() < deadline, mine
+        time.sleep(0.02)
+
+
+# ---- failure and fallback, with the controller in this process ------------------------------
+
+
+@contextlib.asynccontextmanager
+async def cpu_controller(db_url: str, text: str) -> AsyncIterator[tuple[Controller, Store]]:
+    """A controller over one CPU device with 4 GiB to place slices in."""
+    store = Store(db_url)
+    apply(store, text)
+    cpu = discover_cpu(memory=4 << 30, threads=1)
+    pool = WorkerPool(start_timeout=120)
+    pool.start()
+    dispatcher = DeviceDispatcher(cpu.id, pool)
+    dispatcher.start()
+    ctl = Controller(store, Topology([cpu]), pool, {cpu.id: dispatcher}, Metrics())
+    try:
+        yield ctl, store
+    finally:
+        await ctl.stop()
+        await dispatcher.stop()
+        await pool.close()
+        store.close()
+
+
+def apply(store: Store, text: str) -> None:
+    resources = load_documents(text)
+    store.apply([StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources])
+
+
+async def settle(ctl: Controller, timeout: float = 120.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while any(s.state in ("Loading", "Restarting", "Stopping") for s in ctl.slices.values()):
+        assert loop.time() < deadline, {s.id: (s.state, s.reason) for s in ctl.slices.values()}
+        await asyncio.sleep(0.05)
+
+
+async def answer(ctl: Controller, slice_id: str) -> float:
+    request = PendingRequest(1, TENANT, json_infer_request({"x": X}), -1, 0.0)
+    [outcome], _ = await ctl.pool.run_batch(slice_id, [request])
+    assert outcome.status == 200, outcome.body
+    return added(outcome.body)
+
+
+def test_a_replacement_that_fails_leaves_the_old_version_serving(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(failed_replacement(sqlite_url, tmp_path))
+
+
+async def failed_replacement(db_url: str, tmp_path: Path) -> None:
+    one, two = tmp_path / "adder-1.onnx", tmp_path / "adder-2.onnx"
+    one.write_bytes(adder_model(1.0))
+    two.write_bytes(b"not an onnx model")
+    # the tenant's compute quota and the device hold one slice's share, not two: the new
+    # version takes over the old one's share rather than adding to it
+    text = manifest("{memory: 1Gi, computeShare: 0.75}", "{compute: 0.75}")
+    async with cpu_controller(db_url, text + "---" + model_doc("1", one)) as (ctl, store):
+        await ctl.reconcile()
+        await settle(ctl)
+        old = ctl.slices[REPLICA]
+        assert old.state == "Ready", old.reason
+
+        apply(store, model_doc("2", two))
+        await ctl.reconcile()
+        new = ctl.slices[SUCCESSOR]
+        assert (new.replaces, new.model_version, new.device_id) == (REPLICA, "2", "cpu-0")
+        await settle(ctl)
+        assert new.state == "Failed", (new.state, new.reason)
+        await ctl.reconcile()  # the old one says why it still serves
+        assert ctl.slices[REPLICA] is old and old.state == "Ready"
+        assert old.reason == f"serving the previous spec: its replacement {SUCCESSOR} failed"
+        assert ctl.ready_slices(TENANT, "adder") == [old]
+        assert await answer(ctl, REPLICA) == 1.0
+
+        # taken back (version 2 deleted): the failed replacement goes, the old one stays
+        store.delete("Model", TENANT, "adder@2")
+        await ctl.reconcile()
+        await settle(ctl)
+        assert [(s.id, s.state, s.reason) for s in ctl.slices.values()] == [(REPLICA, "Ready", "")]
+        assert ctl.slices[REPLICA] is old
+
+        # version 2 again, still broken: Failed beside the old one once more
+        apply(store, model_doc("2", two))
+        await ctl.reconcile()
+        await settle(ctl)
+        assert ctl.slices[SUCCESSOR].state == "Failed" and ctl.slices[REPLICA] is old
+
+        # the file fixed: the replacement loads, takes over, and the old one stops
+        two.write_bytes(adder_model(2.0))
+        await ctl.reconcile()
+        await settle(ctl)
+        assert [(s.id, s.state) for s in ctl.slices.values()] == [(SUCCESSOR, "Ready")]
+        assert ctl.slices[SUCCESSOR].replaces is None
+        assert ctl.ready_slices(TENANT, "adder") == [ctl.slices[SUCCESSOR]]
+        assert await answer(ctl, SUCCESSOR) == 2.0
+        assert gone(old.worker_pid)
+
+        # a third version goes back to the replica's own id
+        three = tmp_path / "adder-3.onnx"
+        three.write_bytes(adder_model(3.0))
+        apply(store, model_doc("3", three))
+        await ctl.reconcile()
+        await settle(ctl)
+        assert [(s.id, s.state) for s in ctl.slices.values()] == [(REPLICA, "Ready")]
+        assert await answer(ctl, REPLICA) == 3.0
+
+
+def test_without_room_for_both_the_slice_is_replaced_in_place(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(in_place(sqlite_url, tmp_path))
+
+
+async def in_place(db_url: str, tmp_path: Path) -> None:
+    one, two = tmp_path / "adder-1.onnx", tmp_path / "adder-2.onnx"
+    one.write_bytes(adder_model(1.0))
+    two.write_bytes(adder_model(2.0))
+    # 3 GiB of the device's 4: the new version cannot load beside the old one
+    text = manifest("{memory: 3Gi}") + "---" + model_doc("1", one)
+    async with cpu_controller(db_url, text) as (ctl, store):
+        await ctl.reconcile()
+        await settle(ctl)
+        old = ctl.slices[REPLICA]
+        assert old.state == "Ready", old.reason
+        pid = old.worker_pid
+        assert pid is not None
+
+        apply(store, model_doc("2", two))
+        await ctl.reconcile()
+        [new] = ctl.slices.values()
+        assert new is not old and new.id == REPLICA and new.model_version == "2"
+        assert new.replaces is None
+        assert new.reason.startswith(
+            "no device had room for the new spec beside the old one; placed on cpu-0"
+        ), new.reason
+        assert gone(pid)
+        await settle(ctl)
+        assert new.state == "Ready", new.reason
+        assert await answer(ctl, REPLICA) == 2.0
+        # placement counted this as no failure to place
+        failures = ctl.metrics.allocation_failures.labels("", TENANT, "adder", "unplaceable")
+        assert failures._value.get() == 0
