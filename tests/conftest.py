@@ -1,9 +1,11 @@
 """Database URLs for every suite that touches the store: a SQLite file in tmp_path, and a
-fresh PostgreSQL schema when $GPUVISOR_TEST_PG_URL is set (``.ci/run`` starts a server)."""
+fresh PostgreSQL schema when $GPUVISOR_TEST_PG_URL is set (``.ci/run`` starts a server).
+And each test's logging left as it found it."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,22 @@ from sqlalchemy.engine import make_url
 from gpuvisor.store.db import default_url, make_engine
 
 PG_URL_ENV = "GPUVISOR_TEST_PG_URL"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that runs `gpuvisor up` in this process configures the root logger as the node
+    does (INFO, to stderr): put it back, so that later tests' CLI output holds no log lines."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            # pytest's own capture handlers come and go with each phase: pytest removes them
+            if handler not in before and not type(handler).__module__.startswith("_pytest"):
+                root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def postgres_schema_url(base_url: str, schema: str) -> str:

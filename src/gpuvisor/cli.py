@@ -180,7 +180,10 @@ def apply(
     key: KeyOpt = None,
     state: StateOpt = None,
 ) -> None:
-    """Apply manifests (Tenant, Profile, Pool, Model, Deployment): all documents or none."""
+    """Apply manifests (Tenant, Profile, Pool, Model, Deployment): all documents or none.
+
+    A List document (what `get KIND -o yaml` or `-o json` prints) applies its items, in
+    order."""
     client, out = _client(url, key, state), stdout_console()
     for name in file:
         if name == "-":
@@ -220,7 +223,12 @@ def get(
     key: KeyOpt = None,
     state: StateOpt = None,
 ) -> None:
-    """List objects of a kind, or show one."""
+    """List objects of a kind, or show one.
+
+    With -o yaml or -o json a list of tenants, profiles, pools, models or deployments prints
+    as a List that `apply -f` takes back (the status in it is ignored): `get deployments -o
+    yaml > all.yaml` saves them, `apply -f all.yaml` restores them. Devices and slices are
+    what the node reports, not objects to apply."""
     plural = _plural(kind)
     _check_tenant(plural, tenant)
     client = _client(url, key, state)
@@ -475,13 +483,20 @@ def keys_revoke(
     key: KeyOpt = None,
     state: StateOpt = None,
 ) -> None:
-    """Revoke a key: effective on its next request."""
+    """Revoke a key: effective on its next request. A revoked key stays as it is (and this
+    says since when)."""
     client = _client(url, key, state)
     try:
-        client.request("DELETE", f"/api/v1/keys/{key_id}")
+        answer = client.request("DELETE", f"/api/v1/keys/{key_id}")
     except GpuvisorError as exc:
         fail(exc)
-    stdout_console().print(f"{key_id} revoked", highlight=False)
+    # the node's id, never what was typed: a whole key pasted in place of its id is a secret
+    revoked, since = answer["revoked"], answer.get("already_revoked_at")
+    if since:
+        message = f"key {revoked} was already revoked at {str(since)[:19]}Z"
+    else:
+        message = f"{revoked} revoked"
+    stdout_console().print(message, highlight=False)
 
 
 @bench_app.command("overhead")

@@ -41,6 +41,7 @@ _COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("TENANCY", lambda i: _spec(i, "tenancy")),
         ("SCHEDULER", lambda i: _spec(i, "scheduler")),
         ("SELECTOR", lambda i: _spec(i, "selector")),
+        ("NOTE", lambda i: "implicit (not applied)" if i.get("status", {}).get("implicit") else ""),
     ],
     "models": [
         ("TENANT", lambda i: i["metadata"].get("tenant")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TextIO
 
 import orjson
 
@@ -50,9 +51,22 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(body).decode()
 
 
+class _Stderr(logging.StreamHandler[TextIO]):
+    """Writes each record to ``sys.stderr`` as it is when the record is emitted (not when the
+    handler was made): a caller that swaps stderr, and closes the old one, loses nothing."""
+
+    @property  # type: ignore[override,unused-ignore]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send gpuvisor's logs to stderr as key=value text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

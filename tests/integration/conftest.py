@@ -24,3 +24,14 @@ def demo_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]
 @pytest.fixture(scope="module")
 def models_dir(demo_node: NodeProcess) -> Path:
     return demo_node.state_dir / "demo" / "models"
+
+
+@pytest.fixture
+def env(demo_node: NodeProcess) -> dict[str, str]:
+    """The environment in which the CLI (run in this process) talks to the demo node with
+    its admin key, on a terminal wide enough that no table wraps."""
+    return {
+        "GPUVISOR_URL": demo_node.url,
+        "GPUVISOR_STATE": str(demo_node.state_dir),
+        "COLUMNS": "250",
+    }

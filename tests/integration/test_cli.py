@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -15,15 +14,6 @@ from gpuvisor.cli import app
 from gpuvisor.launch import NodeProcess, free_port
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def env(demo_node: NodeProcess) -> dict[str, str]:
-    return {
-        "GPUVISOR_URL": demo_node.url,
-        "GPUVISOR_STATE": str(demo_node.state_dir),
-        "COLUMNS": "200",
-    }
 
 
 def test_get_lists_what_the_node_serves(env: dict[str, str]) -> None:
@@ -83,14 +73,17 @@ def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_ba
         piped = runner.invoke(app, ["get", "slices"], env={**env, "COLUMNS": ""})
         rows = [line for line in piped.output.splitlines() if "support/intent-router/0" in line]
         assert len(rows) == 1 and rows[0].rstrip().endswith("cordoned by an operator"), rows
-        # what was refused is audited with who and why
+        # both are audited with who and why; the repeat as a change of nothing
         records = httpx.get(
             f"{demo_node.url}/api/v1/audit",
             params={"action": "device.cordon"},
             headers=demo_node.auth(demo_node.admin_key),
             timeout=30,
         ).json()["items"]
-        assert [r["reason"] for r in records][-2:] == ["kernel update", "cordoned"]
+        assert [r["reason"] for r in records][-2:] == [
+            "kernel update",
+            "unchanged: already cordoned",
+        ]
     finally:
         back = runner.invoke(app, ["uncordon", "cpu-0"], env=env)
     assert back.exit_code == 0 and "device/cpu-0 uncordoned" in back.output

@@ -102,10 +102,10 @@ async def fleet_controller(db_url: str, tmp_path: Path) -> AsyncIterator[Control
 
 
 async def settle(ctl: Controller, timeout: float = 120.0) -> None:
-    """Wait until no slice is loading or restarting."""
+    """Wait until no slice is loading, restarting or stopping."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while any(s.state in ("Loading", "Restarting") for s in ctl.slices.values()):
+    while any(s.state in ("Loading", "Restarting", "Stopping") for s in ctl.slices.values()):
         assert loop.time() < deadline, {s.id: (s.state, s.reason) for s in ctl.slices.values()}
         await asyncio.sleep(0.05)
 
@@ -136,23 +136,41 @@ async def cordon_scenario(db_url: str, tmp_path: Path) -> None:
             "retail/pinned/0": ("edge-1/gpu-0", "Ready"),
             "retail/chat/0": ("edge-1/gpu-0", "Ready"),
         }
-        old_pid = ctl.slices["retail/chat/0"].worker_pid
+        old = ctl.slices["retail/chat/0"]
         assert ctl.store.cordon("edge-1/gpu-0", "test", "fan replacement")
-        await ctl.reconcile()  # one pass
-        chat, pinned = ctl.slices["retail/chat/0"], ctl.slices["retail/pinned/0"]
-        assert chat.device_id == "edge-1/gpu-1"
+        await ctl.reconcile()  # one pass: placed elsewhere, and the old one serves until then
+        chat, pinned = ctl.slices["retail/chat/0#2"], ctl.slices["retail/pinned/0"]
+        assert chat.device_id == "edge-1/gpu-1" and chat.replaces == "retail/chat/0"
         assert chat.reason.startswith("moved off edge-1/gpu-0 is cordoned; placed on edge-1/gpu-1")
+        assert (old.device_id, old.state) == ("edge-1/gpu-0", "Ready")
+        assert old.reason == (
+            "edge-1/gpu-0 is cordoned: serving until its replacement retail/chat/0#2 is Ready"
+        )
+        assert ctl.ready_slices("retail", "chat") == [old]
         assert pinned.device_id == "edge-1/gpu-0"
         assert pinned.reason == "disallowMigration: stays on edge-1/gpu-0 is cordoned"
         await settle(ctl)
-        assert chat.state == "Ready" and chat.worker_pid != old_pid
+        assert chat.state == "Ready" and chat.worker_pid != old.worker_pid
+        assert ctl.ready_slices("retail", "chat") == [chat]
+        assert "retail/chat/0" not in ctl.slices  # the old one drained and stopped
         assert pinned.state == "Ready"
 
         # uncordoned: nothing moves back (a running slice is not disturbed), the note goes
         assert ctl.store.uncordon("edge-1/gpu-0")
         await ctl.reconcile()
-        assert where(ctl)["retail/chat/0"] == ("edge-1/gpu-1", "Ready")
+        assert where(ctl)["retail/chat/0#2"] == ("edge-1/gpu-1", "Ready")
         assert ctl.slices["retail/pinned/0"].reason == ""
+
+        # cordoned and uncordoned again before the move ends: the old one stays, and serves
+        assert ctl.store.cordon("edge-1/gpu-1", "test", "second thoughts")
+        await ctl.reconcile()
+        assert ctl.slices["retail/chat/0"].replaces == "retail/chat/0#2"
+        assert ctl.store.uncordon("edge-1/gpu-1")
+        await ctl.reconcile()
+        await settle(ctl)
+        assert where(ctl)["retail/chat/0#2"] == ("edge-1/gpu-1", "Ready")
+        assert "retail/chat/0" not in ctl.slices
+        assert ctl.slices["retail/chat/0#2"].reason == ""
 
 
 async def failure_scenario(db_url: str, tmp_path: Path) -> None:

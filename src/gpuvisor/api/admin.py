@@ -5,13 +5,15 @@ slices, keys and the audit log. Request and response bodies are pydantic models,
 from __future__ import annotations
 
 import asyncio
+import difflib
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from gpuvisor.api import audit
 from gpuvisor.api.errors import error_responses
@@ -19,11 +21,22 @@ from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.control.checks import check_apply
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
-from gpuvisor.security.keys import KEY_PREFIX, KeyInfo, Principal, claimed_key_id
+from gpuvisor.security.keys import (
+    KEY_PREFIX,
+    ROLES,
+    KeyInfo,
+    Principal,
+    Revocation,
+    claimed_key_id,
+)
 from gpuvisor.spec.kinds import (
+    API_VERSION,
+    DEFAULT_POOL,
     TENANT_SCOPED,
     Deployment,
+    Metadata,
     Model,
+    Pool,
     Resource,
     Tenant,
     resource_key,
@@ -70,7 +83,14 @@ class ApplyResponse(BaseModel):
 
 
 class ObjectList(BaseModel):
-    items: list[dict[str, Any]]
+    """Objects of one kind as a List, which `gpuvisor apply -f` (POST /apply) takes back."""
+
+    api_version: Literal["gpuvisor/v1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["List"] = "List"
+    items: list[dict[str, Any]] = Field(
+        description="manifests (apiVersion, kind, metadata, spec), with the node's status where "
+        "it reports one; apply ignores status"
+    )
 
 
 class KeyCreate(BaseModel):
@@ -80,7 +100,8 @@ class KeyCreate(BaseModel):
     expires_in: str | None = Field(
         default=None,
         alias="expiresIn",
-        description="lifetime like '30d' is not accepted; use '720h'",
+        description="the key's lifetime in hours, minutes or seconds, like '720h' for 30 days "
+        "('30d' is not accepted); the CLI's --expires-in",
     )
 
 
@@ -105,6 +126,11 @@ class KeyList(BaseModel):
 
 class KeyRevoked(BaseModel):
     revoked: str = Field(description="the revoked key's id")
+    already_revoked_at: datetime | None = Field(
+        None,
+        description="only when the key was revoked before this request: when (this request "
+        "changed nothing, and is recorded with reason 'unchanged: already revoked at …')",
+    )
 
 
 class DeletedObject(BaseModel):
@@ -180,6 +206,60 @@ def _key_view(info: KeyInfo) -> dict[str, Any]:
 def require_admin(principal: Principal) -> None:
     if principal.role != "admin":
         raise Forbidden("this needs an admin key (the one in <state>/admin.key)")
+
+
+def _time_not_number(value: Any) -> Any:
+    """Refuse a bare number for a time: pydantic would read it as seconds since 1970, which
+    no one filtering an audit log means."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("give a time like 2026-11-21T10:00:00Z, not a number")
+    return value
+
+
+def _requested_key(raw: bytes) -> tuple[str, str]:
+    """The role and tenant a key creation's body asks for, as far as it can be read: ("", "")
+    for what it does not say or says wrongly (the body is validated later, by the route)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return "", ""
+    if not isinstance(body, dict):
+        return "", ""
+    role, tenant = body.get("role", "tenant"), body.get("tenant")
+    return (role if role in ROLES else ""), (tenant if isinstance(tenant, str) else "")
+
+
+def _key_wanted(role: str, tenant: str) -> str:
+    """``an admin key``, ``a tenant key of 'retail'``: what a refused creation asked for."""
+    if not role:
+        return "a key"
+    article = "an" if role[0] in "aeiou" else "a"
+    return f"{article} {role} key" + (f" of '{tenant}'" if role == "tenant" and tenant else "")
+
+
+def _no_such_tenant(tenant: str, known: list[str]) -> InvalidRequest:
+    """The refusal of a key for a tenant that does not exist, naming the closest one."""
+    close = difflib.get_close_matches(tenant, known, n=1)
+    if close:
+        return InvalidRequest(
+            f"tenant '{tenant}' does not exist: did you mean '{close[0]}'? "
+            "(a new tenant needs a Tenant applied first)"
+        )
+    return InvalidRequest(f"tenant '{tenant}' does not exist: apply a Tenant first")
+
+
+def _revocation_record(outcome: Revocation) -> tuple[str, str, str, str]:
+    """The audit record of a revocation: ``revoked``, or for a key that already was
+    ``unchanged: …`` (as apply records an object it did not change)."""
+    key = outcome.key
+    reason = "revoked"
+    if outcome.already_revoked and key.revoked_at is not None:
+        reason = f"unchanged: already revoked at {key.revoked_at:%Y-%m-%dT%H:%M:%SZ}"
+    return ("ApiKey", key.display_id, key.tenant or "", reason)
 
 
 def _may_write(principal: Principal, resource: Resource) -> None:
@@ -281,7 +361,8 @@ def admin_router(node: Node) -> APIRouter:
             )
             pending = [s for s in slices if s.state == "Pending"]
             if pending:
-                return [f"{len(pending)} of {len(slices)} replica(s) Pending: {pending[0].reason}"]
+                replicas = len({s.replica_id for s in slices})
+                return [f"{len(pending)} of {replicas} replica(s) Pending: {pending[0].reason}"]
         return []
 
     async def _find(principal: Principal, kind: str, name: str, tenant: str | None) -> StoredObject:
@@ -363,6 +444,21 @@ def admin_router(node: Node) -> APIRouter:
 
     # ---- keys -------------------------------------------------------------------------------
 
+    async def key_creator(request: Request) -> Principal:
+        """The admin key behind a key creation, checked before FastAPI validates the body (a
+        dependency runs first): a refused key or role is answered 401 or 403, and recorded
+        with what it asked for, whatever else the body holds."""
+        principal = principal_of(node, request)
+        role, tenant = _requested_key(await request.body())
+        audit.begin(request, "key.create", "ApiKey", "", tenant)
+        if principal.role != "admin":
+            raise Forbidden(
+                f"{principal.kind_of_key} may not create API keys (this asked for "
+                f"{_key_wanted(role, tenant)}): it needs an admin key (the one in "
+                "<state>/admin.key)"
+            )
+        return principal
+
     @router.post(
         "/keys",
         response_model=KeyCreated,
@@ -370,20 +466,29 @@ def admin_router(node: Node) -> APIRouter:
         responses=error_responses(400, 403),
         summary="Create an API key",
     )
-    async def create_key(request: Request, body: KeyCreate) -> dict[str, Any]:
-        principal = principal_of(node, request)
+    async def create_key(
+        request: Request, body: KeyCreate, principal: Principal = Depends(key_creator)
+    ) -> dict[str, Any]:
         audit.begin(request, "key.create", "ApiKey", "", body.tenant or "")
-        require_admin(principal)
         if body.role == "tenant" and body.tenant:
             known = await asyncio.to_thread(store().get, "Tenant", "", body.tenant)
             if known is None:
-                raise InvalidRequest(f"tenant '{body.tenant}' does not exist: apply a Tenant first")
+                tenants = await asyncio.to_thread(store().list, "Tenant")
+                raise _no_such_tenant(body.tenant, [t.name for t in tenants])
         expires_at = None
         if body.expires_in:
+            # named as the API and the CLI call it: a CLI user never typed "expiresIn"
+            field = f"expiresIn (--expires-in) {body.expires_in!r}"
             try:
-                expires_at = datetime.now(UTC) + timedelta(seconds=parse_duration(body.expires_in))
-            except ValueError as exc:
-                raise InvalidRequest(f"expiresIn: {exc}") from None
+                lifetime = parse_duration(body.expires_in)
+            except ValueError:
+                raise InvalidRequest(
+                    f"{field} is not a duration: give hours, minutes or seconds, like '720h' "
+                    "for 30 days (units h, m, s, ms, us, ns)"
+                ) from None
+            if lifetime <= 0:
+                raise InvalidRequest(f"{field} is no lifetime: give one longer than 0")
+            expires_at = datetime.now(UTC) + timedelta(seconds=lifetime)
         assert node.keys is not None
         expiry = f", expires {expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else ""
         ok = audit.recorder(request, principal, "key.create")
@@ -414,8 +519,9 @@ def admin_router(node: Node) -> APIRouter:
     @router.delete(
         "/keys/{key_id}",
         response_model=KeyRevoked,
+        response_model_exclude_none=True,
         responses=error_responses(403, 404),
-        summary="Revoke an API key",
+        summary="Revoke an API key (a revoked one stays revoked since its first revocation)",
     )
     async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
         principal = principal_of(node, request)
@@ -431,13 +537,13 @@ def admin_router(node: Node) -> APIRouter:
         require_admin(principal)
         assert node.keys is not None
         ok = audit.recorder(request, principal, "key.revoke")
-        revoked = await asyncio.to_thread(
-            node.keys.revoke,
-            plain,
-            lambda revoked: ok([("ApiKey", f"gvk_{plain}", "", "revoked")] if revoked else []),
+        outcome = await asyncio.to_thread(
+            node.keys.revoke_once, plain, lambda outcome: ok([_revocation_record(outcome)])
         )
-        if not revoked:
+        if outcome is None:
             raise NotFound(f"API key gvk_{plain} not found")
+        if outcome.already_revoked:
+            return {"revoked": f"gvk_{plain}", "already_revoked_at": outcome.key.revoked_at}
         return {"revoked": f"gvk_{plain}"}
 
     # ---- audit log --------------------------------------------------------------------------
@@ -458,8 +564,16 @@ def admin_router(node: Node) -> APIRouter:
             "model.load, model.unload, authenticate or request",
         ),
         result: Literal["ok", "denied", "failed"] | None = None,
-        since: datetime | None = Query(None, description="records at or after this time"),
-        until: datetime | None = Query(None, description="records before this time"),
+        since: Annotated[
+            datetime | None,
+            Query(description="records at or after this time (ISO 8601)"),
+            BeforeValidator(_time_not_number),
+        ] = None,
+        until: Annotated[
+            datetime | None,
+            Query(description="records before this time (ISO 8601)"),
+            BeforeValidator(_time_not_number),
+        ] = None,
         limit: int = Query(100, ge=1, le=1000, description="the newest this many matches"),
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
@@ -502,7 +616,10 @@ def admin_router(node: Node) -> APIRouter:
                 or (kind == "Tenant" and o.name == principal.tenant)
             )
         ]
-        return {"items": items}
+        if kind == "Pool" and not tenant and all(o.name != DEFAULT_POOL for o in objects):
+            items.append(_implicit_default_pool())
+            items.sort(key=lambda item: str(item["metadata"]["name"]))
+        return {"apiVersion": API_VERSION, "kind": "List", "items": items}
 
     @router.get(
         "/{plural}/{name}",
@@ -514,7 +631,12 @@ def admin_router(node: Node) -> APIRouter:
     ) -> dict[str, Any]:
         principal = principal_of(node, request)
         kind = _kind(plural)
-        found = await _find(principal, kind, name, tenant)
+        try:
+            found = await _find(principal, kind, name, tenant)
+        except NotFound:
+            if (kind, name) == ("Pool", DEFAULT_POOL):
+                return _implicit_default_pool()
+            raise
         return _with_status(found.body)
 
     @router.delete(
@@ -529,7 +651,17 @@ def admin_router(node: Node) -> APIRouter:
         principal = principal_of(node, request)
         kind = _kind(plural)
         audit.begin(request, "delete", kind, name, tenant or principal.tenant or "")
-        found = await _find(principal, kind, name, tenant)
+        try:
+            found = await _find(principal, kind, name, tenant)
+        except NotFound:
+            if (kind, name) == ("Pool", DEFAULT_POOL):
+                _may_write(principal, _IMPLICIT_DEFAULT_POOL)  # 403 for whoever may not
+                raise Conflict(
+                    f"Pool {DEFAULT_POOL} cannot be deleted: it was never applied. It is the "
+                    "implicit pool of deployments that name none (every device); apply a Pool "
+                    f"named {DEFAULT_POOL!r} to change it"
+                ) from None
+            raise
         _may_write(principal, resource_from_dict(found.body))
         users = _users_of(await all_resources(), kind, found)
         if users:
@@ -551,6 +683,30 @@ def admin_router(node: Node) -> APIRouter:
         return {"deleted": {"kind": kind, "name": found.name, "tenant": found.tenant or None}}
 
     return router
+
+
+_IMPLICIT_DEFAULT_POOL = Pool(metadata=Metadata(name=DEFAULT_POOL))
+"""The pool deployments that name none use while no Pool ``default`` is applied: an empty
+selector (every device) and Pool's defaults for the rest, as the controller places them."""
+
+
+def _implicit_default_pool() -> dict[str, Any]:
+    """Return the implicit ``default`` pool as a stored Pool reads (keys sorted, as the store
+    keeps them), with a status saying what it is."""
+
+    def sorted_keys(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {key: sorted_keys(value[key]) for key in sorted(value)}
+
+    return {
+        **sorted_keys(resource_to_dict(_IMPLICIT_DEFAULT_POOL)),
+        "status": {
+            "implicit": True,
+            "note": "implicit: not applied; the pool of deployments that name none "
+            f"(apply a Pool named {DEFAULT_POOL!r} to change it)",
+        },
+    }
 
 
 def _kind(plural: str) -> str:

@@ -21,6 +21,7 @@ from gpuvisor.control.controller import Controller
 from gpuvisor.errors import Forbidden, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal
+from gpuvisor.store.audit import AuditEvent
 
 __all__ = ["devices_router"]
 
@@ -91,13 +92,19 @@ def devices_router(node: Node) -> APIRouter:
         store = node.store
         assert store is not None
         ok = audit.recorder(request, principal, action)
-        record = [("Device", device_id, "", reason or ("cordoned" if cordon else "uncordoned"))]
+        done = reason or ("cordoned" if cordon else "uncordoned")
+        # a repeat changes nothing, and is recorded so (as apply records an unchanged object)
+        unchanged = "unchanged: already cordoned" if cordon else "unchanged: was not cordoned"
+
+        def record(changed: bool) -> list[AuditEvent]:
+            return ok([("Device", device_id, "", done if changed else unchanged)])
+
         if cordon:
             changed = await asyncio.to_thread(
-                store.cordon, device_id, principal.key_id, reason, lambda _: ok(record)
+                store.cordon, device_id, principal.key_id, reason, record
             )
         else:
-            changed = await asyncio.to_thread(store.uncordon, device_id, lambda _: ok(record))
+            changed = await asyncio.to_thread(store.uncordon, device_id, record)
         await controller().reconcile()
         slices = await settle(before, wait) if before else []
         return {"device": device_id, "cordoned": cordon, "changed": changed, "slices": slices}

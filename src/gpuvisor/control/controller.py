@@ -44,6 +44,14 @@ log = logging.getLogger("gpuvisor.control")
 #: rolling update, such an instance with the old spec stays until its replacement is Ready.
 _SERVING = ("Ready", "Restarting")
 _OLD_SPEC = "serving the previous spec"
+_REPLACING = "its replacement "  # in the reason of an instance that serves until then
+
+
+def _handed_over(old: SliceState, new: SliceState) -> str:
+    """Why ``old`` stops now that ``new``, which replaces it, is Ready."""
+    if old.spec_hash == new.spec_hash:
+        return f"stopping: moved to {new.device_id} as {new.id}"
+    return f"stopping: replaced by {new.id}"
 
 
 @dataclass(frozen=True)
@@ -257,42 +265,64 @@ class Controller:
         """The instances of one replica: one, or two while a rolling update replaces it."""
         return [s for s in self.slices.values() if s.replica_id == replica_id]
 
+    def _fits(self, state: SliceState, want: DesiredSlice) -> bool:
+        """Whether an instance is what its replica asks for: the current spec, on a device it
+        may stay on."""
+        return state.spec_hash == want.spec_hash and self._leaving(state) is None
+
+    def _leaving(self, state: SliceState) -> str | None:
+        """Why an instance must leave its device while it still works (it is cordoned), or
+        None. It moves without a gap: its replacement loads elsewhere while it serves. One on
+        a failed device is stopped at once instead (``_move_off_unusable_devices``)."""
+        if state.device_id is None or state.disallow_migration:
+            return None
+        device = self.topology.get(state.device_id)
+        if device is None or not device.healthy or not device.cordoned:
+            return None
+        return f"{device.id} is cordoned"
+
     def _outdated(self, desired: dict[str, DesiredSlice]) -> list[tuple[str, str]]:
-        """Return the instances to stop now, with why: those of replicas no longer asked for,
-        and those whose spec changed, except one serving instance per replica, which serves
-        until an instance with the new spec is Ready (a rolling update). A spec that cannot
-        be served (a missing profile, model or tenant) replaces the old one at once."""
+        """Return the instances to stop now, with why: those of replicas no longer asked for;
+        and of the others, all but what the replica needs: an instance that fits (the current
+        spec, on a device it may stay on) and, until that one is Ready, one that serves the
+        old spec or from a cordoned device (a rolling update, or a move without a gap). A
+        spec that cannot be served (a missing profile, model or tenant) stops the old
+        instances at once."""
         out: list[tuple[str, str]] = []
-        serving: set[str] = set()
-        for s in list(self.slices.values()):
-            want = desired.get(s.replica_id)
+        replicas: dict[str, list[SliceState]] = {}
+        for s in self.slices.values():
+            replicas.setdefault(s.replica_id, []).append(s)
+        for rid, instances in replicas.items():
+            want = desired.get(rid)
             if want is None:
-                out.append((s.id, "stopping: deleted, scaled down or unloaded"))
+                out += [(s.id, "stopping: deleted, scaled down or unloaded") for s in instances]
                 continue
-            if s.spec_hash == want.spec_hash:
-                continue
-            successor = next(
-                (i for i in self.instances(s.replica_id) if i.spec_hash == want.spec_hash), None
-            )
-            if successor is not None and successor.state == "Ready":
-                out.append((s.id, f"stopping: replaced by {successor.id}"))
-            elif (
-                s.state in _SERVING
-                and s.replica_id not in serving
-                and not want.problem
-                and want.model is not None
-                and want.profile is not None
-            ):
-                serving.add(s.replica_id)
-            else:
-                out.append((s.id, "stopping: spec changed"))
+            fitting = [s for s in instances if self._fits(s, want)]
+            fitting.sort(key=lambda s: s.state != "Ready")  # a Ready one first, else the oldest
+            keep = fitting[0] if fitting else None
+            if keep is not None:  # two that fit (a move undone by an uncordon): one stays
+                out += [(s.id, f"stopping: {keep.id} serves this replica") for s in fitting[1:]]
+            servable = not want.problem and want.model is not None and want.profile is not None
+            serving = False
+            for s in instances:
+                if s in fitting:
+                    continue
+                leaving = self._leaving(s) if s.spec_hash == want.spec_hash else None
+                if keep is not None and keep.state == "Ready":
+                    out.append((s.id, _handed_over(s, keep)))
+                elif not serving and s.state in _SERVING and servable:
+                    serving = True
+                else:
+                    out.append(
+                        (s.id, f"moving: {leaving}" if leaving else "stopping: spec changed")
+                    )
         return out
 
     async def _reconcile_replica(self, want: DesiredSlice) -> None:
-        """Start the replica if it has no instance with its spec (beside the old one, when one
-        still serves), or load it again when it is due."""
+        """Start the replica if it has no instance that fits (beside the one that still
+        serves, if any), or load it again when it is due."""
         instances = self.instances(want.slice_id)
-        current = next((s for s in instances if s.spec_hash == want.spec_hash), None)
+        current = next((s for s in instances if self._fits(s, want)), None)
         serving = next((s for s in instances if s is not current and s.state in _SERVING), None)
         if current is None:
             await self._start(want, self._instance_id(want.slice_id), serving=serving)
@@ -302,18 +332,18 @@ class Controller:
             await self._start(want, current.id, serving=serving)
         elif self._memory_retry_due(current):
             await self._start(want, current.id, current.memory_failures, serving)
-        current = next(
-            (s for s in self.instances(want.slice_id) if s.spec_hash == want.spec_hash), None
-        )
+        current = next((s for s in self.instances(want.slice_id) if self._fits(s, want)), None)
         if serving is not None and current is not None and serving.state == "Ready":
+            leaving = self._leaving(serving) if serving.spec_hash == want.spec_hash else None
+            what = f"{leaving}: serving" if leaving else _OLD_SPEC
             serving.set_state(
                 "Ready",
-                f"{_OLD_SPEC}: its replacement {current.id} failed"
+                f"{what}: its replacement {current.id} failed"
                 if current.state == "Failed"
-                else f"{_OLD_SPEC} until its replacement {current.id} is Ready",
+                else f"{what} until its replacement {current.id} is Ready",
             )
-        elif serving is None and current is not None and current.reason.startswith(_OLD_SPEC):
-            current.set_state(current.state)  # the spec went back to its own: nothing to tell
+        elif serving is None and current is not None and _REPLACING in current.reason:
+            current.set_state(current.state)  # nothing replaces it any more: nothing to tell
 
     def _instance_id(self, replica_id: str) -> str:
         """A free id for a new instance of a replica: the replica's own id, or, while another
@@ -333,14 +363,19 @@ class Controller:
         serving: SliceState | None = None,
     ) -> None:
         """Place and load an instance of a replica; beside ``serving`` (the instance with the
-        old spec) when a device has room for both, else in its place once it has drained."""
+        old spec, or on a cordoned device) when a device has room for both, else in its place
+        once that one has drained."""
+        leaving = self._leaving(serving) if serving is not None else None
+        if leaving:
+            self.moved[want.slice_id] = f"moved off {leaving}"
         state = self._start_slice(want, instance_id, memory_failures, serving)
         if serving is None:
             return
         if state.device_id is not None:
             log.info(
-                "slice %s: loading its new spec as %s on %s; %s serves until then",
+                "slice %s: %s as %s on %s; %s serves until then",
                 want.slice_id,
+                f"moving it ({leaving})" if leaving else "loading its new spec",
                 state.id,
                 state.device_id,
                 serving.id,
@@ -350,18 +385,21 @@ class Controller:
         if not state.unplaced:
             return
         log.info(
-            "slice %s: no device has room for its new spec beside the old one; replacing it in "
-            "place",
+            "slice %s: no device has room for its %s beside the old one; replacing it in place",
             want.slice_id,
+            "move" if leaving else "new spec",
             extra={"tenant": want.tenant},
         )
         await self._stop_slice(
             serving.id,
             self.drain_timeout,
-            "stopping: spec changed, and no device has room to load the new spec beside it",
+            f"moving: {leaving}"
+            if leaving
+            else "stopping: spec changed, and no device has room to load the new spec beside it",
         )
         self._forget(state)
-        self.moved[want.slice_id] = "no device had room for the new spec beside the old one"
+        if not leaving:
+            self.moved[want.slice_id] = "no device had room for the new spec beside the old one"
         self._start_slice(want, self._instance_id(want.slice_id), memory_failures)
 
     def _model_file_changed(self, state: SliceState) -> bool:
@@ -461,9 +499,10 @@ class Controller:
         return None
 
     async def _move_off_unusable_devices(self) -> None:
-        """Stop the slices on cordoned or unhealthy devices (draining what they have queued)
-        so that this reconcile places them elsewhere, or leaves them Pending with reasons. A
-        ``disallowMigration`` slice stays where it is, with the reason in its status."""
+        """Stop the slices on failed devices at once, so that this reconcile places them
+        elsewhere, or leaves them Pending with reasons (those on cordoned devices move without
+        a gap: see ``_leaving``). A ``disallowMigration`` slice stays where it is, with the
+        reason in its status."""
         moving: list[Awaitable[None]] = []
         for state in list(self.slices.values()):
             if state.device_id is None:
@@ -478,11 +517,10 @@ class Controller:
                 if state.reason != note:
                     state.set_state(state.state, note)
                 continue
+            if self._leaving(state):
+                continue  # a cordoned device still works: its replacement loads first
             log.info("moving slice %s: %s", state.id, why, extra={"tenant": state.tenant})
-            device = self.topology.get(state.device_id)
-            # a cordoned device still works: let queued requests finish; a failed one cannot
-            drain = self.drain_timeout if device is not None and device.healthy else 0.0
-            moving.append(self._stop_slice(state.id, drain, f"moving: {why}"))
+            moving.append(self._stop_slice(state.id, 0.0, f"moving: {why}"))
             self.moved[state.replica_id] = f"moved off {why}"
         await asyncio.gather(*moving)
 
@@ -699,16 +737,17 @@ class Controller:
         state.replaces = None
         if old is None or old.replica_id != state.replica_id:
             return
-        old.set_state("Stopping", f"replaced by {state.id}")
-        log.info("slice %s replaced by %s", old.id, state.id, extra={"tenant": state.tenant})
-        task = asyncio.create_task(self._retire(old, state.id), name=f"retire-{old.id}")
+        why = _handed_over(old, state)
+        old.set_state("Stopping", why)
+        log.info("slice %s %s", old.id, why, extra={"tenant": state.tenant})
+        task = asyncio.create_task(self._retire(old, why), name=f"retire-{old.id}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def _retire(self, old: SliceState, by: str) -> None:
+    async def _retire(self, old: SliceState, why: str) -> None:
         async with self._lock:
             if self.slices.get(old.id) is old:
-                await self._stop_slice(old.id, self.drain_timeout, f"stopping: replaced by {by}")
+                await self._stop_slice(old.id, self.drain_timeout, why)
 
     def _publish_slice_counts(self) -> None:
         self.metrics.slices.clear()

@@ -11,7 +11,7 @@ import string
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, get_args
@@ -28,6 +28,7 @@ __all__ = [
     "KeyInfo",
     "KeyRing",
     "Principal",
+    "Revocation",
     "Role",
     "admin_key_path",
     "claimed_key_id",
@@ -106,6 +107,15 @@ class KeyInfo:
     def display_id(self) -> str:
         """Return the id as users see it in messages, e.g. ``gvk_ab12cd34``."""
         return f"{KEY_PREFIX}{self.id}"
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What revoking a key did: ``key`` as it is now (``revoked_at`` set) and whether it
+    ``already_revoked`` before this call, in which case nothing changed."""
+
+    key: KeyInfo
+    already_revoked: bool
 
 
 @dataclass(frozen=True)
@@ -304,9 +314,37 @@ class KeyRing:
         """Revoke a key by id (``ab12cd34`` or ``gvk_ab12cd34``), effective at once, with
         ``audit``'s records of the result.
 
-        Returns False when no such key exists; revoking twice keeps the first time.
+        Returns False when no such key exists; revoking twice keeps the first time
+        (``revoke_once`` also says whether the key already was revoked).
         """
-        return self._store.revoke_key(key_id.removeprefix(KEY_PREFIX), self._clock(), audit)
+        outcome = self.revoke_once(key_id, None if audit is None else lambda _: audit(True))
+        return outcome is not None
+
+    def revoke_once(
+        self, key_id: str, audit: Callable[[Revocation], Sequence[AuditEvent]] | None = None
+    ) -> Revocation | None:
+        """Revoke a key by id (``ab12cd34`` or ``gvk_ab12cd34``), effective at once, unless
+        it already is; return what happened, or None when no such key exists.
+
+        A key revoked before keeps its first revocation time. ``audit``'s records of the
+        outcome are committed with it, whichever it was, so the caller decides what a repeat
+        is recorded as.
+        """
+        plain = key_id.removeprefix(KEY_PREFIX)
+        stored = self._store.get_key(plain)
+        if stored is None:
+            return None
+        info, now = _info_from_stored(stored), self._clock()
+        # Two revocations racing past this read both count as the first; the store still
+        # keeps the earlier time.
+        outcome = Revocation(
+            replace(info, revoked_at=info.revoked_at or now),
+            already_revoked=info.revoked_at is not None,
+        )
+        found = self._store.revoke_key(
+            plain, now, None if audit is None else lambda found: audit(outcome) if found else []
+        )
+        return outcome if found else None
 
     # --------------------------------------------------------------- admin key
 

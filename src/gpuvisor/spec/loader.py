@@ -3,11 +3,15 @@
 Every problem found is collected and raised as one ``SpecError`` with one line per problem::
 
     deployments.yaml doc 3 Deployment/shelf-detector: spec.profile: unknown profile 'rt-smal' (did you mean 'rt-small'?)
+
+A document may also be a List (``kind: List`` or a bare ``items:``), as ``gpuvisor get KIND -o
+yaml`` prints one: its items are read in order, and their problems say ``doc 1 item 3``.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Callable, Hashable, Iterable
@@ -45,7 +49,9 @@ __all__ = [
 ]
 
 RESOURCE_ADAPTER: TypeAdapter[Resource] = TypeAdapter(Resource)
-_ORIGIN_RE = re.compile(r"^(?P<source>.*) doc (?P<doc>\d+)$")
+_ORIGIN_RE = re.compile(r"^(?P<source>.*) doc (?P<doc>\d+)(?: item (?P<item>\d+))?$")
+_LIST_KIND = "List"
+_LIST_FIELDS = ("apiVersion", "kind", "items")
 _MAX_LISTED = 12
 
 
@@ -59,16 +65,26 @@ class _Problem:
     name: str | None
     path: str
     message: str
+    item: int | None = None
+    """The object's place in a List document, counted from 1; None for a document of its own."""
 
     @classmethod
     def at_origin(cls, origin: str, kind: str, name: str, path: str, message: str) -> _Problem:
         match = _ORIGIN_RE.match(origin)
         if match:
-            return cls(match["source"], int(match["doc"]), kind, name, path, message)
+            item = int(match["item"]) if match["item"] else None
+            return cls(match["source"], int(match["doc"]), kind, name, path, message, item)
         return cls(origin, None, kind, name, path, message)
 
+    def fields(self) -> dict[str, Any]:
+        """Return the problem as the SpecError's ``problems`` list holds it (``item`` if any)."""
+        fields = asdict(self)
+        if self.item is None:
+            del fields["item"]
+        return fields
+
     def line(self) -> str:
-        where = self.source if self.doc is None else f"{self.source} doc {self.doc}"
+        where = self.source if self.doc is None else f"{self.source} {_place(self.doc, self.item)}"
         if self.kind:
             where += f" {self.kind}/{self.name}" if self.name else f" {self.kind}"
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
@@ -78,8 +94,13 @@ def _raise_if_any(problems: list[_Problem]) -> None:
     if problems:
         raise SpecError(
             "\n".join(problem.line() for problem in problems),
-            problems=[asdict(problem) for problem in problems],
+            problems=[problem.fields() for problem in problems],
         )
+
+
+def _place(doc: int, item: int | None) -> str:
+    """Return where an object is in its text: ``doc 3``, or ``doc 1 item 3`` in a List."""
+    return f"doc {doc}" if item is None else f"doc {doc} item {item}"
 
 
 class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
@@ -101,8 +122,24 @@ class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
         return mapping
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        raise ValueError("duplicate key")  # the YAML reader then says which, and where
+    return mapping
+
+
 def _parse_yaml(text: str, source: str) -> list[Any]:
-    """Return every YAML document in ``text`` (None for empty ones); SpecError on bad syntax."""
+    """Return every YAML document in ``text`` (None for empty ones); SpecError on bad syntax.
+
+    A JSON object (``gpuvisor get … -o json``) is read as JSON: YAML 1.1 would read a number
+    like ``1e-05`` as a string.
+    """
+    if text.lstrip().startswith("{"):
+        try:
+            return [json.loads(text, object_pairs_hook=_unique_keys)]
+        except ValueError:
+            pass  # YAML written in flow style, or JSON with a mistake: the YAML reader says where
     documents: list[Any] = []
     try:
         for document in yaml.load_all(text, Loader=_StrictLoader):
@@ -128,9 +165,17 @@ def _closest(value: str, known: Iterable[str]) -> str | None:
 def _envelope_problem(document: Any) -> tuple[str, str] | None:
     """Return (path, message) when a document cannot be validated as any kind at all."""
     if not isinstance(document, dict):
-        got = type(document).__name__
-        return "", f"expected a mapping with apiVersion, kind, metadata and spec, got a {got}"
+        got = "nothing" if document is None else f"a {type(document).__name__}"
+        return "", f"expected a mapping with apiVersion, kind, metadata and spec, got {got}"
+    reported = _reported_thing(document)
+    if reported is not None:
+        return "", (
+            f"this is {reported} as 'gpuvisor get' prints it: what the node reports, not an "
+            "object to apply (apply Tenant, Profile, Pool, Model or Deployment manifests)"
+        )
     kind = document.get("kind")
+    if kind == _LIST_KIND:
+        return "kind", "a List cannot hold another List: put its items in this one"
     expected = f"expected one of {', '.join(KINDS)}"
     if kind is None:
         return "kind", f"required field is missing ({expected})"
@@ -140,6 +185,61 @@ def _envelope_problem(document: Any) -> tuple[str, str] | None:
             f"; did you mean {hint!r}?" if hint else ""
         )
     return None
+
+
+def _reported_thing(document: dict[str, Any]) -> str | None:
+    """Return "a device" or "a slice" for one as ``gpuvisor get devices|slices`` prints it."""
+    if "id" not in document or "apiVersion" in document or "metadata" in document:
+        return None
+    if "backend" in document:
+        return "a device"
+    return "a slice" if "state" in document else None
+
+
+def _is_list(document: Any) -> bool:
+    """Whether a document is a List: ``kind: List``, or ``items`` with no kind."""
+    return isinstance(document, dict) and (
+        document.get("kind") == _LIST_KIND or ("kind" not in document and "items" in document)
+    )
+
+
+def _list_items(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Return a List's items and what is wrong with the List itself, as (path, message)."""
+    found = []
+    version = document.get("apiVersion", API_VERSION)
+    if version != API_VERSION:
+        found.append(("apiVersion", f"unknown value {version!r}; accepted: {API_VERSION}"))
+    accepted = ", ".join(_LIST_FIELDS)
+    found.extend(
+        (str(field), f"unknown field {field!r} (accepted fields: {accepted})")
+        for field in document
+        if field not in _LIST_FIELDS
+    )
+    items = document.get("items")
+    if "items" not in document:
+        found.append(("items", "required field is missing (the list of objects)"))
+    elif items is not None and not isinstance(items, list):
+        found.append(("items", f"expected a list of objects, got a {type(items).__name__}"))
+    return items if isinstance(items, list) else [], found
+
+
+def _objects(
+    documents: list[Any], source: str, problems: list[_Problem]
+) -> list[tuple[int, int | None, Any]]:
+    """Return (doc, item, body) for each object in ``documents``, a List's items one by one,
+    in order; empty documents are left out, and what is wrong with a List goes to ``problems``.
+    """
+    objects: list[tuple[int, int | None, Any]] = []
+    for index, document in enumerate(documents, start=1):
+        if document is None:
+            continue
+        if not _is_list(document):
+            objects.append((index, None, document))
+            continue
+        items, found = _list_items(document)
+        problems.extend(_Problem(source, index, _LIST_KIND, None, *problem) for problem in found)
+        objects.extend((index, position, item) for position, item in enumerate(items, start=1))
+    return objects
 
 
 def _raw_name(document: dict[str, Any]) -> str | None:
@@ -160,23 +260,22 @@ def load_documents(
 ) -> list[Resource]:
     """Return the objects in a multi-document YAML text, in order; empty documents are skipped.
 
+    A List document (``kind: List`` or a bare ``items:``) stands for its items, in order.
     Relative ``Model.spec.source`` (and ``Node.spec.fleet``) paths become absolute against
     ``base_dir`` when it is given. Raises SpecError listing every problem found: invalid YAML,
     unknown kinds or fields, invalid values, tenant-scope mistakes, an object given twice.
     """
     problems: list[_Problem] = []
     resources: list[Resource] = []
-    first_seen: dict[tuple[str, str, str], int] = {}
-    for index, document in enumerate(_parse_yaml(text, source), start=1):
-        if document is None:
-            continue
+    first_seen: dict[tuple[str, str, str], str] = {}
+    for index, item, document in _objects(_parse_yaml(text, source), source, problems):
         if isinstance(document, dict):
             # what the node reports (`gpuvisor get … -o yaml`), not what is asked: ignored, so
             # that a document got can be edited and applied again
             document.pop("status", None)
         envelope = _envelope_problem(document)
         if envelope is not None:
-            problems.append(_Problem(source, index, None, None, *envelope))
+            problems.append(_Problem(source, index, None, None, *envelope, item))
             continue
         kind, name = document["kind"], _raw_name(document)
         found = _document_problems(document, kind)
@@ -188,15 +287,17 @@ def load_documents(
         if resource is not None and not found:
             key = resource_key(resource)
             if key in first_seen:
-                duplicate = f"{_describe_key(key)} is already defined in doc {first_seen[key]}"
+                duplicate = f"{_describe_key(key)} is already defined in {first_seen[key]}"
                 found.append(
                     ("metadata.name", f"{duplicate}; each object may appear once per apply")
                 )
-            first_seen.setdefault(key, index)
+            first_seen.setdefault(key, _place(index, item))
         if found or resource is None:
-            problems.extend(_Problem(source, index, kind, name, *problem) for problem in found)
+            problems.extend(
+                _Problem(source, index, kind, name, *problem, item) for problem in found
+            )
             continue
-        resource._origin = f"{source} doc {index}"
+        resource._origin = f"{source} {_place(index, item)}"
         if isinstance(resource, Model):
             resource.spec.source = _absolute(resource.spec.source, base_dir)
         elif isinstance(resource, Node) and resource.spec.fleet is not None:

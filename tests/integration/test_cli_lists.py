@@ -1,0 +1,306 @@
+"""Saving and restoring with the CLI (`get KIND -o yaml|json > f; apply -f f`), and the implicit
+`default` pool, against a running node."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gpuvisor.cli import app
+from gpuvisor.launch import NodeProcess
+
+runner = CliRunner()
+FORMATS = ("yaml", "json")
+IMPLICIT_NOTE = (
+    "implicit: not applied; the pool of deployments that name none "
+    "(apply a Pool named 'default' to change it)"
+)
+
+
+@pytest.fixture(scope="module")
+def operator_key(demo_node: NodeProcess) -> Iterator[str]:
+    created = httpx.post(
+        f"{demo_node.url}/api/v1/keys",
+        headers=demo_node.auth(demo_node.admin_key),
+        json={"role": "operator", "description": "list tests"},
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    yield created.json()["key"]
+    httpx.delete(
+        f"{demo_node.url}/api/v1/keys/{created.json()['id']}",
+        headers=demo_node.auth(demo_node.admin_key),
+        timeout=30,
+    )
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    """Run a CLI command that must succeed; return what it printed on stdout."""
+    result = runner.invoke(app, list(args), env=env)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def cli_error(env: dict[str, str], *args: str) -> str:
+    """Run a CLI command that must fail cleanly; return its output, on one line."""
+    result = runner.invoke(app, list(args), env=env)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # an error, not a crash
+    return " ".join(result.output.split())
+
+
+def save(env: dict[str, str], tmp_path: Path, fmt: str, *get_args: str) -> tuple[Path, Any]:
+    """``gpuvisor get ... -o FMT > file``: return the file and what it holds."""
+    text = cli(env, "get", *get_args, "-o", fmt)
+    path = tmp_path / f"{'-'.join(get_args).replace('/', '_')}.{fmt}"
+    path.write_text(text)
+    return path, (json.loads(text) if fmt == "json" else yaml.safe_load(text))
+
+
+def outcomes(applied: str) -> dict[str, str]:
+    """``deployment/x (tenant t) created`` lines as {"deployment/x": "created"}."""
+    lines = [line.split() for line in applied.splitlines() if not line.startswith(" ")]
+    return {words[0]: words[-1] for words in lines}
+
+
+def wait_ready(node: NodeProcess, tenant: str, model: str) -> None:
+    url = f"{node.url}/v2/models/{model}/ready"
+    auth = node.auth(node.tenant_key(tenant))
+    deadline = time.monotonic() + 90
+    while httpx.get(url, headers=auth, timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, f"{tenant}/{model} did not become Ready"
+        time.sleep(0.2)
+
+
+# ---- saving and restoring ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("plural", ["tenants", "profiles", "models", "deployments"])
+def test_a_saved_list_is_manifests_and_applies_back_unchanged(
+    env: dict[str, str], tmp_path: Path, plural: str, fmt: str
+) -> None:
+    path, saved = save(env, tmp_path, fmt, plural)
+    assert (saved["apiVersion"], saved["kind"]) == ("gpuvisor/v1", "List")
+    assert saved["items"], saved
+    for item in saved["items"]:
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(item), item
+    applied = outcomes(cli(env, "apply", "-f", str(path)))
+    assert len(applied) == len(saved["items"])
+    assert set(applied.values()) == {"unchanged"}, applied
+
+
+def test_a_list_the_api_answers_is_a_body_the_api_applies(demo_node: NodeProcess) -> None:
+    admin = demo_node.auth(demo_node.admin_key)
+    listed = httpx.get(f"{demo_node.url}/api/v1/profiles", headers=admin, timeout=30)
+    assert listed.status_code == 200 and listed.json()["kind"] == "List"
+    applied = httpx.post(
+        f"{demo_node.url}/api/v1/apply", headers=admin, content=listed.content, timeout=60
+    )
+    assert applied.status_code == 200, applied.text
+    results = applied.json()["results"]
+    assert len(results) == len(listed.json()["items"])
+    assert {r["outcome"] for r in results} == {"unchanged"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_deleted_deployment_comes_back_from_the_saved_list(
+    env: dict[str, str], demo_node: NodeProcess, tmp_path: Path, fmt: str
+) -> None:
+    path, saved = save(env, tmp_path, fmt, "deployments")
+    assert any(item["status"]["readyReplicas"] == 1 for item in saved["items"])
+    cli(env, "delete", "deployment", "basket-scorer", "-t", "analytics")
+    try:
+        applied = outcomes(cli(env, "apply", "-f", str(path)))
+    finally:
+        runner.invoke(app, ["apply", "-f", str(path)], env=env)  # whatever happens, put it back
+    assert applied.pop("deployment/basket-scorer") == "created"
+    assert set(applied.values()) == {"unchanged"}
+    wait_ready(demo_node, "analytics", "basket-scorer")
+
+
+def test_a_tenant_saves_and_restores_its_own_deployments(
+    env: dict[str, str], demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    tenant_env = {**env, "GPUVISOR_KEY": demo_node.tenant_key("retail")}
+    path, saved = save(tenant_env, tmp_path, "yaml", "deployments")
+    assert {item["metadata"]["tenant"] for item in saved["items"]} == {"retail"}
+    applied = outcomes(cli(tenant_env, "apply", "-f", str(path)))
+    assert applied == {
+        "deployment/shelf-detector": "unchanged",
+        "deployment/sku-lookup": "unchanged",
+    }
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("plural", "what"), [("devices", "a device"), ("slices", "a slice")])
+def test_devices_and_slices_are_status_and_are_refused_on_apply(
+    env: dict[str, str], tmp_path: Path, plural: str, what: str, fmt: str
+) -> None:
+    path, saved = save(env, tmp_path, fmt, plural)
+    assert "kind" not in saved or saved["kind"] != "List"  # not manifests: no List to apply
+    refused = cli_error(env, "apply", "-f", str(path))
+    assert (
+        f"{path.name} doc 1 item 1: this is {what} as 'gpuvisor get' prints it: what the node "
+        "reports, not an object to apply (apply Tenant, Profile, Pool, Model or Deployment "
+        "manifests)"
+    ) in refused
+    one_id = saved["items"][0]["id"]
+    one, _ = save(env, tmp_path, fmt, plural, one_id)
+    assert f"{one.name} doc 1: this is {what}" in cli_error(env, "apply", "-f", str(one))
+
+
+def test_a_list_with_mistakes_applies_nothing_and_names_each_item(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    _, saved = save(env, tmp_path, "yaml", "profiles")
+    count = len(saved["items"])
+    header = {"apiVersion": "gpuvisor/v1", "metadata": {"name": "list-extra"}}
+    saved["items"] += [
+        {**header, "kind": "Profile", "spec": {"memory": "256Mi"}},  # fine on its own
+        {**header, "kind": "Widget"},
+        {**header, "kind": "Profile", "metadata": {"name": "list-bad"}, "spec": {"memory": "x"}},
+    ]
+    path = tmp_path / "profiles-edited.yaml"
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    refused = cli_error(env, "apply", "-f", str(path))
+    assert f"profiles-edited.yaml doc 1 item {count + 2}: kind: unknown kind 'Widget'" in refused
+    assert (
+        f"profiles-edited.yaml doc 1 item {count + 3} Profile/list-bad: spec.memory: expected a "
+        "size like '512Mi'"
+    ) in refused
+    # all or nothing: the valid new item was not stored either
+    assert "not found" in cli_error(env, "get", "profile", "list-extra")
+
+    # a reference that does not resolve is found on the node, and named by its item too
+    dangling = {
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "gpuvisor/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "list-dangling", "tenant": "retail"},
+                "spec": {"model": "sku-lookup", "profile": "std-smal"},
+            }
+        ],
+    }
+    path.write_text(json.dumps(dangling))
+    assert (
+        "profiles-edited.yaml doc 1 item 1 Deployment/list-dangling: spec.profile: unknown "
+        "profile 'std-smal' (did you mean 'std-small'?)"
+    ) in cli_error(env, "apply", "-f", str(path))
+
+
+# ---- the implicit default pool ----------------------------------------------------------
+
+
+def test_the_implicit_default_pool_is_listed_and_shown(env: dict[str, str], tmp_path: Path) -> None:
+    table = cli(env, "get", "pools").splitlines()
+    assert [line.split()[0] for line in table] == ["NAME", "default", "inference"]
+    assert table[1].split()[1:3] == ["shared", "best-effort"]
+    assert table[1].endswith("implicit (not applied)")
+    assert "implicit" not in table[2]
+    for fmt in FORMATS:
+        _, listed = save(env, tmp_path, fmt, "pools")
+        default = listed["items"][0]
+        assert default == {
+            "apiVersion": "gpuvisor/v1",
+            "metadata": {"name": "default", "tenant": None, "labels": {}},
+            "kind": "Pool",
+            "spec": {
+                "selector": {},
+                "tenancy": "shared",
+                "scheduler": "best-effort",
+                "placement": "binpack",
+                "memoryHeadroom": 0,
+                "requireSignedModels": False,
+                "trustedKeys": [],
+            },
+            "status": {"implicit": True, "note": IMPLICIT_NOTE},
+        }
+        assert "status" not in listed["items"][1]  # an applied pool says nothing of the sort
+    one = yaml.safe_load(cli(env, "get", "pool", "default"))
+    assert one["status"]["note"] == IMPLICIT_NOTE
+    described = cli(env, "describe", "pool", "default")
+    assert "implicit: true" in described
+
+
+@pytest.mark.parametrize("role", ["admin", "operator", "tenant"])
+def test_whoever_may_read_pools_sees_the_implicit_one(
+    demo_node: NodeProcess, operator_key: str, role: str
+) -> None:
+    key = {
+        "admin": demo_node.admin_key,
+        "operator": operator_key,
+        "tenant": demo_node.tenant_key("support"),
+    }[role]
+    headers = demo_node.auth(key)
+    listed = httpx.get(f"{demo_node.url}/api/v1/pools", headers=headers, timeout=30)
+    assert listed.status_code == 200, listed.text
+    names = [item["metadata"]["name"] for item in listed.json()["items"]]
+    assert names == ["default", "inference"]
+    one = httpx.get(f"{demo_node.url}/api/v1/pools/default", headers=headers, timeout=30)
+    assert one.status_code == 200 and one.json()["status"]["implicit"] is True
+    # a filter by tenant selects no cluster-scoped object, the implicit one neither
+    filtered = httpx.get(
+        f"{demo_node.url}/api/v1/pools", params={"tenant": "support"}, headers=headers, timeout=30
+    )
+    assert filtered.json()["items"] == []
+    # deleting it: refused as for any pool to those who may not change pools, and to the
+    # admin because there is nothing stored to delete
+    deleted = httpx.delete(f"{demo_node.url}/api/v1/pools/default", headers=headers, timeout=30)
+    assert deleted.status_code == (409 if role == "admin" else 403), deleted.text
+    assert httpx.get(f"{demo_node.url}/api/v1/pools/default", headers=headers).status_code == 200
+
+
+def test_deleting_the_implicit_pool_says_why_it_cannot_be(env: dict[str, str]) -> None:
+    refused = cli_error(env, "delete", "pool", "default")
+    assert refused == (
+        "error: Pool default cannot be deleted: it was never applied. It is the implicit pool "
+        "of deployments that name none (every device); apply a Pool named 'default' to change it"
+    )
+
+
+def test_an_applied_default_pool_replaces_the_implicit_one_until_deleted(
+    env: dict[str, str], demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "default-pool.yaml"
+    manifest.write_text(
+        "apiVersion: gpuvisor/v1\nkind: Pool\nmetadata: {name: default}\n"
+        "spec: {selector: {kind: cpu}, scheduler: equal-share}\n"
+    )
+    assert "pool/default created" in cli(env, "apply", "-f", str(manifest))
+    try:
+        one = yaml.safe_load(cli(env, "get", "pool", "default"))
+        assert "status" not in one and one["spec"]["scheduler"] == "equal-share"
+        _, listed = save(env, tmp_path, "json", "pools")
+        defaults = [i for i in listed["items"] if i["metadata"]["name"] == "default"]
+        assert len(defaults) == 1 and defaults[0]["spec"]["selector"] == {"kind": "cpu"}
+    finally:
+        deleted = runner.invoke(app, ["delete", "pool", "default"], env=env)
+    assert deleted.exit_code == 0 and "pool/default deleted" in deleted.output
+    again = yaml.safe_load(cli(env, "get", "pool", "default"))
+    assert again["status"]["implicit"] is True and again["spec"]["scheduler"] == "best-effort"
+
+
+def test_a_saved_pool_list_applies_the_implicit_pool_as_a_real_one(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """What a saved list holds is applied as it is: the implicit pool's settings become a
+    stored Pool `default` (the same behaviour), which can then be deleted again."""
+    path, _ = save(env, tmp_path, "yaml", "pools")
+    try:
+        applied = outcomes(cli(env, "apply", "-f", str(path)))
+        assert applied == {"pool/default": "created", "pool/inference": "unchanged"}
+        assert "status" not in yaml.safe_load(cli(env, "get", "pool", "default"))
+    finally:
+        runner.invoke(app, ["delete", "pool", "default"], env=env)
+    assert "implicit" in cli(env, "get", "pool", "default")

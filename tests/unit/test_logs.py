@@ -1,0 +1,59 @@
+"""The node's log lines: key=value text or JSON, always to the stderr of the moment."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from gpuvisor.logs import configure_logging
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level, stderr = root.handlers[:], root.level, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr = stderr
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_logs_follow_stderr_when_it_is_replaced_and_closed(restore_logging: None) -> None:
+    first = io.StringIO()
+    sys.stderr = first
+    configure_logging("INFO")
+    log = logging.getLogger("gpuvisor.test")
+    log.info("slice %s ready", "retail/shelf-detector/0", extra={"tenant": "retail"})
+    assert first.getvalue().endswith(
+        "INFO gpuvisor.test slice retail/shelf-detector/0 ready tenant=retail\n"
+    )
+    # whoever set stderr closes it and puts another in place: records go to the new one
+    first.close()
+    second = io.StringIO()
+    sys.stderr = second
+    log.warning("after the swap")
+    assert second.getvalue().endswith("WARNING gpuvisor.test after the swap\n")
+    assert "Logging error" not in second.getvalue()
+
+
+def test_json_lines_carry_the_tenant_and_request_id(restore_logging: None) -> None:
+    out = io.StringIO()
+    sys.stderr = out
+    configure_logging("INFO", "json")
+    logging.getLogger("gpuvisor.test").info(
+        "refused", extra={"tenant": "support", "request_id": "r-1"}
+    )
+    line = orjson.loads(out.getvalue().splitlines()[-1])
+    assert (line["level"], line["message"], line["tenant"], line["request_id"]) == (
+        "INFO",
+        "refused",
+        "support",
+        "r-1",
+    )
