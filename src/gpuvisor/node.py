@@ -220,10 +220,13 @@ class Node:
         return dep
 
     def model_version(self, dep: Deployment) -> str:
+        """The version the deployment serves: that of the slices requests go to (during a
+        rolling update, the old one's until the new one is Ready)."""
         assert self.controller is not None
         info = self.controller.deployment_slices(dep.metadata.tenant or "", dep.metadata.name)
-        if info:
-            return info[0].model_version
+        ready = [s for s in info if s.state == "Ready"]
+        if ready or info:
+            return (ready or info)[0].model_version
         return dep.spec.model_version or "1"
 
     async def infer(

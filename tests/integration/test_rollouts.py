@@ -19,17 +19,22 @@ import httpx
 import numpy as np
 import onnx
 import orjson
+import pytest
 from onnx import TensorProto, helper
 
 from gpuvisor.control.controller import Controller
+from gpuvisor.control.slices import SliceState
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.queues import PendingRequest
+from gpuvisor.errors import NotFound
 from gpuvisor.inventory.cpu import discover_cpu
 from gpuvisor.inventory.device import Topology
 from gpuvisor.launch import NodeProcess
+from gpuvisor.node import Node, NodeOptions
 from gpuvisor.runtime.pool import WorkerPool
 from gpuvisor.runtime.tensors import json_infer_request
-from gpuvisor.spec.kinds import resource_key
+from gpuvisor.security.keys import Principal
+from gpuvisor.spec.kinds import Deployment, resource_key
 from gpuvisor.spec.loader import load_documents, resource_to_dict
 from gpuvisor.store.repo import Store, StoredObject
 from gpuvisor.telemetry.metrics import Metrics
@@ -329,3 +334,52 @@ async def in_place(db_url: str, tmp_path: Path) -> None:
         # placement counted this as no failure to place
         failures = ctl.metrics.allocation_failures.labels("", TENANT, "adder", "unplaceable")
         assert failures._value.get() == 0
+
+
+def test_the_version_served_is_that_of_the_ready_slice(sqlite_url: str, tmp_path: Path) -> None:
+    """Between the new instance becoming Ready and the old one's removal, the old one is
+    Stopping: a request for a version is checked against the new one, which answers it."""
+    store = Store(sqlite_url)
+    try:
+        node = Node(NodeOptions(state_dir=tmp_path / "state"))
+        node.controller = Controller(store, Topology([]), WorkerPool(), {}, Metrics())
+        [dep] = load_documents(
+            f"apiVersion: gpuvisor/v1\nkind: Deployment\n"
+            f"metadata: {{name: adder, tenant: {TENANT}}}\nspec: {{model: adder, profile: p}}\n"
+        )
+        assert isinstance(dep, Deployment)
+        node.controller._deployments[(TENANT, "adder")] = dep
+
+        def instance(slice_id: str, version: str, state: str) -> SliceState:
+            s = SliceState(
+                slice_id,
+                TENANT,
+                "adder",
+                0,
+                version,
+                "default",
+                "p",
+                0,
+                0.0,
+                "process",
+                "standard",
+                "adder",
+                version,
+                replica_id=REPLICA,
+            )
+            s.set_state(state)
+            return s
+
+        old, new = instance(REPLICA, "1", "Stopping"), instance(SUCCESSOR, "2", "Ready")
+        node.controller._by_deployment[(TENANT, "adder")] = [old, new]
+        principal = Principal(role="tenant", tenant=TENANT, key_id="k")
+        assert node.model_version(dep) == "2"
+        assert node.find_deployment(principal, "adder", "2") is dep
+        with pytest.raises(NotFound, match="has no version '1' \\(it serves version '2'\\)"):
+            node.find_deployment(principal, "adder", "1")
+        # while the new one loads, the old one serves, and its version is the one
+        old.set_state("Ready")
+        new.set_state("Loading")
+        assert node.model_version(dep) == "1"
+    finally:
+        store.close()
