@@ -213,7 +213,7 @@ def _deployment(
         state, reason = worst.state, worst.reason
     latency = node.recent.latency(tenant, name)
     outcomes = requests.get((tenant, name), {})
-    first = slices[0] if slices else None
+    first = (ready or slices)[0] if slices else None  # the version requests go to
     return {
         "tenant": tenant,
         "name": name,
