@@ -14,19 +14,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import yaml
+from controllers import running_controller, settle
 
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.health import apply_health
 from gpuvisor.demo.models import build_demo_models
-from gpuvisor.dispatch.dispatcher import DeviceDispatcher
-from gpuvisor.dispatch.fairshare import FairSharePolicy
-from gpuvisor.inventory.device import Topology
 from gpuvisor.inventory.simulated import devices_from_fleet
-from gpuvisor.runtime.pool import WorkerPool
-from gpuvisor.spec.kinds import Fleet, resource_key
-from gpuvisor.spec.loader import load_documents, resource_to_dict
-from gpuvisor.store.repo import Store, StoredObject
-from gpuvisor.telemetry.metrics import Metrics
+from gpuvisor.spec.kinds import Fleet
+from gpuvisor.store.repo import StoredObject
 from gpuvisor.telemetry.readers import DeviceReading
 
 FLEET = Path(__file__).parents[1] / "data" / "two-edge-nodes.fleet.yaml"
@@ -77,37 +72,12 @@ spec: {model: scorer, profile: small, pool: h100}
 async def fleet_controller(db_url: str, tmp_path: Path) -> AsyncIterator[Controller]:
     """A controller over the simulated fleet with the manifest applied and every slice settled."""
     model = build_demo_models(tmp_path / "models")["basket-scorer"]
-    store = Store(db_url)
-    resources = load_documents(MANIFEST.replace("MODEL", str(model)))
-    store.apply([StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources])
-    topology = Topology(devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET.read_text()))))
-    pool = WorkerPool(start_timeout=120)
-    pool.start()
-    dispatchers = {
-        d.id: DeviceDispatcher(d.id, pool, FairSharePolicy(d.quantum)) for d in topology.devices
-    }
-    for dispatcher in dispatchers.values():
-        dispatcher.start()
-    ctl = Controller(store, topology, pool, dispatchers, Metrics(), drain_timeout=2.0)
-    try:
+    devices = devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET.read_text())))
+    manifest = MANIFEST.replace("MODEL", str(model))
+    async with running_controller(db_url, manifest, devices, drain_timeout=2.0) as ctl:
         await ctl.reconcile()
         await settle(ctl)
         yield ctl
-    finally:
-        await ctl.stop()
-        for dispatcher in dispatchers.values():
-            await dispatcher.stop()
-        await pool.close()
-        store.close()
-
-
-async def settle(ctl: Controller, timeout: float = 120.0) -> None:
-    """Wait until no slice is loading, restarting or stopping."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while any(s.state in ("Loading", "Restarting", "Stopping") for s in ctl.slices.values()):
-        assert loop.time() < deadline, {s.id: (s.state, s.reason) for s in ctl.slices.values()}
-        await asyncio.sleep(0.05)
 
 
 def where(ctl: Controller) -> dict[str, tuple[str | None, str]]:

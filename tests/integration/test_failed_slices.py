@@ -9,28 +9,21 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import orjson
+from controllers import running_controller
 from onnx import TensorProto, helper, numpy_helper
 
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.slices import Backoff, SliceState, file_stamp
 from gpuvisor.demo.models import build_demo_model, sample_inputs
-from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.queues import PendingRequest
 from gpuvisor.inventory.cpu import discover_cpu
-from gpuvisor.inventory.device import Topology
-from gpuvisor.runtime.pool import WorkerPool
 from gpuvisor.runtime.tensors import json_infer_request
-from gpuvisor.spec.kinds import resource_key
-from gpuvisor.spec.loader import load_documents, resource_to_dict
-from gpuvisor.store.repo import Store, StoredObject
-from gpuvisor.telemetry.metrics import Metrics
 
 MANIFEST = """
 apiVersion: gpuvisor/v1
@@ -55,28 +48,15 @@ spec: {model: scorer, profile: small}
 SLICE = "analytics/scorer/0"
 
 
-@contextlib.asynccontextmanager
-async def cpu_controller(
+def cpu_controller(
     db_url: str, model: Path, out_of_memory: Backoff = Backoff(30.0, 600.0)
-) -> AsyncIterator[Controller]:
-    store = Store(db_url)
-    resources = load_documents(MANIFEST.replace("MODEL", str(model)))
-    store.apply([StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources])
-    cpu = discover_cpu(memory=4 << 30, threads=1)
-    pool = WorkerPool(start_timeout=120)
-    pool.start()
-    dispatcher = DeviceDispatcher(cpu.id, pool)
-    dispatcher.start()
-    ctl = Controller(
-        store, Topology([cpu]), pool, {cpu.id: dispatcher}, Metrics(), out_of_memory=out_of_memory
+) -> contextlib.AbstractAsyncContextManager[Controller]:
+    return running_controller(
+        db_url,
+        MANIFEST.replace("MODEL", str(model)),
+        [discover_cpu(memory=4 << 30, threads=1)],
+        out_of_memory=out_of_memory,
     )
-    try:
-        yield ctl
-    finally:
-        await ctl.stop()
-        await dispatcher.stop()
-        await pool.close()
-        store.close()
 
 
 async def reconcile_and_settle(ctl: Controller, timeout: float = 120.0) -> SliceState:

@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,11 @@ import numpy as np
 import onnx
 import orjson
 import pytest
+from controllers import apply_manifest, running_controller, settle
 from onnx import TensorProto, helper
 
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.slices import SliceState
-from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.queues import PendingRequest
 from gpuvisor.errors import NotFound
 from gpuvisor.inventory.cpu import discover_cpu
@@ -34,9 +34,9 @@ from gpuvisor.node import Node, NodeOptions
 from gpuvisor.runtime.pool import WorkerPool
 from gpuvisor.runtime.tensors import json_infer_request
 from gpuvisor.security.keys import Principal
-from gpuvisor.spec.kinds import Deployment, resource_key
-from gpuvisor.spec.loader import load_documents, resource_to_dict
-from gpuvisor.store.repo import Store, StoredObject
+from gpuvisor.spec.kinds import Deployment
+from gpuvisor.spec.loader import load_documents
+from gpuvisor.store.repo import Store
 from gpuvisor.telemetry.metrics import Metrics
 
 TENANT = "rollout"
@@ -58,6 +58,14 @@ def adder_model(constant: float) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def model_files(tmp_path: Path, *contents: bytes) -> list[Path]:
+    """Write each version's model file (``adder-1.onnx``, ``adder-2.onnx``…) and return them."""
+    paths = [tmp_path / f"adder-{version}.onnx" for version in range(1, len(contents) + 1)]
+    for path, content in zip(paths, contents, strict=True):
+        path.write_bytes(content)
+    return paths
 
 
 def manifest(profile: str, quota: str = "{}") -> str:
@@ -114,9 +122,7 @@ def gone(pid: int | None, timeout: float = 30.0) -> bool:
 def test_a_new_model_version_rolls_out_with_no_failed_request(
     demo_node: NodeProcess, tmp_path: Path
 ) -> None:
-    one, two = tmp_path / "adder-1.onnx", tmp_path / "adder-2.onnx"
-    one.write_bytes(adder_model(1.0))
-    two.write_bytes(adder_model(2.0))
+    one, two = model_files(tmp_path, adder_model(1.0), adder_model(2.0))
     demo_node.apply_as_admin(
         manifest("{memory: 512Mi, computeShare: 0.05}") + "---" + model_doc("1", one)
     )
@@ -195,37 +201,9 @@ def wait_for(
 # ---- failure and fallback, with the controller in this process ------------------------------
 
 
-@contextlib.asynccontextmanager
-async def cpu_controller(db_url: str, text: str) -> AsyncIterator[tuple[Controller, Store]]:
+def cpu_controller(db_url: str, text: str) -> contextlib.AbstractAsyncContextManager[Controller]:
     """A controller over one CPU device with 4 GiB to place slices in."""
-    store = Store(db_url)
-    apply(store, text)
-    cpu = discover_cpu(memory=4 << 30, threads=1)
-    pool = WorkerPool(start_timeout=120)
-    pool.start()
-    dispatcher = DeviceDispatcher(cpu.id, pool)
-    dispatcher.start()
-    ctl = Controller(store, Topology([cpu]), pool, {cpu.id: dispatcher}, Metrics())
-    try:
-        yield ctl, store
-    finally:
-        await ctl.stop()
-        await dispatcher.stop()
-        await pool.close()
-        store.close()
-
-
-def apply(store: Store, text: str) -> None:
-    resources = load_documents(text)
-    store.apply([StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources])
-
-
-async def settle(ctl: Controller, timeout: float = 120.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while any(s.state in ("Loading", "Restarting", "Stopping") for s in ctl.slices.values()):
-        assert loop.time() < deadline, {s.id: (s.state, s.reason) for s in ctl.slices.values()}
-        await asyncio.sleep(0.05)
+    return running_controller(db_url, text, [discover_cpu(memory=4 << 30, threads=1)])
 
 
 async def answer(ctl: Controller, slice_id: str) -> float:
@@ -242,19 +220,17 @@ def test_a_replacement_that_fails_leaves_the_old_version_serving(
 
 
 async def failed_replacement(db_url: str, tmp_path: Path) -> None:
-    one, two = tmp_path / "adder-1.onnx", tmp_path / "adder-2.onnx"
-    one.write_bytes(adder_model(1.0))
-    two.write_bytes(b"not an onnx model")
+    one, two = model_files(tmp_path, adder_model(1.0), b"not an onnx model")
     # the tenant's compute quota and the device hold one slice's share, not two: the new
     # version takes over the old one's share rather than adding to it
     text = manifest("{memory: 1Gi, computeShare: 0.75}", "{compute: 0.75}")
-    async with cpu_controller(db_url, text + "---" + model_doc("1", one)) as (ctl, store):
+    async with cpu_controller(db_url, text + "---" + model_doc("1", one)) as ctl:
         await ctl.reconcile()
         await settle(ctl)
         old = ctl.slices[REPLICA]
         assert old.state == "Ready", old.reason
 
-        apply(store, model_doc("2", two))
+        apply_manifest(ctl.store, model_doc("2", two))
         await ctl.reconcile()
         new = ctl.slices[SUCCESSOR]
         assert (new.replaces, new.model_version, new.device_id) == (REPLICA, "2", "cpu-0")
@@ -267,14 +243,14 @@ async def failed_replacement(db_url: str, tmp_path: Path) -> None:
         assert await answer(ctl, REPLICA) == 1.0
 
         # taken back (version 2 deleted): the failed replacement goes, the old one stays
-        store.delete("Model", TENANT, "adder@2")
+        ctl.store.delete("Model", TENANT, "adder@2")
         await ctl.reconcile()
         await settle(ctl)
         assert [(s.id, s.state, s.reason) for s in ctl.slices.values()] == [(REPLICA, "Ready", "")]
         assert ctl.slices[REPLICA] is old
 
         # version 2 again, still broken: Failed beside the old one once more
-        apply(store, model_doc("2", two))
+        apply_manifest(ctl.store, model_doc("2", two))
         await ctl.reconcile()
         await settle(ctl)
         assert ctl.slices[SUCCESSOR].state == "Failed" and ctl.slices[REPLICA] is old
@@ -292,7 +268,7 @@ async def failed_replacement(db_url: str, tmp_path: Path) -> None:
         # a third version goes back to the replica's own id
         three = tmp_path / "adder-3.onnx"
         three.write_bytes(adder_model(3.0))
-        apply(store, model_doc("3", three))
+        apply_manifest(ctl.store, model_doc("3", three))
         await ctl.reconcile()
         await settle(ctl)
         assert [(s.id, s.state) for s in ctl.slices.values()] == [(REPLICA, "Ready")]
@@ -306,12 +282,10 @@ def test_without_room_for_both_the_slice_is_replaced_in_place(
 
 
 async def in_place(db_url: str, tmp_path: Path) -> None:
-    one, two = tmp_path / "adder-1.onnx", tmp_path / "adder-2.onnx"
-    one.write_bytes(adder_model(1.0))
-    two.write_bytes(adder_model(2.0))
+    one, two = model_files(tmp_path, adder_model(1.0), adder_model(2.0))
     # 3 GiB of the device's 4: the new version cannot load beside the old one
     text = manifest("{memory: 3Gi}") + "---" + model_doc("1", one)
-    async with cpu_controller(db_url, text) as (ctl, store):
+    async with cpu_controller(db_url, text) as ctl:
         await ctl.reconcile()
         await settle(ctl)
         old = ctl.slices[REPLICA]
@@ -319,7 +293,7 @@ async def in_place(db_url: str, tmp_path: Path) -> None:
         pid = old.worker_pid
         assert pid is not None
 
-        apply(store, model_doc("2", two))
+        apply_manifest(ctl.store, model_doc("2", two))
         await ctl.reconcile()
         [new] = ctl.slices.values()
         assert new is not old and new.id == REPLICA and new.model_version == "2"
