@@ -1,7 +1,7 @@
-"""Audit records for the HTTP API: every mutation, and every refused key or role, with the
-request id the node logs. Routes name what they are about to do (``begin``) and hand the
-Store the records of their success (``recorder``), which it commits with the change;
-refusals are recorded by the error handler (``record_refusal``)."""
+"""Audit records for the HTTP API: every mutation, every refused key or role, and every write
+refused for its input, with the request id the node logs. Routes name what they are about to
+do (``begin``) and hand the Store the records of their success (``recorder``), which it commits
+with the change; refusals are recorded by the error handler (``record_refusal``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.responses import Response
 
-from gpuvisor.api.errors import gpuvisor_error_response, unexpected_error_response
+from gpuvisor.api.errors import (
+    gpuvisor_error_response,
+    refused_for_its_input,
+    unexpected_error_response,
+)
 from gpuvisor.errors import Forbidden, GpuvisorError, NotFound, Unauthenticated
 from gpuvisor.node import Node
-from gpuvisor.security.keys import Principal, redact_secrets
+from gpuvisor.security.keys import Principal, extract_key, redact_secrets
 from gpuvisor.store.audit import AuditEvent, AuditResult
 
 __all__ = [
@@ -31,6 +35,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("gpuvisor.api")
+
+_READS = ("GET", "HEAD", "OPTIONS")
+# A refusal's message can quote what the caller sent (a name, a path): its record keeps enough
+# to tell what was wrong, and the log stays readable.
+_MAX_REASON = 1000
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,9 @@ async def record_ok(
 
 
 async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> None:
-    """Record ``exc`` if it refused a key or a role, or failed a mutation; else do nothing.
+    """Record ``exc`` if it refused a key or a role, failed a mutation, or refused a write for
+    its input (as ``request``, naming the endpoint, when the route had not named its action);
+    else do nothing.
 
     A 404 counts as a refusal when a tenant key named another tenant (tenant keys see only
     their own objects, so the API answers "not found" rather than "forbidden").
@@ -118,7 +129,7 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
         and named_tenant not in ("", principal.tenant)
     ):
         result = "denied"
-    elif target is not None:
+    elif target is not None or (principal is not None and _is_refused_write(request, exc)):
         result = "failed"
     else:
         return
@@ -127,8 +138,31 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
         action = "authenticate" if isinstance(exc, Unauthenticated) else "request"
         target = AuditTarget(action, "endpoint", endpoint, named_tenant)
     key_id = str(exc.fields.get("key_id", "")) if isinstance(exc, Unauthenticated) else ""
-    reason = f"{exc.http_status} {exc.message}"
+    reason = _clipped(f"{exc.http_status} {exc.message}")
     await _append(node, [_event(request, target, principal, result, reason, key_id)])
+
+
+def _is_refused_write(request: Request, exc: GpuvisorError) -> bool:
+    return request.method not in _READS and refused_for_its_input(exc)
+
+
+def _clipped(reason: str) -> str:
+    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+
+
+def _key_refusal(node: Node, request: Request) -> Unauthenticated | None:
+    """Check the key of a write refused for its input before its route checked it (FastAPI
+    reads a JSON body first): return its refusal, or None with the caller kept on the request
+    for the record. A write without a valid key is refused for that, whatever its body."""
+    if getattr(request.state, "principal", None) is not None:
+        return None
+    headers = request.headers
+    try:
+        key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
+        request.state.principal = node.authenticate(key)
+    except Unauthenticated as refused:
+        return refused
+    return None
 
 
 def _event(
@@ -158,6 +192,8 @@ def audited_error_handler(node: Node) -> Callable[[Request, Exception], Awaitabl
 
     async def handle(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GpuvisorError)
+        if _is_refused_write(request, exc):
+            exc = _key_refusal(node, request) or exc
         await record_refusal(node, request, exc)
         return gpuvisor_error_response(request, exc)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from gpuvisor.errors import GpuvisorError
+from gpuvisor.errors import GpuvisorError, InvalidRequest
 from gpuvisor.security.keys import redact_secrets
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "error_responses",
     "gpuvisor_error_response",
     "install_error_handlers",
+    "refused_for_its_input",
     "unexpected_error_response",
 ]
 
@@ -118,12 +120,44 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
+    """Answer a request FastAPI refused for its parameters or body as the InvalidRequest it is,
+    through the app's own GpuvisorError handler: logged, and on a node audited, like any other
+    refusal (``refused_for_its_input`` tells it apart)."""
     assert isinstance(exc, RequestValidationError)
-    problems = []
-    for err in exc.errors():
-        where = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
-        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return error_response(400, "invalid request: " + "; ".join(problems), code="invalid_request")
+    content_type = request.headers.get("content-type", "")
+    problems = [_problem(error, content_type) for error in exc.errors()]
+    refusal = InvalidRequest("invalid request: " + "; ".join(problems))
+    refusal.__cause__ = exc
+    handle = request.app.exception_handlers.get(GpuvisorError, _gpuvisor_error)
+    response: Response = await handle(request, refusal)
+    return response
+
+
+def refused_for_its_input(exc: GpuvisorError) -> bool:
+    """Whether ``exc`` refused a request for its parameters or body as FastAPI read them (JSON
+    that does not parse, a field of the wrong type), possibly before its route ran."""
+    return isinstance(exc.__cause__, RequestValidationError)
+
+
+# pydantic's error types for a value that is no JSON object where a model was expected
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
+
+
+def _problem(error: Mapping[str, Any], content_type: str) -> str:
+    """One of FastAPI's validation errors as the answer says it: where, and what is wrong."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        detail = error.get("ctx", {}).get("error", "JSON decode error")
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return f"the body is not valid JSON ({detail}{at}): send a JSON object"
+    if loc == ("body",) and error.get("type") == "missing":
+        return "the body is missing: send a JSON object"
+    if loc == ("body",) and error.get("type") in _NOT_AN_OBJECT:
+        if "json" in content_type:
+            return "the body must be a JSON object"
+        return "the body must be a JSON object, sent with 'Content-Type: application/json'"
+    where = ".".join(str(part) for part in loc if part != "body")
+    return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
 
 
 def unexpected_error_response(request: Request, exc: Exception) -> Response:

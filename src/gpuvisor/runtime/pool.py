@@ -201,6 +201,10 @@ class WorkerPool:
             if message.revoked:
                 done(None, 0.0)
                 return
+            if message.error:  # the worker could not read the batch (a version mismatch?)
+                error = f"worker {worker.worker_id} could not read this batch: {message.error}"
+                done(GpuvisorError(error), 0.0)
+                return
             outcomes = [
                 Outcome(res.status, frame, res.header_length)
                 for res, frame in zip(message.results, frames)

@@ -14,9 +14,17 @@ from one worker to the next without a round trip through the node. ``Go`` is the
 release, for when the earlier worker cannot give it (it crashed, or its datagram failed).
 ``Revoke`` takes back a batch that has not started: when its turn comes it runs nothing,
 hands the device on at once and answers ``BatchDone`` with ``revoked`` set.
+
+Versions: a header that does not decode (corrupt, or from a node or worker of another version)
+is dropped by whoever reads it, never fatal. ``glimpse`` reads what it still can; when that is
+an ``ExecuteBatch``'s id, the worker answers ``BatchDone`` with ``error`` set at the batch's
+turn, so that the node fails that batch rather than wait for it forever (and a ``LoadModel``'s
+slice id, ``LoadFailed``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
@@ -35,9 +43,11 @@ __all__ = [
     "Shutdown",
     "TensorInfo",
     "UnloadModel",
+    "Unreadable",
     "WorkerReady",
     "decode",
     "encode",
+    "glimpse",
 ]
 
 
@@ -158,6 +168,7 @@ class BatchDone(msgspec.Struct, tag=True, omit_defaults=True):
     rows: int
     handoff_failed: bool = False  # a ReleaseAfter datagram for this batch could not be sent
     revoked: bool = False  # the batch was revoked before it started: nothing ran, no results
+    error: str = ""  # the worker could not read the batch: nothing ran, no results
 
 
 Message = (
@@ -185,5 +196,38 @@ def encode(message: Message) -> bytes:
 
 def decode(frame: bytes | memoryview) -> Message:
     """Return the message in a header frame; raises msgspec.DecodeError on garbage."""
-    message: Message = _decoder.decode(frame)
+    try:
+        message: Message = _decoder.decode(frame)
+    except RecursionError as exc:  # msgspec's depth limit: garbage too, nested absurdly deep
+        raise msgspec.DecodeError(f"header nested too deeply: {exc}") from exc
     return message
+
+
+class Unreadable(msgspec.Struct, frozen=True):
+    """What ``glimpse`` could read of a header that does not decode: the message's type tag
+    and, for a batch, its ids; None for each that cannot be read. Never sent."""
+
+    type: str | None = None
+    batch_id: int | None = None
+    slice_id: str | None = None
+    wait_for: int | None = None
+
+
+def glimpse(frame: bytes | memoryview) -> Unreadable:
+    """Return what can still be read of a header frame that ``decode`` refuses: the fields
+    that are there with the right types, when the frame is a msgpack map at all."""
+    try:
+        fields = msgspec.msgpack.decode(frame)
+    except (msgspec.DecodeError, RecursionError):
+        return Unreadable()
+    if not isinstance(fields, dict):
+        return Unreadable()
+
+    def read(name: str, kind: type[int] | type[str]) -> Any:
+        value = fields.get(name)
+        # bool is an int to Python, never an id here
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    return Unreadable(
+        read("type", str), read("batch_id", int), read("slice_id", str), read("wait_for", int)
+    )

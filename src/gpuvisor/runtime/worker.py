@@ -2,9 +2,10 @@
 and executes only the batches the node's dispatcher grants it.
 
 Run as ``python -m gpuvisor.runtime.worker --endpoint ipc://... --worker-id ID``. The
-worker decodes raw request bodies, runs the executor, encodes the responses, and
-reports the time the batch held the device, so that tensor work is charged to the
-tenant whose request caused it and never runs on the node's shared event loop.
+worker decodes raw request bodies, runs the executor, encodes the responses (all three in
+``runtime/execution.py``), and reports the time the batch held the device, so that tensor
+work is charged to the tenant whose request caused it and never runs on the node's shared
+event loop.
 """
 
 from __future__ import annotations
@@ -16,46 +17,28 @@ import logging
 import os
 import signal
 import socket
-import statistics
 import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import msgspec
 import psutil
 import zmq
 
-from gpuvisor.errors import GpuvisorError, ModelError, is_out_of_memory
+from gpuvisor.errors import GpuvisorError
 from gpuvisor.runtime import protocol as p
-from gpuvisor.runtime.executors.base import Executor, ExecutorDevice, load_executor, verify_sha256
-from gpuvisor.runtime.tensors import (
-    DATATYPES,
-    InferRequest,
-    TensorMeta,
-    decode_infer_request,
-    encode_error,
-    encode_infer_response,
-)
+from gpuvisor.runtime.execution import LoadedSlice, profile_batches, run_requests
+from gpuvisor.runtime.executors.base import ExecutorDevice, load_executor, verify_sha256
+from gpuvisor.runtime.tensors import TensorMeta, encode_error
 
 log = logging.getLogger("gpuvisor.worker")
 
 _PARENT_POLL_MS = 1000
 _REMEMBERED = 1024  # batch ids kept in the released / completed sets
 _TOKEN = struct.Struct("<q")  # a handoff datagram: the id of the batch that is done
-
-
-@dataclass
-class LoadedSlice:
-    """A model loaded in this worker, with what the node needs to serve it."""
-
-    spec: p.LoadModel
-    executor: Executor
-    inputs: list[TensorMeta]
-    outputs: list[TensorMeta]
 
 
 def _meta_list(infos: list[p.TensorInfo] | None) -> list[TensorMeta] | None:
@@ -66,73 +49,6 @@ def _meta_list(infos: list[p.TensorInfo] | None) -> list[TensorMeta] | None:
 
 def _info_list(metas: Sequence[TensorMeta]) -> list[p.TensorInfo]:
     return [p.TensorInfo(m.name, m.datatype, list(m.shape)) for m in metas]
-
-
-def synthetic_inputs(metas: Sequence[TensorMeta], rows: int) -> dict[str, np.ndarray]:
-    """Return zero-valued inputs of the model's shapes with ``rows`` in the batch dimension."""
-    out: dict[str, np.ndarray] = {}
-    for meta in metas:
-        shape = [rows if i == 0 else (d if d > 0 else 1) for i, d in enumerate(meta.shape)]
-        if meta.datatype == "BYTES":
-            out[meta.name] = np.full(shape, b"", dtype=object)
-        else:
-            out[meta.name] = np.zeros(shape, dtype=DATATYPES[meta.datatype])
-    return out
-
-
-def profile_batches(
-    slice_: LoadedSlice, batch_sizes: Sequence[int], repeats: int
-) -> dict[int, float]:
-    """Return the median measured seconds per batch for each batch size the model accepts."""
-    profile: dict[int, float] = {}
-    sizes = batch_sizes if slice_.executor.batchable else [1]
-    for rows in sizes:
-        if not slice_.executor.batchable and rows != 1:
-            continue
-        feed = (
-            synthetic_inputs(slice_.inputs, rows)
-            if slice_.executor.batchable
-            else synthetic_inputs(
-                [
-                    TensorMeta(m.name, m.datatype, tuple(d if d > 0 else 1 for d in m.shape))
-                    for m in slice_.inputs
-                ],
-                1,
-            )
-        )
-        try:
-            slice_.executor.run(feed)  # warm-up: first runs allocate
-            times = []
-            for _ in range(max(1, repeats)):
-                t0 = time.perf_counter()
-                slice_.executor.run(feed)
-                times.append(time.perf_counter() - t0)
-        except GpuvisorError as exc:
-            if not profile and is_out_of_memory(exc.message.encode()):
-                # not even the smallest batch fits in memory: the slice could serve nothing
-                raise ModelError(
-                    f"the model ran out of memory running a batch of {rows} while loading: "
-                    f"{exc.message}"
-                ) from exc
-            # synthetic inputs a model rejects (values out of its range, say) say nothing
-            # about real requests: that size goes unprofiled
-            log.debug("profiling %s at batch %d failed: %s", slice_.spec.slice_id, rows, exc)
-            continue
-        profile[rows] = statistics.median(times)
-    return profile
-
-
-def _rows_of(request: InferRequest, batchable: bool) -> int:
-    if not batchable or not request.inputs:
-        return 1
-    first = next(iter(request.inputs.values()))
-    return int(first.shape[0]) if first.ndim else 1
-
-
-def _batch_key(request: InferRequest) -> tuple[object, ...]:
-    return tuple(
-        (name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(request.inputs.items())
-    )
 
 
 def _remember(ids: dict[int, None], batch_id: int) -> None:
@@ -148,6 +64,12 @@ class Worker:
     batch (another worker's) is done: its worker's datagram on this worker's handoff socket,
     or the node's ``Go``, says so. Control messages (``ReleaseAfter``, ``Go``, ``Shutdown``)
     are taken as soon as they are read, even while a batch waits or runs.
+
+    A message that does not decode is logged and dropped, never fatal: the worker serves its
+    other slices on. What it is can be answered only as far as it can be read (``glimpse``):
+    a batch whose id is readable is answered as failed at its turn, a load whose slice id is
+    readable is answered ``LoadFailed``; a batch with no readable id holds its device until the
+    node's batch timeout (``workers.batchTimeout``) takes it as hung and restarts the worker.
     """
 
     def __init__(self, endpoint: str, worker_id: str, handoff_path: str | None = None) -> None:
@@ -175,6 +97,7 @@ class Worker:
         self.release_after: dict[int, list[str]] = {}  # own batch id -> handoff paths
         self.revoked: dict[int, None] = {}  # own batches taken back before they started
         self.handoff_failures: set[int] = set()  # passed-over batches whose handoff failed
+        self.unreadable: dict[int, str] = {}  # own batches that did not decode -> what was wrong
         self.stopping = False
         self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self.nice = self.base_nice
@@ -232,8 +155,57 @@ class Worker:
             # exception cost more than the check, once per read
             while int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                self.take(p.decode(frames[0].buffer), [f.buffer for f in frames[1:]])
+                header, payload = frames[0].buffer, [f.buffer for f in frames[1:]]
+                try:
+                    message = p.decode(header)
+                except msgspec.DecodeError as exc:
+                    self.drop_unreadable(header, len(payload), exc)
+                    continue
+                self.take(message, payload)
         return True
+
+    def drop_unreadable(self, header: memoryview, payload: int, error: msgspec.DecodeError) -> None:
+        """Log a message whose header does not decode, and answer it where it can be told what
+        it was: a batch fails at its turn (``unreadable``), a load fails at once."""
+        seen = p.glimpse(header)
+        problem = (
+            f"a message that does not decode ({seen.type or 'type unreadable'}, "
+            f"{header.nbytes}-byte header, {payload} payload frames): {error}"
+        )
+        if seen.type == "ExecuteBatch" and seen.batch_id is not None:
+            log.warning(
+                "worker %s drops %s; batch %d is answered as failed",
+                self.worker_id,
+                problem,
+                seen.batch_id,
+            )
+            self.unreadable[seen.batch_id] = problem
+            # an empty batch in the readable one's place, so that it keeps its turn on the device
+            empty = p.ExecuteBatch(seen.batch_id, seen.slice_id or "", [], seen.wait_for or 0)
+            self.pending.append((empty, []))
+        elif seen.type == "LoadModel" and seen.slice_id is not None:
+            log.warning(
+                "worker %s drops %s; the load of slice %s is answered as failed",
+                self.worker_id,
+                problem,
+                seen.slice_id,
+            )
+            self.send(
+                p.LoadFailed(
+                    seen.slice_id, "internal", f"the worker could not read the load: {problem}"
+                )
+            )
+        elif seen.type in (None, "ExecuteBatch"):
+            batch = "if it is a batch, it" if seen.type is None else "the batch"
+            log.warning(
+                "worker %s drops %s; %s cannot be answered (no batch id can be read from it): "
+                "the node's batch timeout (workers.batchTimeout) will restart this worker",
+                self.worker_id,
+                problem,
+                batch,
+            )
+        else:
+            log.warning("worker %s drops %s", self.worker_id, problem)
 
     def take(self, message: p.Message, frames: list[memoryview]) -> None:
         if isinstance(message, p.ReleaseAfter):
@@ -362,10 +334,13 @@ class Worker:
         results: list[p.RequestResult] = []
         out_frames: list[bytes] = []
         revoked = batch.batch_id in self.revoked
+        error = self.unreadable.pop(batch.batch_id, "")
         handoff_failed = batch.batch_id in self.handoff_failures
         self.handoff_failures.discard(batch.batch_id)
         if revoked:
             del self.revoked[batch.batch_id]
+        elif error:
+            pass  # nothing of it could be read to run: the node fails the batch with ``error``
         elif loaded is None:
             for header in batch.requests:
                 results.append(p.RequestResult(header.request_id, 503, -1, 0))
@@ -378,7 +353,7 @@ class Worker:
         else:
             results, out_frames = run_requests(loaded, batch.requests, bodies)
         ended = time.perf_counter()
-        device_seconds = 0.0 if revoked else ended - started
+        device_seconds = 0.0 if revoked or error else ended - started
         if self.trace is not None:
             self.trace.write(
                 f"{self.worker_id} {batch.batch_id} {started:.6f} {ended:.6f} {int(revoked)}\n"
@@ -399,108 +374,10 @@ class Worker:
                 rows=sum(r.rows for r in results),
                 handoff_failed=not handed,
                 revoked=revoked,
+                error=error,
             ),
             out_frames,
         )
-
-
-def run_requests(
-    loaded: LoadedSlice, headers: Sequence[p.RequestHeader], bodies: Sequence[memoryview]
-) -> tuple[list[p.RequestResult], list[bytes]]:
-    """Decode, run (batched where shapes allow), and encode each request; errors stay per request."""
-    n = len(headers)
-    statuses: list[int] = [200] * n
-    payloads: list[bytes] = [b""] * n
-    header_lengths: list[int] = [-1] * n
-    row_counts: list[int] = [0] * n
-    decoded: dict[int, InferRequest] = {}
-    for i, (header, body) in enumerate(zip(headers, bodies)):
-        try:
-            request = decode_infer_request(
-                bytes(body),
-                header.header_length if header.header_length >= 0 else None,
-                loaded.inputs,
-                loaded.outputs,
-            )
-        except GpuvisorError as exc:
-            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message, exc.code)
-            continue
-        decoded[i] = request
-        row_counts[i] = _rows_of(request, loaded.executor.batchable)
-
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i, request in decoded.items():
-        key = _batch_key(request) if loaded.executor.batchable else ("solo", i)
-        groups.setdefault(key, []).append(i)
-
-    max_rows = max(1, loaded.spec.max_batch_size)
-    for members in groups.values():
-        chunk: list[int] = []
-        chunk_rows = 0
-        for i in members:
-            if chunk and chunk_rows + row_counts[i] > max_rows:
-                _run_chunk(loaded, chunk, decoded, row_counts, statuses, payloads, header_lengths)
-                chunk, chunk_rows = [], 0
-            chunk.append(i)
-            chunk_rows += row_counts[i]
-        if chunk:
-            _run_chunk(loaded, chunk, decoded, row_counts, statuses, payloads, header_lengths)
-
-    results = [
-        p.RequestResult(h.request_id, statuses[i], header_lengths[i], row_counts[i])
-        for i, h in enumerate(headers)
-    ]
-    return results, payloads
-
-
-def _run_chunk(
-    loaded: LoadedSlice,
-    chunk: list[int],
-    decoded: dict[int, InferRequest],
-    row_counts: list[int],
-    statuses: list[int],
-    payloads: list[bytes],
-    header_lengths: list[int],
-) -> None:
-    requests = [decoded[i] for i in chunk]
-    try:
-        if len(requests) == 1:
-            outputs_per_request = [loaded.executor.run(requests[0].inputs)]
-        else:
-            feed = {
-                name: np.concatenate([r.inputs[name] for r in requests], axis=0)
-                for name in requests[0].inputs
-            }
-            merged = loaded.executor.run(feed)
-            outputs_per_request = []
-            offset = 0
-            for i in chunk:
-                rows = row_counts[i]
-                outputs_per_request.append(
-                    {k: v[offset : offset + rows] for k, v in merged.items()}
-                )
-                offset += rows
-    except GpuvisorError as exc:
-        if len(chunk) > 1:
-            # One bad request must not fail its batch-mates: run each alone to isolate it.
-            for i in chunk:
-                _run_chunk(loaded, [i], decoded, row_counts, statuses, payloads, header_lengths)
-            return
-        statuses[chunk[0]], payloads[chunk[0]] = (
-            exc.http_status,
-            encode_error(exc.message, exc.code),
-        )
-        return
-    for i, request, results in zip(chunk, requests, outputs_per_request):
-        try:
-            body, header_length = encode_infer_response(
-                loaded.spec.model_name, loaded.spec.model_version, request, results, loaded.outputs
-            )
-        except GpuvisorError as exc:
-            statuses[i], payloads[i] = exc.http_status, encode_error(exc.message, exc.code)
-            continue
-        payloads[i] = body
-        header_lengths[i] = header_length if header_length is not None else -1
 
 
 def set_niceness(value: int) -> None:

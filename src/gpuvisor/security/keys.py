@@ -11,7 +11,7 @@ import string
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, get_args
@@ -19,7 +19,7 @@ from typing import Literal, get_args
 from gpuvisor import errors
 from gpuvisor.security.admin_key import ADMIN_KEY_FILE, admin_key_path, read_admin_key
 from gpuvisor.store.audit import AuditEvent
-from gpuvisor.store.repo import Store, StoredKey
+from gpuvisor.store.repo import RevokedKey, Store, StoredKey
 
 __all__ = [
     "ADMIN_KEY_FILE",
@@ -326,25 +326,17 @@ class KeyRing:
         """Revoke a key by id (``ab12cd34`` or ``gvk_ab12cd34``), effective at once, unless
         it already is; return what happened, or None when no such key exists.
 
-        A key revoked before keeps its first revocation time. ``audit``'s records of the
-        outcome are committed with it, whichever it was, so the caller decides what a repeat
-        is recorded as.
+        A key revoked before keeps its first revocation time. Of calls racing to revoke one
+        key (threads, requests, nodes on one database) exactly one revokes it; the others are
+        repeats, told the winner's time. ``audit``'s records of the outcome are committed with
+        it, whichever it was, so the caller decides what a repeat is recorded as.
         """
-        plain = key_id.removeprefix(KEY_PREFIX)
-        stored = self._store.get_key(plain)
-        if stored is None:
-            return None
-        info, now = _info_from_stored(stored), self._clock()
-        # Two revocations racing past this read both count as the first; the store still
-        # keeps the earlier time.
-        outcome = Revocation(
-            replace(info, revoked_at=info.revoked_at or now),
-            already_revoked=info.revoked_at is not None,
+        revoked = self._store.revoke_key(
+            key_id.removeprefix(KEY_PREFIX),
+            self._clock(),
+            None if audit is None else lambda revoked: _audit_revocation(audit, revoked),
         )
-        found = self._store.revoke_key(
-            plain, now, None if audit is None else lambda found: audit(outcome) if found else []
-        )
-        return outcome if found else None
+        return None if revoked is None else _revocation_of(revoked)
 
     # --------------------------------------------------------------- admin key
 
@@ -447,6 +439,17 @@ def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
     if x_api_key and x_api_key.strip():
         return x_api_key.strip()
     return None
+
+
+def _revocation_of(revoked: RevokedKey) -> Revocation:
+    return Revocation(_info_from_stored(revoked.key), already_revoked=revoked.already_revoked)
+
+
+def _audit_revocation(
+    audit: Callable[[Revocation], Sequence[AuditEvent]], revoked: RevokedKey | None
+) -> Sequence[AuditEvent]:
+    """``audit``'s records of what the store's revocation did; none for an unknown key."""
+    return [] if revoked is None else audit(_revocation_of(revoked))
 
 
 def _bound(

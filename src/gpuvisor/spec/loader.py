@@ -6,24 +6,31 @@ Every problem found is collected and raised as one ``SpecError`` with one line p
 
 A document may also be a List (``kind: List`` or a bare ``items:``), as ``gpuvisor get KIND -o
 yaml`` prints one: its items are read in order, and their problems say ``doc 1 item 3``.
+Reading the text into those placed objects is ``gpuvisor.spec.documents``; this module
+validates each object as a kind and checks what objects name.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
-from collections.abc import Callable, Hashable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from gpuvisor.errors import SpecError
 from gpuvisor.spec.diagnostics import describe_error, error_path
+from gpuvisor.spec.documents import (
+    LIST_KIND,
+    Problem,
+    located_objects,
+    parse_documents,
+    place,
+    raise_problems,
+)
 from gpuvisor.spec.kinds import (
     API_VERSION,
     DEFAULT_POOL,
@@ -49,112 +56,7 @@ __all__ = [
 ]
 
 RESOURCE_ADAPTER: TypeAdapter[Resource] = TypeAdapter(Resource)
-_ORIGIN_RE = re.compile(r"^(?P<source>.*) doc (?P<doc>\d+)(?: item (?P<item>\d+))?$")
-_LIST_KIND = "List"
-_LIST_FIELDS = ("apiVersion", "kind", "items")
 _MAX_LISTED = 12
-
-
-@dataclass(frozen=True)
-class _Problem:
-    """One thing wrong with one document, rendered as one line of the SpecError."""
-
-    source: str
-    doc: int | None
-    kind: str | None
-    name: str | None
-    path: str
-    message: str
-    item: int | None = None
-    """The object's place in a List document, counted from 1; None for a document of its own."""
-
-    @classmethod
-    def at_origin(cls, origin: str, kind: str, name: str, path: str, message: str) -> _Problem:
-        match = _ORIGIN_RE.match(origin)
-        if match:
-            item = int(match["item"]) if match["item"] else None
-            return cls(match["source"], int(match["doc"]), kind, name, path, message, item)
-        return cls(origin, None, kind, name, path, message)
-
-    def fields(self) -> dict[str, Any]:
-        """Return the problem as the SpecError's ``problems`` list holds it (``item`` if any)."""
-        fields = asdict(self)
-        if self.item is None:
-            del fields["item"]
-        return fields
-
-    def line(self) -> str:
-        where = self.source if self.doc is None else f"{self.source} {_place(self.doc, self.item)}"
-        if self.kind:
-            where += f" {self.kind}/{self.name}" if self.name else f" {self.kind}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-
-def _raise_if_any(problems: list[_Problem]) -> None:
-    if problems:
-        raise SpecError(
-            "\n".join(problem.line() for problem in problems),
-            problems=[problem.fields() for problem in problems],
-        )
-
-
-def _place(doc: int, item: int | None) -> str:
-    """Return where an object is in its text: ``doc 3``, or ``doc 1 item 3`` in a List."""
-    return f"doc {doc}" if item is None else f"doc {doc} item {item}"
-
-
-class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
-    """A safe YAML loader that refuses a key given twice in one mapping (YAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[Hashable] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                seen.add(key)
-        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    mapping = dict(pairs)
-    if len(mapping) != len(pairs):
-        raise ValueError("duplicate key")  # the YAML reader then says which, and where
-    return mapping
-
-
-def _parse_yaml(text: str, source: str) -> list[Any]:
-    """Return every YAML document in ``text`` (None for empty ones); SpecError on bad syntax.
-
-    A JSON object (``gpuvisor get … -o json``) is read as JSON: YAML 1.1 would read a number
-    like ``1e-05`` as a string.
-    """
-    if text.lstrip().startswith("{"):
-        try:
-            return [json.loads(text, object_pairs_hook=_unique_keys)]
-        except ValueError:
-            pass  # YAML written in flow style, or JSON with a mistake: the YAML reader says where
-    documents: list[Any] = []
-    try:
-        for document in yaml.load_all(text, Loader=_StrictLoader):
-            documents.append(document)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = exc.problem or exc.context or "unreadable document"
-        if exc.context and exc.problem and exc.context_mark and exc.problem_mark:
-            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
-        message = f"invalid YAML{where}: {problem}"
-        _raise_if_any([_Problem(source, None, None, None, "", message)])
-    except yaml.YAMLError as exc:
-        _raise_if_any([_Problem(source, None, None, None, "", f"invalid YAML: {exc}")])
-    return documents
 
 
 def _closest(value: str, known: Iterable[str]) -> str | None:
@@ -174,7 +76,7 @@ def _envelope_problem(document: Any) -> tuple[str, str] | None:
             "object to apply (apply Tenant, Profile, Pool, Model or Deployment manifests)"
         )
     kind = document.get("kind")
-    if kind == _LIST_KIND:
+    if kind == LIST_KIND:
         return "kind", "a List cannot hold another List: put its items in this one"
     expected = f"expected one of {', '.join(KINDS)}"
     if kind is None:
@@ -194,52 +96,6 @@ def _reported_thing(document: dict[str, Any]) -> str | None:
     if "backend" in document:
         return "a device"
     return "a slice" if "state" in document else None
-
-
-def _is_list(document: Any) -> bool:
-    """Whether a document is a List: ``kind: List``, or ``items`` with no kind."""
-    return isinstance(document, dict) and (
-        document.get("kind") == _LIST_KIND or ("kind" not in document and "items" in document)
-    )
-
-
-def _list_items(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, str]]]:
-    """Return a List's items and what is wrong with the List itself, as (path, message)."""
-    found = []
-    version = document.get("apiVersion", API_VERSION)
-    if version != API_VERSION:
-        found.append(("apiVersion", f"unknown value {version!r}; accepted: {API_VERSION}"))
-    accepted = ", ".join(_LIST_FIELDS)
-    found.extend(
-        (str(field), f"unknown field {field!r} (accepted fields: {accepted})")
-        for field in document
-        if field not in _LIST_FIELDS
-    )
-    items = document.get("items")
-    if "items" not in document:
-        found.append(("items", "required field is missing (the list of objects)"))
-    elif items is not None and not isinstance(items, list):
-        found.append(("items", f"expected a list of objects, got a {type(items).__name__}"))
-    return items if isinstance(items, list) else [], found
-
-
-def _objects(
-    documents: list[Any], source: str, problems: list[_Problem]
-) -> list[tuple[int, int | None, Any]]:
-    """Return (doc, item, body) for each object in ``documents``, a List's items one by one,
-    in order; empty documents are left out, and what is wrong with a List goes to ``problems``.
-    """
-    objects: list[tuple[int, int | None, Any]] = []
-    for index, document in enumerate(documents, start=1):
-        if document is None:
-            continue
-        if not _is_list(document):
-            objects.append((index, None, document))
-            continue
-        items, found = _list_items(document)
-        problems.extend(_Problem(source, index, _LIST_KIND, None, *problem) for problem in found)
-        objects.extend((index, position, item) for position, item in enumerate(items, start=1))
-    return objects
 
 
 def _raw_name(document: dict[str, Any]) -> str | None:
@@ -265,17 +121,17 @@ def load_documents(
     ``base_dir`` when it is given. Raises SpecError listing every problem found: invalid YAML,
     unknown kinds or fields, invalid values, tenant-scope mistakes, an object given twice.
     """
-    problems: list[_Problem] = []
+    problems: list[Problem] = []
     resources: list[Resource] = []
     first_seen: dict[tuple[str, str, str], str] = {}
-    for index, item, document in _objects(_parse_yaml(text, source), source, problems):
+    for index, item, document in located_objects(parse_documents(text, source), source, problems):
         if isinstance(document, dict):
             # what the node reports (`gpuvisor get … -o yaml`), not what is asked: ignored, so
             # that a document got can be edited and applied again
             document.pop("status", None)
         envelope = _envelope_problem(document)
         if envelope is not None:
-            problems.append(_Problem(source, index, None, None, *envelope, item))
+            problems.append(Problem(source, index, None, None, *envelope, item))
             continue
         kind, name = document["kind"], _raw_name(document)
         found = _document_problems(document, kind)
@@ -291,19 +147,17 @@ def load_documents(
                 found.append(
                     ("metadata.name", f"{duplicate}; each object may appear once per apply")
                 )
-            first_seen.setdefault(key, _place(index, item))
+            first_seen.setdefault(key, place(index, item))
         if found or resource is None:
-            problems.extend(
-                _Problem(source, index, kind, name, *problem, item) for problem in found
-            )
+            problems.extend(Problem(source, index, kind, name, *problem, item) for problem in found)
             continue
-        resource._origin = f"{source} {_place(index, item)}"
+        resource._origin = f"{source} {place(index, item)}"
         if isinstance(resource, Model):
             resource.spec.source = _absolute(resource.spec.source, base_dir)
         elif isinstance(resource, Node) and resource.spec.fleet is not None:
             resource.spec.fleet = _absolute(resource.spec.fleet, base_dir)
         resources.append(resource)
-    _raise_if_any(problems)
+    raise_problems(problems)
     return resources
 
 
@@ -378,7 +232,7 @@ def validate_references(new: list[Resource], existing: list[Resource]) -> None:
     pools = sorted({DEFAULT_POOL} | {r.metadata.name for r in everything if isinstance(r, Pool)})
     models = [r for r in everything if isinstance(r, Model)]
 
-    problems: list[_Problem] = []
+    problems: list[Problem] = []
     for resource in new:
         report = _reporter(problems, resource)
         tenant = resource.metadata.tenant
@@ -392,19 +246,19 @@ def validate_references(new: list[Resource], existing: list[Resource]) -> None:
                     report(f"spec.pools[{i}]", f"unknown pool {pool!r}{hint}")
         elif isinstance(resource, Deployment):
             _check_deployment(resource, tenants, profiles, pools, models, report)
-    _raise_if_any(problems)
+    raise_problems(problems)
 
 
 _Report = Callable[[str, str], None]
 
 
-def _reporter(problems: list[_Problem], resource: Resource) -> _Report:
+def _reporter(problems: list[Problem], resource: Resource) -> _Report:
     """Return a function that records a problem (path, message) about ``resource``."""
 
     origin, kind, name = origin_of(resource), resource.kind, resource.metadata.name
 
     def report(path: str, message: str) -> None:
-        problems.append(_Problem.at_origin(origin, kind, name, path, message))
+        problems.append(Problem.at_origin(origin, kind, name, path, message))
 
     return report
 
@@ -461,7 +315,7 @@ def resource_from_dict(data: dict[str, Any], origin: str = "<stored>") -> Resour
         resource = RESOURCE_ADAPTER.validate_python(data)
     except ValidationError as exc:
         found = _field_problems(exc, kind)
-        _raise_if_any([_Problem.at_origin(origin, kind, name or "", *problem) for problem in found])
+        raise_problems([Problem.at_origin(origin, kind, name or "", *problem) for problem in found])
         raise  # unreachable: pydantic reports at least one error
     resource._origin = origin
     return resource

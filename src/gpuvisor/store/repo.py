@@ -19,7 +19,7 @@ from gpuvisor.store.audit import AuditEvent, AuditLog
 from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
 from gpuvisor.store.tables import ApiKeyRow, CordonRow, ObjectRow
 
-__all__ = ["ApplyOutcome", "Cordon", "Store", "StoredKey", "StoredObject"]
+__all__ = ["ApplyOutcome", "Cordon", "RevokedKey", "Store", "StoredKey", "StoredObject"]
 
 ApplyOutcome = Literal["created", "configured", "unchanged"]
 
@@ -76,6 +76,15 @@ class StoredKey:
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RevokedKey:
+    """What ``Store.revoke_key`` did: the key as it is now (``revoked_at`` set), and whether it
+    ``already_revoked`` before the call, which then changed nothing."""
+
+    key: StoredKey
+    already_revoked: bool
 
 
 @dataclass(frozen=True)
@@ -294,17 +303,30 @@ class Store:
         with Session(self._engine) as session:
             return [_key_from_row(row) for row in session.scalars(query)]
 
-    def revoke_key(self, key_id: str, at: datetime, audit: AuditFor[bool] | None = None) -> bool:
-        """Mark the key revoked at ``at`` (an earlier revocation is kept), with ``audit``'s
-        records of the result; False if unknown."""
+    def revoke_key(
+        self, key_id: str, at: datetime, audit: AuditFor[RevokedKey | None] | None = None
+    ) -> RevokedKey | None:
+        """Mark the key revoked at ``at`` unless it already is (the first time is kept), with
+        ``audit``'s records of the result; return the key as it is now and whether this call
+        revoked it, or None if there is no such key.
 
-        def revoke(session: Session) -> bool:
-            row = session.get(ApiKeyRow, key_id, with_for_update=True)
+        Of calls racing to revoke one key, from any number of processes, exactly one revokes it.
+        """
+
+        def revoke(session: Session) -> RevokedKey | None:
+            # One conditional UPDATE decides who revokes the key: PostgreSQL re-checks the
+            # condition once a concurrent revocation commits, and SQLite has one writer at a time.
+            changed = session.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=at)
+                .execution_options(synchronize_session=False)
+            )
+            row = session.get(ApiKeyRow, key_id)
             if row is None:
-                return False
-            if row.revoked_at is None:
-                row.revoked_at = at
-            return True
+                return None
+            revoked_now = getattr(changed, "rowcount", 0) == 1
+            return RevokedKey(_key_from_row(row), already_revoked=not revoked_now)
 
         return self._write(revoke, keys_changed=True, audit=audit)
 

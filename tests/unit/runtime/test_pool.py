@@ -9,13 +9,14 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import orjson
 import psutil
 import pytest
 
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.dispatch.queues import PendingRequest
-from gpuvisor.errors import IntegrityError, WorkerCrashed
+from gpuvisor.errors import GpuvisorError, IntegrityError, WorkerCrashed
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
 
@@ -154,6 +155,42 @@ def test_a_worker_ready_before_it_is_registered_is_not_lost(
             assert pool._early_ready == {}
             outcomes, _ = await pool.run_batch("a/x/0", [_request(1)])
             assert [o.status for o in outcomes] == [200]
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_its_worker_cannot_read_fails_and_the_worker_serves_on(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node of another version (here: request headers as maps) sends a batch the worker
+    cannot decode: that batch fails with an error, at once rather than never, and the same
+    worker serves the next one."""
+    encode = p.encode
+
+    def skewed(message: p.Message) -> bytes:
+        if not isinstance(message, p.ExecuteBatch) or message.batch_id != 1:
+            return encode(message)
+        fields = msgspec.structs.asdict(message)
+        fields["requests"] = [msgspec.structs.asdict(r) for r in message.requests]
+        return msgspec.msgpack.encode({"type": "ExecuteBatch", **fields})
+
+    monkeypatch.setattr(p, "encode", skewed)  # the node's side: the worker is its own process
+
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            _, worker = await pool.load_slice(_launch("a/x/0", model))
+            with pytest.raises(GpuvisorError) as failed:
+                await asyncio.wait_for(pool.run_batch("a/x/0", [_request(1)]), 10)
+            assert failed.value.code == "internal"
+            assert "could not read this batch" in failed.value.message
+            assert "$.requests[0]" in failed.value.message
+            outcomes, _ = await pool.run_batch("a/x/0", [_request(2)])
+            assert [o.status for o in outcomes] == [200]
+            assert pool.worker_of("a/x/0") is worker and not worker.exited.done()
         finally:
             await pool.close()
 

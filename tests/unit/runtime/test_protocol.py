@@ -42,6 +42,7 @@ MESSAGES: list[p.Message] = [
     p.BatchDone(
         7, "t/d/0", [p.RequestResult(1, 200, -1, 1), p.RequestResult(2, 400, -1, 0)], 0.002, 1
     ),
+    p.BatchDone(8, "t/d/0", [], 0.0, 0, error="a message that does not decode"),
 ]
 
 
@@ -50,9 +51,40 @@ def test_round_trip(message: p.Message) -> None:
     assert p.decode(p.encode(message)) == message
 
 
-def test_garbage_is_refused() -> None:
+@pytest.mark.parametrize(
+    "frame",
+    [b"\x93not a message", b"\x81\xa1x" + b"\x91" * 10**5 + b"\x01"],
+    ids=["garbage", "nested too deep"],
+)
+def test_garbage_is_refused(frame: bytes) -> None:
     with pytest.raises(msgspec.DecodeError):
-        p.decode(b"\x93not a message")
+        p.decode(frame)
+
+
+@pytest.mark.parametrize(
+    ("frame", "seen"),
+    [
+        (b"", p.Unreadable()),
+        (b"\x93not a message", p.Unreadable()),
+        (msgspec.msgpack.encode(["ExecuteBatch", 3]), p.Unreadable()),
+        (
+            msgspec.msgpack.encode(
+                {"type": "ExecuteBatch", "batch_id": 3, "slice_id": "s", "wait_for": 2, "x": []}
+            ),
+            p.Unreadable("ExecuteBatch", 3, "s", 2),
+        ),
+        (
+            msgspec.msgpack.encode({"type": "ExecuteBatch", "batch_id": True}),
+            p.Unreadable("ExecuteBatch"),
+        ),
+        (msgspec.msgpack.encode({"type": 5, "batch_id": "3", "slice_id": 4}), p.Unreadable()),
+        (msgspec.msgpack.encode({"type": "Reprioritize"}), p.Unreadable("Reprioritize")),
+        (b"\x81\xa1x" + b"\x91" * 10**5 + b"\x01", p.Unreadable()),
+    ],
+    ids=["empty", "garbage", "array", "batch", "bool id", "wrong types", "unknown type", "deep"],
+)
+def test_glimpse_reads_what_it_still_can(frame: bytes, seen: p.Unreadable) -> None:
+    assert p.glimpse(frame) == seen
 
 
 def test_headers_stay_compact() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.execution import LoadedSlice, profile_batches, run_requests
 from gpuvisor.runtime.executors.base import ExecutorDevice, load_executor
-from gpuvisor.runtime.worker import LoadedSlice, profile_batches, run_requests
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,17 @@ def test_profile_measures_each_batch_size(scorer: LoadedSlice) -> None:
     profile = profile_batches(scorer, [1, 2, 4], repeats=2)
     assert sorted(profile) == [1, 2, 4]
     assert all(seconds > 0 for seconds in profile.values())
+
+
+def test_a_batch_with_fewer_bodies_than_requests_fails_whole(
+    scorer: LoadedSlice, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = [p.RequestHeader(7, -1), p.RequestHeader(8, -1)]
+    with caplog.at_level(logging.WARNING, logger="gpuvisor.worker"):
+        results, payloads = run_requests(scorer, headers, [memoryview(_body(1))])
+    assert [(r.request_id, r.status, r.rows) for r in results] == [(7, 500, 0), (8, 500, 0)]
+    for payload in payloads:
+        error = orjson.loads(payload)
+        assert error["code"] == "internal"
+        assert "the batch carried 1 bodies for 2 requests" in error["error"]
+    assert "the batch carried 1 bodies for 2 requests" in caplog.text

@@ -3,6 +3,8 @@ and the caller is told so, to record it as unchanged)."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -85,3 +87,41 @@ def test_revoke_still_answers_whether_the_key_exists(store: Store) -> None:
     assert ring.revoke(info.id) is True
     assert ring.revoke(info.id) is True  # already revoked: still there, still revoked
     assert ring.revoke("nosuchid") is False
+
+
+RACERS = 4
+RACED_KEYS = 12
+
+
+def _race(rings: list[KeyRing], key_id: str) -> list[Revocation | None]:
+    """Revoke ``key_id`` through every ring at once (threads released together)."""
+    start = threading.Barrier(len(rings))
+
+    def revoke(ring: KeyRing) -> Revocation | None:
+        start.wait()
+        return ring.revoke_once(key_id, _record_of)
+
+    with ThreadPoolExecutor(len(rings)) as pool:
+        return list(pool.map(revoke, rings))
+
+
+def test_racing_revocations_of_one_key_revoke_it_once(store: Store, db_url: str) -> None:
+    """Revocations of one key at the same time, through two handles on the database (as two
+    nodes, or two requests, would): exactly one revokes it; every other answers, and records,
+    that it already was, at the winner's time."""
+    with Store(db_url) as other:
+        handles = [store, other]
+        rings = [
+            KeyRing(handles[i % 2], clock=Clock(FIRST + timedelta(minutes=i)))
+            for i in range(RACERS)
+        ]
+        for _ in range(RACED_KEYS):
+            info, _secret = rings[0].create(role="operator")
+            outcomes = _race(rings, info.id)
+            stored = store.get_key(info.id)
+            assert stored is not None and stored.revoked_at is not None
+            fresh = [o for o in outcomes if o is not None and not o.already_revoked]
+            assert len(fresh) == 1, f"{len(fresh)} of {RACERS} revocations of one key were first"
+            assert {o.key.revoked_at for o in outcomes if o is not None} == {stored.revoked_at}
+            reasons = [r.reason for r in store.audit.list() if r.object_name == info.display_id]
+            assert sorted(reasons) == ["revoked"] + ["unchanged"] * (RACERS - 1)
