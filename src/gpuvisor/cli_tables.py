@@ -60,6 +60,10 @@ _COLUMNS: dict[str, list[tuple[str, Any]]] = {
             lambda i: f"{i.get('status', {}).get('readyReplicas', 0)}/{_spec(i, 'replicas')}",
         ),
         (
+            "UPDATED",
+            lambda i: f"{i.get('status', {}).get('updatedReplicas', 0)}/{_spec(i, 'replicas')}",
+        ),
+        (
             "REASON",
             lambda i: "; ".join(
                 s["reason"] for s in i.get("status", {}).get("slices", []) if s["reason"]

@@ -117,6 +117,7 @@ class Node:
                 on_grant=self._observe_grant,
                 on_complete=self._observe_completion,
                 lookahead=device.lookahead or 0.0,
+                batch_timeout=self.spec.workers.batch_timeout,
             )
             dispatcher.start()
             self.dispatchers[device.id] = dispatcher

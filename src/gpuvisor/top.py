@@ -34,6 +34,7 @@ _STATE_STYLE = {
     "Failed": "bold red",
     "Pending": "yellow",
     "Loading": "yellow",
+    "Updating": "cyan",
     "Restarting": "yellow",
 }
 BAR = 24  # characters of a share bar

@@ -69,11 +69,14 @@ spec: {model: scorer, profile: small, pool: h100}
 
 
 @contextlib.asynccontextmanager
-async def fleet_controller(db_url: str, tmp_path: Path) -> AsyncIterator[Controller]:
-    """A controller over the simulated fleet with the manifest applied and every slice settled."""
+async def fleet_controller(
+    db_url: str, tmp_path: Path, extra: str = ""
+) -> AsyncIterator[Controller]:
+    """A controller over the simulated fleet with the manifest (and ``extra`` documents)
+    applied and every slice settled."""
     model = build_demo_models(tmp_path / "models")["basket-scorer"]
     devices = devices_from_fleet(Fleet.model_validate(yaml.safe_load(FLEET.read_text())))
-    manifest = MANIFEST.replace("MODEL", str(model))
+    manifest = (MANIFEST + extra).replace("MODEL", str(model))
     async with running_controller(db_url, manifest, devices, drain_timeout=2.0) as ctl:
         await ctl.reconcile()
         await settle(ctl)
@@ -141,6 +144,46 @@ async def cordon_scenario(db_url: str, tmp_path: Path) -> None:
         assert where(ctl)["retail/chat/0#2"] == ("edge-1/gpu-1", "Ready")
         assert "retail/chat/0" not in ctl.slices
         assert ctl.slices["retail/chat/0#2"].reason == ""
+
+
+def test_the_replicas_of_a_deployment_move_one_at_a_time(db_url: str, tmp_path: Path) -> None:
+    asyncio.run(paced_moves(db_url, tmp_path))
+
+
+PAIR = """
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: pair, tenant: retail}
+spec: {model: scorer, profile: small, pool: h100, replicas: 2}
+"""
+
+
+async def paced_moves(db_url: str, tmp_path: Path) -> None:
+    async with fleet_controller(db_url, tmp_path, PAIR) as ctl:
+        pair = ["retail/pair/0", "retail/pair/1"]
+        assert [where(ctl)[r] for r in pair] == [("edge-1/gpu-0", "Ready")] * 2
+        assert ctl.store.cordon("edge-1/gpu-0", "test", "firmware update")
+        await ctl.reconcile()
+        # replica 0 moves (beside chat's move: another deployment); replica 1 waits its turn
+        assert ctl.slices["retail/pair/0#2"].replaces == "retail/pair/0"
+        assert "retail/chat/0#2" in ctl.slices
+        [second] = ctl.instances(pair[1])
+        assert second.reason == (
+            "edge-1/gpu-0 is cordoned: serving: waiting for its turn "
+            "(retail/pair/0 first; rollout.maxSurge: 1)"
+        )
+        assert ctl.moving(pair[0]) and ctl.moving(pair[1])
+        # its turn comes when replica 0 is Ready elsewhere, with no reconcile asked
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while any(ctl.moving(r) for r in pair):
+            assert loop.time() < deadline, where(ctl)
+            await asyncio.sleep(0.02)
+        await settle(ctl)
+        moved = [s for r in pair for s in ctl.instances(r)]
+        assert [(s.state, s.device_id != "edge-1/gpu-0") for s in moved] == [("Ready", True)] * 2
+        assert where(ctl)["retail/pinned/0"] == ("edge-1/gpu-0", "Ready")
 
 
 async def failure_scenario(db_url: str, tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ import orjson
 import pytest
 from controllers import apply_manifest, running_controller, settle
 from onnx import TensorProto, helper
+from typer.testing import CliRunner
 
+from gpuvisor.cli import app
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.slices import SliceState
 from gpuvisor.dispatch.queues import PendingRequest
@@ -68,7 +70,8 @@ def model_files(tmp_path: Path, *contents: bytes) -> list[Path]:
     return paths
 
 
-def manifest(profile: str, quota: str = "{}") -> str:
+def manifest(profile: str, quota: str = "{}", deployment: str = "") -> str:
+    """The tenant, a profile and the ``adder`` deployment (``deployment``: more of its spec)."""
     return f"""
 apiVersion: gpuvisor/v1
 kind: Tenant
@@ -83,7 +86,7 @@ spec: {profile}
 apiVersion: gpuvisor/v1
 kind: Deployment
 metadata: {{name: adder, tenant: {TENANT}}}
-spec: {{model: adder, profile: rollout}}
+spec: {{model: adder, profile: rollout{deployment}}}
 """
 
 
@@ -178,6 +181,76 @@ def test_a_new_model_version_rolls_out_with_no_failed_request(
     assert by_id[SUCCESSOR]["replaces"] == REPLICA
     assert by_id[SUCCESSOR]["model"] == "adder@2"
     assert gone(old["pid"]), "the old worker still runs"
+
+
+def test_a_stalled_rollout_is_shown_as_updating_while_every_replica_serves(
+    demo_node: NodeProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, two = tmp_path / "paced-1.onnx", tmp_path / "paced-2.onnx"
+    one.write_bytes(adder_model(1.0))
+    two.write_bytes(b"not an onnx model")
+    text = """
+apiVersion: gpuvisor/v1
+kind: Tenant
+metadata: {name: paced}
+---
+apiVersion: gpuvisor/v1
+kind: Profile
+metadata: {name: paced}
+spec: {memory: 256Mi, computeShare: 0.02}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: scorer, tenant: paced}
+spec: {model: scorer, profile: paced, replicas: 2}
+"""
+    model = "apiVersion: gpuvisor/v1\nkind: Model\nmetadata: {name: scorer, tenant: paced}\n"
+    demo_node.apply_as_admin(text + f"---\n{model}spec: {{version: '1', source: '{one}'}}")
+    admin = httpx.Client(base_url=demo_node.url, headers=demo_node.auth(demo_node.admin_key))
+
+    def deployment() -> dict[str, Any]:
+        body = admin.get("/api/v1/deployments/scorer", params={"tenant": "paced"}, timeout=30)
+        status: dict[str, Any] = body.json()["status"]
+        return status
+
+    def in_dashboard() -> dict[str, Any]:
+        view = admin.get("/api/v1/dashboard", timeout=30).json()
+        [mine] = [d for d in view["deployments"] if d["tenant"] == "paced"]
+        return mine  # type: ignore[no-any-return]
+
+    deadline = time.monotonic() + 120
+    while deployment()["readyReplicas"] < 2:
+        assert time.monotonic() < deadline, deployment()
+        time.sleep(0.05)
+    assert (deployment()["updatedReplicas"], deployment()["rollout"]) == (2, "")
+    assert in_dashboard()["state"] == "Ready"
+
+    demo_node.apply_as_admin(f"{model}spec: {{version: '2', source: '{two}'}}")
+    stalled = (
+        "0 of 2 replica(s) updated; stalled on paced/scorer/0 (its new instance is Failed); "
+        "1 waiting for their turn"
+    )
+    while deployment()["rollout"] != stalled:
+        assert time.monotonic() < deadline + 60, deployment()
+        time.sleep(0.05)
+    status = deployment()
+    assert (status["replicas"], status["readyReplicas"], status["updatedReplicas"]) == (2, 2, 0)
+    view = in_dashboard()
+    assert (view["state"], view["reason"], view["ready"], view["updated"]) == (
+        "Updating",
+        stalled,
+        2,
+        0,
+    )
+    # and in the terminal: one column more than READY says how far the update is
+    monkeypatch.setenv("GPUVISOR_URL", demo_node.url)
+    monkeypatch.setenv("GPUVISOR_STATE", str(demo_node.state_dir))
+    monkeypatch.setenv("COLUMNS", "250")
+    listed = CliRunner().invoke(app, ["get", "deployments"])
+    assert listed.exit_code == 0, listed.output
+    [row] = [line.split() for line in listed.output.splitlines() if " scorer " in line]
+    assert row[:6] == ["paced", "scorer", "scorer", "paced", "2/2", "0/2"], row
+    admin.close()
 
 
 def wait_for(
@@ -357,3 +430,138 @@ def test_the_version_served_is_that_of_the_ready_slice(sqlite_url: str, tmp_path
         assert node.model_version(dep) == "1"
     finally:
         store.close()
+
+
+# ---- the pace: maxSurge replicas at a time -------------------------------------------------
+
+REPLICAS = [f"{TENANT}/adder/{i}" for i in range(3)]
+
+
+def test_replicas_are_replaced_one_at_a_time_and_every_one_serves_throughout(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(one_at_a_time(sqlite_url, tmp_path))
+
+
+def test_max_surge_replaces_that_many_replicas_at_once(sqlite_url: str, tmp_path: Path) -> None:
+    asyncio.run(two_at_a_time(sqlite_url, tmp_path))
+
+
+def test_a_broken_version_stops_at_the_first_replica(sqlite_url: str, tmp_path: Path) -> None:
+    asyncio.run(broken_version_stops(sqlite_url, tmp_path))
+
+
+def three_replicas(tmp_path: Path, surge: int, second: bytes) -> tuple[str, Path]:
+    one, two = model_files(tmp_path, adder_model(1.0), second)
+    pace = f", replicas: 3, rollout: {{maxSurge: {surge}}}"
+    return manifest("{memory: 512Mi}", deployment=pace) + "---" + model_doc("1", one), two
+
+
+def waiting(first: str, surge: int) -> str:
+    return f"serving the previous spec: waiting for its turn ({first} first; rollout.maxSurge: {surge})"
+
+
+async def observe(ctl: Controller, seen: list[tuple[list[str], list[str]]]) -> None:
+    """Record, every few milliseconds, which replicas load version 2 and which serve."""
+    while True:
+        loading, serving = [], []
+        for rid in REPLICAS:
+            instances = ctl.instances(rid)
+            if any(s.model_version == "2" and s.state != "Ready" for s in instances):
+                loading.append(rid)
+            if any(s.state == "Ready" for s in instances):
+                serving.append(rid)
+        seen.append((loading, serving))
+        await asyncio.sleep(0.002)
+
+
+async def rolled_out(ctl: Controller, timeout: float = 120.0) -> None:
+    """Wait, with no reconcile from the test, until every replica serves version 2."""
+    deadline = time.monotonic() + timeout
+    while not ctl.rollout(TENANT, "adder").done:
+        assert time.monotonic() < deadline, [(s.id, s.state, s.reason) for s in ctl.slices.values()]
+        await asyncio.sleep(0.02)
+    await settle(ctl)
+
+
+async def one_at_a_time(db_url: str, tmp_path: Path) -> None:
+    text, two = three_replicas(tmp_path, 1, adder_model(2.0))
+    async with cpu_controller(db_url, text) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        assert [ctl.slices[r].state for r in REPLICAS] == ["Ready"] * 3
+
+        apply_manifest(ctl.store, model_doc("2", two))
+        seen: list[tuple[list[str], list[str]]] = []
+        watcher = asyncio.create_task(observe(ctl, seen))
+        await ctl.reconcile()
+        # replica 0 loads its new version beside the old one; 1 and 2 wait for their turn
+        assert ctl.slices[f"{REPLICAS[0]}#2"].replaces == REPLICAS[0]
+        for rid in REPLICAS[1:]:
+            [old] = ctl.instances(rid)
+            assert (old.state, old.reason) == ("Ready", waiting(REPLICAS[0], 1))
+        progress = ctl.rollout(TENANT, "adder")
+        assert (progress.replicas, progress.ready, progress.updated) == (3, 3, 0)
+        assert progress.describe() == (
+            f"0 of 3 replica(s) updated; replacing {REPLICAS[0]}; 2 waiting for their turn"
+        )
+        # each next turn comes when the replica before it is Ready, with no reconcile asked
+        await rolled_out(ctl)
+        watcher.cancel()
+
+        assert max(len(loading) for loading, _ in seen) == 1  # never two at once
+        assert [rid for rid in REPLICAS if any(rid in loading for loading, _ in seen)] == REPLICAS
+        assert all(serving == REPLICAS for _, serving in seen)  # no replica ever without one
+        for rid in REPLICAS:
+            [new] = ctl.instances(rid)
+            assert (new.model_version, new.state, new.reason) == ("2", "Ready", "")
+            assert await answer(ctl, new.id) == 2.0
+
+
+async def two_at_a_time(db_url: str, tmp_path: Path) -> None:
+    text, two = three_replicas(tmp_path, 2, adder_model(2.0))
+    async with cpu_controller(db_url, text) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        apply_manifest(ctl.store, model_doc("2", two))
+        await ctl.reconcile()
+        assert ctl.rollout(TENANT, "adder").replacing == REPLICAS[:2]
+        [old] = ctl.instances(REPLICAS[2])
+        assert old.reason == waiting(f"{REPLICAS[0]}, {REPLICAS[1]}", 2)
+        await rolled_out(ctl)
+        assert {s.model_version for s in ctl.slices.values()} == {"2"}
+        assert len(ctl.slices) == 3
+
+
+async def broken_version_stops(db_url: str, tmp_path: Path) -> None:
+    text, two = three_replicas(tmp_path, 1, b"not an onnx model")
+    async with cpu_controller(db_url, text) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        apply_manifest(ctl.store, model_doc("2", two))
+        await ctl.reconcile()
+        await settle(ctl)
+        await ctl.reconcile()
+        # the first replacement failed and holds its turn: the others were never touched
+        assert ctl.slices[f"{REPLICAS[0]}#2"].state == "Failed"
+        for rid in REPLICAS[1:]:
+            [old] = ctl.instances(rid)
+            assert (old.model_version, old.state) == ("1", "Ready")
+            assert old.reason == waiting(REPLICAS[0], 1)
+        assert [s.model_version for s in ctl.ready_slices(TENANT, "adder")] == ["1"] * 3
+        progress = ctl.rollout(TENANT, "adder")
+        assert (progress.ready, progress.updated, progress.replacing) == (3, 0, [REPLICAS[0]])
+        assert progress.describe() == (
+            f"0 of 3 replica(s) updated; stalled on {REPLICAS[0]} (its new instance is Failed); "
+            "2 waiting for their turn"
+        )
+
+        # the file fixed: the update goes on, replica by replica, to the end
+        two.write_bytes(adder_model(2.0))
+        await ctl.reconcile()
+        await rolled_out(ctl)
+        assert sorted((s.id, s.model_version) for s in ctl.slices.values()) == [
+            (f"{REPLICAS[0]}#2", "2"),
+            (f"{REPLICAS[1]}#2", "2"),
+            (f"{REPLICAS[2]}#2", "2"),
+        ]

@@ -386,12 +386,14 @@ def admin_router(node: Node) -> APIRouter:
             return body
         tenant, name = body["metadata"].get("tenant", ""), body["metadata"]["name"]
         slices = node.controller.deployment_slices(tenant, name)
-        ready = sum(1 for s in slices if s.state == "Ready")
+        rollout = node.controller.rollout(tenant, name)
         return {
             **body,
             "status": {
-                "replicas": len(slices),
-                "readyReplicas": ready,
+                "replicas": rollout.replicas,
+                "readyReplicas": rollout.ready,
+                "updatedReplicas": rollout.updated,
+                "rollout": rollout.describe(),
                 "unloaded": (tenant, name) in node.controller.unloaded,
                 "slices": [s.to_dict() for s in slices],
             },

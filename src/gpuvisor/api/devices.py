@@ -69,13 +69,16 @@ def devices_router(node: Node) -> APIRouter:
         return list(dict.fromkeys(on))
 
     async def settle(replica_ids: list[str], timeout: float) -> list[dict[str, Any]]:
-        """Wait until every instance of each moved replica is Ready, Pending or Failed (or the
-        timeout), then return their status (a moved instance may come back under its
+        """Wait until every instance of each moved replica is Ready, Pending or Failed and
+        none still has to move (replicas move ``rollout.maxSurge`` at a time), or the
+        timeout; then return their status (a moved instance may come back under its
         replica's own id)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = [s for rid in replica_ids for s in controller().instances(rid)]
-            if all(s.state in _SETTLED for s in states):
+            if all(s.state in _SETTLED for s in states) and not any(
+                controller().moving(rid) for rid in replica_ids
+            ):
                 break
             await asyncio.sleep(0.1)
         return [s.to_dict() for rid in replica_ids for s in controller().instances(rid)]

@@ -7,11 +7,13 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
+from gpuvisor.control.rollout import SERVING, Progress, by_replica, progress, replacing
 from gpuvisor.control.slices import Backoff, SliceState, SliceSupervisor, file_stamp
 from gpuvisor.dispatch.admission import Admission, TenantLimits
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
@@ -40,11 +42,9 @@ __all__ = ["Controller", "DesiredSlice"]
 
 log = logging.getLogger("gpuvisor.control")
 
-#: The states of an instance that serves, or will again once its worker is back: during a
-#: rolling update, such an instance with the old spec stays until its replacement is Ready.
-_SERVING = ("Ready", "Restarting")
 _OLD_SPEC = "serving the previous spec"
 _REPLACING = "its replacement "  # in the reason of an instance that serves until then
+_IN_LINE = "waiting for its turn"  # in the reason of one whose replacement has not started
 
 
 def _handed_over(old: SliceState, new: SliceState) -> str:
@@ -107,9 +107,10 @@ def desired_slices(
             problem = f"profile '{dep.spec.profile}' not found"
         elif pool is None and dep.spec.pool != DEFAULT_POOL:
             problem = f"pool '{dep.spec.pool}' not found"
-        # the replica count is not part of a replica's spec: scaling leaves the others running
+        # the replica count and the rollout pace are not part of a replica's spec: scaling or
+        # changing the pace leaves the running replicas as they are
         spec_hash = _hash(
-            dep.spec.model_dump(mode="json", exclude={"replicas"}),
+            dep.spec.model_dump(mode="json", exclude={"replicas", "rollout"}),
             model.spec.model_dump(mode="json") if model else None,
             profile.spec.model_dump(mode="json") if profile else None,
             pool.spec.model_dump(mode="json") if pool else None,
@@ -170,11 +171,12 @@ class Controller:
         self.moved: dict[str, str] = {}  # slice id -> why it was moved, for its next status
         self.resources: list[Resource] = []
         self._deployments: dict[tuple[str, str], Deployment] = {}
+        self._desired: dict[str, DesiredSlice] = {}  # replicas asked for, by replica id
         # slices by (tenant, deployment): inference looks them up on every request
         self._by_deployment: dict[tuple[str, str], list[SliceState]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()  # instances replaced, draining
+        self._retiring: set[asyncio.Task[None]] = set()  # retirements, rollout steps
 
     # ---- queries used by the API --------------------------------------------------------
 
@@ -246,6 +248,7 @@ class Controller:
                 if isinstance(r, Deployment)
             }
             desired = {d.slice_id: d for d in desired_slices(resources, self.unloaded)}
+            self._desired = desired
             # a deleted or changed slice finishes what it has queued first (new requests
             # already go elsewhere or wait for its successor)
             await asyncio.gather(
@@ -310,7 +313,7 @@ class Controller:
                 leaving = self._leaving(s) if s.spec_hash == want.spec_hash else None
                 if keep is not None and keep.state == "Ready":
                     out.append((s.id, _handed_over(s, keep)))
-                elif not serving and s.state in _SERVING and servable:
+                elif not serving and s.state in SERVING and servable:
                     serving = True
                 else:
                     out.append(
@@ -320,10 +323,20 @@ class Controller:
 
     async def _reconcile_replica(self, want: DesiredSlice) -> None:
         """Start the replica if it has no instance that fits (beside the one that still
-        serves, if any), or load it again when it is due."""
+        serves, if any, when its turn in the deployment's rolling update has come), or load
+        it again when it is due."""
         instances = self.instances(want.slice_id)
         current = next((s for s in instances if self._fits(s, want)), None)
-        serving = next((s for s in instances if s is not current and s.state in _SERVING), None)
+        serving = next((s for s in instances if s is not current and s.state in SERVING), None)
+        if current is None and serving is not None and (ahead := self._ahead_of(want)):
+            leaving = self._leaving(serving) if serving.spec_hash == want.spec_hash else None
+            surge = want.deployment.spec.rollout.max_surge
+            serving.set_state(
+                serving.state,
+                f"{f'{leaving}: serving' if leaving else _OLD_SPEC}: {_IN_LINE} "
+                f"({', '.join(ahead)} first; rollout.maxSurge: {surge})",
+            )
+            return
         if current is None:
             await self._start(want, self._instance_id(want.slice_id), serving=serving)
         elif (
@@ -342,8 +355,40 @@ class Controller:
                 if current.state == "Failed"
                 else f"{what} until its replacement {current.id} is Ready",
             )
-        elif serving is None and current is not None and _REPLACING in current.reason:
+        elif (
+            serving is None
+            and current is not None
+            and (_REPLACING in current.reason or _IN_LINE in current.reason)
+        ):
             current.set_state(current.state)  # nothing replaces it any more: nothing to tell
+
+    def _ahead_of(self, want: DesiredSlice) -> list[str]:
+        """The other replicas of ``want``'s deployment whose replacement is under way, when
+        they are as many as its ``rollout.maxSurge`` (``want`` waits for its turn); else []."""
+        siblings = by_replica(
+            s
+            for s in self.deployment_slices(want.tenant, want.deployment.metadata.name)
+            if s.replica_id != want.slice_id
+        )
+        busy = replacing(siblings, lambda s: self._fits(s, want))
+        return busy if len(busy) >= want.deployment.spec.rollout.max_surge else []
+
+    def rollout(self, tenant: str, deployment: str) -> Progress:
+        """How far the deployment's rolling update has come (done when nothing is under way)."""
+        wanted = [d for d in self._desired.values() if d.tenant == tenant]
+        wanted = [d for d in wanted if d.deployment.metadata.name == deployment]
+        replicas = by_replica(self.deployment_slices(tenant, deployment))
+        if not wanted:
+            return progress([], replicas, lambda s: False)
+        return progress([d.slice_id for d in wanted], replicas, lambda s: self._fits(s, wanted[0]))
+
+    def moving(self, replica_id: str) -> bool:
+        """Whether a replica still has to move off a cordoned device: an instance there
+        serves, and its replacement has neither failed nor gone Pending."""
+        instances = self.instances(replica_id)
+        leaving = [s for s in instances if s.state in SERVING and self._leaving(s)]
+        stuck = [s for s in instances if s not in leaving and s.state in ("Failed", "Pending")]
+        return bool(leaving) and not stuck
 
     def _instance_id(self, replica_id: str) -> str:
         """A free id for a new instance of a replica: the replica's own id, or, while another
@@ -731,16 +776,21 @@ class Controller:
         """An instance became Ready: remember its model, and retire the instance it replaces
         at once (new requests go to this one from now; the old one finishes its queue)."""
         self._remember_model(state)
-        if state.replaces is None:
-            return
-        old = self.slices.get(state.replaces)
+        old = self.slices.get(state.replaces) if state.replaces is not None else None
         state.replaces = None
-        if old is None or old.replica_id != state.replica_id:
-            return
-        why = _handed_over(old, state)
-        old.set_state("Stopping", why)
-        log.info("slice %s %s", old.id, why, extra={"tenant": state.tenant})
-        task = asyncio.create_task(self._retire(old, why), name=f"retire-{old.id}")
+        if old is not None and old.replica_id == state.replica_id:
+            why = _handed_over(old, state)
+            old.set_state("Stopping", why)
+            log.info("slice %s %s", old.id, why, extra={"tenant": state.tenant})
+            self._in_background(self._retire(old, why), f"retire-{old.id}")
+        siblings = self.deployment_slices(state.tenant, state.deployment)
+        if any(_IN_LINE in s.reason for s in siblings):
+            # the next replica's turn (after the retirement above: the lock is first come,
+            # first served, so the old instance's memory is free by then)
+            self._in_background(self.reconcile(), f"rollout-{state.replica_id}")
+
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 

@@ -46,6 +46,11 @@ class BatchRunner(Protocol):
         runs nothing, and its ``done`` gets None. A batch that started completes as usual."""
         ...
 
+    def abort(self, handle: int, reason: str) -> None:
+        """A batch holds the device far longer than any batch may (its model hangs): stop its
+        worker. Its ``done`` then gets an error that gives ``reason``."""
+        ...
+
 
 BatchObserver = Callable[[SliceQueue, Sequence[PendingRequest], float], None]
 
@@ -62,6 +67,8 @@ class _Grant:
     followed: bool = False  # a batch is staged behind this one
     revoking: bool = False  # taken back for a critical request: it will run nothing
     ended: bool = False  # what followed it was settled: it is off the device, its reply not in
+    started: float | None = None  # monotonic time its turn on the device came (None: waits)
+    aborted: bool = False  # held the device past the batch timeout: its worker was stopped
 
 
 class DeviceDispatcher:
@@ -78,6 +85,10 @@ class DeviceDispatcher:
     round trip through the node. Each running batch has at most one batch staged behind it,
     so work that was decided early is bounded by one batch (one quantum for non-critical
     slices). Without lookahead, the next batch is decided when the device is free.
+
+    Batch timeout: a batch that holds the device ``batch_timeout`` seconds (counted from when
+    its turn came) is taken as hung, and its worker is stopped (``BatchRunner.abort``), so
+    one tenant's stuck model cannot hold every other tenant's requests on the device.
     """
 
     def __init__(
@@ -89,9 +100,13 @@ class DeviceDispatcher:
         on_grant: BatchObserver | None = None,
         on_complete: BatchObserver | None = None,
         lookahead: float = 0.0,
+        batch_timeout: float = 60.0,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"the dispatch lookahead cannot be negative, got {lookahead}")
+        if batch_timeout <= 0:
+            raise ValueError(f"the batch timeout must be positive, got {batch_timeout}")
+        self.batch_timeout = batch_timeout
         self.device_id = device_id
         self.runner = runner
         self.policy: DispatchPolicy = policy or FifoPolicy()
@@ -107,6 +122,8 @@ class DeviceDispatcher:
         self._pumping = False
         self._pump_soon = False
         self._grants: set[_Grant] = set()  # batches on the device (running or staged)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = float("inf")
 
     @property
     def in_flight(self) -> int:
@@ -163,6 +180,9 @@ class DeviceDispatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for queue in list(self.queues.values()):
             self.fail_queued(queue, Unavailable("the node is shutting down"))
 
@@ -347,6 +367,7 @@ class DeviceDispatcher:
     ) -> None:
         cost = queue.profile.predict(sum(r.rows for r in batch))
         grant = _Grant(queue, cost, (after.end if after is not None else now) + cost, after)
+        grant.started = now if after is None else None
         if after is not None:
             after.followed = True
         queue.in_flight += 1
@@ -370,6 +391,42 @@ class DeviceDispatcher:
             )
         except GpuvisorError as exc:
             self._settle(grant, batch, exc, 0.0, sent=False)
+            return
+        self._arm_watchdog(grant)
+
+    # ---- the batch timeout ------------------------------------------------------------
+
+    def _arm_watchdog(self, grant: _Grant) -> None:
+        """Look at ``grant`` again when it will have held the device for the batch timeout."""
+        if grant.started is None or self._loop is None or not self._running:
+            return
+        at = grant.started + self.batch_timeout
+        if at >= self._watchdog_at:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog_at = at
+        delay = max(0.0, at - time.monotonic())
+        self._watchdog = self._loop.call_later(delay, self._on_watchdog)
+
+    def _on_watchdog(self) -> None:
+        self._watchdog, self._watchdog_at = None, float("inf")
+        now = time.monotonic()
+        for grant in list(self._grants):
+            if grant.started is None or grant.aborted or grant.revoking:
+                continue
+            held = now - grant.started
+            if held < self.batch_timeout:
+                self._arm_watchdog(grant)
+                continue
+            grant.aborted = True
+            reason = (
+                f"a batch of slice {grant.queue.slice_id} held device {self.device_id} for "
+                f"{held:.3g}s, longer than the batch timeout ({self.batch_timeout:g}s, "
+                "workers.batchTimeout)"
+            )
+            log.warning("%s: stopping its worker", reason, extra={"tenant": grant.queue.tenant})
+            self.runner.abort(grant.handle, reason)
 
     def _charge(self, queue: SliceQueue, seconds: float, now: float) -> None:
         try:
@@ -401,16 +458,22 @@ class DeviceDispatcher:
                 grant.after.ended = True
             else:
                 grant.after.followed = False
-        for other in self._grants:  # what waited behind this batch starts now
+        for other in list(self._grants):  # what waited behind this batch starts now
             if other.after is grant:
                 other.after = None
                 other.end = now + (0.0 if other.revoking else other.cost)
+                other.started = now
+                self._arm_watchdog(other)
         if result is None:  # revoked before it started: the requests queue again, first
             queue.requeue(batch)
             self._charge(queue, -grant.cost, now)
             return
+        failed = isinstance(result, GpuvisorError)
         if isinstance(result, GpuvisorError):
-            device_seconds = 0.0
+            # No measurement came back, but the batch held the device from its turn until now
+            # (a worker that crashed or hung): its slice is charged for that time.
+            started = grant.started if sent else None
+            device_seconds = now - started if started is not None else 0.0
             for request in batch:
                 if request.future is not None and not request.future.done():
                     request.future.set_exception(result)
@@ -420,7 +483,7 @@ class DeviceDispatcher:
                     request.future.set_result(outcome)
         self._charge(queue, device_seconds - grant.cost, now)
         try:
-            if device_seconds > 0:
+            if device_seconds > 0 and not failed:
                 queue.profile.observe(sum(r.rows for r in batch), device_seconds)
             if self._on_complete is not None:
                 self._on_complete(queue, batch, device_seconds)

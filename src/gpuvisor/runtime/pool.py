@@ -74,6 +74,7 @@ class WorkerProcess:
     slices: set[str] = field(default_factory=set)
     loads: dict[str, asyncio.Future[p.ModelLoaded]] = field(default_factory=dict)
     batches: dict[int, ReplyHandler] = field(default_factory=dict)
+    stopped_because: str = ""  # why the node killed it (a hung batch), for its requests' error
 
     @property
     def pid(self) -> int:
@@ -236,6 +237,23 @@ class WorkerPool:
             with contextlib.suppress(Unavailable):
                 self._send_now(worker, p.Revoke(handle))
 
+    def abort(self, handle: int, reason: str) -> None:
+        """Kill the worker running batch ``handle`` (it hangs): what it has outstanding fails
+        with 503 and ``reason``, and its slices' supervisors restart it."""
+        worker = self._batch_worker.get(handle)
+        if worker is None or worker.exited.done():
+            return
+        worker.stopped_because = reason
+        log.warning(
+            "stopping worker %s (pid %d) of %s: %s",
+            worker.worker_id,
+            worker.pid,
+            ", ".join(sorted(worker.slices)),
+            reason,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.send_signal(signal.SIGKILL)
+
     def _wait_behind(self, after: int, worker: WorkerProcess) -> int:
         """Arrange for ``worker``'s next batch to start when batch ``after`` is done; return
         the ExecuteBatch ``wait_for`` (0 when there is nothing to wait for across workers)."""
@@ -345,10 +363,15 @@ class WorkerPool:
         for slice_id in list(worker.slices):
             if self.slice_worker.get(slice_id) is worker:
                 del self.slice_worker[slice_id]
+        if worker.stopped_because:
+            what = (
+                f"{worker.stopped_because}: worker {worker.worker_id} (pid {worker.pid}) "
+                "was stopped"
+            )
+        else:
+            what = f"worker {worker.worker_id} (pid {worker.pid}) exited with code {returncode}"
         crash = WorkerCrashed(
-            f"worker {worker.worker_id} (pid {worker.pid}) exited with code {returncode} "
-            "while serving this request; it is being restarted",
-            retry_after=1.0,
+            f"{what} while serving this request; it is being restarted", retry_after=1.0
         )
         batches = list(worker.batches.values())
         for batch_id in worker.batches:

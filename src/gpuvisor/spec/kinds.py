@@ -243,6 +243,12 @@ class PlacementPrefs(SpecModel):
     disallow_migration: bool = False
 
 
+class Rollout(SpecModel):
+    max_surge: int = Field(default=1, ge=1)
+    """How many replicas are replaced (or moved off a cordoned device) at the same time; the
+    others keep serving their old instance until their turn."""
+
+
 class DeploymentSpec(SpecModel):
     model: str
     """``name`` (highest version) or ``name@version``."""
@@ -252,6 +258,7 @@ class DeploymentSpec(SpecModel):
     batching: Batching = Field(default_factory=Batching)
     slo: Slo = Field(default_factory=Slo)
     placement: PlacementPrefs = Field(default_factory=PlacementPrefs)
+    rollout: Rollout = Field(default_factory=Rollout)
 
     @field_validator("model")
     @classmethod
@@ -382,6 +389,9 @@ class WorkerSettings(SpecModel):
     """First delay before a slice whose model ran out of memory while loading is loaded again
     (Failed in the meantime); doubles with each such failure in a row."""
     out_of_memory_retry_max: Duration = Field(default=600.0, gt=0)
+    batch_timeout: Duration = Field(default=60.0, gt=0)
+    """A batch that holds its device this long is taken as hung: its worker is stopped (its
+    requests fail with 503) and restarted, so the other slices on the device go on."""
     batch_nice: int = Field(default=10, ge=0, le=19)
     """Niceness added (to the node's own) for workers that serve only ``batch``-class slices
     (0: none), so the node and latency-sensitive workers get the host's CPU cores first."""

@@ -69,6 +69,7 @@ def build_dashboard(node: Node, principal: Principal) -> dict[str, Any]:
             "state": s.state,
             "reason": s.reason,
             "since": s.since,
+            "replaces": s.replaces,
         }
         for s in sorted(slices, key=lambda s: s.id)
         if visible(s.tenant) and s.state != "Ready"
@@ -198,12 +199,15 @@ def _deployment(
     tenant, name = dep.metadata.tenant or "", dep.metadata.name
     slices = node.controller.deployment_slices(tenant, name)
     ready = [s for s in slices if s.state == "Ready"]
+    rollout = node.controller.rollout(tenant, name)
     unloaded = (tenant, name) in node.controller.unloaded
     if unloaded:
         state, reason = "Unloaded", "unloaded through the model repository API"
     elif not slices:
         state, reason = "NoReplicas", "replicas: 0"
-    elif len(ready) == len(slices):
+    elif rollout.ready == rollout.replicas and not rollout.done:
+        state, reason = "Updating", rollout.describe()  # every replica serves meanwhile
+    elif rollout.ready == rollout.replicas:
         state, reason = "Ready", ""
     else:
         worst = min(
@@ -224,7 +228,8 @@ def _deployment(
         "state": state,
         "reason": reason,
         "replicas": dep.spec.replicas,
-        "ready": len(ready),
+        "ready": rollout.ready,
+        "updated": rollout.updated,
         "p50": latency.p50,
         "p99": latency.p99,
         "rate": latency.rate,
@@ -335,10 +340,12 @@ def attention(
             )
     for p in pending:
         level, rank = ("error", 0) if p["state"] == "Failed" else ("warn", 1)
+        if p["state"] == "Loading" and p.get("replaces"):
+            level, rank = "info", 2  # a rolling update: the instance it replaces serves
         reason = f": {p['reason']}" if p["reason"] else ""
         items.append((rank, level, p["tenant"], f"{p['slice']} is {p['state']}{reason}"))
     if not items:
-        ready = sum(1 for d in deployments if d["state"] == "Ready")
+        ready = sum(1 for d in deployments if d["state"] in ("Ready", "Updating"))
         return [
             {
                 "level": "ok",

@@ -442,6 +442,7 @@ class ManualRunner:
         self.sent: list[tuple[int, str, list[int], int | None]] = []  # handle, slice, ids, after
         self.pending: dict[int, tuple[Sequence[PendingRequest], BatchCallback]] = {}
         self.revoked: list[int] = []
+        self.aborted: list[tuple[int, str]] = []
         self._handles = itertools.count(1)
 
     def start_batch(
@@ -458,6 +459,9 @@ class ManualRunner:
 
     def revoke(self, handle: int) -> None:
         self.revoked.append(handle)
+
+    def abort(self, handle: int, reason: str) -> None:
+        self.aborted.append((handle, reason))
 
     def finish(self, handle: int, revoked: bool = False) -> None:
         batch, done = self.pending.pop(handle)
@@ -525,3 +529,62 @@ def test_a_batch_is_staged_behind_one_that_waits_only_for_a_taken_back_batch() -
         await _gather(dispatcher, futures)
 
     asyncio.run(scenario())
+
+
+def test_a_batch_that_holds_the_device_past_the_timeout_has_its_worker_stopped() -> None:
+    """The batch timeout counts from when a batch's turn came: the batch staged behind a hung
+    one is not blamed for the wait, and goes on once the hung one's worker is gone."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    runner = ManualRunner()
+    charged: list[tuple[str, float]] = []
+    dispatcher = DeviceDispatcher(
+        "cpu-0",
+        runner,
+        FairSharePolicy(quantum=0.01),
+        lookahead=10.0,
+        batch_timeout=0.2,
+        on_complete=lambda queue, _, seconds: charged.append((queue.slice_id, seconds)),
+    )
+    dispatcher.add_slice(_profiled("bulk", 0.001, latency_class="batch"))
+    dispatcher.add_slice(_profiled("chat", 0.001, latency_class="critical", share=0.5))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        hung = dispatcher.submit("bulk", _request(1))
+        await asyncio.sleep(0.01)
+        chat = dispatcher.submit("chat", _request(2))
+        await asyncio.sleep(0.01)
+        assert [(h, s, after) for h, s, _, after in runner.sent] == [
+            (1, "bulk", None),
+            (2, "chat", 1),
+        ]
+        await asyncio.sleep(0.1)
+        assert runner.aborted == []  # 0.12 s: not yet
+        await asyncio.sleep(0.15)
+        [(handle, reason)] = runner.aborted
+        assert handle == 1
+        assert reason.startswith("a batch of slice bulk held device cpu-0 for 0.2")
+        assert reason.endswith("longer than the batch timeout (0.2s, workers.batchTimeout)")
+        # the pool kills the worker: its batch fails; the staged one's turn comes now
+        _, done = runner.pending.pop(1)
+        done(WorkerCrashed(reason), 0.0)
+        with pytest.raises(WorkerCrashed):
+            await hung
+        # no measurement came back, but the hung batch held the device: its slice pays for it
+        [(slice_id, seconds)] = charged
+        assert slice_id == "bulk" and 0.2 <= seconds < 1.0, charged
+        await asyncio.sleep(0.1)
+        assert len(runner.aborted) == 1  # chat waited 0.27 s in all, but ran for 0.1 s only
+        runner.finish(2)
+        assert (await chat).status == 200
+        await asyncio.sleep(0.3)
+        assert len(runner.aborted) == 1
+        await dispatcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_batch_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="the batch timeout must be positive, got 0"):
+        DeviceDispatcher("cpu-0", ManualRunner(), batch_timeout=0)

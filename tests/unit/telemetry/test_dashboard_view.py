@@ -175,3 +175,23 @@ def test_a_cordoned_device_is_pointed_out() -> None:
         "subject": "gpu-1",
         "text": "gpu-1 is cordoned: it takes no new slices",
     } in items
+
+
+def test_an_instance_loading_in_a_rolling_update_is_information_not_a_warning() -> None:
+    loading = {"tenant": "retail", "state": "Loading", "reason": "placed on cpu-0; starting"}
+    items = attention(
+        [_device()],
+        [_tenant_row()],
+        [{"state": "Updating"}],
+        [
+            {**loading, "slice": "retail/shelf/0#2", "replaces": "retail/shelf/0"},
+            {**loading, "slice": "retail/chat/0", "replaces": None},
+        ],
+    )
+    assert [(i["level"], i["text"]) for i in items] == [
+        ("warn", "retail/chat/0 is Loading: placed on cpu-0; starting"),
+        ("info", "retail/shelf/0#2 is Loading: placed on cpu-0; starting"),
+    ]
+    # an update under way counts as serving when nothing needs a look
+    ok = attention([_device()], [_tenant_row()], [{"state": "Updating"}, {"state": "Ready"}], [])
+    assert ok[0]["text"] == "Nobody is waiting or starving; 2 deployment(s) serving"

@@ -1,0 +1,202 @@
+"""A model that hangs does not hold its device: once a batch has held the device for
+``workers.batchTimeout``, its worker is killed, its request fails with a 503 that says why,
+the other tenant's request that waited behind it runs, and the worker comes back.
+
+A real node, real workers, and a real hanging model: an ONNX ``Loop`` whose trip count is
+the largest input value, so a request with 1e12 in it runs for days (while the zeros the
+worker profiles the model with at load run no iteration at all).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import onnx
+import orjson
+import pytest
+from onnx import TensorProto, helper
+
+from gpuvisor.launch import NodeProcess
+from gpuvisor.runtime.tensors import json_infer_request
+
+NODE_CONFIG = """
+apiVersion: gpuvisor/v1
+kind: Node
+metadata: {name: watchdog}
+spec:
+  cpu: {enabled: true, memory: 2Gi, threads: 1}
+  workers: {batchTimeout: 1s, restartBackoff: 100ms}
+"""
+
+MANIFEST = """
+apiVersion: gpuvisor/v1
+kind: Tenant
+metadata: {name: stuck}
+---
+apiVersion: gpuvisor/v1
+kind: Tenant
+metadata: {name: other}
+---
+apiVersion: gpuvisor/v1
+kind: Profile
+metadata: {name: small}
+spec: {memory: 256Mi, computeShare: 0.2}
+---
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {name: looper, tenant: stuck}
+spec: {source: LOOPER}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: looper, tenant: stuck}
+spec: {model: looper, profile: small}
+---
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {name: adder, tenant: other}
+spec: {source: ADDER}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: adder, tenant: other}
+spec: {model: adder, profile: small}
+"""
+
+
+def looper_model() -> bytes:
+    """y = x + max(x): adds 1 to x max(x) times, one Loop iteration at a time."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 4]),
+        ],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["most"], keepdims=0),
+            helper.make_node("Cast", ["most"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body),
+        ],
+        "looper",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[helper.make_tensor("go", TensorProto.BOOL, [], [True])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def adder_model() -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "adder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    root = tmp_path_factory.mktemp("hung-batch")
+    (root / "looper.onnx").write_bytes(looper_model())
+    (root / "adder.onnx").write_bytes(adder_model())
+    config = root / "node.yaml"
+    config.write_text(NODE_CONFIG)
+    proc = NodeProcess(state_dir=root / "state", config=config, demo=False)
+    proc.start(timeout=120)
+    try:
+        manifest = MANIFEST.replace("LOOPER", str(root / "looper.onnx"))
+        proc.apply_as_admin(manifest.replace("ADDER", str(root / "adder.onnx")))
+        yield proc
+    finally:
+        proc.stop()
+
+
+def infer(node: NodeProcess, key: str, model: str, x: np.ndarray) -> httpx.Response:
+    return httpx.post(
+        f"{node.url}/v2/models/{model}/infer",
+        content=json_infer_request({"x": x.astype(np.float32)}),
+        headers=node.auth(key),
+        timeout=60,
+    )
+
+
+def output(response: httpx.Response) -> list[float]:
+    [out] = orjson.loads(response.content)["outputs"]
+    return [float(v) for v in out["data"]]
+
+
+def slice_of(node: NodeProcess, tenant: str) -> dict[str, object]:
+    items = httpx.get(
+        f"{node.url}/api/v1/slices", headers=node.auth(node.admin_key), timeout=30
+    ).json()["items"]
+    [mine] = [i for i in items if i["tenant"] == tenant]
+    return mine  # type: ignore[no-any-return]
+
+
+def wait_ready(node: NodeProcess, tenant: str, restarts: int = 0) -> dict[str, object]:
+    deadline = time.monotonic() + 120
+    while True:
+        found = slice_of(node, tenant)
+        if found["state"] == "Ready" and found["restarts"] == restarts:
+            return found
+        assert time.monotonic() < deadline, (found["state"], found["reason"], found["restarts"])
+        time.sleep(0.05)
+
+
+def test_a_hung_batch_is_stopped_and_the_batch_behind_it_runs(node: NodeProcess) -> None:
+    stuck, other = node.create_tenant_key("stuck"), node.create_tenant_key("other")
+    before = wait_ready(node, "stuck")
+    wait_ready(node, "other")
+    small = np.full((1, 4), 2.0)
+    assert output(infer(node, stuck, "looper", small)) == [4.0] * 4  # 2 + 2 iterations
+
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, key: str, model: str, x: np.ndarray) -> None:
+        answers[name] = infer(node, key, model, x)
+
+    hang = threading.Thread(target=send, args=("hung", stuck, "looper", np.full((1, 4), 1e12)))
+    hang.start()
+    time.sleep(0.3)  # the hung batch holds the device now; this request queues behind it
+    behind = threading.Thread(target=send, args=("behind", other, "adder", small))
+    behind.start()
+    hang.join(60)
+    behind.join(60)
+
+    hung = answers["hung"]
+    assert hung.status_code == 503, hung.text
+    error = hung.json()["error"]
+    assert error.startswith("a batch of slice stuck/looper/0 held device cpu-0 for 1"), error
+    assert "longer than the batch timeout (1s, workers.batchTimeout)" in error
+    assert error.endswith("was stopped while serving this request; it is being restarted")
+    assert hung.headers["Retry-After"] == "1"
+    # the other tenant's request waited behind it, and was answered
+    assert answers["behind"].status_code == 200, answers["behind"].text
+    assert output(answers["behind"]) == [3.0] * 4
+
+    # the worker comes back (a new process) and serves again
+    after = wait_ready(node, "stuck", restarts=1)
+    assert after["pid"] != before["pid"]
+    assert output(infer(node, stuck, "looper", small)) == [4.0] * 4
+    assert output(infer(node, other, "adder", small)) == [3.0] * 4
