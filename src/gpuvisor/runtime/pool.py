@@ -267,14 +267,17 @@ class WorkerPool:
         self._waiters.setdefault(after, []).append(worker)
         return after
 
-    def _release_waiters(self, batch_id: int, failed: bool) -> None:
-        """Batch ``batch_id`` is over: if its worker could not hand the device over (a failed
-        datagram, a crash), release the workers waiting behind it from here."""
+    def _release_waiters(
+        self, batch_id: int, failed: bool, handed_to: frozenset[str] = frozenset()
+    ) -> None:
+        """Batch ``batch_id`` is over: release from here the workers waiting behind it that
+        its worker did not tell (``handed_to``): all of them when it could not (a failed
+        datagram, a crash), and any whose ReleaseAfter reached it only after the batch was
+        done. That worker would tell them as it reads the ReleaseAfter, but it may never
+        read it (it can be killed first), and the device is free now either way."""
         waiters = self._waiters.pop(batch_id, ())
-        if not failed:
-            return
         for waiter in waiters:
-            if not waiter.exited.done():
+            if (failed or waiter.handoff_path not in handed_to) and not waiter.exited.done():
                 with contextlib.suppress(Unavailable):
                     self._send_now(waiter, p.Go(batch_id))
 
@@ -483,7 +486,9 @@ class WorkerPool:
         if isinstance(message, p.BatchDone):
             finished = worker.batches.pop(message.batch_id, None)
             self._batch_worker.pop(message.batch_id, None)
-            self._release_waiters(message.batch_id, message.handoff_failed)
+            self._release_waiters(
+                message.batch_id, message.handoff_failed, frozenset(message.handed_to)
+            )
             if finished is not None:
                 finished(message, payload)
         elif isinstance(message, p.ModelLoaded):

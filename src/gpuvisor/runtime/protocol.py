@@ -11,7 +11,9 @@ that must not start before another worker's batch has finished carries ``wait_fo
 worker running that earlier batch is told (``ReleaseAfter``) to send a datagram with the
 batch id to the waiting worker's handoff socket the moment it is done, so the device passes
 from one worker to the next without a round trip through the node. ``Go`` is the node's own
-release, for when the earlier worker cannot give it (it crashed, or its datagram failed).
+release, for when the earlier worker cannot give it (it crashed, or its datagram failed) or
+did not (the ReleaseAfter reached it after the batch was done: its ``BatchDone`` lists in
+``handed_to`` whom it told).
 ``Revoke`` takes back a batch that has not started: when its turn comes it runs nothing,
 hands the device on at once and answers ``BatchDone`` with ``revoked`` set.
 
@@ -167,6 +169,9 @@ class BatchDone(msgspec.Struct, tag=True, omit_defaults=True):
     device_seconds: float  # time the batch held the device (decode + run + encode)
     rows: int
     handoff_failed: bool = False  # a ReleaseAfter datagram for this batch could not be sent
+    # the handoff paths told (by datagram) that this batch is done; a worker waiting behind
+    # it whose ReleaseAfter came too late to be here is released by the node instead
+    handed_to: list[str] = []
     revoked: bool = False  # the batch was revoked before it started: nothing ran, no results
     error: str = ""  # the worker could not read the batch: nothing ran, no results
 

@@ -97,6 +97,7 @@ class Worker:
         self.release_after: dict[int, list[str]] = {}  # own batch id -> handoff paths
         self.revoked: dict[int, None] = {}  # own batches taken back before they started
         self.handoff_failures: set[int] = set()  # passed-over batches whose handoff failed
+        self.handed_early: dict[int, list[str]] = {}  # passed-over batches -> paths told
         self.unreadable: dict[int, str] = {}  # own batches that did not decode -> what was wrong
         self.stopping = False
         self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
@@ -242,22 +243,26 @@ class Worker:
             if waited and waited not in self.released and waited not in self.completed:
                 return
             _remember(self.completed, message.batch_id)
-            if not self.release(message.batch_id, self.release_after.pop(message.batch_id, ())):
+            paths = self.release_after.pop(message.batch_id, [])
+            told = self.release(message.batch_id, paths)
+            self.handed_early[message.batch_id] = told
+            if len(told) < len(paths):
                 self.handoff_failures.add(message.batch_id)
 
-    def release(self, batch_id: int, paths: Sequence[str]) -> bool:
-        """Tell the workers waiting behind ``batch_id`` that it is done; False if one could not
-        be told (the node then releases it itself)."""
-        ok = True
+    def release(self, batch_id: int, paths: Sequence[str]) -> list[str]:
+        """Tell the workers waiting behind ``batch_id`` that it is done; return the paths that
+        were told (the node releases the others itself)."""
         if self.handoff is None:
-            return not paths
+            return []
+        told = []
         for path in paths:
             try:
                 self.handoff.sendto(_TOKEN.pack(batch_id), path)
             except OSError as exc:
                 log.warning("handoff of batch %d to %s failed: %s", batch_id, path, exc)
-                ok = False
-        return ok
+                continue
+            told.append(path)
+        return told
 
     def load(self, spec: p.LoadModel) -> None:
         started = time.perf_counter()
@@ -362,8 +367,9 @@ class Worker:
         # node (a ReleaseAfter may have arrived while the batch ran).
         self.read(0)
         _remember(self.completed, batch.batch_id)
-        handed = self.release(batch.batch_id, self.release_after.pop(batch.batch_id, ()))
-        handed = handed and not handoff_failed
+        paths = self.release_after.pop(batch.batch_id, [])
+        told = self.release(batch.batch_id, paths) + self.handed_early.pop(batch.batch_id, [])
+        handoff_failed = handoff_failed or len(told) < len(paths)
         self.pass_over_revoked()
         self.send(
             p.BatchDone(
@@ -372,7 +378,8 @@ class Worker:
                 results=results,
                 device_seconds=device_seconds,
                 rows=sum(r.rows for r in results),
-                handoff_failed=not handed,
+                handoff_failed=handoff_failed,
+                handed_to=told,
                 revoked=revoked,
                 error=error,
             ),

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from gpuvisor.demo.models import build_demo_models
+from gpuvisor.dispatch.dispatcher import BatchCallback
 from gpuvisor.dispatch.queues import PendingRequest
 from gpuvisor.errors import GpuvisorError, IntegrityError, WorkerCrashed
 from gpuvisor.runtime import protocol as p
@@ -117,6 +118,41 @@ def test_crash_fails_in_flight_batches_and_resolves_exited(model: Path) -> None:
             assert code == -signal.SIGKILL
             with pytest.raises(WorkerCrashed):
                 await pool.run_batch("a/x/0", [_request(1)])
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_node_releases_a_batch_whose_release_came_after_the_one_before_it_was_done(
+    model: Path,
+) -> None:
+    """A batch waits behind another worker's batch, which was done before its worker got the
+    ReleaseAfter, and that worker never reads it (stopped here; killed, in life): the node
+    releases the waiting batch itself when the earlier batch's reply comes."""
+
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            _, first = await pool.load_slice(_launch("a/x/0", model, "a"))
+            await pool.load_slice(_launch("b/y/0", model, "b"))
+            loop = asyncio.get_running_loop()
+            replies: list[asyncio.Future[object]] = [loop.create_future() for _ in range(2)]
+
+            def to(reply: asyncio.Future[object]) -> BatchCallback:
+                return lambda outcome, _: reply.set_result(outcome)
+
+            earlier = pool.start_batch("a/x/0", [_request(1)], to(replies[0]))
+            time.sleep(0.5)  # the loop reads no reply meanwhile; the worker runs it and answers
+            os.kill(first.pid, signal.SIGSTOP)  # it will read nothing more
+            try:
+                pool.start_batch("b/y/0", [_request(2)], to(replies[1]), after=earlier)
+                behind = await asyncio.wait_for(replies[1], 10)
+                assert [o.status for o in behind] == [200]  # type: ignore[attr-defined]
+                assert [o.status for o in await replies[0]] == [200]  # type: ignore[attr-defined]
+            finally:
+                os.kill(first.pid, signal.SIGCONT)
         finally:
             await pool.close()
 
