@@ -118,6 +118,7 @@ class Node:
                 on_complete=self._observe_completion,
                 lookahead=device.lookahead or 0.0,
                 batch_timeout=self.spec.workers.batch_timeout,
+                on_hung=self._observe_hung,
             )
             dispatcher.start()
             self.dispatchers[device.id] = dispatcher
@@ -387,6 +388,10 @@ class Node:
             f"{s.id}: {s.state}{' (' + s.reason + ')' if s.reason else ''}" for s in states
         )
         return f"model '{name}' is not ready: {details}"
+
+    def _observe_hung(self, queue: SliceQueue) -> None:
+        device = self._device_of(queue.slice_id)
+        self.metrics.hung_batches.labels(device, queue.tenant, queue.deployment).inc()
 
     def _observe_grant(self, queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
         m = self.metrics

@@ -200,3 +200,8 @@ def test_a_hung_batch_is_stopped_and_the_batch_behind_it_runs(node: NodeProcess)
     assert after["pid"] != before["pid"]
     assert output(infer(node, stuck, "looper", small)) == [4.0] * 4
     assert output(infer(node, other, "adder", small)) == [3.0] * 4
+    metrics = httpx.get(f"{node.url}/metrics", timeout=30).text
+    assert (
+        'gpuvisor_hung_batches_total{deployment="looper",device="cpu-0",tenant="stuck"} 1.0'
+        in metrics
+    )

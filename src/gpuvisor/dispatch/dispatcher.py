@@ -101,12 +101,14 @@ class DeviceDispatcher:
         on_complete: BatchObserver | None = None,
         lookahead: float = 0.0,
         batch_timeout: float = 60.0,
+        on_hung: Callable[[SliceQueue], None] | None = None,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"the dispatch lookahead cannot be negative, got {lookahead}")
         if batch_timeout <= 0:
             raise ValueError(f"the batch timeout must be positive, got {batch_timeout}")
         self.batch_timeout = batch_timeout
+        self._on_hung = on_hung
         self.device_id = device_id
         self.runner = runner
         self.policy: DispatchPolicy = policy or FifoPolicy()
@@ -427,6 +429,13 @@ class DeviceDispatcher:
             )
             log.warning("%s: stopping its worker", reason, extra={"tenant": grant.queue.tenant})
             self.runner.abort(grant.handle, reason)
+            if self._on_hung is not None:
+                try:
+                    self._on_hung(grant.queue)
+                except Exception:  # an observer's bug must not stall the device
+                    log.exception(
+                        "counting the hung batch of slice %s failed", grant.queue.slice_id
+                    )
 
     def _charge(self, queue: SliceQueue, seconds: float, now: float) -> None:
         try:

@@ -85,6 +85,12 @@ class Metrics:
             ["tenant", "deployment", "reason"],
             registry=r,
         )
+        self.hung_batches = Counter(
+            "gpuvisor_hung_batches",
+            "Batches that held their device for workers.batchTimeout: their worker was killed",
+            ["device", "tenant", "deployment"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "gpuvisor_worker_restarts",
             "Worker processes restarted after exiting",

@@ -23,6 +23,7 @@ DECLARED = {
     "gpuvisor_device_busy_seconds": ("counter", {"device", "tenant", "deployment", "slice"}),
     "gpuvisor_admission_rejections": ("counter", {"tenant", "deployment", "reason"}),
     "gpuvisor_worker_restarts": ("counter", {"tenant", "deployment"}),
+    "gpuvisor_hung_batches": ("counter", {"device", "tenant", "deployment"}),
     "gpuvisor_slice_memory_limit_bytes": ("gauge", {"device", "tenant", "deployment", "slice"}),
     "gpuvisor_slice_memory_used_bytes": ("gauge", {"device", "tenant", "deployment", "slice"}),
     "gpuvisor_device_memory_total_bytes": ("gauge", {"device", "model"}),
