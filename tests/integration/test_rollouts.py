@@ -565,3 +565,73 @@ async def broken_version_stops(db_url: str, tmp_path: Path) -> None:
             (f"{REPLICAS[1]}#2", "2"),
             (f"{REPLICAS[2]}#2", "2"),
         ]
+
+
+def test_a_replica_there_was_never_room_for_does_not_hold_up_the_update(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(never_placed(sqlite_url, tmp_path))
+
+
+async def never_placed(db_url: str, tmp_path: Path) -> None:
+    one, two = model_files(tmp_path, adder_model(1.0), adder_model(2.0))
+    # two of the three replicas fit the 4 GiB device, and no new instance fits beside an old
+    text = manifest("{memory: 1536Mi}", deployment=", replicas: 3") + "---" + model_doc("1", one)
+    async with cpu_controller(db_url, text) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        assert [ctl.slices[r].state for r in REPLICAS] == ["Ready", "Ready", "Pending"]
+
+        apply_manifest(ctl.store, model_doc("2", two))
+        seen: list[tuple[list[str], list[str]]] = []
+        watcher = asyncio.create_task(observe(ctl, seen))
+        await ctl.reconcile()
+        # replaced in place, one at a time; the Pending replica took no one's place
+        deadline = time.monotonic() + 120
+        while sorted(s.model_version for s in ctl.ready_slices(TENANT, "adder")) != ["2", "2"]:
+            assert time.monotonic() < deadline, [
+                (s.id, s.state, s.reason) for s in ctl.slices.values()
+            ]
+            await asyncio.sleep(0.02)
+        watcher.cancel()
+        assert all(serving for _, serving in seen)  # one replica served throughout
+        assert ctl.slices[REPLICAS[2]].state == "Pending"
+        progress = ctl.rollout(TENANT, "adder")
+        assert (progress.ready, progress.updated, progress.replacing) == (2, 2, [])
+
+
+def test_a_replacement_that_took_an_old_ones_place_and_cannot_be_placed_holds_its_turn(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(unplaceable_spec(sqlite_url, tmp_path))
+
+
+async def unplaceable_spec(db_url: str, tmp_path: Path) -> None:
+    [one] = model_files(tmp_path, adder_model(1.0))
+    two_replicas = ", replicas: 2"
+    text = manifest("{memory: 1Gi}", deployment=two_replicas) + "---" + model_doc("1", one)
+    async with cpu_controller(db_url, text) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        first, second = REPLICAS[:2]
+        old_second = ctl.slices[second]
+        # a profile larger than the device: replica 0 is stopped to make room, and still
+        # cannot be placed; replica 1 keeps its old instance and serves
+        apply_manifest(ctl.store, manifest("{memory: 5Gi}", deployment=two_replicas))
+        await ctl.reconcile()
+        await settle(ctl)
+        await ctl.reconcile()
+        new_first = ctl.slices[first]
+        assert (new_first.state, new_first.took_over) == ("Pending", True), new_first.reason
+        assert ctl.slices[second] is old_second and old_second.state == "Ready"
+        assert old_second.reason == waiting(first, 1)
+        assert ctl.ready_slices(TENANT, "adder") == [old_second]
+        assert ctl.rollout(TENANT, "adder").stalled == {first: "Pending"}
+
+        # the profile back as it was: replica 1's instance fits again, replica 0 is placed
+        apply_manifest(ctl.store, manifest("{memory: 1Gi}", deployment=two_replicas))
+        await ctl.reconcile()
+        await settle(ctl)
+        assert ctl.slices[second] is old_second and old_second.reason == ""
+        assert [s.state for s in ctl.instances(first)] == ["Ready"]
+        assert ctl.rollout(TENANT, "adder").done

@@ -445,7 +445,7 @@ class Controller:
         self._forget(state)
         if not leaving:
             self.moved[want.slice_id] = "no device had room for the new spec beside the old one"
-        self._start_slice(want, self._instance_id(want.slice_id), memory_failures)
+        self._start_slice(want, self._instance_id(want.slice_id), memory_failures, took_over=True)
 
     def _model_file_changed(self, state: SliceState) -> bool:
         """Whether a slice that Failed for its model should be loaded again: its model file was
@@ -575,6 +575,7 @@ class Controller:
         instance_id: str,
         memory_failures: int = 0,
         replaces: SliceState | None = None,
+        took_over: bool = False,
     ) -> SliceState:
         """Place and load an instance of a replica anew. ``memory_failures``: how many loads of
         the instance it replaces ran out of memory in a row (the next delay grows with it).
@@ -607,6 +608,10 @@ class Controller:
             replaces=replaces.id if replaces is not None else None,
         )
         replaced = self.slices.get(state.id)
+        # a retry (it was Pending: no room) of an instance that took an old one's place
+        state.took_over = took_over or (
+            replaced is not None and replaced.spec_hash == want.spec_hash and replaced.took_over
+        )
         self.slices[state.id] = state
         siblings = self._by_deployment.setdefault((state.tenant, state.deployment), [])
         if replaced is not None and replaced in siblings:

@@ -34,14 +34,20 @@ def by_replica(instances: Iterable[SliceState]) -> dict[str, list[SliceState]]:
 
 def _being_replaced(instances: Sequence[SliceState], fits: Fits) -> bool:
     new = [s for s in instances if fits(s)]
-    return bool(new) and not any(s.state == "Ready" for s in new)
+    if not new or any(s.state == "Ready" for s in new):
+        return False
+    if any(s.state in SERVING for s in instances if not fits(s)):
+        return True  # its old instance serves beside the new one
+    return any(s.state != "Pending" or s.took_over for s in new)
 
 
 def replacing(replicas: dict[str, list[SliceState]], fits: Fits) -> list[str]:
     """The replicas whose instance with the current spec is not Ready (yet): loading, beside
-    the old instance or in its place, or Failed, Restarting or Pending. One that failed holds
-    its turn until it is fixed or the spec changes again, so the replicas still on the old
-    spec keep serving it."""
+    the old instance or in its place; Failed or Restarting; or Pending in the place of an old
+    instance that served. One that failed (or cannot be placed) holds its turn until it is
+    fixed or the spec changes again, so the replicas still on the old spec keep serving it. A
+    replica that is Pending and took no one's place (there was never room for it) holds
+    nothing: the update goes on without it."""
     return [rid for rid, instances in replicas.items() if _being_replaced(instances, fits)]
 
 

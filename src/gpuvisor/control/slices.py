@@ -97,6 +97,9 @@ class SliceState:
     retry_at: float | None = None
     replica_id: str = ""  # the replica this is an instance of ("": the same as ``id``)
     replaces: str | None = None  # the instance this one takes over from once it is Ready
+    # it took the place of an instance that served (no room beside it): until it is Ready, its
+    # replica is down for the update, which then waits rather than take another one down
+    took_over: bool = False
 
     def __post_init__(self) -> None:
         if not self.replica_id:
