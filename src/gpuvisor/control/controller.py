@@ -171,7 +171,8 @@ class Controller:
         self.moved: dict[str, str] = {}  # slice id -> why it was moved, for its next status
         self.resources: list[Resource] = []
         self._deployments: dict[tuple[str, str], Deployment] = {}
-        self._desired: dict[str, DesiredSlice] = {}  # replicas asked for, by replica id
+        # the replicas asked for, by (tenant, deployment), for the status of an update
+        self._desired: dict[tuple[str, str], list[DesiredSlice]] = {}
         # slices by (tenant, deployment): inference looks them up on every request
         self._by_deployment: dict[tuple[str, str], list[SliceState]] = {}
         self._lock = asyncio.Lock()
@@ -248,7 +249,9 @@ class Controller:
                 if isinstance(r, Deployment)
             }
             desired = {d.slice_id: d for d in desired_slices(resources, self.unloaded)}
-            self._desired = desired
+            self._desired = {}
+            for d in desired.values():
+                self._desired.setdefault((d.tenant, d.deployment.metadata.name), []).append(d)
             # a deleted or changed slice finishes what it has queued first (new requests
             # already go elsewhere or wait for its successor)
             await asyncio.gather(
@@ -375,8 +378,7 @@ class Controller:
 
     def rollout(self, tenant: str, deployment: str) -> Progress:
         """How far the deployment's rolling update has come (done when nothing is under way)."""
-        wanted = [d for d in self._desired.values() if d.tenant == tenant]
-        wanted = [d for d in wanted if d.deployment.metadata.name == deployment]
+        wanted = self._desired.get((tenant, deployment), [])
         replicas = by_replica(self.deployment_slices(tenant, deployment))
         if not wanted:
             return progress([], replicas, lambda s: False)
