@@ -790,8 +790,7 @@ class Controller:
             old.set_state("Stopping", why)
             log.info("slice %s %s", old.id, why, extra={"tenant": state.tenant})
             self._in_background(self._retire(old, why), f"retire-{old.id}")
-        siblings = self.deployment_slices(state.tenant, state.deployment)
-        if any(_IN_LINE in s.reason for s in siblings):
+        if self.rollout(state.tenant, state.deployment).waiting:
             # the next replica's turn (after the retirement above: the lock is first come,
             # first served, so the old instance's memory is free by then)
             self._in_background(self.reconcile(), f"rollout-{state.replica_id}")
