@@ -21,6 +21,7 @@ from gpuvisor.cli_options import (
     StateOpt,
     TenantOpt,
     UrlOpt,
+    count_option,
     fail,
     print_data,
     stdout_console,
@@ -501,18 +502,10 @@ def keys_revoke(
 
 @bench_app.command("overhead")
 def bench_overhead(
-    requests: Annotated[
-        int, typer.Option(metavar="N", min=1, help="requests per measured run")
-    ] = 4000,
-    threads: Annotated[
-        int, typer.Option(metavar="N", min=1, help="client threads (closed loop)")
-    ] = 8,
-    repeat: Annotated[
-        int, typer.Option(metavar="N", min=1, help="measured runs per system; medians are reported")
-    ] = 3,
-    warmup: Annotated[
-        int, typer.Option(metavar="N", min=0, help="warm-up requests per system")
-    ] = 400,
+    requests: Annotated[int, count_option("requests per measured run")] = 4000,
+    threads: Annotated[int, count_option("client threads (closed loop)")] = 8,
+    repeat: Annotated[int, count_option("measured runs per system; medians are reported")] = 3,
+    warmup: Annotated[int, count_option("warm-up requests per system", minimum=0)] = 400,
     output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path(
         "bench-results/overhead.json"
     ),
@@ -529,9 +522,7 @@ def bench_overhead(
     raise typer.Exit(code)
 
 
-RepeatOpt = Annotated[
-    int, typer.Option(metavar="N", min=1, help="measured runs; medians are reported")
-]
+RepeatOpt = Annotated[int, count_option("measured runs; medians are reported")]
 QuantumOpt = Annotated[
     float | None,
     typer.Option(help="the nodes' cpu.quantum in milliseconds (default: the node's default)"),
@@ -567,14 +558,10 @@ def bench_isolation(
         float | None,
         typer.Option(help="critical arrivals per second; overrides --load, skips calibration"),
     ] = None,
-    batch_concurrency: Annotated[
-        int, typer.Option(metavar="N", min=1, help="batch-tenant requests kept in flight")
-    ] = 8,
-    batch_rows: Annotated[
-        int, typer.Option(metavar="N", min=1, help="rows per batch-tenant request")
-    ] = 16,
+    batch_concurrency: Annotated[int, count_option("batch-tenant requests kept in flight")] = 8,
+    batch_rows: Annotated[int, count_option("rows per batch-tenant request")] = 16,
     batch_max_batch_size: Annotated[
-        int, typer.Option(metavar="N", min=1, help="the batch Deployment's maxBatchSize (rows)")
+        int, count_option("the batch Deployment's maxBatchSize (rows)")
     ] = 1,
     critical_share: Annotated[
         float,
@@ -586,16 +573,11 @@ def bench_isolation(
     lookahead_ms: LookaheadOpt = None,
     batch_nice: Annotated[
         int | None,
-        typer.Option(
-            metavar="N",
-            min=0,
-            max=19,
-            help="the node's workers.batchNice, 0 for none (default: the node's default)",
+        count_option(
+            "the node's workers.batchNice, 0 for none (default: the node's default)", 0, 19
         ),
     ] = None,
-    client_threads: Annotated[
-        int, typer.Option(metavar="N", min=1, help="connections of the open-loop client")
-    ] = 6,
+    client_threads: Annotated[int, count_option("connections of the open-loop client")] = 6,
     seed: Annotated[int, typer.Option(help="seed of the arrival schedule")] = 1,
     output: Annotated[Path, ResultsOpt] = Path("bench-results/isolation.json"),
 ) -> None:
@@ -639,9 +621,7 @@ def bench_fairness(
         ),
     ] = 5.0,
     repeat: RepeatOpt = 3,
-    concurrency: Annotated[
-        int, typer.Option(metavar="N", min=1, help="requests in flight per tenant")
-    ] = 8,
+    concurrency: Annotated[int, count_option("requests in flight per tenant")] = 8,
     fixed_share: Annotated[
         float,
         typer.Option(
@@ -686,9 +666,7 @@ def bench_batching(
         typer.Option(metavar="SECONDS", min=0.05, help="timed seconds per model, size and run"),
     ] = 0.3,
     repeat: RepeatOpt = 3,
-    threads: Annotated[
-        int, typer.Option(metavar="N", min=1, help="intra-op threads of the executor")
-    ] = 1,
+    threads: Annotated[int, count_option("intra-op threads of the executor")] = 1,
     output: Annotated[Path, ResultsOpt] = Path("bench-results/batching.json"),
 ) -> None:
     """Batching: rows/s of each demo model at batch sizes up to 16, against batch 1."""
@@ -710,12 +688,8 @@ def bench_batching(
 
 @bench_app.command("decisions")
 def bench_decisions(
-    slices: Annotated[
-        int, typer.Option(metavar="N", min=1, help="backlogged slices on the device")
-    ] = 100,
-    decisions: Annotated[
-        int, typer.Option(metavar="N", min=100, help="decisions timed per policy")
-    ] = 20000,
+    slices: Annotated[int, count_option("backlogged slices on the device")] = 100,
+    decisions: Annotated[int, count_option("decisions timed per policy", minimum=100)] = 20000,
     output: Annotated[Path, ResultsOpt] = Path("bench-results/decisions.json"),
 ) -> None:
     """Decision cost: the dispatcher's own time per decision (p50/p99 in microseconds) with

@@ -26,10 +26,18 @@ __all__ = [
     "StateOpt",
     "TenantOpt",
     "UrlOpt",
+    "count_option",
     "fail",
     "print_data",
     "stdout_console",
 ]
+
+
+def count_option(help: str, minimum: int = 1, maximum: int | None = None) -> Any:
+    """A whole-number option shown as ``N``, at least ``minimum`` (and at most ``maximum``):
+    use as ``Annotated[int, count_option("requests per run")] = 4000``."""
+    return typer.Option(metavar="N", min=minimum, max=maximum, help=help)
+
 
 UrlOpt = Annotated[
     str | None,

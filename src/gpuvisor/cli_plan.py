@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from gpuvisor.cli_options import fail, stdout_console
+from gpuvisor.cli_options import count_option, fail, stdout_console
 from gpuvisor.errors import ConfigError, GpuvisorError, SpecError
 from gpuvisor.units import format_size
 
@@ -289,27 +289,17 @@ def plan_command(
 
 
 def bench_placement(
-    gpus: Annotated[
-        int, typer.Option(metavar="N", min=1, help="simulated GPUs in the fleet")
-    ] = 1000,
-    mig_gpus: Annotated[
-        int, typer.Option(metavar="N", min=0, help="of which MIG-enabled (no layout yet)")
-    ] = 700,
-    slices: Annotated[
-        int, typer.Option(metavar="N", min=1, help="slices (replicas) to place")
-    ] = 10_000,
+    gpus: Annotated[int, count_option("simulated GPUs in the fleet")] = 1000,
+    mig_gpus: Annotated[int, count_option("of which MIG-enabled (no layout yet)", minimum=0)] = 700,
+    slices: Annotated[int, count_option("slices (replicas) to place")] = 10_000,
     partition_slices: Annotated[
         int,
-        typer.Option(metavar="N", min=0, help="of which partition-tier (one MIG instance each)"),
+        count_option("of which partition-tier (one MIG instance each)", minimum=0),
     ] = 2_000,
-    repeat: Annotated[
-        int, typer.Option(metavar="N", min=1, help="timed runs; medians are reported")
-    ] = 3,
+    repeat: Annotated[int, count_option("timed runs; medians are reported")] = 3,
     small: Annotated[
         int,
-        typer.Option(
-            metavar="N", min=1, help="small random demands solved exactly for the optimum"
-        ),
+        count_option("small random demands solved exactly for the optimum"),
     ] = 40,
     output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path(
         "bench-results/placement.json"

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import orjson
 from controllers import running_controller
 from onnx import TensorProto, helper, numpy_helper
+from onnx_models import rows_model
 
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.slices import Backoff, SliceState, file_stamp
@@ -121,20 +121,15 @@ def filler_model(elements: int) -> bytes:
     has the same size whatever ``elements`` is."""
     shape = numpy_helper.from_array(np.array([elements], dtype=np.int64), "shape")
     ones = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
-    graph = helper.make_graph(
+    return rows_model(
+        "filler",
         [
             helper.make_node("ConstantOfShape", ["shape"], ["filler"], value=ones),
             helper.make_node("ReduceSum", ["filler"], ["total"], keepdims=0),
             helper.make_node("Add", ["x", "total"], ["y"]),
         ],
-        "filler",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=[shape],
+        [shape],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def test_a_slice_that_ran_out_of_memory_is_loaded_again_later(

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
-import onnx
 import orjson
 import pytest
 from onnx import TensorProto, helper
+from onnx_models import adder_model, rows_model
 
 from gpuvisor.launch import NodeProcess
 from gpuvisor.runtime.tensors import json_infer_request
@@ -87,39 +87,22 @@ def looper_model() -> bytes:
         ],
         initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
     )
-    graph = helper.make_graph(
+    return rows_model(
+        "looper",
         [
             helper.make_node("ReduceMax", ["x"], ["most"], keepdims=0),
             helper.make_node("Cast", ["most"], ["trips"], to=TensorProto.INT64),
             helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body),
         ],
-        "looper",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=[helper.make_tensor("go", TensorProto.BOOL, [], [True])],
+        [helper.make_tensor("go", TensorProto.BOOL, [], [True])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-def adder_model() -> bytes:
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"])],
-        "adder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=[helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return model.SerializeToString()
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     root = tmp_path_factory.mktemp("hung-batch")
     (root / "looper.onnx").write_bytes(looper_model())
-    (root / "adder.onnx").write_bytes(adder_model())
+    (root / "adder.onnx").write_bytes(adder_model(1.0))
     config = root / "node.yaml"
     config.write_text(NODE_CONFIG)
     proc = NodeProcess(state_dir=root / "state", config=config, demo=False)

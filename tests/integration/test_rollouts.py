@@ -17,11 +17,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
 import orjson
 import pytest
 from controllers import apply_manifest, running_controller, settle
-from onnx import TensorProto, helper
+from onnx_models import adder_model
 from typer.testing import CliRunner
 
 from gpuvisor.cli import app
@@ -45,21 +44,6 @@ TENANT = "rollout"
 REPLICA = f"{TENANT}/adder/0"
 SUCCESSOR = f"{REPLICA}#2"
 X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
-
-
-def adder_model(constant: float) -> bytes:
-    """y = x + constant, for x of shape [N, 4]: each version answers differently."""
-    c = helper.make_tensor("c", TensorProto.FLOAT, [1], [constant])
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"])],
-        "adder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=[c],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def model_files(tmp_path: Path, *contents: bytes) -> list[Path]:

@@ -1,0 +1,33 @@
+"""Small ONNX models for the tests, built with onnx.helper: each maps x [N, 4] to y [N, 4]."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+from onnx import TensorProto, helper
+
+__all__ = ["adder_model", "rows_model"]
+
+
+def rows_model(
+    name: str, nodes: Sequence[onnx.NodeProto], initializers: Sequence[onnx.TensorProto] = ()
+) -> bytes:
+    """A checked model (opset 17) of ``nodes`` from input ``x`` to output ``y``, both FP32
+    [N, 4], serialized."""
+    graph = helper.make_graph(
+        list(nodes),
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=list(initializers),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def adder_model(constant: float) -> bytes:
+    """y = x + constant: versions built with different constants answer differently."""
+    c = helper.make_tensor("c", TensorProto.FLOAT, [1], [constant])
+    return rows_model("adder", [helper.make_node("Add", ["x", "c"], ["y"])], [c])
