@@ -6,22 +6,46 @@ no device has room for both, in its place). ``rollout.maxSurge`` bounds how many
 of one deployment are replaced at the same time; the others keep serving their old
 instance until their turn. A replacement that fails (or cannot be placed) holds its turn,
 so a broken version stops at the first replica instead of reaching them all.
+
+A move off a cordoned device works the same way: the instance there serves until its
+replacement, loaded elsewhere, is Ready. This module also says which instances to stop
+(``outdated``) and what the status of one that serves until its replacement reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gpuvisor.control.desired import DesiredSlice
 from gpuvisor.control.slices import SliceState
 
-__all__ = ["SERVING", "Progress", "progress", "replacing"]
+__all__ = [
+    "SERVING",
+    "Progress",
+    "ahead_of",
+    "by_replica",
+    "fits",
+    "handed_over",
+    "outdated",
+    "progress",
+    "replacing",
+    "serving_note",
+    "tells_of_replacement",
+    "waiting_note",
+]
 
 #: The states of an instance that serves, or will again once its worker is back: during a
 #: rolling update, such an instance with the old spec stays until its replacement is Ready.
 SERVING = ("Ready", "Restarting")
 
 Fits = Callable[[SliceState], bool]
+#: Why an instance must leave its device while it still works, or None (``moves.leaving``).
+Leaving = Callable[[SliceState], str | None]
+
+_OLD_SPEC = "serving the previous spec"
+_REPLACING = "its replacement "  # in the reason of an instance that serves until then
+_IN_LINE = "waiting for its turn"  # in the reason of one whose replacement has not started
 
 
 def by_replica(instances: Iterable[SliceState]) -> dict[str, list[SliceState]]:
@@ -107,3 +131,91 @@ def progress(
         if fits(s) and s.state in ("Failed", "Pending")
     }
     return Progress(len(replica_ids), ready, updated, busy, waiting, stalled)
+
+
+def fits(state: SliceState, want: DesiredSlice, leaving: Leaving) -> bool:
+    """Whether an instance is what its replica asks for: the current spec, on a device it
+    may stay on."""
+    return state.spec_hash == want.spec_hash and leaving(state) is None
+
+
+def handed_over(old: SliceState, new: SliceState) -> str:
+    """Why ``old`` stops now that ``new``, which replaces it, is Ready."""
+    if old.spec_hash == new.spec_hash:
+        return f"stopping: moved to {new.device_id} as {new.id}"
+    return f"stopping: replaced by {new.id}"
+
+
+def outdated(
+    instances: Iterable[SliceState], desired: Mapping[str, DesiredSlice], leaving: Leaving
+) -> list[tuple[str, str]]:
+    """Return the instances to stop now, with why: those of replicas no longer asked for;
+    and of the others, all but what the replica needs: an instance that fits (the current
+    spec, on a device it may stay on) and, until that one is Ready, one that serves the
+    old spec or from a cordoned device (a rolling update, or a move without a gap). A
+    spec that cannot be served (a missing profile, model or tenant) stops the old
+    instances at once."""
+    out: list[tuple[str, str]] = []
+    replicas: dict[str, list[SliceState]] = {}
+    for s in instances:
+        replicas.setdefault(s.replica_id, []).append(s)
+    for rid, group in replicas.items():
+        want = desired.get(rid)
+        if want is None:
+            out += [(s.id, "stopping: deleted, scaled down or unloaded") for s in group]
+            continue
+        fitting = [s for s in group if fits(s, want, leaving)]
+        fitting.sort(key=lambda s: s.state != "Ready")  # a Ready one first, else the oldest
+        keep = fitting[0] if fitting else None
+        if keep is not None:  # two that fit (a move undone by an uncordon): one stays
+            out += [(s.id, f"stopping: {keep.id} serves this replica") for s in fitting[1:]]
+        servable = not want.problem and want.model is not None and want.profile is not None
+        serving = False
+        for s in group:
+            if s in fitting:
+                continue
+            why = leaving(s) if s.spec_hash == want.spec_hash else None
+            if keep is not None and keep.state == "Ready":
+                out.append((s.id, handed_over(s, keep)))
+            elif not serving and s.state in SERVING and servable:
+                serving = True
+            else:
+                out.append((s.id, f"moving: {why}" if why else "stopping: spec changed"))
+    return out
+
+
+def ahead_of(
+    want: DesiredSlice, deployment_instances: Iterable[SliceState], leaving: Leaving
+) -> list[str]:
+    """The other replicas of ``want``'s deployment (of whose ``deployment_instances``) whose
+    replacement is under way, when they are as many as its ``rollout.maxSurge`` (``want``
+    waits for its turn); else []."""
+    siblings = by_replica(s for s in deployment_instances if s.replica_id != want.slice_id)
+    busy = replacing(siblings, lambda s: fits(s, want, leaving))
+    return busy if len(busy) >= want.deployment.spec.rollout.max_surge else []
+
+
+def _serving(leaving: str | None) -> str:
+    return f"{leaving}: serving" if leaving else _OLD_SPEC
+
+
+def waiting_note(leaving: str | None, ahead: Sequence[str], max_surge: int) -> str:
+    """The reason of an instance that serves (the old spec, or from a cordoned device:
+    ``leaving``) while its replica waits for its turn behind the replicas ``ahead``."""
+    return (
+        f"{_serving(leaving)}: {_IN_LINE} ({', '.join(ahead)} first; rollout.maxSurge: {max_surge})"
+    )
+
+
+def serving_note(leaving: str | None, replacement: SliceState) -> str:
+    """The reason of an instance that serves (the old spec, or from a cordoned device:
+    ``leaving``) until ``replacement`` is Ready, or after it failed."""
+    if replacement.state == "Failed":
+        return f"{_serving(leaving)}: its replacement {replacement.id} failed"
+    return f"{_serving(leaving)} until its replacement {replacement.id} is Ready"
+
+
+def tells_of_replacement(reason: str) -> bool:
+    """Whether a reason is one of ``waiting_note`` or ``serving_note``: it tells of a
+    replacement, which is stale once nothing replaces the instance any more."""
+    return _REPLACING in reason or _IN_LINE in reason

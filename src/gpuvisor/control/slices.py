@@ -19,7 +19,14 @@ from gpuvisor.runtime.pool import SliceLaunch, WorkerPool
 from gpuvisor.telemetry.metrics import Metrics
 from gpuvisor.units import format_size
 
-__all__ = ["Backoff", "SliceState", "SliceSupervisor", "file_stamp"]
+__all__ = [
+    "Backoff",
+    "SliceState",
+    "SliceSupervisor",
+    "file_stamp",
+    "memory_retry_due",
+    "model_file_changed",
+]
 
 log = logging.getLogger("gpuvisor.control")
 
@@ -323,3 +330,39 @@ class SliceSupervisor:
         labels = (s.device_id or "", s.tenant, s.deployment, s.id)
         self.metrics.slice_memory_limit.labels(*labels).set(s.memory)
         self.metrics.slice_memory_used.labels(*labels).set(loaded.rss_bytes)
+
+
+def model_file_changed(state: SliceState, supervisor: SliceSupervisor | None) -> bool:
+    """Whether a slice that Failed for its model should be loaded again: its model file was
+    replaced, rewritten or created since the attempt that failed. ``supervisor``: the
+    slice's, if it still has one."""
+    if state.state != "Failed" or not state.failed_on_model or state.launch is None:
+        return False
+    if supervisor is not None and supervisor.task is not None and not supervisor.task.done():
+        return False  # still giving back what it held
+    if file_stamp(state.launch.path) == state.failed_model_stamp:
+        return False
+    log.info(
+        "slice %s: its model file %s changed; loading it again",
+        state.id,
+        state.launch.path,
+        extra={"tenant": state.tenant},
+    )
+    return True
+
+
+def memory_retry_due(state: SliceState, supervisor: SliceSupervisor | None) -> bool:
+    """Whether a slice whose model ran out of memory while loading is due to be loaded
+    again (others may have given memory back since). ``supervisor``: the slice's, if it
+    still has one."""
+    if state.state != "Failed" or state.retry_at is None or time.monotonic() < state.retry_at:
+        return False
+    if supervisor is not None and supervisor.task is not None and not supervisor.task.done():
+        return False
+    log.info(
+        "slice %s: loading it again after running out of memory (%d time(s) in a row)",
+        state.id,
+        state.memory_failures,
+        extra={"tenant": state.tenant},
+    )
+    return True

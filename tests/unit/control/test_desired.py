@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpuvisor.control.controller import desired_slices
+from gpuvisor.control.desired import desired_slices
 from gpuvisor.spec.loader import load_documents
 
 MANIFEST = """
