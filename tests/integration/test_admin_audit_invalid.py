@@ -1,6 +1,8 @@
-"""Writes to the admin API refused for their body or parameters, on a real node: each answers
-a 400 that says what was wrong, and is on record under the key that sent it; without a valid
-key it is answered (and recorded) as the missing key it is; the node serves on."""
+"""Writes to the admin API refused for their body or parameters, on a real node: from a key
+that may make the write, each answers a 400 that says what was wrong, and is on record under
+that key and the route's action; from a key that may not (a tenant key creating keys or
+cordoning), a 403 whatever the body, on record as the refused action; without a valid key it
+is answered (and recorded) as the missing key it is; the node serves on."""
 
 from __future__ import annotations
 
@@ -76,23 +78,40 @@ class Refused:
 
     @property
     def status(self) -> int:
-        """401 where no valid key was sent: then the key is what is wrong, whatever the body."""
-        return 400 if self.holder in ("admin", "operator", "tenant") else 401
+        """401 where no valid key was sent, 403 from a tenant key (which may neither create keys
+        nor cordon): then the key is what is wrong, whatever the body."""
+        return {"admin": 400, "operator": 400, "tenant": 403}.get(self.holder, 401)
 
 
 NOT_JSON = {"content": b'{"role": "operator",', "headers": {"Content-Type": "application/json"}}
 KEYS = "/api/v1/keys"
 CORDON = "/api/v1/devices/cpu-0/cordon"
 DRAIN = "/api/v1/devices/cpu-0/drain?timeout=-1"
+FORBIDDEN_KEYS = "may not create API keys (this asked for a key)"
+FORBIDDEN_CORDON = "a tenant key may not cordon or drain devices"
+BAD_REASON = {"json": {"reason": 5}}
 REFUSED = [
-    Refused("admin key, not JSON", "admin", KEYS, NOT_JSON, "not valid JSON", "request"),
+    Refused("admin key, not JSON", "admin", KEYS, NOT_JSON, "not valid JSON", "key.create"),
     Refused("admin, bad role", "admin", KEYS, {"json": {"role": "boss"}}, "role: ", "key.create"),
-    Refused("tenant key, not JSON", "tenant", KEYS, NOT_JSON, "not valid JSON", "request"),
-    Refused("cordon, not JSON", "operator", CORDON, NOT_JSON, "not valid JSON", "request"),
+    Refused("tenant key, not JSON", "tenant", KEYS, NOT_JSON, FORBIDDEN_KEYS, "key.create"),
+    Refused("cordon, not JSON", "operator", CORDON, NOT_JSON, "not valid JSON", "device.cordon"),
+    Refused("cordon, bad reason", "operator", CORDON, BAD_REASON, "reason: ", "device.cordon"),
+    Refused("admin cordon, bad reason", "admin", CORDON, BAD_REASON, "reason: ", "device.cordon"),
     Refused(
-        "cordon, bad reason", "operator", CORDON, {"json": {"reason": 5}}, "reason: ", "request"
+        "tenant cordon, not JSON", "tenant", CORDON, NOT_JSON, FORBIDDEN_CORDON, "device.cordon"
     ),
-    Refused("drain, bad timeout", "operator", DRAIN, {}, "timeout: ", "request"),
+    Refused(
+        "tenant cordon, bad reason", "tenant", CORDON, BAD_REASON, FORBIDDEN_CORDON, "device.cordon"
+    ),
+    Refused("drain, bad timeout", "operator", DRAIN, {}, "timeout: ", "device.cordon"),
+    Refused(
+        "tenant drain, not JSON, bad timeout",
+        "tenant",
+        DRAIN,
+        NOT_JSON,
+        FORBIDDEN_CORDON,
+        "device.cordon",
+    ),
     Refused("no key, not JSON", "nobody", KEYS, NOT_JSON, "no API key", "authenticate"),
     Refused(
         "unknown key, not JSON", "unknown", CORDON, NOT_JSON, "unknown API key", "authenticate"
@@ -115,10 +134,13 @@ def test_a_write_refused_for_its_input_is_on_record_with_who_sent_it(
     result = "failed" if refused.status == 400 else "denied"
     assert (record["action"], record["result"]) == (refused.action, result)
     assert record["reason"] == f"{refused.status} {error}"
-    endpoint = f"POST {refused.path.partition('?')[0]}"
-    named = ("ApiKey", "") if refused.action == "key.create" else ("endpoint", endpoint)
+    named = {
+        "key.create": ("ApiKey", ""),
+        "device.cordon": ("Device", "cpu-0"),
+        "authenticate": ("endpoint", f"POST {refused.path.partition('?')[0]}"),
+    }[refused.action]
     assert (record["object_kind"], record["object_name"]) == named
-    if refused.status == 400:  # who sent it: the key's id, role and tenant
+    if refused.status != 401:  # who sent it: the key's id, role and tenant
         tenant = "support" if refused.holder == "tenant" else ""
         who = (_id(keys[refused.holder]), refused.holder, tenant)
         assert (record["actor"], record["role"], record["tenant"]) == who
@@ -170,6 +192,8 @@ def test_the_node_serves_on_after_refused_writes(
     assert httpx.get(f"{demo_node.url}/v2/health/ready", timeout=30).status_code == 200
     status = httpx.get(f"{demo_node.url}/api/v1/status", headers=admin, timeout=30)
     assert status.status_code == 200 and status.json()["ready"] is True
+    devices = httpx.get(f"{demo_node.url}/api/v1/devices", headers=admin, timeout=30).json()
+    assert [d["cordoned"] for d in devices["items"] if d["id"] == "cpu-0"] == [False]
     created = httpx.post(
         f"{demo_node.url}{KEYS}",
         headers=admin,

@@ -14,9 +14,11 @@ from starlette.types import Receive, Scope, Send
 from gpuvisor import __version__
 from gpuvisor.api.admin import admin_router
 from gpuvisor.api.audit import audited_error_handler, audited_unexpected_handler
+from gpuvisor.api.audit_log import audit_log_router
 from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.devices import devices_router
 from gpuvisor.api.errors import ErrorBody, error_responses, install_error_handlers
+from gpuvisor.api.keys import keys_router
 from gpuvisor.api.oip import inference_target, oip_router, serve_inference
 from gpuvisor.errors import GpuvisorError
 from gpuvisor.node import Node
@@ -115,7 +117,9 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     app.include_router(oip_router(node))
     app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it
     app.include_router(devices_router(node))
-    app.include_router(admin_router(node))
+    app.include_router(keys_router(node))
+    app.include_router(audit_log_router(node))
+    app.include_router(admin_router(node))  # last: /api/v1/{plural} would take /keys, /audit
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -1,7 +1,9 @@
 """Audit records for the HTTP API: every mutation, every refused key or role, and every write
 refused for its input, with the request id the node logs. Routes name what they are about to
 do (``begin``) and hand the Store the records of their success (``recorder``), which it commits
-with the change; refusals are recorded by the error handler (``record_refusal``)."""
+with the change; refusals are recorded by the error handler (``record_refusal``). A write route
+whose body FastAPI reads names its key check (``checks_key_with``), which the error handler runs
+on a body or parameter FastAPI refused before the route ran."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 from fastapi import Request
 from starlette.responses import Response
@@ -25,9 +29,11 @@ from gpuvisor.store.audit import AuditEvent, AuditResult
 
 __all__ = [
     "AuditTarget",
+    "KeyCheck",
     "audited_error_handler",
     "audited_unexpected_handler",
     "begin",
+    "checks_key_with",
     "record_ok",
     "record_refusal",
     "recorder",
@@ -40,6 +46,31 @@ _READS = ("GET", "HEAD", "OPTIONS")
 # A refusal's message can quote what the caller sent (a name, a path): its record keeps enough
 # to tell what was wrong, and the log stays readable.
 _MAX_REASON = 1000
+
+
+KeyCheck = Callable[[Request], Awaitable[Principal]]
+"""A write route's check of the key behind a request: authenticate it, name the action
+(``begin``), and raise Forbidden for a role that may not make the request; return the caller."""
+
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+_KEY_CHECKS: WeakKeyDictionary[Callable[..., Any], KeyCheck] = WeakKeyDictionary()
+
+
+def checks_key_with(check: KeyCheck) -> Callable[[_Endpoint], _Endpoint]:
+    """Return a decorator (put it under the route's ``@router.post``) marking a write route's
+    endpoint as checking its key with ``check`` before its input.
+
+    FastAPI decodes and validates a body and parameters before the route and its dependencies
+    run. A request it refuses so is checked with ``check`` first (by ``audited_error_handler``):
+    a key that may not write is refused as such (401, 403) whatever its input, and an input
+    refused from a key that may is on record under the route's action, not as ``request``.
+    """
+
+    def mark(endpoint: _Endpoint) -> _Endpoint:
+        _KEY_CHECKS[endpoint] = check
+        return endpoint
+
+    return mark
 
 
 @dataclass(frozen=True)
@@ -150,10 +181,21 @@ def _clipped(reason: str) -> str:
     return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
 
 
-def _key_refusal(node: Node, request: Request) -> Unauthenticated | None:
+async def _key_refusal(node: Node, request: Request) -> GpuvisorError | None:
     """Check the key of a write refused for its input before its route checked it (FastAPI
-    reads a JSON body first): return its refusal, or None with the caller kept on the request
-    for the record. A write without a valid key is refused for that, whatever its body."""
+    reads the body and parameters first): with the route's own check where it names one and
+    has not run (``checks_key_with``), else by authenticating it. Return the key's refusal, or
+    None with the caller (and the route's action) kept on the request for the record. A write
+    from a key that may not make it is refused for that, whatever its input."""
+    route = request.scope.get("route")
+    endpoint = getattr(route, "endpoint", None)
+    check = _KEY_CHECKS.get(endpoint) if callable(endpoint) else None
+    if check is not None and getattr(request.state, "audit", None) is None:
+        try:
+            await check(request)
+        except GpuvisorError as refused:
+            return refused
+        return None
     if getattr(request.state, "principal", None) is not None:
         return None
     headers = request.headers
@@ -193,7 +235,7 @@ def audited_error_handler(node: Node) -> Callable[[Request, Exception], Awaitabl
     async def handle(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GpuvisorError)
         if _is_refused_write(request, exc):
-            exc = _key_refusal(node, request) or exc
+            exc = await _key_refusal(node, request) or exc
         await record_refusal(node, request, exc)
         return gpuvisor_error_response(request, exc)
 

@@ -83,13 +83,24 @@ def devices_router(node: Node) -> APIRouter:
             await asyncio.sleep(0.1)
         return [s.to_dict() for rid in replica_ids for s in controller().instances(rid)]
 
+    def operator_key(request: Request, action: str, device_id: str) -> Principal:
+        """The admin or operator key behind ``action`` on the device, with the action named
+        for the audit log; a tenant key is refused (403)."""
+        principal = principal_of(node, request)
+        audit.begin(request, action, "Device", device_id)
+        _require_operator(principal)
+        return principal
+
+    async def cordoning_key(request: Request) -> Principal:
+        """The key behind a cordon or drain, checked before FastAPI's refusal of its body or
+        parameters is answered (``audit.checks_key_with``)."""
+        return operator_key(request, "device.cordon", request.path_params["device_id"])
+
     async def set_cordon(
         request: Request, device_id: str, cordon: bool, reason: str, wait: float
     ) -> dict[str, Any]:
-        principal = principal_of(node, request)
         action = "device.cordon" if cordon else "device.uncordon"
-        audit.begin(request, action, "Device", device_id)
-        _require_operator(principal)
+        principal = operator_key(request, action, device_id)
         known(device_id)
         before = on_device(device_id)
         store = node.store
@@ -117,6 +128,7 @@ def devices_router(node: Node) -> APIRouter:
         response_model=DeviceAction,
         summary="Cordon a device: no new slices; its slices move elsewhere now",
     )
+    @audit.checks_key_with(cordoning_key)
     async def cordon(
         request: Request, device_id: str, body: CordonRequest | None = None
     ) -> dict[str, Any]:
@@ -127,6 +139,7 @@ def devices_router(node: Node) -> APIRouter:
         response_model=DeviceAction,
         summary="Cordon a device and wait until its slices run elsewhere (or are Pending)",
     )
+    @audit.checks_key_with(cordoning_key)
     async def drain(
         request: Request,
         device_id: str,
