@@ -39,6 +39,8 @@ class NodeProcess:
     """A database URL (``--db``); None uses SQLite in the state directory."""
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    """More `gpuvisor up` options (``["--log-format", "json"]``)."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +68,7 @@ class NodeProcess:
             cmd += ["--config", str(self.config)]
         if self.db is not None:
             cmd += ["--db", self.db]
+        cmd += self.extra_args
         log_path = self.log_path or (self.state_dir / "node.log")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it

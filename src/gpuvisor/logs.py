@@ -1,5 +1,8 @@
 """Structured logging: one line per event with time, level, component, message and the
-tenant / request id when the event concerns one (``extra={"tenant": ..., "request_id": ...}``)."""
+tenant / request id when the event concerns one (``extra={"tenant": ..., "request_id": ...}``).
+
+Workers log in the node's format and at its level (``worker_log_environment``), each line
+naming its worker (``worker=w1-4242``), so one log shipper reads the node and its workers."""
 
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ from typing import TextIO
 
 import orjson
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "configure_worker_logging", "worker_log_environment"]
 
-_CONTEXT_FIELDS = ("tenant", "request_id", "deployment", "slice")
+_CONTEXT_FIELDS = ("tenant", "request_id", "deployment", "slice", "worker")
+_LEVEL_VAR, _FORMAT_VAR = "GPUVISOR_LOG_LEVEL", "GPUVISOR_LOG_FORMAT"
+_FORMATS = ("text", "json")
+_settings = {_LEVEL_VAR: "INFO", _FORMAT_VAR: "text"}
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -64,12 +70,48 @@ class _Stderr(logging.StreamHandler[TextIO]):
         pass
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Send gpuvisor's logs to stderr as key=value text or JSON lines."""
+class _Fields(logging.Filter):
+    """Adds fixed context fields (a worker's id) to every record that does not set them."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self.fields.items():
+            if not getattr(record, name, None):
+                setattr(record, name, value)
+        return True
+
+
+def configure_logging(
+    level: str = "INFO", fmt: str = "text", fields: dict[str, str] | None = None
+) -> None:
+    """Send gpuvisor's logs to stderr as key=value text or JSON lines; ``fields`` are added
+    to every line (a worker's id)."""
     handler = _Stderr()
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    if fields:
+        handler.addFilter(_Fields(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    _settings.update({_LEVEL_VAR: level.upper(), _FORMAT_VAR: fmt})
     for noisy in ("uvicorn.access", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def worker_log_environment() -> dict[str, str]:
+    """The environment variables that give a worker process this process's log level and
+    format (``configure_worker_logging`` reads them)."""
+    return dict(_settings)
+
+
+def configure_worker_logging(worker_id: str, environ: dict[str, str]) -> None:
+    """Log as the node that started this worker does, naming the worker on every line."""
+    fmt = environ.get(_FORMAT_VAR, "text")
+    configure_logging(
+        environ.get(_LEVEL_VAR, "INFO"),
+        fmt if fmt in _FORMATS else "text",
+        {"worker": worker_id},
+    )

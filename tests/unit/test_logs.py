@@ -10,16 +10,19 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from gpuvisor.logs import configure_logging
+from gpuvisor import logs
+from gpuvisor.logs import configure_logging, configure_worker_logging, worker_log_environment
 
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level, stderr = root.handlers[:], root.level, sys.stderr
+    settings = worker_log_environment()
     try:
         yield
     finally:
+        logs._settings.update(settings)
         sys.stderr = stderr
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -57,3 +60,27 @@ def test_json_lines_carry_the_tenant_and_request_id(restore_logging: None) -> No
         "support",
         "r-1",
     )
+
+
+def test_a_worker_logs_in_the_format_and_at_the_level_of_its_node(restore_logging: None) -> None:
+    configure_logging("warning", "json")
+    environ = worker_log_environment()
+    assert environ == {"GPUVISOR_LOG_LEVEL": "WARNING", "GPUVISOR_LOG_FORMAT": "json"}
+    out = io.StringIO()
+    sys.stderr = out
+    configure_worker_logging("w3-4242", environ)
+    log = logging.getLogger("gpuvisor.worker")
+    log.info("not at the node's level")
+    log.warning("slice %s failed to load", "retail/sku-lookup/0", extra={"tenant": "retail"})
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["level"], x["message"], x["worker"], x["tenant"]) for x in lines] == [
+        ("WARNING", "slice retail/sku-lookup/0 failed to load", "w3-4242", "retail")
+    ]
+
+
+def test_a_worker_given_an_unknown_format_logs_text(restore_logging: None) -> None:
+    out = io.StringIO()
+    sys.stderr = out
+    configure_worker_logging("w1-7", {"GPUVISOR_LOG_FORMAT": "xml"})
+    logging.getLogger("gpuvisor.worker").info("ready")
+    assert out.getvalue().endswith("INFO gpuvisor.worker ready worker=w1-7\n")

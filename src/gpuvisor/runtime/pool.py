@@ -32,6 +32,7 @@ from gpuvisor.errors import (
     WorkerCrashed,
     error_from_code,
 )
+from gpuvisor.logs import worker_log_environment
 from gpuvisor.runtime import protocol as p
 
 __all__ = ["SliceLaunch", "WorkerPool", "WorkerProcess"]
@@ -309,7 +310,7 @@ class WorkerPool:
 
     async def _spawn(self, key: str, tenant: str, threads: int | None) -> WorkerProcess:
         worker_id = f"w{next(self._ids)}-{os.getpid()}"
-        env = dict(os.environ)
+        env = {**os.environ, **worker_log_environment()}  # logs as the node does
         handoff_path = str(self.runtime_dir / f"{worker_id}.go")
         if threads:
             # Keep math libraries inside the worker's thread budget.

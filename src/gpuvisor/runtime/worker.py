@@ -29,6 +29,7 @@ import psutil
 import zmq
 
 from gpuvisor.errors import GpuvisorError
+from gpuvisor.logs import configure_worker_logging
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.execution import LoadedSlice, profile_batches, run_requests
 from gpuvisor.runtime.executors.base import ExecutorDevice, load_executor, verify_sha256
@@ -426,11 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C reaches the node, which stops workers in order
-    logging.basicConfig(
-        level=os.environ.get("GPUVISOR_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s %(levelname)s worker={args.worker_id} %(message)s",
-        stream=sys.stderr,
-    )
+    configure_worker_logging(args.worker_id, dict(os.environ))
     worker = Worker(args.endpoint, args.worker_id, args.handoff)
     try:
         worker.serve()
