@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -404,15 +405,21 @@ def status(
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
-    output: OutputOpt = OutputFormat.yaml,
+    output: OutputOpt = OutputFormat.table,
 ) -> None:
-    """Show whether the node is ready and how many slices are in each state."""
+    """Show whether the node is ready, since when, and how many slices are in each state
+    (`-o yaml` or `-o json`: the API's answer as it is)."""
     client = _client(url, key, state)
     try:
         data = client.request("GET", "/api/v1/status")
     except GpuvisorError as exc:
         fail(exc)
-    print_data(data, OutputFormat.yaml if output == OutputFormat.table else output)
+    if output != OutputFormat.table:
+        print_data(data, output)
+        return
+    from gpuvisor.cli_tables import render_status
+
+    stdout_console().print(render_status(data, client.url, time.time()), highlight=False)
 
 
 @app.command()

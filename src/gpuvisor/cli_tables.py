@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from gpuvisor.units import format_size
+from gpuvisor.units import format_duration, format_size
 
-__all__ = ["describe_deployment", "render_table"]
+__all__ = ["describe_deployment", "render_status", "render_table"]
 
 
 def _spec(item: dict[str, Any], *path: str) -> Any:
@@ -112,21 +113,78 @@ def _device_status(item: dict[str, Any]) -> str:
     return "ok"
 
 
+def _seconds(value: Any) -> str:
+    """A duration from the API (seconds) as the manifests write it, to 3 significant digits:
+    ``0.1`` → ``100ms``, ``2.7952e-05`` → ``28us``."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    return "0" if value == 0 else format_duration(float(f"{value:.3g}"))
+
+
+def _utc(epoch: Any) -> str:
+    if not isinstance(epoch, (int, float)) or epoch <= 0:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _slice_lines(sl: dict[str, Any]) -> list[str]:
+    """A slice of a described deployment: where it runs, then what it is given and how it
+    does, then why it is not Ready (or, for one that fits nowhere, why on every device)."""
+    where = sl.get("device") or "-"
+    if sl.get("migInstance"):
+        where += f" (MIG {sl['migInstance']})"
+    lines = [f"  {sl['id']}  {sl['state']}  on {where}  pid {sl.get('pid') or '-'}"]
+    unplaced = sl.get("unplacedReasons") or {}
+    if unplaced:
+        lines.append("    cannot be placed:")
+        lines.extend(f"      {device}: {why}" for device, why in sorted(unplaced.items()))
+    elif sl.get("reason"):
+        lines.append(f"    {sl['reason']}")
+    lines.append(
+        f"    given: {sl.get('latencyClass', '-')} class, computeShare "
+        f"{sl.get('computeShare', '-')}, memory {_size(sl.get('memory'))}, "
+        f"{sl.get('isolation', '-')} isolation"
+    )
+    lines.append(
+        f"    since {_utc(sl.get('since'))}: {sl.get('restarts', 0)} restart(s), "
+        f"{sl.get('queued', 0)} queued"
+        + (f", worker RSS {_size(sl['rssBytes'])}" if sl.get("rssBytes") else "")
+    )
+    measured = sl.get("profileSeconds") or {}
+    if measured:
+        per_batch = ", ".join(
+            f"{size} → {_seconds(seconds)}"
+            for size, seconds in sorted(measured.items(), key=lambda kv: int(kv[0]))
+        )
+        lines.append(f"    time per batch: {per_batch}")
+    return lines
+
+
 def describe_deployment(body: dict[str, Any]) -> str:
-    """Return a deployment as an operator reads it: what it asks for, then each slice's
-    device, state and why, with one line per device for a slice that fits nowhere."""
+    """Return a deployment as an operator reads it: what it asks for, how far an update has
+    come, then each slice's device, state and why, what it is given and what its batches
+    cost, with one line per device for a slice that fits nowhere."""
     meta, spec, status = body["metadata"], body.get("spec", {}), body.get("status", {})
     placement = spec.get("placement", {})
     batching = spec.get("batching", {})
+    latency = (spec.get("slo") or {}).get("latency")
+    replicas = spec.get("replicas")
+    updated = status.get("updatedReplicas")
+    rollout = f"maxSurge {(spec.get('rollout') or {}).get('maxSurge', 1)}"
+    if status.get("rollout"):
+        rollout += f"; {status['rollout']}"
     lines = [
         f"Name:        {meta['name']}",
         f"Tenant:      {meta.get('tenant') or '-'}",
         f"Model:       {spec.get('model')}",
         f"Profile:     {spec.get('profile')}",
         f"Pool:        {spec.get('pool')}",
-        f"Replicas:    {status.get('readyReplicas', 0)} ready of {spec.get('replicas')}",
+        f"Replicas:    {status.get('readyReplicas', 0)} ready of {replicas}"
+        + (f", {updated} updated" if updated is not None and updated != replicas else ""),
+        f"Rollout:     {rollout}",
         f"Batching:    maxBatchSize {batching.get('maxBatchSize')}, "
-        f"maxQueueDelay {batching.get('maxQueueDelay')}",
+        f"maxQueueDelay {_seconds(batching.get('maxQueueDelay'))}",
+        f"SLO:         latency {_seconds(latency)}" if latency else "SLO:         none",
         f"Placement:   numa {placement.get('numa', 'any')}, "
         f"antiAffinity {str(placement.get('antiAffinity', False)).lower()}, "
         f"disallowMigration {str(placement.get('disallowMigration', False)).lower()}",
@@ -138,17 +196,42 @@ def describe_deployment(body: dict[str, Any]) -> str:
     if not slices:
         lines.append("  (none)")
     for sl in slices:
-        where = sl.get("device") or "-"
-        if sl.get("migInstance"):
-            where += f" (MIG {sl['migInstance']})"
-        lines.append(f"  {sl['id']}  {sl['state']}  on {where}  pid {sl.get('pid') or '-'}")
-        unplaced = sl.get("unplacedReasons") or {}
-        if unplaced:
-            lines.append("    cannot be placed:")
-            lines.extend(f"      {device}: {why}" for device, why in sorted(unplaced.items()))
-        elif sl.get("reason"):
-            lines.append(f"    {sl['reason']}")
+        lines.extend(_slice_lines(sl))
     return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    """``3m 12s``, ``2h 5m``, ``4d 3h``: how long, to the two largest units."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    while len(parts) > 1 and parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{n}{unit}" for n, unit in parts[:2])
+
+
+def render_status(data: dict[str, Any], url: str, now: float) -> str:
+    """The node's summary as `gpuvisor status` prints it: whether it is ready, since when,
+    its devices, its slices by state (those in sight of the key) and whose key asked."""
+    started = data.get("startedAt")
+    since = "-"
+    if isinstance(started, (int, float)) and started > 0:
+        since = f"{_utc(started)} (up {_age(now - started)})"
+    slices = data.get("slices") or {}
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(slices.items())) or "none"
+    principal = data.get("principal") or {}
+    role, tenant = principal.get("role") or "-", principal.get("tenant")
+    return "\n".join(
+        [
+            f"node:     {url}  {'ready' if data.get('ready') else 'not ready'}",
+            f"started:  {since}",
+            f"devices:  {data.get('devices', 0)}",
+            f"slices:   {counts}",
+            f"key:      {role} key" + (f" of tenant '{tenant}'" if tenant else ""),
+        ]
+    )
 
 
 def render_table(kind: str, items: list[dict[str, Any]]) -> Table:

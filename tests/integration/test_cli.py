@@ -30,6 +30,13 @@ def test_get_lists_what_the_node_serves(env: dict[str, str]) -> None:
     assert described.exit_code == 0, described.output
     assert "Replicas:    1 ready of 1" in described.output
     assert "retail/shelf-detector/0  Ready  on cpu-0" in described.output
+    # the demo's critical profile, and the execution profile measured at load
+    assert "given: critical class, computeShare 0.25, memory 512Mi" in described.output
+    assert "time per batch: 1 → " in described.output
+    status = runner.invoke(app, ["status"], env=env)
+    assert status.exit_code == 0, status.output
+    assert "ready" in status.output.splitlines()[0]
+    assert "slices:   4 Ready" in status.output and "key:      admin key" in status.output
 
 
 def test_get_one_device_or_slice_by_its_id(env: dict[str, str]) -> None:
