@@ -29,7 +29,7 @@ up: install  ## install, then start the demo node on 127.0.0.1:8700 (Ctrl-C stop
 test: install-test  ## install the test dependencies and run the default test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-all: install-test  ## also the slow suites
+test-all: install-test  ## also the suites marked slow (none today)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 lint:  ## ruff lint and format check
