@@ -24,6 +24,9 @@ from gpuvisor.cli_options import (
 from gpuvisor.errors import ConfigError, GpuvisorError
 from gpuvisor.units import parse_duration
 
+# gpuvisor.store.audit.NODE_ROLE, written out: the CLI starts without the store
+_NODE_ROLE = "node"
+
 __all__ = ["audit_app", "parse_time", "verify_command"]
 
 err_console = Console(stderr=True)
@@ -112,7 +115,7 @@ def list_command(
         cells = (
             str(r["seq"]),
             r["at"][:19] + "Z",
-            f"gvk_{r['actor']}" if r["actor"] else "-",
+            f"gvk_{r['actor']}" if r["actor"] else ("node" if r["role"] == _NODE_ROLE else "-"),
             r["role"] or "-",
             r["tenant"] or "-",
             r["action"],

@@ -170,6 +170,14 @@ def test_mutations_and_refusals_are_recorded_and_verified(demo_node: NodeProcess
     listed = runner.invoke(app, ["audit", "list", "--result", "denied", "--since", "1h"], env=env)
     assert listed.exit_code == 0, listed.output
     assert "Deployment/shelf-detector" in listed.output and "authenticate" in listed.output
+    # what the node did on its own is told apart from a caller without a key
+    first = runner.invoke(
+        app, ["audit", "list", "--action", "key.create", "--limit", "1000"], env=env
+    )
+    bootstrap = [line for line in first.output.splitlines() if "bootstrap admin key" in line]
+    assert len(bootstrap) == 1 and bootstrap[0].split()[2:4] == ["node", "node"], bootstrap
+    unknown = [line for line in listed.output.splitlines() if "unknown API key" in line]
+    assert unknown and all(line.split()[2:4] == ["-", "-"] for line in unknown), unknown
 
     state = ["--state", str(demo_node.state_dir)]
     intact = runner.invoke(app, ["audit", "verify", *state])

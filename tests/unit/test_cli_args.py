@@ -149,3 +149,10 @@ def test_a_server_that_is_not_a_node_is_named() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_cli_names_the_nodes_own_audit_role_as_the_store_does() -> None:
+    from gpuvisor import cli_audit
+    from gpuvisor.store.audit import NODE_ROLE
+
+    assert cli_audit._NODE_ROLE == NODE_ROLE

@@ -17,7 +17,7 @@ from gpuvisor.spec.loader import (
     resource_from_dict,
     resource_to_dict,
 )
-from gpuvisor.store.audit import AuditEvent
+from gpuvisor.store.audit import NODE_ROLE, AuditEvent
 from gpuvisor.store.repo import Store, StoredObject
 
 __all__ = ["DemoState", "prepare_demo"]
@@ -64,6 +64,7 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
             AuditEvent(
                 action="apply",
                 result="ok",
+                role=NODE_ROLE,
                 tenant=o.tenant,
                 object_kind=o.kind,
                 object_name=o.name,

@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 from gpuvisor import errors
 from gpuvisor.security.admin_key import ADMIN_KEY_FILE, admin_key_path, read_admin_key
-from gpuvisor.store.audit import AuditEvent
+from gpuvisor.store.audit import NODE_ROLE, AuditEvent
 from gpuvisor.store.repo import RevokedKey, Store, StoredKey
 
 __all__ = [
@@ -369,6 +369,7 @@ def node_made_key_record(info: KeyInfo, reason: str) -> AuditEvent:
     return AuditEvent(
         action="key.create",
         result="ok",
+        role=NODE_ROLE,
         tenant=info.tenant or "",
         object_kind="ApiKey",
         object_name=info.display_id,

@@ -33,6 +33,7 @@ from gpuvisor.store.tables import AuditRow
 
 __all__ = [
     "GENESIS_HASH",
+    "NODE_ROLE",
     "AuditEvent",
     "AuditLog",
     "AuditRecord",
@@ -49,6 +50,9 @@ GENESIS_HASH = "0" * 64
 _HASH_DOMAIN = b"gpuvisor-audit-v1\n"
 # Arbitrary constant naming the audit appenders' lock on PostgreSQL.
 _PG_AUDIT_LOCK_ID = 0x67766175
+NODE_ROLE = "node"
+"""The role of the records the node makes on its own, with no caller: no key has it."""
+
 _LIMITS = {"actor": 64, "role": 32, "tenant": 255, "action": 64, "object_kind": 64}
 _LIMITS.update({"object_name": 512, "request_id": 128})
 MAX_LIST = 1000
@@ -58,7 +62,9 @@ MAX_LIST = 1000
 class AuditEvent:
     """What happened, as the API layer knows it; ``AuditLog.append`` adds seq, time and hashes.
 
-    ``actor`` is the key id (``ab12cd34``, "" when the caller had no valid key), ``tenant``
+    ``actor`` is the key id (``ab12cd34``, "" when the caller had no valid key or the node
+    itself acted), ``role`` the key's role (``NODE_ROLE`` for what the node did on its own:
+    the bootstrap admin key, the demo's setup), ``tenant``
     the tenant the action concerns ("" for none), ``reason`` why it was denied or failed
     (or an outcome like "created" for a success).
     """

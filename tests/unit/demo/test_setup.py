@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gpuvisor.demo.setup import prepare_demo
 from gpuvisor.security.keys import KeyRing
+from gpuvisor.store.audit import NODE_ROLE
 from gpuvisor.store.repo import Store
 
 
@@ -18,7 +19,8 @@ def test_the_demo_is_applied_once_and_on_the_audit_record(sqlite_url: str, tmp_p
         records = store.audit.list()
         applied = {(r.object_kind, r.tenant, r.object_name) for r in records if r.action == "apply"}
         assert applied == objects and len(objects) >= 8
-        assert all(r.result == "ok" and r.actor == "" for r in records)
+        # made by the node itself: no key, the node's own role
+        assert all(r.result == "ok" and (r.actor, r.role) == ("", NODE_ROLE) for r in records)
         assert all(
             "the demo, on the node's first start" in r.reason
             for r in records
