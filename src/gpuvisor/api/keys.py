@@ -4,6 +4,7 @@ every refusal on record."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import json
 from datetime import UTC, datetime, timedelta
@@ -79,16 +80,8 @@ class KeyRevoked(BaseModel):
 
 
 def _key_view(info: KeyInfo) -> dict[str, Any]:
-    return {
-        "id": info.display_id,
-        "role": info.role,
-        "tenant": info.tenant,
-        "description": info.description,
-        "created_at": info.created_at,
-        "expires_at": info.expires_at,
-        "revoked_at": info.revoked_at,
-        "last_used_at": info.last_used_at,
-    }
+    """A key as the API shows it (``KeyView``): its fields, with the id as users see it."""
+    return {**dataclasses.asdict(info), "id": info.display_id}
 
 
 def require_admin(principal: Principal) -> None:
