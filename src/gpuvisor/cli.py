@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,8 +12,10 @@ from rich.console import Console
 
 from gpuvisor import __version__
 from gpuvisor.cli_audit import audit_app
+from gpuvisor.cli_bench import bench_app
+from gpuvisor.cli_keys import keys_app
 from gpuvisor.cli_models import models_app
-from gpuvisor.cli_observe import bench_sampler, top
+from gpuvisor.cli_observe import top
 from gpuvisor.cli_options import (
     KeyOpt,
     OutputFormat,
@@ -22,12 +23,12 @@ from gpuvisor.cli_options import (
     StateOpt,
     TenantOpt,
     UrlOpt,
-    count_option,
     fail,
+    node_client,
     print_data,
     stdout_console,
 )
-from gpuvisor.cli_plan import bench_placement, plan_command
+from gpuvisor.cli_plan import plan_command
 from gpuvisor.errors import ConfigError, GpuvisorError, NotFound
 
 if TYPE_CHECKING:
@@ -47,14 +48,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-keys_app = typer.Typer(
-    help="Create, list and revoke API keys (needs the admin key).", no_args_is_help=True
-)
-app.add_typer(keys_app, name="keys")
-bench_app = typer.Typer(
-    help="Benchmarks: gpuvisor against a naive baseline, side by side.", no_args_is_help=True
-)
-app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")  # keys live in cli_keys.py
+app.add_typer(bench_app, name="bench")  # benchmarks live in cli_bench.py
 app.command("plan")(plan_command)
 app.add_typer(audit_app, name="audit")  # the audit log lives in cli_audit.py
 app.add_typer(models_app, name="models")  # model signing lives in cli_models.py
@@ -123,15 +118,6 @@ def _check_tenant(plural: str, tenant: str | None) -> None:
         )
 
 
-def _client(url: str | None, key: str | None, state: str | None) -> NodeClient:
-    from gpuvisor.client import NodeClient
-
-    try:
-        return NodeClient(url, key, state)
-    except GpuvisorError as exc:
-        fail(exc)
-
-
 @app.command()
 def up(
     host: Annotated[
@@ -186,7 +172,7 @@ def apply(
 
     A List document (what `get KIND -o yaml` or `-o json` prints) applies its items, in
     order."""
-    client, out = _client(url, key, state), stdout_console()
+    client, out = node_client(url, key, state), stdout_console()
     for name in file:
         if name == "-":
             text, base = sys.stdin.read(), Path.cwd()
@@ -233,7 +219,7 @@ def get(
     what the node reports, not objects to apply."""
     plural = _plural(kind)
     _check_tenant(plural, tenant)
-    client = _client(url, key, state)
+    client = node_client(url, key, state)
     # the node keeps slices in memory, not in the store: they are filtered by tenant here
     params = {"tenant": tenant} if tenant and plural != "slices" else {}
     one = OutputFormat.yaml if output == OutputFormat.table else output
@@ -286,7 +272,7 @@ def describe(
         return
     from gpuvisor.cli_tables import describe_deployment
 
-    client = _client(url, key, state)
+    client = node_client(url, key, state)
     try:
         body = client.request(
             "GET", f"/api/v1/deployments/{name}", params={"tenant": tenant} if tenant else {}
@@ -311,7 +297,7 @@ def _device_action(
 ) -> None:
     """POST a device action and print where the device's slices are now; ``wait``: the
     seconds a drain may wait for them to settle."""
-    client = _client(url, key, state)
+    client = node_client(url, key, state)
     try:
         result = client.request(
             "POST",
@@ -390,7 +376,7 @@ def delete(
     if plural in ("devices", "slices"):
         fail(GpuvisorError(f"cannot delete '{kind}'"))
     _check_tenant(plural, tenant)
-    client = _client(url, key, state)
+    client = node_client(url, key, state)
     try:
         client.request(
             "DELETE", f"/api/v1/{plural}/{name}", params={"tenant": tenant} if tenant else {}
@@ -409,7 +395,7 @@ def status(
 ) -> None:
     """Show whether the node is ready, since when, and how many slices are in each state
     (`-o yaml` or `-o json`: the API's answer as it is)."""
-    client = _client(url, key, state)
+    client = node_client(url, key, state)
     try:
         data = client.request("GET", "/api/v1/status")
     except GpuvisorError as exc:
@@ -428,297 +414,7 @@ def version() -> None:
     print(f"gpuvisor {__version__}")
 
 
-@keys_app.command("create")
-def keys_create(
-    tenant: Annotated[
-        str | None,
-        typer.Option("--tenant", "-t", metavar="TENANT", help="the tenant a tenant key belongs to"),
-    ] = None,
-    role: Annotated[str, typer.Option(help="tenant, operator or admin")] = "tenant",
-    description: Annotated[str, typer.Option(help="what the key is for")] = "",
-    expires_in: Annotated[str | None, typer.Option(help="lifetime, e.g. 720h")] = None,
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-    state: StateOpt = None,
-) -> None:
-    """Create a key; the secret is printed once and only its hash is stored."""
-    client = _client(url, key, state)
-    body: dict[str, Any] = {"role": role, "tenant": tenant, "description": description}
-    if expires_in:
-        body["expiresIn"] = expires_in
-    try:
-        created = client.request("POST", "/api/v1/keys", json=body)
-    except GpuvisorError as exc:
-        fail(exc)
-    err_console.print(
-        f"created {created['id']} ({role}{' of ' + tenant if tenant else ''}); "
-        "store the key now, it is not shown again:",
-        highlight=False,
-        markup=False,
-    )
-    print(created["key"])
-
-
-@keys_app.command("list")
-def keys_list(
-    tenant: Annotated[
-        str | None,
-        typer.Option("--tenant", "-t", metavar="TENANT", help="only the keys of this tenant"),
-    ] = None,
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-    state: StateOpt = None,
-    output: OutputOpt = OutputFormat.table,
-) -> None:
-    """List keys (ids, roles, tenants, expiry) — never the secrets."""
-    client = _client(url, key, state)
-    try:
-        data = client.request("GET", "/api/v1/keys", params={"tenant": tenant} if tenant else {})
-    except GpuvisorError as exc:
-        fail(exc)
-    if output != OutputFormat.table:
-        print_data(data, output)
-        return
-    from gpuvisor.cli_tables import render_table
-
-    stdout_console().print(render_table("keys", data["items"]))
-
-
-@keys_app.command("revoke")
-def keys_revoke(
-    key_id: Annotated[str, typer.Argument(help="the key id, e.g. gvk_ab12cd34")],
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-    state: StateOpt = None,
-) -> None:
-    """Revoke a key: effective on its next request. A revoked key stays as it is (and this
-    says since when)."""
-    client = _client(url, key, state)
-    try:
-        answer = client.request("DELETE", f"/api/v1/keys/{key_id}")
-    except GpuvisorError as exc:
-        fail(exc)
-    # the node's id, never what was typed: a whole key pasted in place of its id is a secret
-    revoked, since = answer["revoked"], answer.get("already_revoked_at")
-    if since:
-        message = f"key {revoked} was already revoked at {str(since)[:19]}Z"
-    else:
-        message = f"{revoked} revoked"
-    stdout_console().print(message, highlight=False)
-
-
-@bench_app.command("overhead")
-def bench_overhead(
-    requests: Annotated[int, count_option("requests per measured run")] = 4000,
-    threads: Annotated[int, count_option("client threads (closed loop)")] = 8,
-    repeat: Annotated[int, count_option("measured runs per system; medians are reported")] = 3,
-    warmup: Annotated[int, count_option("warm-up requests per system", minimum=0)] = 400,
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path(
-        "bench-results/overhead.json"
-    ),
-) -> None:
-    """Serving overhead: one tritonclient load against onnxruntime called directly, a minimal
-    OIP server running the model in-process (the floor), and gpuvisor end to end."""
-    from gpuvisor.bench.overhead import OverheadConfig, overhead_command
-
-    config = OverheadConfig(requests=requests, threads=threads, repeat=repeat, warmup=warmup)
-    try:
-        code = overhead_command(config, output, console)
-    except GpuvisorError as exc:
-        fail(exc)
-    raise typer.Exit(code)
-
-
-RepeatOpt = Annotated[int, count_option("measured runs; medians are reported")]
-QuantumOpt = Annotated[
-    float | None,
-    typer.Option(help="the nodes' cpu.quantum in milliseconds (default: the node's default)"),
-]
-LookaheadOpt = Annotated[
-    float | None,
-    typer.Option(
-        help="the nodes' cpu.lookahead in milliseconds, 0 for none (default: the node's default)"
-    ),
-]
-ResultsOpt = typer.Option("--output", "-o", help="JSON results file")
-
-
-@bench_app.command("isolation")
-def bench_isolation(
-    duration: Annotated[
-        float,
-        typer.Option(
-            metavar="SECONDS", min=0.5, help="seconds of critical traffic per measured window"
-        ),
-    ] = 6.0,
-    repeat: RepeatOpt = 3,
-    load: Annotated[
-        float,
-        typer.Option(
-            metavar="FRACTION",
-            min=0.01,
-            max=1.0,
-            help="critical arrivals as a fraction of its solo capacity",
-        ),
-    ] = 0.30,
-    rate: Annotated[
-        float | None,
-        typer.Option(help="critical arrivals per second; overrides --load, skips calibration"),
-    ] = None,
-    batch_concurrency: Annotated[int, count_option("batch-tenant requests kept in flight")] = 8,
-    batch_rows: Annotated[int, count_option("rows per batch-tenant request")] = 16,
-    batch_max_batch_size: Annotated[
-        int, count_option("the batch Deployment's maxBatchSize (rows)")
-    ] = 1,
-    critical_share: Annotated[
-        float,
-        typer.Option(
-            metavar="FRACTION", min=0.0, max=1.0, help="the critical Profile's computeShare"
-        ),
-    ] = 0.5,
-    quantum_ms: QuantumOpt = None,
-    lookahead_ms: LookaheadOpt = None,
-    batch_nice: Annotated[
-        int | None,
-        count_option(
-            "the node's workers.batchNice, 0 for none (default: the node's default)", 0, 19
-        ),
-    ] = None,
-    client_threads: Annotated[int, count_option("connections of the open-loop client")] = 6,
-    seed: Annotated[int, typer.Option(help="seed of the arrival schedule")] = 1,
-    output: Annotated[Path, ResultsOpt] = Path("bench-results/isolation.json"),
-) -> None:
-    """Latency isolation: a critical tenant (Poisson arrivals at a fraction of its solo
-    capacity) next to a saturating batch tenant, under gpuvisor and under naive co-location
-    (independent servers, no dispatcher); p99 co-located / p99 alone for each."""
-    from gpuvisor.bench.isolation import IsolationConfig, isolation_command
-
-    config = IsolationConfig(
-        duration=duration,
-        repeat=repeat,
-        load=load,
-        rate=rate,
-        batch_concurrency=batch_concurrency,
-        batch_rows=batch_rows,
-        batch_max_batch_size=batch_max_batch_size,
-        critical_share=critical_share,
-        quantum_ms=quantum_ms,
-        lookahead_ms=lookahead_ms,
-        batch_nice=batch_nice,
-        client_threads=client_threads,
-        seed=seed,
-    )
-    _run_bench(lambda: isolation_command(config, output, console))
-
-
-@bench_app.command("fairness")
-def bench_fairness(
-    duration: Annotated[
-        float,
-        typer.Option(
-            metavar="SECONDS", min=0.5, help="seconds per measured window of the weighted test"
-        ),
-    ] = 8.0,
-    short_duration: Annotated[
-        float,
-        typer.Option(
-            metavar="SECONDS",
-            min=0.5,
-            help="seconds per window of the fixed-share and lone-tenant tests",
-        ),
-    ] = 5.0,
-    repeat: RepeatOpt = 3,
-    concurrency: Annotated[int, count_option("requests in flight per tenant")] = 8,
-    fixed_share: Annotated[
-        float,
-        typer.Option(
-            metavar="FRACTION",
-            min=0.01,
-            max=1.0,
-            help="computeShare of the lone tenant in the fixed-share pool",
-        ),
-    ] = 0.25,
-    quantum_ms: QuantumOpt = None,
-    lookahead_ms: LookaheadOpt = None,
-    output: Annotated[Path, ResultsOpt] = Path("bench-results/fairness.json"),
-) -> None:
-    """Fair share: three saturating tenants weighted 1:2:5 (device-time shares, Jain's index)
-    beside naive co-location; a lone fixed-share tenant's cap; a lone best-effort tenant's use
-    of an otherwise idle device."""
-    from gpuvisor.bench.fairness import FairnessConfig, fairness_command
-
-    config = FairnessConfig(
-        duration=duration,
-        short_duration=short_duration,
-        repeat=repeat,
-        concurrency=concurrency,
-        fixed_share=fixed_share,
-        quantum_ms=quantum_ms,
-        lookahead_ms=lookahead_ms,
-    )
-    _run_bench(lambda: fairness_command(config, output, console))
-
-
-@bench_app.command("batching")
-def bench_batching(
-    model: Annotated[
-        list[str] | None,
-        typer.Option(metavar="MODEL", help="demo model to measure (repeatable; default all)"),
-    ] = None,
-    sizes: Annotated[str, typer.Option(help="batch sizes, comma-separated; must include 1")] = (
-        "1,2,4,8,16"
-    ),
-    seconds: Annotated[
-        float,
-        typer.Option(metavar="SECONDS", min=0.05, help="timed seconds per model, size and run"),
-    ] = 0.3,
-    repeat: RepeatOpt = 3,
-    threads: Annotated[int, count_option("intra-op threads of the executor")] = 1,
-    output: Annotated[Path, ResultsOpt] = Path("bench-results/batching.json"),
-) -> None:
-    """Batching: rows/s of each demo model at batch sizes up to 16, against batch 1."""
-    from dataclasses import replace
-
-    from gpuvisor.bench.batching import BatchingConfig, batching_command
-
-    try:
-        parsed = tuple(int(part) for part in sizes.split(",") if part.strip())
-    except ValueError:
-        fail(ConfigError(f"--sizes must be integers separated by commas, got {sizes!r}"))
-    if 1 not in parsed or any(size < 1 for size in parsed):
-        fail(ConfigError(f"--sizes must be positive and include 1, got {sizes!r}"))
-    config = BatchingConfig(sizes=parsed, seconds=seconds, repeat=repeat, threads=threads)
-    if model:
-        config = replace(config, models=tuple(model))
-    _run_bench(lambda: batching_command(config, output, console))
-
-
-@bench_app.command("decisions")
-def bench_decisions(
-    slices: Annotated[int, count_option("backlogged slices on the device")] = 100,
-    decisions: Annotated[int, count_option("decisions timed per policy", minimum=100)] = 20000,
-    output: Annotated[Path, ResultsOpt] = Path("bench-results/decisions.json"),
-) -> None:
-    """Decision cost: the dispatcher's own time per decision (p50/p99 in microseconds) with
-    many backlogged slices, fair-share policy against FIFO."""
-    from gpuvisor.bench.decisions import decisions_command
-
-    _run_bench(lambda: decisions_command(slices, decisions, output, console))
-
-
-bench_app.command("placement")(bench_placement)
-
-
-def _run_bench(command: Callable[[], int]) -> None:
-    try:
-        code = command()
-    except GpuvisorError as exc:
-        fail(exc)
-    raise typer.Exit(code)
-
-
 app.command()(top)  # observability commands live in cli_observe.py
-bench_app.command("sampler")(bench_sampler)
 
 
 def main() -> None:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
 from gpuvisor.errors import GpuvisorError
+
+if TYPE_CHECKING:
+    from gpuvisor.client import NodeClient
 
 __all__ = [
     "KeyOpt",
@@ -28,6 +31,7 @@ __all__ = [
     "UrlOpt",
     "count_option",
     "fail",
+    "node_client",
     "print_data",
     "stdout_console",
 ]
@@ -129,3 +133,14 @@ def fail(error: GpuvisorError | str) -> NoReturn:
     line = Text.assemble(("error:", "red"), " ", cli_message(message))
     _err_console.print(line, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def node_client(url: str | None, key: str | None, state: str | None) -> NodeClient:
+    """Return a client of the node at ``url`` (or the one whose state is ``state``); exit
+    with the reason when there is none to talk to."""
+    from gpuvisor.client import NodeClient
+
+    try:
+        return NodeClient(url, key, state)
+    except GpuvisorError as exc:
+        fail(exc)
