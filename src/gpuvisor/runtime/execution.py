@@ -138,6 +138,10 @@ def run_requests(
         except GpuvisorError as exc:
             statuses[i], payloads[i] = exc.http_status, encode_error(exc.message, exc.code)
             continue
+        except Exception as exc:  # a decoder bug, or no memory: this request only, not the worker
+            log.exception("slice %s: decoding request %s failed", loaded.spec.slice_id, i)
+            statuses[i], payloads[i] = 500, encode_error(_unexpected("decode", exc), "internal")
+            continue
         decoded[i] = request
         row_counts[i] = _rows_of(request, loaded.executor.batchable)
 
@@ -212,5 +216,16 @@ def _run_chunk(
         except GpuvisorError as exc:
             statuses[i], payloads[i] = exc.http_status, encode_error(exc.message, exc.code)
             continue
+        except Exception as exc:  # an encoder bug, or no memory: this request only
+            log.exception(
+                "slice %s: encoding the answer of request %s failed", loaded.spec.slice_id, i
+            )
+            statuses[i], payloads[i] = 500, encode_error(_unexpected("encode", exc), "internal")
+            continue
         payloads[i] = body
         header_lengths[i] = header_length if header_length is not None else -1
+
+
+def _unexpected(step: str, exc: Exception) -> str:
+    what = "the worker ran out of memory" if isinstance(exc, MemoryError) else "unexpected error"
+    return f"could not {step} this request: {what} ({type(exc).__name__}: {exc})"

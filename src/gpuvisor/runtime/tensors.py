@@ -250,6 +250,12 @@ def _from_binary(
 
 
 def _bytes_elements(chunk: memoryview, count: int, name: str) -> Array:
+    if count * _LENGTH_PREFIX > len(chunk):  # checked before anything is allocated for them
+        raise InvalidRequest(
+            f"input '{name}' has binary_data_size {len(chunk)} but its shape asks for {count} "
+            f"BYTES elements, which need at least {count * _LENGTH_PREFIX} bytes (a "
+            f"{_LENGTH_PREFIX}-byte length before each)"
+        )
     elements = np.empty(count, dtype=object)
     position, end = 0, len(chunk)
     for index in range(count):

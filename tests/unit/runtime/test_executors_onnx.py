@@ -136,10 +136,42 @@ def test_run_errors(matmul_model: Path) -> None:
         executor.run({})
     with pytest.raises(InvalidRequest, match="unknown output w requested"):
         executor.run({"x": np.ones((1, 4), np.float32)}, ["w"])
-    with pytest.raises(ExecutionError, match="onnxruntime failed:"):
+    # what onnxruntime calls INVALID_ARGUMENT is the caller's input: 400, not 500
+    with pytest.raises(InvalidRequest, match=r"the model refused this input: .*data type"):
         executor.run({"x": np.ones((1, 4), np.float64)})  # wrong element type
-    with pytest.raises(ExecutionError, match="onnxruntime failed:"):
+    with pytest.raises(InvalidRequest, match=r"the model refused this input: .*dimensions"):
         executor.run({"x": np.ones((1, 5), np.float32)})  # wrong feature count
+
+
+def test_an_index_out_of_the_models_table_is_the_callers_error(tmp_path: Path) -> None:
+    path = save_model(
+        tmp_path / "lookup.onnx",
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        initializer=[numpy_helper.from_array(np.ones((10, 2), np.float32), "table")],
+    )
+    executor = load_executor("onnx", path, CPU)
+    assert executor.run({"ids": np.array([9], np.int64)})["y"].shape == (1, 2)
+    with pytest.raises(InvalidRequest, match="indices element out of data bounds") as caught:
+        executor.run({"ids": np.array([1000], np.int64)})
+    assert caught.value.http_status == 400
+
+
+def test_a_model_that_fails_while_running_is_an_execution_error(tmp_path: Path) -> None:
+    # a fixed Reshape that only some batch sizes fit: the model's fault, not the caller's
+    path = save_model(
+        tmp_path / "reshape.onnx",
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        initializer=[numpy_helper.from_array(np.array([2, 2], np.int64), "shape")],
+    )
+    executor = load_executor("onnx", path, CPU)
+    assert executor.run({"x": np.ones((1, 4), np.float32)})["y"].shape == (2, 2)
+    with pytest.raises(ExecutionError, match=r"onnxruntime failed: .*cannot be reshaped") as caught:
+        executor.run({"x": np.ones((3, 4), np.float32)})
+    assert caught.value.http_status == 500
 
 
 def test_threads_and_sequential_execution_are_set(matmul_model: Path) -> None:

@@ -320,7 +320,12 @@ def bytes_body(count: int, raw: bytes) -> tuple[bytes, int]:
 @pytest.mark.parametrize(
     ("count", "raw", "message"),
     [
-        (2, b"\x01\x00\x00\x00a\x05\x00", "binary data ends inside BYTES element 1"),
+        (2, b"\x01\x00\x00\x00a\x05\x00\x00\x00", "binary data ends inside BYTES element 1"),
+        (
+            2,
+            b"\x01\x00\x00\x00a\x05\x00",
+            "its shape asks for 2 BYTES elements, which need at least 8",
+        ),
         (1, b"\x09\x00\x00\x00abc", "binary data ends inside BYTES element 0"),
         (1, b"\x01\x00\x00\x00ab", "binary_data_size 6 but its 1 BYTES elements use 5 bytes"),
         (0, b"\x00\x00\x00\x00", "binary_data_size 4 but its 0 BYTES elements use 0 bytes"),
@@ -331,6 +336,18 @@ def test_malformed_binary_bytes_elements_are_rejected(count: int, raw: bytes, me
     with pytest.raises(InvalidRequest, match="input 'text'") as caught:
         decode_infer_request(body, header_length, [TEXT], [])
     assert message in caught.value.message
+
+
+def test_a_bytes_shape_larger_than_its_data_is_refused_before_anything_is_allocated() -> None:
+    # 2**40 elements would ask for 8 TiB of object pointers: the worker must answer 400
+    # from the data's size, not die allocating (a 100-byte request took a worker down).
+    body, header_length = bytes_body(2**40, b"\x08\x00\x00\x00sku-0007")
+    with pytest.raises(InvalidRequest) as caught:
+        decode_infer_request(body, header_length, [TEXT], [])
+    assert caught.value.message == (
+        "input 'text' has binary_data_size 12 but its shape asks for 1099511627776 BYTES "
+        "elements, which need at least 4398046511104 bytes (a 4-byte length before each)"
+    )
 
 
 @pytest.mark.parametrize(

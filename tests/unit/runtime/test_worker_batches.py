@@ -63,6 +63,28 @@ def test_a_bad_request_fails_alone(scorer: LoadedSlice) -> None:
     assert "error" in orjson.loads(payloads[1]) and "error" in orjson.loads(payloads[2])
 
 
+def test_a_request_the_worker_cannot_decode_fails_alone_and_the_worker_goes_on(
+    scorer: LoadedSlice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpuvisor.runtime import execution
+
+    decode = execution.decode_infer_request
+
+    def decode_or_run_out(body: bytes, *args: object) -> object:
+        if b'"huge"' in body:
+            raise MemoryError("Unable to allocate 8.00 TiB")
+        return decode(body, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(execution, "decode_infer_request", decode_or_run_out)
+    huge = orjson.dumps({"id": "huge", "inputs": []})
+    results, payloads = _run(scorer, [_body(1), huge, _body(1)])
+    assert [r.status for r in results] == [200, 500, 200]
+    assert orjson.loads(payloads[1])["error"] == (
+        "could not decode this request: the worker ran out of memory "
+        "(MemoryError: Unable to allocate 8.00 TiB)"
+    )
+
+
 def test_requests_beyond_max_batch_are_split(scorer: LoadedSlice) -> None:
     results, payloads = _run(scorer, [_body(3), _body(3)])  # 6 rows > max 4: two runs
     assert [r.status for r in results] == [200, 200]

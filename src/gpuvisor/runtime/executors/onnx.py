@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from gpuvisor.errors import ExecutionError, GpuvisorError, InvalidRequest, ModelError
 from gpuvisor.runtime.executors.base import ExecutorDevice, is_batchable, reconcile_metadata
@@ -81,7 +82,8 @@ class OnnxExecutor:
         """Run the model; returns the named outputs (all when ``output_names`` is None).
 
         Raises InvalidRequest for missing inputs, unknown outputs or non-UTF-8 strings, and
-        ExecutionError when onnxruntime fails.
+        for input values the model refuses (onnxruntime's INVALID_ARGUMENT: an index out of
+        a lookup table's range, say); ExecutionError when onnxruntime fails otherwise.
         """
         if self._session is None:
             raise ExecutionError("the model was closed")
@@ -99,6 +101,8 @@ class OnnxExecutor:
         }
         try:
             values = self._session.run(names, feed)
+        except InvalidArgument as exc:
+            raise InvalidRequest(f"the model refused this input: {exc}") from None
         except Exception as exc:
             if isinstance(exc, GpuvisorError):
                 raise
