@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -135,6 +136,21 @@ def test_priority_and_timeout_are_accepted(demo_node: NodeProcess) -> None:
         timeout=30,
     )
     assert response.status_code == 200, response.text
+
+
+def test_a_shape_among_the_parameters_does_not_count_as_rows(demo_node: NodeProcess) -> None:
+    # The node counts rows from the first input's shape only: a "shape" elsewhere in the
+    # request (here a request parameter) makes a 1-row request look no larger, so it is not
+    # refused for a deadline it can meet.
+    retail = demo_node.auth(demo_node.tenant_key("retail"))
+    request = orjson.loads(_json_body("shelf-classifier"))
+    parameters = {"shape": [10**15], "timeout": 10_000_000}
+    body = orjson.dumps({"parameters": parameters, "inputs": request["inputs"]})
+    response = httpx.post(
+        demo_node.url + "/v2/models/shelf-detector/infer", headers=retail, content=body, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"]
 
 
 def test_a_request_refused_for_its_deadline_does_not_use_the_tenants_rate(

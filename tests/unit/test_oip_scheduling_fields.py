@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import orjson
 import pytest
 
-from gpuvisor.api.oip import request_parameters, request_rows
+from gpuvisor.api.outline import RequestOutline, request_outline
 from gpuvisor.errors import InvalidRequest
 
 
@@ -16,23 +18,76 @@ from gpuvisor.errors import InvalidRequest
         (b'{"inputs":[{"name":"x","shape": [ 3 ],"datatype":"FP32"}]}', 3),
         (b'{"inputs":[{"name":"x","datatype":"FP32","shape":[-1,4]}]}', 1),
         (b'{"inputs":[{"name":"x","shape":["a"]}]}', 1),
+        (b'{"inputs":[{"name":"x","shape":[true]}]}', 1),
+        (b'{"inputs":[{"name":"x","shape":[]}]}', 1),
+        (b'{"inputs":[{"name":"x","shape":null}]}', 1),
         (b'{"inputs":[]}', 1),
+        (b'{"inputs":5}', 1),
+        (b"[1, 2]", 1),
         (b"not json at all", 1),
+        # the first input's shape, wherever the keys are and whatever else holds a "shape"
+        (b'{"id":"a","inputs":[{"data":[1,2],"shape":[2,1],"name":"x"},{"shape":[9]}]}', 2),
+        (b'{"parameters":{"shape":[1000000000000000]},"inputs":[{"shape":[2,4]}]}', 2),
+        (b'{"inputs":[{"parameters":{"shape":[7]},"name":"x","shape":[3,4]}]}', 3),
+        (b'{"inputs":[{"name":"x","data":["\\"shape\\": [50]"],"shape":[4]}]}', 4),
     ],
 )
-def test_rows_come_from_the_first_shape(head: bytes, rows: int) -> None:
-    assert request_rows(head) == rows
+def test_rows_come_from_the_first_inputs_shape(head: bytes, rows: int) -> None:
+    assert request_outline(head).rows == rows
 
 
 def test_parameters_are_read_from_the_header_of_a_binary_request() -> None:
     header = orjson.dumps({"inputs": [], "parameters": {"priority": 2, "timeout": 5000}})
-    body = header + b"\x00" * 64 + b'"timeout"'  # tensor bytes after the header are not read
-    assert request_parameters(body, len(header)) == (2, 0.005)
-    assert request_parameters(b'{"inputs":[]}', -1) == (None, None)
+    assert request_outline(header) == RequestOutline(1, 2, 0.005)
+    assert request_outline(b'{"inputs":[]}') == RequestOutline()
 
 
-def test_bad_parameters_are_refused() -> None:
-    with pytest.raises(InvalidRequest, match="priority"):
-        request_parameters(b'{"parameters":{"priority":true}}', -1)
-    with pytest.raises(InvalidRequest, match="timeout"):
-        request_parameters(b'{"parameters":{"timeout":-5}}', -1)
+def test_parameters_count_wherever_they_are_and_only_at_the_top() -> None:
+    # tritonclient writes "parameters" after "inputs"
+    late = b'{"inputs":[{"name":"x","shape":[2,4],"data":[1,2]}],"parameters":{"timeout":100}}'
+    assert request_outline(late) == RequestOutline(2, None, 0.0001)
+    nested = b'{"inputs":[{"name":"x","shape":[1],"parameters":{"priority":3,"timeout":-1}}]}'
+    assert request_outline(nested) == RequestOutline(1, None, None)
+    # an input list the worker will refuse does not hide the parameters
+    assert request_outline(b'{"inputs":"x","parameters":{"priority":1}}') == RequestOutline(1, 1)
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (
+            b'{"parameters":{"priority":true}}',
+            "parameter 'priority' must be a non-negative integer",
+        ),
+        (b'{"parameters":{"priority":-1}}', "got -1"),
+        (b'{"parameters":{"priority":1.5}}', "got 1.5"),
+        (b'{"parameters":{"timeout":-5}}', "parameter 'timeout' must be a positive number"),
+        (b'{"parameters":{"timeout":"10"}}', "got '10'"),
+        (b'{"parameters":{"timeout":[' + b"1," * 100 + b"1]}}", "got a JSON value of 203 bytes"),
+    ],
+)
+def test_bad_parameters_are_refused(head: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest, match="parameter") as caught:
+        request_outline(head)
+    assert message in caught.value.message
+
+
+def test_a_large_json_request_is_outlined_without_decoding_its_data() -> None:
+    # 16 MiB of JSON numbers with the parameters at the end, as tritonclient sends them.
+    # Decoding them would build 4 million Python floats (over 100 MiB) on the node's shared
+    # event loop; the outline builds none of them.
+    rows = 250_000
+    data = b",".join([b"0.5"] * (rows * 16))
+    head = (
+        b'{"inputs":[{"name":"x","shape":[%d,16],"datatype":"FP32","data":[' % rows
+        + data
+        + b']}],"parameters":{"priority":5}}'
+    )
+    tracemalloc.start()
+    try:
+        outline = request_outline(head)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert outline == RequestOutline(rows, 5, None)
+    assert peak < 64 * 1024, f"outlining {len(head)} bytes allocated {peak} bytes"

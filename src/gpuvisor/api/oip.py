@@ -26,6 +26,7 @@ from gpuvisor.api.errors import (
     gpuvisor_error_response,
     unexpected_error_response,
 )
+from gpuvisor.api.outline import request_outline
 from gpuvisor.errors import GpuvisorError, InvalidRequest, PayloadTooLarge, Unavailable
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal, extract_key, redact_secrets
@@ -36,8 +37,6 @@ __all__ = [
     "inference_target",
     "oip_router",
     "read_body",
-    "request_parameters",
-    "request_rows",
     "serve_inference",
 ]
 
@@ -193,9 +192,10 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
                 f"Inference-Header-Content-Length {header_length} is outside the body's "
                 f"{len(body)} bytes"
             )
-    priority, timeout = request_parameters(body, header_length)
-    rows = request_rows(body if header_length < 0 else body[:header_length])
-    outcome = await node.infer(dep, body, header_length, trace_id, priority, timeout, rows)
+    outline = request_outline(body if header_length < 0 else body[:header_length])
+    outcome = await node.infer(
+        dep, body, header_length, trace_id, outline.priority, outline.timeout, outline.rows
+    )
     headers = {"X-Request-ID": trace_id}
     if outcome.status != 200:
         log.info(
@@ -236,65 +236,6 @@ def inference_target(scope: Scope) -> tuple[str, str | None] | None:
     if scope["type"] != "http" or scope["method"] != "POST":
         return None
     return _infer_target(scope["path"])
-
-
-def request_parameters(body: bytes, header_length: int) -> tuple[int | None, float | None]:
-    """Return the OIP request parameters the node schedules by: ``priority`` (an integer,
-    1 highest, 0 the default) and ``timeout`` (microseconds, returned in seconds).
-
-    The node does not decode tensors: the JSON is parsed only when one of the two names occurs
-    in it (for binary requests, only the JSON header). A body that is not valid JSON is left to
-    the worker, which answers it with a clear 400.
-    """
-    head = body if header_length < 0 else body[:header_length]
-    if b'"priority"' not in head and b'"timeout"' not in head:
-        return None, None
-    try:
-        document = orjson.loads(head)
-    except orjson.JSONDecodeError:
-        return None, None
-    parameters = document.get("parameters") if isinstance(document, dict) else None
-    if not isinstance(parameters, dict):
-        return None, None
-    priority = parameters.get("priority")
-    timeout = parameters.get("timeout")
-    if priority is not None and (
-        isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
-    ):
-        raise InvalidRequest(
-            f"parameter 'priority' must be a non-negative integer (1 is the highest, 0 the "
-            f"default), got {priority!r}"
-        )
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-    ):
-        raise InvalidRequest(
-            f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}"
-        )
-    return priority, None if timeout is None else float(timeout) / 1e6
-
-
-def request_rows(head: bytes) -> int:
-    """Return the batch dimension of the request's first input (its ``shape[0]``), or 1.
-
-    The dispatcher counts batches and quanta in rows, before any worker has decoded the
-    request: this reads only the first ``"shape"`` array of the JSON (the header, for binary
-    requests). What the worker finds when it decodes the request is what is charged.
-    """
-    at = head.find(b'"shape"')
-    if at < 0:
-        return 1
-    start = head.find(b"[", at + 7, at + 64)
-    if start < 0:
-        return 1
-    end = start + 1
-    while end < len(head) and end - start < 24 and head[end] not in b",]":
-        end += 1
-    try:
-        rows = int(head[start + 1 : end])
-    except ValueError:
-        return 1
-    return rows if rows >= 1 else 1
 
 
 def _infer_target(path: str) -> tuple[str, str | None] | None:
