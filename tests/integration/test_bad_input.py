@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,6 +118,23 @@ CASES = [
         400,
         ["nope"],
     ),
+    (
+        "a sign in the header length",
+        "basket-scorer",
+        GOOD,
+        {"Inference-Header-Content-Length": "+5"},
+        400,
+        ["invalid Inference-Header-Content-Length header '+5'"],
+    ),
+    ("empty body", "basket-scorer", b"", {}, 400, ["request body is empty"]),
+    (
+        "binary data without its header length",
+        "basket-scorer",
+        TRUNCATED,
+        {},
+        400,
+        ["not valid JSON", "needs the Inference-Header-Content-Length header"],
+    ),
     ("unknown model", "no-such-model", GOOD, {}, 404, ["no-such-model"]),
     ("unknown version", "basket-scorer/versions/7", GOOD, {}, 404, ["7"]),
 ]
@@ -150,6 +169,70 @@ def test_bad_request_gets_clear_error_and_node_keeps_serving(
     )
     assert good.status_code == 200, "the same worker must keep serving after a bad request"
     assert len(good.json()["outputs"][0]["data"]) == 1
+
+
+def test_other_methods_on_an_inference_path_are_405(node: NodeProcess) -> None:
+    auth = node.auth(node.tenant_key("analytics"))
+    for method in ("GET", "PUT", "DELETE"):
+        response = httpx.request(
+            method, f"{node.url}/v2/models/basket-scorer/infer", headers=auth, timeout=30
+        )
+        assert response.status_code == 405, response.text
+        assert response.headers["allow"] == "POST"
+        assert response.json()["error"] == (
+            f"{method} is not allowed on an inference path: send a POST"
+        )
+
+
+def test_a_bytes_shape_far_beyond_its_data_is_400_and_the_worker_lives(node: NodeProcess) -> None:
+    # ~100 bytes that once made the worker allocate 8 TiB and die, failing its batch-mates
+    auth = node.auth(node.tenant_key("retail"))
+    url = f"{node.url}/v2/models/sku-lookup/infer"
+
+    def sku(shape: list[int]) -> tuple[bytes, dict[str, str]]:
+        entry = {"name": "sku", "shape": shape, "datatype": "BYTES"}
+        return _binary(
+            {"inputs": [{**entry, "parameters": {"binary_data_size": 12}}]},
+            struct.pack("<I", 8) + b"sku-0007",
+        )
+
+    def worker_pid() -> int:
+        slices = httpx.get(f"{node.url}/api/v1/slices", headers=auth, timeout=30).json()["items"]
+        (sku_slice,) = [s for s in slices if s["deployment"] == "sku-lookup"]
+        return int(sku_slice["pid"])
+
+    good, good_headers = sku([1, 1])
+    assert httpx.post(url, content=good, headers={**auth, **good_headers}, timeout=30).is_success
+    pid = worker_pid()
+    bad, bad_headers = sku([2**40, 1])
+    response = httpx.post(url, content=bad, headers={**auth, **bad_headers}, timeout=30)
+    assert response.status_code == 400, response.text
+    assert "its shape asks for 1099511627776 BYTES elements" in response.json()["error"]
+    response = httpx.post(url, content=good, headers={**auth, **good_headers}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert worker_pid() == pid, "the worker must not have been restarted"
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_error(node: NodeProcess) -> None:
+    key = node.tenant_key("analytics")
+    head = (
+        "POST /v2/models/basket-scorer/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    log_path = node.state_dir / "node.log"
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw:
+        raw.sendall(head.encode() + b'{"inputs":')  # then hang up, 990 bytes short
+    deadline = time.monotonic() + 10
+    while "disconnected before its request body was read" not in log_path.read_text():
+        assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+        time.sleep(0.05)
+    log = log_path.read_text()
+    assert "ClientDisconnect" not in log and "Traceback" not in log, log[-3000:]
+    auth = node.auth(key)
+    good = httpx.post(
+        f"{node.url}/v2/models/basket-scorer/infer", content=GOOD, headers=auth, timeout=30
+    )
+    assert good.status_code == 200
 
 
 def test_body_over_the_limit_is_413(node: NodeProcess) -> None:

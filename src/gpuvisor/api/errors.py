@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from gpuvisor.errors import GpuvisorError, InvalidRequest
@@ -161,7 +162,17 @@ def _problem(error: Mapping[str, Any], content_type: str) -> str:
 
 
 def unexpected_error_response(request: Request, exc: Exception) -> Response:
-    """Return a 500 for a bug, logged with its traceback (call from an ``except`` block)."""
+    """Return a 500 for a bug, logged with its traceback (call from an ``except`` block).
+
+    A client that hung up while its body was being read is no bug: one INFO line, and the
+    answer goes nowhere."""
+    if isinstance(exc, ClientDisconnect):
+        log.info(
+            "%s %s: the client disconnected before its request body was read",
+            request.method,
+            redact_secrets(request.url.path),
+        )
+        return error_response(400, "the client disconnected before its request body was read")
     log.exception("unexpected error on %s %s", request.method, redact_secrets(request.url.path))
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from gpuvisor import __version__
 from gpuvisor.api.audit import begin, record_ok, record_refusal
 from gpuvisor.api.errors import (
+    error_response,
     error_responses,
     gpuvisor_error_response,
     unexpected_error_response,
@@ -180,13 +181,12 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
     header_length = -1
     raw_length = request.headers.get("inference-header-content-length")
     if raw_length is not None:
-        try:
-            header_length = int(raw_length)
-        except ValueError:
+        if not (raw_length.isascii() and raw_length.isdigit()):  # no sign, '_' or spaces
             raise InvalidRequest(
                 f"invalid Inference-Header-Content-Length header {raw_length!r}: expected the "
                 "byte length of the JSON header"
-            ) from None
+            )
+        header_length = int(raw_length)
         if not 0 <= header_length <= len(body):
             raise InvalidRequest(
                 f"Inference-Header-Content-Length {header_length} is outside the body's "
@@ -220,6 +220,13 @@ async def serve_inference(
     node: Node, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
 ) -> None:
     """Answer one inference request as a raw ASGI exchange, errors rendered as everywhere else."""
+    if scope["method"] != "POST":
+        refused = error_response(
+            405, f"{scope['method']} is not allowed on an inference path: send a POST"
+        )
+        refused.headers["Allow"] = "POST"
+        await refused(scope, receive, send)
+        return
     request = Request(scope, receive)
     try:
         response = await infer_response(node, request, name, version)
@@ -232,8 +239,9 @@ async def serve_inference(
 
 
 def inference_target(scope: Scope) -> tuple[str, str | None] | None:
-    """Return (model, version or None) when ``scope`` is an inference request, else None."""
-    if scope["type"] != "http" or scope["method"] != "POST":
+    """Return (model, version or None) when ``scope`` is an inference request (or another
+    method on an inference path, which serve_inference refuses), else None."""
+    if scope["type"] != "http":
         return None
     return _infer_target(scope["path"])
 

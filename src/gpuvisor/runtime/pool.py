@@ -444,8 +444,14 @@ class WorkerPool:
                 copy=False,
             )
         except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # its connection is gone: it exited or is exiting
+                why = "its connection is gone (the worker has exited or is exiting)"
+            elif exc.errno == zmq.EAGAIN:
+                why = "its queue of messages is full"
+            else:
+                why = str(exc)
             raise Unavailable(
-                f"worker {worker.worker_id} is not reachable: {exc}", retry_after=1.0
+                f"worker {worker.worker_id} is not reachable: {why}", retry_after=1.0
             ) from exc
         # Sending can consume the edge-triggered readiness of the socket's file descriptor
         # while a reply is already waiting: look again once the loop is free.

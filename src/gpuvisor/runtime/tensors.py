@@ -119,6 +119,8 @@ def decode_infer_request(
     Raises InvalidRequest with a message naming the offending tensor.
     """
     view = memoryview(body)
+    if not view:
+        raise InvalidRequest("request body is empty: send the inference request as JSON")
     header_end = len(view) if header_length is None else header_length
     if header_end <= 0 or header_end > len(view):
         raise InvalidRequest(
@@ -127,7 +129,13 @@ def decode_infer_request(
     try:
         doc = orjson.loads(view[:header_end])
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        hint = ""
+        if header_length is None and view[:1].tobytes() == b"{":
+            hint = (
+                " (a JSON header followed by binary tensor data needs the "
+                "Inference-Header-Content-Length header, the header's length in bytes)"
+            )
+        raise InvalidRequest(f"request body is not valid JSON: {exc}{hint}") from None
     if not isinstance(doc, dict):
         raise InvalidRequest("request body must be a JSON object")
     request_id = doc.get("id")

@@ -74,6 +74,7 @@ IDS_BIN = i("ids", "INT64", [2])
 
 INVALID: list[tuple[str, bytes, int | None, str]] = [
     ("not json", b"{inputs: ", None, "request body is not valid JSON"),
+    ("not json at all", b"inputs", None, "request body is not valid JSON: unexpected character"),
     ("not an object", b"[1, 2]", None, "request body must be a JSON object"),
     ("no inputs", orjson.dumps({"id": "x"}), None, "request has no 'inputs'"),
     ("inputs not a list", orjson.dumps({"inputs": {}}), None, "request 'inputs' must be a list"),
@@ -247,8 +248,9 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         "binary without header length",
         body_of([sized(IMAGE_BIN, 8), IDS]) + F32x2,
         None,
-        "request body is not valid JSON",
+        "needs the Inference-Header-Content-Length header, the header's length in bytes",
     ),
+    ("empty body", b"", None, "request body is empty: send the inference request as JSON"),
     (
         "binary size but no header",
         body_of([sized(IMAGE_BIN, 8), IDS]),
