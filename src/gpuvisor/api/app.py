@@ -18,8 +18,14 @@ from gpuvisor.api.audit_log import audit_log_router
 from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.devices import devices_router
 from gpuvisor.api.errors import ErrorBody, error_responses, install_error_handlers
+from gpuvisor.api.inference import (
+    document_request_body,
+    inference_router,
+    inference_target,
+    serve_inference,
+)
 from gpuvisor.api.keys import keys_router
-from gpuvisor.api.oip import inference_target, oip_router, serve_inference
+from gpuvisor.api.oip import oip_router
 from gpuvisor.errors import GpuvisorError
 from gpuvisor.node import Node
 
@@ -87,6 +93,7 @@ class NodeApp(FastAPI):
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        document_request_body(schemas)
         return document
 
 
@@ -115,6 +122,7 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     app.add_exception_handler(GpuvisorError, audited_error_handler(node))
     app.add_exception_handler(Exception, audited_unexpected_handler(node))
     app.include_router(oip_router(node))
+    app.include_router(inference_router(node))
     app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it
     app.include_router(devices_router(node))
     app.include_router(keys_router(node))

@@ -1,15 +1,10 @@
-"""The KServe Open Inference Protocol v2 over HTTP, with Triton's binary tensor extension
-and model repository extension, on the caller's own deployments.
-
-The node never decodes tensors: a request body is forwarded as raw bytes to the
-slice's worker, which validates, runs and encodes; the node only authenticates,
-routes, bounds the body size and queues.
-"""
+"""The KServe Open Inference Protocol v2 over HTTP, on the caller's own deployments: health,
+server and model metadata, readiness, and Triton's model repository extension. Inference
+itself is in api/inference.py."""
 
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from typing import Literal
 
@@ -17,29 +12,18 @@ import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
-from gpuvisor.api.audit import begin, record_ok, record_refusal
+from gpuvisor.api.audit import begin, record_ok
 from gpuvisor.api.errors import (
-    error_response,
     error_responses,
-    gpuvisor_error_response,
-    unexpected_error_response,
 )
-from gpuvisor.api.outline import request_outline
-from gpuvisor.errors import GpuvisorError, InvalidRequest, PayloadTooLarge, Unavailable
+from gpuvisor.errors import InvalidRequest, PayloadTooLarge, Unavailable
 from gpuvisor.node import Node
-from gpuvisor.security.keys import Principal, extract_key, redact_secrets
+from gpuvisor.security.keys import Principal, extract_key
 from gpuvisor.units import format_size
 
-__all__ = [
-    "infer_response",
-    "inference_target",
-    "oip_router",
-    "read_body",
-    "serve_inference",
-]
+__all__ = ["oip_router", "principal_of", "read_body"]
 
 log = logging.getLogger("gpuvisor.api")
 
@@ -169,93 +153,6 @@ async def read_body(
     if len(plain) > limit or inflater.unconsumed_tail:
         raise too_large
     return plain
-
-
-async def infer_response(node: Node, request: Request, name: str, version: str | None) -> Response:
-    """Serve one inference request on the caller's deployment ``name``; raise GpuvisorError on refusal."""
-    trace_id = request.headers.get("x-request-id") or os.urandom(16).hex()
-    request.state.request_id = trace_id
-    principal = principal_of(node, request)
-    dep = node.find_deployment(principal, name, version)
-    body = await read_body(request, node.spec.limits.max_body_size)
-    header_length = -1
-    raw_length = request.headers.get("inference-header-content-length")
-    if raw_length is not None:
-        if not (raw_length.isascii() and raw_length.isdigit()):  # no sign, '_' or spaces
-            raise InvalidRequest(
-                f"invalid Inference-Header-Content-Length header {raw_length!r}: expected the "
-                "byte length of the JSON header"
-            )
-        header_length = int(raw_length)
-        if not 0 <= header_length <= len(body):
-            raise InvalidRequest(
-                f"Inference-Header-Content-Length {header_length} is outside the body's "
-                f"{len(body)} bytes"
-            )
-    outline = request_outline(body if header_length < 0 else body[:header_length])
-    outcome = await node.infer(
-        dep, body, header_length, trace_id, outline.priority, outline.timeout, outline.rows
-    )
-    headers = {"X-Request-ID": trace_id}
-    if outcome.status != 200:
-        log.info(
-            "%s %s -> %d: %s",
-            request.method,
-            redact_secrets(request.url.path),
-            outcome.status,
-            outcome.body[:300].decode(errors="replace"),
-            extra={"tenant": principal.tenant, "request_id": trace_id},
-        )
-    if outcome.header_length >= 0:
-        headers["Inference-Header-Content-Length"] = str(outcome.header_length)
-        media_type = "application/octet-stream"
-    else:
-        media_type = _JSON
-    return Response(
-        outcome.body, status_code=outcome.status, headers=headers, media_type=media_type
-    )
-
-
-async def serve_inference(
-    node: Node, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
-) -> None:
-    """Answer one inference request as a raw ASGI exchange, errors rendered as everywhere else."""
-    if scope["method"] != "POST":
-        refused = error_response(
-            405, f"{scope['method']} is not allowed on an inference path: send a POST"
-        )
-        refused.headers["Allow"] = "POST"
-        await refused(scope, receive, send)
-        return
-    request = Request(scope, receive)
-    try:
-        response = await infer_response(node, request, name, version)
-    except GpuvisorError as exc:
-        await record_refusal(node, request, exc)
-        response = gpuvisor_error_response(request, exc)
-    except Exception as exc:
-        response = unexpected_error_response(request, exc)
-    await response(scope, receive, send)
-
-
-def inference_target(scope: Scope) -> tuple[str, str | None] | None:
-    """Return (model, version or None) when ``scope`` is an inference request (or another
-    method on an inference path, which serve_inference refuses), else None."""
-    if scope["type"] != "http":
-        return None
-    return _infer_target(scope["path"])
-
-
-def _infer_target(path: str) -> tuple[str, str | None] | None:
-    """Return (model, version or None) for an inference path, None for any other path."""
-    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
-        return None
-    parts = path[len("/v2/models/") : -len("/infer")].split("/")
-    if len(parts) == 1 and parts[0]:
-        return parts[0], None
-    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
-        return parts[0], parts[2]
-    return None
 
 
 _MODEL_READY_RESPONSES: dict[int | str, dict[str, object]] = {
