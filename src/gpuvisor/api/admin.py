@@ -127,6 +127,12 @@ def admin_router(node: Node) -> APIRouter:
         assert node.store is not None
         return node.store
 
+    # One write at a time: an apply's checks (references, quotas, signing) and a delete's
+    # check that nothing uses the object hold only against what is stored when it commits.
+    # Two applies checked side by side would each pass a quota that both together exceed,
+    # and a delete beside an apply could remove what the apply refers to.
+    writes = asyncio.Lock()
+
     async def all_resources() -> list[Resource]:
         objects = await asyncio.to_thread(store().list)
         return [resource_from_dict(o.body) for o in objects]
@@ -150,7 +156,10 @@ def admin_router(node: Node) -> APIRouter:
             raise InvalidRequest("manifests must be UTF-8 YAML text") from None
         source = request.headers.get("x-gpuvisor-source", "request")
         base = request.headers.get("x-gpuvisor-base-dir")
-        resources = load_documents(text, source=source, base_dir=Path(base) if base else None)
+        # parsed off the event loop: a large manifest must not stall everyone's inference
+        resources = await asyncio.to_thread(
+            load_documents, text, source=source, base_dir=Path(base) if base else None
+        )
         if not resources:
             raise InvalidRequest(f"{source}: no documents to apply")
         for resource in resources:
@@ -164,15 +173,16 @@ def admin_router(node: Node) -> APIRouter:
             may_write(principal, resource)
         if len(resources) > 1:  # a failure from here on concerns the whole manifest
             audit.begin(request, "apply")
-        existing = await all_resources()
-        check_apply(resources, existing)
         objects = [StoredObject(*resource_key(r), body=resource_to_dict(r)) for r in resources]
         ok = audit.recorder(request, principal, "apply")
-        applied = await asyncio.to_thread(
-            store().apply,
-            objects,
-            lambda applied: ok([(o.kind, o.name, o.tenant, outcome) for o, outcome in applied]),
-        )
+        async with writes:
+            existing = await all_resources()
+            check_apply(resources, existing)
+            applied = await asyncio.to_thread(
+                store().apply,
+                objects,
+                lambda applied: ok([(o.kind, o.name, o.tenant, outcome) for o, outcome in applied]),
+            )
         if node.controller is not None:
             await node.controller.reconcile()
         bodies = {resource_key(r): r for r in resources}
@@ -216,13 +226,42 @@ def admin_router(node: Node) -> APIRouter:
         else:
             tenant = ""
         candidates = await asyncio.to_thread(store().list, kind, tenant)
-        for o in candidates:
-            if (o.name == name or (kind == "Model" and o.body["metadata"]["name"] == name)) and (
+        found: list[StoredObject] = [
+            o
+            for o in candidates
+            if (o.name == name or (kind == "Model" and o.body["metadata"]["name"] == name))
+            and (
                 principal.may_see(o.tenant)
                 or (o.tenant == "" and (kind != "Tenant" or o.name == principal.tenant))
-            ):
-                return o  # type: ignore[no-any-return]
+            )
+        ]
+        if len(found) > 1:  # a Model named without its version, of which several are stored
+            versions = ", ".join(str(o.body["spec"].get("version")) for o in found)
+            raise InvalidRequest(
+                f"model '{name}' has versions {versions}: name one as {name}@VERSION"
+            )
+        if found:
+            return found[0]
         raise NotFound(f"{kind} '{name}' not found" + (f" in tenant '{tenant}'" if tenant else ""))
+
+    async def _revoke_keys_of(request: Request, principal: Principal, tenant: str) -> None:
+        """Revoke a deleted tenant's keys: they would otherwise go on authenticating, and open
+        a tenant created later under the same name."""
+        if node.keys is None:
+            return
+        revoked = audit.recorder(request, principal, "key.revoke")
+        reason = f"revoked: tenant '{tenant}' was deleted"
+        for key in await asyncio.to_thread(node.keys.list, tenant):
+            if key.revoked_at is None:
+                await asyncio.to_thread(
+                    node.keys.revoke_once,
+                    key.id,
+                    lambda outcome: revoked(
+                        [("ApiKey", outcome.key.display_id, tenant, reason)]
+                        if not outcome.already_revoked
+                        else []
+                    ),
+                )
 
     def _with_status(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("kind") != "Deployment" or node.controller is None:
@@ -359,21 +398,29 @@ def admin_router(node: Node) -> APIRouter:
                 ) from None
             raise
         may_write(principal, resource_from_dict(found.body))
-        users = users_of(await all_resources(), kind, found)
-        if users:
-            raise Conflict(
-                f"{kind} {found.name} is used by {', '.join(users)}: delete or change those first"
-            )
         ok = audit.recorder(request, principal, "delete")
-        deleted = await asyncio.to_thread(
-            store().delete,
-            kind,
-            found.tenant,
-            found.name,
-            lambda deleted: ok([(kind, found.name, found.tenant, "deleted")] if deleted else []),
-        )
+        async with writes:
+            # deployments of the applied default pool fall back to the implicit one
+            implicit = (kind, found.name) == ("Pool", DEFAULT_POOL)
+            users = [] if implicit else users_of(await all_resources(), kind, found)
+            if users:
+                raise Conflict(
+                    f"{kind} {found.name} is used by {', '.join(users)}: delete or change those "
+                    "first"
+                )
+            deleted = await asyncio.to_thread(
+                store().delete,
+                kind,
+                found.tenant,
+                found.name,
+                lambda deleted: ok(
+                    [(kind, found.name, found.tenant, "deleted")] if deleted else []
+                ),
+            )
         if not deleted:  # another request deleted it meanwhile
             raise NotFound(f"{kind} {found.name} not found")
+        if kind == "Tenant":
+            await _revoke_keys_of(request, principal, found.name)
         if node.controller is not None:
             await node.controller.reconcile()
         return {"deleted": {"kind": kind, "name": found.name, "tenant": found.tenant or None}}

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from gpuvisor.api import audit
 from gpuvisor.api.errors import error_responses
 from gpuvisor.api.oip import principal_of
-from gpuvisor.errors import Forbidden, InvalidRequest, NotFound
+from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import (
     KEY_PREFIX,
@@ -122,6 +122,9 @@ def _no_such_tenant(tenant: str, known: list[str]) -> InvalidRequest:
     return InvalidRequest(f"tenant '{tenant}' does not exist: apply a Tenant first")
 
 
+_MAX_LIFETIME = 100 * 365 * 24 * 3600.0  # seconds; a key's expiry must be a date
+
+
 def _revocation_record(outcome: Revocation) -> tuple[str, str, str, str]:
     """The audit record of a revocation: ``revoked``, or for a key that already was
     ``unchanged: …`` (as apply records an object it did not change)."""
@@ -187,6 +190,11 @@ def keys_router(node: Node) -> APIRouter:
                 ) from None
             if lifetime <= 0:
                 raise InvalidRequest(f"{field} is no lifetime: give one longer than 0")
+            if lifetime > _MAX_LIFETIME:
+                raise InvalidRequest(
+                    f"{field} is longer than 100 years ({_MAX_LIFETIME // 3600:.0f}h): give a "
+                    "shorter lifetime, or none for a key that does not expire"
+                )
             expires_at = datetime.now(UTC) + timedelta(seconds=lifetime)
         assert node.keys is not None
         expiry = f", expires {expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else ""
@@ -202,6 +210,24 @@ def keys_router(node: Node) -> APIRouter:
             ),
         )
         return {**_key_view(info), "key": secret}
+
+    async def _refuse_last_admin_key(key_id: str) -> None:
+        """Refuse to revoke the node's last valid admin key: no admin could then create,
+        revoke or apply anything until the node restarted with a new one."""
+        assert node.keys is not None
+        now = datetime.now(UTC)
+        admins = [
+            k.display_id
+            for k in await asyncio.to_thread(node.keys.list)
+            if k.role == "admin"
+            and k.revoked_at is None
+            and (k.expires_at is None or k.expires_at > now)
+        ]
+        if admins == [key_id]:
+            raise Conflict(
+                f"{key_id} is the node's last valid admin key: create another first "
+                "(gpuvisor keys create --role admin), then revoke this one"
+            )
 
     @router.get(
         "/keys",
@@ -219,7 +245,7 @@ def keys_router(node: Node) -> APIRouter:
         "/keys/{key_id}",
         response_model=KeyRevoked,
         response_model_exclude_none=True,
-        responses=error_responses(403, 404),
+        responses=error_responses(403, 404, 409),
         summary="Revoke an API key (a revoked one stays revoked since its first revocation)",
     )
     async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
@@ -235,6 +261,7 @@ def keys_router(node: Node) -> APIRouter:
         audit.begin(request, "key.revoke", "ApiKey", f"gvk_{plain}")
         require_admin(principal)
         assert node.keys is not None
+        await _refuse_last_admin_key(f"gvk_{plain}")
         ok = audit.recorder(request, principal, "key.revoke")
         outcome = await asyncio.to_thread(
             node.keys.revoke_once, plain, lambda outcome: ok([_revocation_record(outcome)])
