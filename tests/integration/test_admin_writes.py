@@ -189,6 +189,22 @@ spec: {selector: {}, scheduler: best-effort}
     assert pool["metadata"]["name"] == "default"  # the implicit one again
 
 
+def test_a_key_lifetime_beyond_any_date_is_refused(demo_node: NodeProcess) -> None:
+    root = demo_node.auth(demo_node.admin_key)
+    for lifetime in ("100000000h", "9999999999999999999999s"):
+        answer = httpx.post(
+            f"{demo_node.url}/api/v1/keys",
+            headers=root,
+            json={"role": "operator", "expiresIn": lifetime},
+            timeout=30,
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == (
+            f"expiresIn (--expires-in) {lifetime!r} is longer than 100 years (876000h): give a "
+            "shorter lifetime, or none for a key that does not expire"
+        )
+
+
 def test_the_last_valid_admin_key_cannot_be_revoked(demo_node: NodeProcess) -> None:
     root = demo_node.auth(demo_node.admin_key)
     keys = httpx.get(f"{demo_node.url}/api/v1/keys", headers=root, timeout=30).json()["items"]
