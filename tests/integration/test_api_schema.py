@@ -214,6 +214,8 @@ def _fuzz(
     )
 
     statuses: set[int] = set()
+    inference = operation.path.endswith("/infer")
+    checks = [check for check in CHECKS if not (inference and check is not_a_server_error)]
 
     @given(case=strategy)
     @settings(
@@ -227,7 +229,12 @@ def _fuzz(
     )
     def fuzz(case: schemathesis.Case) -> None:
         assume(not run.protects(case))
-        response = case.call_and_validate(headers=run.node.auth(run.keys[role]), checks=CHECKS)
+        response = case.call_and_validate(headers=run.node.auth(run.keys[role]), checks=checks)
+        if inference and response.status_code >= 500:
+            # a generated request with many rows may not fit its deployment's latency SLO:
+            # refused before it queues with 503 (declared); any other 5xx is a failure
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] in ("deadline_exceeded", "unavailable"), response.text
         statuses.add(response.status_code)
 
     fuzz()
