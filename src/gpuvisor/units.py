@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 __all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
 
@@ -21,45 +23,77 @@ _SIZE_UNITS = {
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?|B)?\s*$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)\s*$")
+_MAX_DIGITS = 30
+"""Digits a written size or duration may have: far more than any real one needs, few enough
+that reading it stays exact and cheap (Python refuses to read integers of over 4300 digits)."""
+_MAX_QUOTED = 80
+
+
+def _quoted(value: object) -> str:
+    """Return ``repr(value)``, cut short so that an error message never quotes a huge input."""
+    if isinstance(value, str) and len(value) > _MAX_QUOTED:
+        return repr(value[:_MAX_QUOTED]) + "..."
+    text = (
+        repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "a huge number"
+    )
+    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
 
 
 def parse_size(value: str | int | float) -> int:
     """Return a size in bytes from ``"512Mi"``, ``"2Gi"``, ``"1G"``, ``1024``.
 
-    Raises ValueError naming the accepted units when the value cannot be read.
+    Raises ValueError naming the accepted units when the value cannot be read, and for a
+    negative, infinite or NaN number. Fractions of a byte are dropped; no upper bound is
+    applied here (``gpuvisor.spec.types.Size`` has one).
     """
     if isinstance(value, bool):
         raise ValueError(f"expected a size like '512Mi' or '2Gi', got {value!r}")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"a size must be a finite number of bytes, got {value!r}")
         if value < 0:
-            raise ValueError(f"a size cannot be negative, got {value!r}")
+            raise ValueError(f"a size cannot be negative, got {_quoted(value)}")
         return int(value)
     match = _SIZE_RE.match(str(value))
     if not match:
         raise ValueError(
-            f"expected a size like '512Mi' or '2Gi' (units B, K, M, G, T, Ki, Mi, Gi, Ti), got {value!r}"
+            "expected a size like '512Mi' or '2Gi' (units B, K, M, G, T, Ki, Mi, Gi, Ti), "
+            f"got {_quoted(value)}"
         )
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit or ""])
+    if len(number) > _MAX_DIGITS:
+        raise ValueError(f"size {_quoted(value)} has too many digits (at most {_MAX_DIGITS})")
+    # exact arithmetic: through a float, 99999999999999999999999999Ti became 1.0000000000000000476e26Ti
+    return int(Fraction(number) * _SIZE_UNITS[unit or ""])
 
 
 def parse_duration(value: str | int | float) -> float:
     """Return a duration in seconds from ``"500us"``, ``"2ms"``, ``"1.5s"``; bare numbers are seconds.
 
-    Raises ValueError naming the accepted units when the value cannot be read.
+    Raises ValueError naming the accepted units when the value cannot be read, and for a
+    negative, infinite or NaN duration; no upper bound is applied here (``gpuvisor.spec.types.
+    Duration`` has one).
     """
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '2ms' or '500us', got {value!r}")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
         if value < 0:
-            raise ValueError(f"a duration cannot be negative, got {value!r}")
-        return float(value)
+            raise ValueError(f"a duration cannot be negative, got {_quoted(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the largest float
+            raise ValueError(f"duration {_quoted(value)} is too long") from None
     match = _DURATION_RE.match(str(value))
     if not match:
         raise ValueError(
-            f"expected a duration like '2ms' or '500us' (units ns, us, ms, s, m, h), got {value!r}"
+            "expected a duration like '2ms' or '500us' (units ns, us, ms, s, m, h), "
+            f"got {_quoted(value)}"
         )
     number, unit = match.groups()
+    if len(number) > _MAX_DIGITS:
+        raise ValueError(f"duration {_quoted(value)} has too many digits (at most {_MAX_DIGITS})")
     return float(number) * _DURATION_UNITS[unit]
 
 

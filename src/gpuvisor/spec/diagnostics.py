@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 from gpuvisor.spec.kinds import KIND_MODELS, KINDS
-from gpuvisor.spec.types import FIELD_ERROR
+from gpuvisor.spec.types import FIELD_ERROR, quoted, shorten
 
 __all__ = ["describe_error", "error_path", "format_path"]
 
@@ -26,7 +26,7 @@ def format_path(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            text += f".{shorten(part)}" if text else shorten(part)
     return text
 
 
@@ -43,8 +43,7 @@ def error_path(loc: tuple[int | str, ...], error: ErrorDetails) -> str:
 
 
 def _shorten(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _MAX_INPUT_REPR else text[: _MAX_INPUT_REPR - 3] + "..."
+    return quoted(value, _MAX_INPUT_REPR)
 
 
 def _type_name(value: Any) -> str:
@@ -64,12 +63,14 @@ def describe_error(kind: str, loc: tuple[int | str, ...], error: ErrorDetails) -
         return _unknown_field(kind, loc)
     if kind_type == "literal_error":
         accepted = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        hint = _did_you_mean(str(value), accepted)
+        hint = _did_you_mean(value, accepted) if isinstance(value, str) else ""
         return f"unknown value {_shorten(value)}{hint}; accepted: {', '.join(accepted)}"
     if kind_type == "value_error":
         return error["msg"].removeprefix(_VALUE_ERROR_PREFIX)
     if kind_type in ("model_type", "model_attributes_type", "dict_type"):
         return f"expected a mapping of fields, got a {_type_name(value)} ({_shorten(value)})"
+    if kind_type == "finite_number":
+        return f"must be a finite number, got {_shorten(value)} (NaN and infinity are refused)"
     if kind_type == "list_type":
         return f"expected a list, got a {_type_name(value)} ({_shorten(value)})"
     if kind_type == "union_tag_not_found":
@@ -82,7 +83,7 @@ def describe_error(kind: str, loc: tuple[int | str, ...], error: ErrorDetails) -
 
 
 def _unknown_field(kind: str, loc: tuple[int | str, ...]) -> str:
-    field = str(loc[-1]) if loc else "?"
+    field = shorten(str(loc[-1])) if loc else "?"
     model = _model_at(KIND_MODELS.get(kind), loc[:-1])
     if model is None:
         return f"unknown field {field!r}"

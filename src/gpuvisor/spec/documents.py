@@ -16,13 +16,29 @@ from typing import Any
 import yaml
 
 from gpuvisor.errors import SpecError
+from gpuvisor.spec.diagnostics import format_path
 from gpuvisor.spec.kinds import API_VERSION
+from gpuvisor.spec.types import quoted
 
-__all__ = ["LIST_KIND", "Problem", "located_objects", "parse_documents", "place", "raise_problems"]
+__all__ = [
+    "LIST_KIND",
+    "MAX_EXPANDED_VALUES",
+    "Problem",
+    "located_objects",
+    "parse_documents",
+    "place",
+    "raise_problems",
+]
 
 LIST_KIND = "List"
 _LIST_FIELDS = ("apiVersion", "kind", "items")
 _ORIGIN_RE = re.compile(r"^(?P<source>.*) doc (?P<doc>\d+)(?: item (?P<item>\d+))?$")
+
+MAX_EXPANDED_VALUES = 100_000
+"""Most values (scalars, lists, mappings) a document that uses YAML aliases may expand to.
+An alias repeats its anchor's value, so aliases of aliases grow a short text exponentially (a
+455-byte "billion laughs" is 10^8 values); real manifests, Lists of many objects included,
+hold some thousands."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +90,71 @@ def place(doc: int, item: int | None) -> str:
     return f"doc {doc}" if item is None else f"doc {doc} item {item}"
 
 
+class _AliasBomb(Exception):
+    """A document whose aliases expand it beyond ``MAX_EXPANDED_VALUES``; ``alias`` grows most."""
+
+    def __init__(self, alias: str) -> None:
+        super().__init__(alias)
+        self.alias = alias
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Return how many values ``node`` stands for once every alias in it is written out.
+
+    Each node is counted once (``sizes``), so this takes time in the size of the text, not of
+    the expansion; a count stops a little over ``MAX_EXPANDED_VALUES``, as does an alias inside
+    its own anchor (an endless value).
+    """
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        return MAX_EXPANDED_VALUES + 1
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_EXPANDED_VALUES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = min(total, MAX_EXPANDED_VALUES + 1)
+    return sizes[key]
+
+
 class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
-    """A safe YAML loader that refuses a key given twice in one mapping (YAML keeps the last)."""
+    """A safe YAML loader that refuses a key given twice in one mapping (YAML keeps the last)
+    and a document whose aliases expand it beyond ``MAX_EXPANDED_VALUES`` (a "billion laughs").
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases: list[tuple[str, yaml.Node]] = []
+        """(anchor name, node) of each alias in the document being read."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        alias = None
+        if self.check_event(yaml.AliasEvent):
+            event: yaml.AliasEvent = self.peek_event()  # type: ignore[no-untyped-call]  # stub
+            alias = event.anchor
+        node: yaml.Node | None = super().compose_node(parent, index)
+        if alias is not None and node is not None:
+            self._aliases.append((alias, node))
+        return node
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Return the document's value; raise _AliasBomb before building an expanding one."""
+        aliases, self._aliases = self._aliases, []
+        if aliases:
+            sizes: dict[int, int] = {}
+            if _expanded_size(node, sizes, set()) > MAX_EXPANDED_VALUES:
+                largest = max(aliases, key=lambda alias: _expanded_size(alias[1], sizes, set()))
+                raise _AliasBomb(largest[0])
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[Hashable] = set()
@@ -86,7 +165,7 @@ class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
             if isinstance(key, Hashable):
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                        None, None, f"duplicate key {quoted(key)}", key_node.start_mark
                     )
                 seen.add(key)
         mapping: dict[Hashable, Any] = super().construct_mapping(node, deep=deep)
@@ -104,7 +183,8 @@ def parse_documents(text: str, source: str) -> list[Any]:
     """Return every YAML document in ``text`` (None for empty ones); SpecError on bad syntax.
 
     A JSON object (``gpuvisor get … -o json``) is read as JSON: YAML 1.1 would read a number
-    like ``1e-05`` as a string.
+    like ``1e-05`` as a string. A document whose YAML aliases expand it beyond
+    ``MAX_EXPANDED_VALUES`` values is refused before it is built.
     """
     if text.lstrip().startswith("{"):
         try:
@@ -125,6 +205,12 @@ def parse_documents(text: str, source: str) -> list[Any]:
         raise_problems([Problem(source, None, None, None, "", message)])
     except yaml.YAMLError as exc:
         raise_problems([Problem(source, None, None, None, "", f"invalid YAML: {exc}")])
+    except _AliasBomb as exc:
+        message = (
+            f"expands to more than {MAX_EXPANDED_VALUES} values through its YAML aliases "
+            f"(*{exc.alias}): write it out, or use fewer aliases"
+        )
+        raise_problems([Problem(source, len(documents) + 1, None, None, "", message)])
     return documents
 
 
@@ -140,10 +226,10 @@ def _list_items(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, st
     found = []
     version = document.get("apiVersion", API_VERSION)
     if version != API_VERSION:
-        found.append(("apiVersion", f"unknown value {version!r}; accepted: {API_VERSION}"))
+        found.append(("apiVersion", f"unknown value {quoted(version)}; accepted: {API_VERSION}"))
     accepted = ", ".join(_LIST_FIELDS)
     found.extend(
-        (str(field), f"unknown field {field!r} (accepted fields: {accepted})")
+        (format_path((str(field),)), f"unknown field {quoted(field)} (accepted fields: {accepted})")
         for field in document
         if field not in _LIST_FIELDS
     )

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
 from gpuvisor.spec.types import (
     AutoFlag,
+    Count,
+    Dimension,
     DnsLabel,
     Duration,
     ModelVersion,
+    Number,
     Sha256Digest,
     Size,
     SpecModel,
     field_error,
+    quoted,
 )
 
 __all__ = [
@@ -26,6 +30,9 @@ __all__ = [
     "DEVICE_LABELS",
     "KINDS",
     "KIND_MODELS",
+    "MAX_REPLICAS",
+    "MAX_WEIGHT",
+    "MIN_WEIGHT",
     "TENANT_SCOPED",
     "Batching",
     "CpuDeviceConfig",
@@ -66,6 +73,17 @@ DEFAULT_POOL = "default"
 
 DEVICE_LABELS = ("kind", "backend", "model", "id", "node")
 """Device labels a Pool selector may match on."""
+
+MAX_REPLICAS = 1000
+"""Most replicas one Deployment may ask for. A node holds a handful of devices (8 GPUs split
+into 7 MIG instances each is 56 slices) and each replica is a worker process with its own copy
+of the model, so a node serves at most some dozens; 1000 leaves room for tiny CPU slices and
+for ``gpuvisor plan`` over a fleet, while the per-replica state of a typo (``replicas:
+1000000000``) cannot exhaust the node's memory."""
+MIN_WEIGHT = 0.001
+MAX_WEIGHT = 1000.0
+"""Bounds of a tenant's weight: a ratio of up to 10^6 between tenants is more than fair sharing
+can show, and keeps virtual time (device seconds / weight) finite."""
 
 Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -127,14 +145,14 @@ class Quota(SpecModel):
     """Caps on what a tenant may hold; None means no cap."""
 
     memory: Size | None = None
-    compute: float | None = Field(default=None, ge=0)
-    deployments: int | None = Field(default=None, ge=0)
-    requests_per_second: float | None = Field(default=None, gt=0)
-    max_queued: int | None = Field(default=None, ge=0)
+    compute: Number | None = Field(default=None, ge=0)
+    deployments: Count | None = Field(default=None, ge=0)
+    requests_per_second: Number | None = Field(default=None, gt=0)
+    max_queued: Count | None = Field(default=None, ge=0)
 
 
 class TenantSpec(SpecModel):
-    weight: float = Field(default=1.0, gt=0)
+    weight: Number = Field(default=1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT)
     pools: list[str] = Field(default_factory=list)
     """Pools the tenant may deploy to; empty means every pool."""
     quota: Quota = Field(default_factory=Quota)
@@ -149,7 +167,7 @@ class ProfileSpec(SpecModel):
     """The shape of one slice (a vGPU): memory cap, guaranteed compute, isolation, latency."""
 
     memory: Size = Field(gt=0)
-    compute_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    compute_share: Number = Field(default=0.0, ge=0.0, le=1.0)
     isolation: Literal["shared", "process", "partition", "exclusive"] = "process"
     latency_class: Literal["critical", "standard", "batch"] = "standard"
     mig_profile: str | None = None
@@ -206,7 +224,7 @@ class Pool(_ClusterScoped):
 class TensorSpec(SpecModel):
     name: str = Field(min_length=1)
     datatype: Datatype
-    shape: list[Annotated[int, Field(ge=-1)]]
+    shape: list[Dimension]
     """Dimensions; -1 marks a variable one (usually the batch)."""
 
 
@@ -217,7 +235,7 @@ class ModelSpec(SpecModel):
     """Path of the artifact; the loader makes relative paths absolute against the file's folder."""
     sha256: Sha256Digest | None = None
     signature: str | None = None
-    max_batch_size: int = Field(default=0, ge=0)
+    max_batch_size: Count = Field(default=0, ge=0)
     """Largest batch the model accepts; 0 means unknown."""
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
@@ -229,7 +247,7 @@ class Model(_TenantScoped):
 
 
 class Batching(SpecModel):
-    max_batch_size: int = Field(default=8, ge=1)
+    max_batch_size: Count = Field(default=8, ge=1)
     max_queue_delay: Duration = 0.0
 
 
@@ -244,7 +262,7 @@ class PlacementPrefs(SpecModel):
 
 
 class Rollout(SpecModel):
-    max_surge: int = Field(default=1, ge=1)
+    max_surge: Count = Field(default=1, ge=1)
     """How many replicas are replaced (or moved off a cordoned device) at the same time; the
     others keep serving their old instance until their turn."""
 
@@ -254,7 +272,7 @@ class DeploymentSpec(SpecModel):
     """``name`` (highest version) or ``name@version``."""
     profile: str
     pool: str = DEFAULT_POOL
-    replicas: int = Field(default=1, ge=0)
+    replicas: Count = Field(default=1, ge=0)
     batching: Batching = Field(default_factory=Batching)
     slo: Slo = Field(default_factory=Slo)
     placement: PlacementPrefs = Field(default_factory=PlacementPrefs)
@@ -265,8 +283,19 @@ class DeploymentSpec(SpecModel):
     def _model_reference(cls, value: str) -> str:
         if not _MODEL_REF_RE.match(value):
             raise ValueError(
-                f"invalid model reference {value!r}: write 'name' (highest version) "
+                f"invalid model reference {quoted(value)}: write 'name' (highest version) "
                 "or 'name@version', e.g. 'shelf-detector@3'"
+            )
+        return value
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas_bounded(cls, value: Any) -> Any:
+        # before Count's own check, whose bound (MAX_COUNT) is a thousand times higher
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_REPLICAS:
+            raise ValueError(
+                f"at most {MAX_REPLICAS} replicas, got {quoted(value)}: one node serves a handful of "
+                "devices; split the work over several Deployments or nodes"
             )
         return value
 
@@ -291,7 +320,7 @@ class MigInstanceSpec(SpecModel):
     """One GPU instance that exists on a simulated MIG GPU: a profile at a start memory slice."""
 
     profile: str = Field(min_length=1)
-    start: int = Field(ge=0)
+    start: Count = Field(ge=0)
 
 
 class MigSetting(SpecModel):
@@ -311,14 +340,14 @@ class MigSetting(SpecModel):
 
 class FleetDevices(SpecModel):
     model: str = Field(min_length=1)
-    count: int = Field(default=1, ge=1)
-    numa: int = Field(default=0, ge=0)
+    count: Count = Field(default=1, ge=1)
+    numa: Count = Field(default=0, ge=0)
     mig: MigSetting = Field(default_factory=MigSetting)
 
 
 class FleetNode(SpecModel):
     name: DnsLabel
-    numa_nodes: int = Field(default=1, ge=1)
+    numa_nodes: Count = Field(default=1, ge=1)
     devices: list[FleetDevices] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -358,9 +387,9 @@ class CpuDeviceConfig(SpecModel):
     """``auto``: serve on the CPU only when no GPU is found."""
     memory: Size | None = Field(default=None, gt=0)
     """Memory budget of the CPU device; None means half the host RAM."""
-    threads: int | None = Field(default=None, ge=1)
+    threads: Count | None = Field(default=None, ge=1)
     """Intra-op threads; None means max(1, cpus // 2)."""
-    concurrency: int = Field(default=1, ge=1)
+    concurrency: Count = Field(default=1, ge=1)
     quantum: Duration | None = Field(default=None, gt=0)
     lookahead: Duration | None = Field(default=None, ge=0)
     """How early the next batch is sent to its worker; None means 2 ms, 0 turns it off."""
@@ -368,7 +397,7 @@ class CpuDeviceConfig(SpecModel):
 
 class NvmlConfig(SpecModel):
     enabled: AutoFlag = "auto"
-    concurrency: int = Field(default=1, ge=1)
+    concurrency: Count = Field(default=1, ge=1)
     """Batches granted at once on each GPU (1: the dispatcher alone decides who runs)."""
     quantum: Duration | None = Field(default=None, gt=0)
     """Longest non-critical batch on a GPU; None means 2 ms."""
@@ -378,7 +407,7 @@ class NvmlConfig(SpecModel):
 
 class Limits(SpecModel):
     max_body_size: Size = Field(default=64 * 2**20, gt=0)
-    max_queued_per_slice: int = Field(default=1024, ge=1)
+    max_queued_per_slice: Count = Field(default=1024, ge=1)
 
 
 class WorkerSettings(SpecModel):
@@ -392,7 +421,7 @@ class WorkerSettings(SpecModel):
     batch_timeout: Duration = Field(default=60.0, gt=0)
     """A batch that holds its device this long is taken as hung: its worker is stopped (its
     requests fail with 503) and restarted, so the other slices on the device go on."""
-    batch_nice: int = Field(default=10, ge=0, le=19)
+    batch_nice: Count = Field(default=10, ge=0, le=19)
     """Niceness added (to the node's own) for workers that serve only ``batch``-class slices
     (0: none), so the node and latency-sensitive workers get the host's CPU cores first."""
 

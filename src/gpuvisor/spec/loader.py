@@ -44,6 +44,7 @@ from gpuvisor.spec.kinds import (
     Tenant,
     resource_key,
 )
+from gpuvisor.spec.types import quoted, shorten
 
 __all__ = [
     "dump_documents",
@@ -57,6 +58,8 @@ __all__ = [
 
 RESOURCE_ADAPTER: TypeAdapter[Resource] = TypeAdapter(Resource)
 _MAX_LISTED = 12
+_MAX_NAME_SHOWN = 80
+"""A name is at most 63 characters; one longer is refused, and shown cut to this length."""
 
 
 def _closest(value: str, known: Iterable[str]) -> str | None:
@@ -82,8 +85,8 @@ def _envelope_problem(document: Any) -> tuple[str, str] | None:
     if kind is None:
         return "kind", f"required field is missing ({expected})"
     if kind not in KINDS:
-        hint = _closest(str(kind), KINDS)
-        return "kind", f"unknown kind {kind!r} ({expected})" + (
+        hint = _closest(kind, KINDS) if isinstance(kind, str) else None
+        return "kind", f"unknown kind {quoted(kind)} ({expected})" + (
             f"; did you mean {hint!r}?" if hint else ""
         )
     return None
@@ -101,7 +104,7 @@ def _reported_thing(document: dict[str, Any]) -> str | None:
 def _raw_name(document: dict[str, Any]) -> str | None:
     metadata = document.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
-    return name if isinstance(name, str) else None
+    return shorten(name, _MAX_NAME_SHOWN) if isinstance(name, str) else None
 
 
 def _absolute(path: str, base_dir: Path | None) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -14,15 +15,37 @@ from gpuvisor.units import parse_duration, parse_size
 
 __all__ = [
     "FIELD_ERROR",
+    "MAX_COUNT",
+    "MAX_DURATION",
+    "MAX_SIZE",
     "AutoFlag",
+    "Count",
+    "Dimension",
     "DnsLabel",
     "Duration",
     "ModelVersion",
+    "Number",
     "Sha256Digest",
     "Size",
     "SpecModel",
     "field_error",
+    "quoted",
+    "shorten",
 ]
+
+MAX_SIZE = 2**63 - 1
+"""Largest size a field takes, in bytes (8Ei): what a signed 64-bit integer holds, as the
+database, JSON readers and NVML's counters do; no real memory comes near it."""
+MAX_DURATION = 30 * 24 * 3600.0
+"""Longest duration a field takes: 30 days. Every duration in the spec is a delay, timeout,
+period or objective that is useless beyond hours; a bound keeps deadlines and timers finite."""
+MAX_COUNT = 1_000_000
+"""Largest count a field takes (batch sizes, quotas, queue caps, devices, threads): far above
+what one node holds, so a typo cannot make the node allocate per-item state until it dies."""
+MAX_DIMENSION = 2**63 - 1
+"""Largest tensor dimension: ONNX and torch store dimensions as 64-bit integers."""
+_MAX_QUOTED = 200
+"""The most characters of an input an error message quotes."""
 
 FIELD_ERROR = "invalid_field"
 """Error type of :func:`field_error`; the loader appends ``ctx["field"]`` to the error's path."""
@@ -48,6 +71,27 @@ def field_error(field: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(FIELD_ERROR, "{message}", {"field": field, "message": message})
 
 
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, _MAX_QUOTED, _MAX_QUOTED
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 8
+
+
+def quoted(value: Any, limit: int = _MAX_QUOTED) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters, for error messages.
+
+    Costs the same for a value of any size: nested containers are shown a few items and
+    levels deep, so a value YAML aliases blew up cannot make the message huge or slow.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return "a huge number"  # str() refuses integers of over 4300 digits
+    return shorten(_QUOTE.repr(value), limit)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """Return ``text`` cut to ``limit`` characters, for a name or key of the input in a message."""
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
 def _to_bytes(value: Any) -> Any:
     """Read ``"512Mi"``, ``"2Gi"`` or a number of bytes; leave other types to pydantic's error."""
     if isinstance(value, (str, int, float)):
@@ -62,11 +106,66 @@ def _to_seconds(value: Any) -> Any:
     return value
 
 
+def _size_in_range(value: int) -> int:
+    if value > MAX_SIZE:
+        raise ValueError(
+            f"{quoted(value)} bytes is more than the largest size accepted, "
+            f"{MAX_SIZE} bytes (2^63 - 1)"
+        )
+    return value
+
+
+def _duration_in_range(value: float) -> float:
+    if value > MAX_DURATION:
+        raise ValueError(
+            f"{value:g}s is longer than the longest duration accepted, "
+            f"{MAX_DURATION / 3600:g}h (30 days)"
+        )
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    """Refuse a boolean or text where a count belongs; pydantic would read true as 1, "2" as 2."""
+    if isinstance(value, bool):
+        raise ValueError(
+            f"expected a whole number, got the boolean {str(value).lower()} "
+            "(YAML reads true, false, yes, no, on and off as booleans)"
+        )
+    if isinstance(value, str):
+        raise ValueError(
+            f"expected a whole number, got the text {quoted(value)}: write it without quotes"
+        )
+    return value
+
+
+def _count(value: Any) -> Any:
+    """Refuse what is not a count, or a count above ``MAX_COUNT``, before pydantic reads it
+    (a float as large as ``1.0e+30`` would get pydantic's message about parsing strings)."""
+    value = _whole_number(value)
+    if isinstance(value, (int, float)) and value > MAX_COUNT:
+        raise ValueError(f"must be at most {MAX_COUNT}, got {quoted(value)}")
+    return value
+
+
+def _not_boolean(value: Any) -> Any:
+    """Refuse a boolean where a number belongs; pydantic would read true as 1.0.
+
+    Text is left to pydantic, which reads "1e-5": YAML 1.1 reads an exponent without a dot
+    (``computeShare: 1e-2``) as text, not as a number.
+    """
+    if isinstance(value, bool):
+        raise ValueError(
+            f"expected a number, got the boolean {str(value).lower()} "
+            "(YAML reads true, false, yes, no, on and off as booleans)"
+        )
+    return value
+
+
 def _check_dns_label(value: str) -> str:
     """Refuse names that are not DNS-1123 labels, saying what a valid name looks like."""
     if len(value) > _DNS_LABEL_MAX or not _DNS_LABEL_RE.match(value):
         raise ValueError(
-            f"{value!r} is not a valid name: use lowercase letters, digits and '-', "
+            f"{quoted(value)} is not a valid name: use lowercase letters, digits and '-', "
             f"starting and ending with a letter or digit, at most {_DNS_LABEL_MAX} characters "
             "(e.g. 'shelf-detector')"
         )
@@ -88,7 +187,7 @@ def _to_auto_flag(value: Any) -> Any:
         return True
     if word in _FALSE_WORDS:
         return False
-    raise ValueError(f"expected true, false or auto, got {value!r}")
+    raise ValueError(f"expected true, false or auto, got {quoted(value)}")
 
 
 def _version_as_text(value: Any) -> Any:
@@ -108,7 +207,7 @@ def _version_as_text(value: Any) -> Any:
 def _check_version(value: str) -> str:
     if not _VERSION_RE.match(value):
         raise ValueError(
-            f"invalid version {value!r}: use letters, digits, '.', '_' or '-' "
+            f"invalid version {quoted(value)}: use letters, digits, '.', '_' or '-' "
             "(e.g. '3' or '2024.06'), starting with a letter or digit"
         )
     return value
@@ -118,16 +217,29 @@ def _check_sha256(value: str) -> str:
     digest = value.strip().lower()
     if not _SHA256_RE.match(digest):
         raise ValueError(
-            f"expected 64 hexadecimal characters (the output of 'sha256sum'), got {value!r}"
+            f"expected 64 hexadecimal characters (the output of 'sha256sum'), got {quoted(value)}"
         )
     return digest
 
 
-Size = Annotated[int, BeforeValidator(_to_bytes)]
-"""A size in bytes; YAML may say ``512Mi``, ``2Gi``, ``1G`` or a plain number of bytes."""
+Size = Annotated[int, BeforeValidator(_to_bytes), AfterValidator(_size_in_range)]
+"""A size in bytes, at most ``MAX_SIZE``; YAML may say ``512Mi``, ``2Gi``, ``1G`` or a plain
+number of bytes."""
 
-Duration = Annotated[float, BeforeValidator(_to_seconds)]
-"""A duration in seconds; YAML may say ``500us``, ``2ms``, ``1.5s`` or a plain number of seconds."""
+Duration = Annotated[
+    float, BeforeValidator(_to_seconds), AllowInfNan(False), AfterValidator(_duration_in_range)
+]
+"""A finite duration in seconds, at most ``MAX_DURATION``; YAML may say ``500us``, ``2ms``,
+``1.5s`` or a plain number of seconds."""
+
+Count = Annotated[int, BeforeValidator(_count)]
+"""A whole number, at most ``MAX_COUNT``; a boolean or text (``"2"``) is refused."""
+
+Number = Annotated[float, BeforeValidator(_not_boolean), AllowInfNan(False)]
+"""A finite number; a boolean, NaN and infinity are refused."""
+
+Dimension = Annotated[int, BeforeValidator(_whole_number), Field(ge=-1, le=MAX_DIMENSION)]
+"""A tensor dimension: a whole number >= 0, or -1 for a variable one."""
 
 DnsLabel = Annotated[str, AfterValidator(_check_dns_label)]
 """An object name: a DNS-1123 label (lowercase alphanumerics and '-', at most 63 characters)."""
