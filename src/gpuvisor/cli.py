@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -11,6 +10,7 @@ import typer
 from rich.console import Console
 
 from gpuvisor import __version__
+from gpuvisor.cli_apply import apply_command
 from gpuvisor.cli_audit import audit_app
 from gpuvisor.cli_bench import bench_app
 from gpuvisor.cli_keys import keys_app
@@ -23,13 +23,17 @@ from gpuvisor.cli_options import (
     StateOpt,
     TenantOpt,
     UrlOpt,
+    check_tenant_exists,
+    choice_parser,
     fail,
     node_client,
     print_data,
     stdout_console,
+    tenant_option,
 )
 from gpuvisor.cli_plan import plan_command
 from gpuvisor.errors import ConfigError, GpuvisorError, NotFound
+from gpuvisor.logs import LOG_FORMATS, LOG_LEVELS
 
 if TYPE_CHECKING:
     from gpuvisor.client import NodeClient
@@ -74,6 +78,8 @@ KIND_ALIASES = {
 }
 # spec.kinds.TENANT_SCOPED in the plural (not imported: pydantic would slow every command)
 TENANT_SCOPED = frozenset({"models", "deployments"})
+# what `delete` takes: devices and slices are the node's, not objects applied to it
+DELETABLE = frozenset({"tenants", "profiles", "pools", "models", "deployments"})
 
 
 def _print_version(value: bool) -> None:
@@ -94,15 +100,18 @@ def _root(
     """The root: its help is the app's; it only takes --version."""
 
 
-def _plural(kind: str) -> str:
-    """Return the plural of ``kind`` (any alias); exit naming the closest kind if there is none."""
+def _plural(kind: str, expected: frozenset[str] | None = None) -> str:
+    """Return the plural of ``kind`` (any alias); exit naming the closest kind if there is
+    none, among the ``expected`` plurals (what the command takes) when given."""
     plural = KIND_ALIASES.get(kind.lower())
     if plural is None:
         import difflib
 
-        close = difflib.get_close_matches(kind.lower(), KIND_ALIASES, n=1)
+        wanted = expected or frozenset(KIND_ALIASES.values())
+        aliases = [alias for alias, p in KIND_ALIASES.items() if p in wanted]
+        close = difflib.get_close_matches(kind.lower(), aliases, n=1)
         hint = f": did you mean '{close[0]}'?" if close else ""
-        known = ", ".join(sorted(set(KIND_ALIASES.values())))
+        known = ", ".join(sorted(wanted))
         fail(GpuvisorError(f"unknown kind '{kind}'{hint} (expected one of {known})"))
     return plural
 
@@ -123,13 +132,21 @@ def up(
     host: Annotated[
         str, typer.Option(help="address to listen on (loopback by default)")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
+    port: Annotated[
+        int, typer.Option(metavar="PORT", min=1, max=65535, help="port to listen on")
+    ] = 8700,
     state: StateOpt = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="node configuration (kind: Node)")
     ] = None,
     db: Annotated[
-        str | None, typer.Option("--db", help="database URL; default sqlite in the state dir")
+        str | None,
+        typer.Option(
+            "--db",
+            metavar="URL",
+            help="database URL: sqlite:///PATH (its directory must exist) or "
+            "postgresql://USER@HOST/DATABASE; default sqlite in the state dir",
+        ),
     ] = None,
     demo: Annotated[
         bool | None,
@@ -137,8 +154,22 @@ def up(
             "--demo/--no-demo", help="set up the demo (default: only when there is no --config)"
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
-    log_format: Annotated[str, typer.Option(help="text or json")] = "text",
+    log_level: Annotated[
+        str,
+        typer.Option(
+            metavar="LEVEL",
+            parser=choice_parser("--log-level", LOG_LEVELS, case_sensitive=False),
+            help=f"{', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]} (any case)",
+        ),
+    ] = "INFO",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            metavar="[text|json]",
+            parser=choice_parser("--log-format", LOG_FORMATS),
+            help="text (key=value lines) or json (one object per line)",
+        ),
+    ] = "text",
 ) -> None:
     """Run a node in the foreground. With no --config it serves a demo: sample models for three
     tenants, their keys and copy-paste examples are printed once it is ready. Stop it with Ctrl-C."""
@@ -158,42 +189,7 @@ def up(
     raise typer.Exit(code)
 
 
-@app.command()
-def apply(
-    file: Annotated[
-        list[str],
-        typer.Option("--filename", "-f", metavar="FILE", help="YAML manifest(s); '-' reads stdin"),
-    ],
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-    state: StateOpt = None,
-) -> None:
-    """Apply manifests (Tenant, Profile, Pool, Model, Deployment): all documents or none.
-
-    A List document (what `get KIND -o yaml` or `-o json` prints) applies its items, in
-    order."""
-    client, out = node_client(url, key, state), stdout_console()
-    for name in file:
-        if name == "-":
-            text, base = sys.stdin.read(), Path.cwd()
-        else:
-            path = Path(name)
-            if not path.is_file():
-                fail(GpuvisorError(f"{name}: no such file"))
-            text, base = path.read_text(), path.parent
-        try:
-            result = client.apply(
-                text, source=Path(name).name if name != "-" else "stdin", base_dir=base
-            )
-        except GpuvisorError as exc:
-            fail(exc)
-        for item in result["results"]:
-            owner = f" (tenant {item['tenant']})" if item.get("tenant") else ""
-            out.print(
-                f"{item['kind'].lower()}/{item['name']}{owner} {item['outcome']}", highlight=False
-            )
-            for warning in item.get("warnings", ()):
-                out.print(f"  warning: {warning}", highlight=False)
+app.command("apply")(apply_command)  # lives in cli_apply.py
 
 
 @app.command()
@@ -240,6 +236,8 @@ def get(
             data: dict[str, Any] = {"items": _items(client, plural, tenant)}
         else:
             data = client.request("GET", f"/api/v1/{plural}", params=params)
+        if tenant and not data["items"]:
+            check_tenant_exists(client, tenant)  # none of an unknown tenant's is not "none"
     except GpuvisorError as exc:
         fail(exc)
     if output != OutputFormat.table:
@@ -260,7 +258,7 @@ def _items(client: NodeClient, plural: str, tenant: str | None) -> list[dict[str
 def describe(
     kind: Annotated[str, typer.Argument(help="deployment (others print their spec)")],
     name: Annotated[str, typer.Argument(help="the object's name")],
-    tenant: TenantOpt = None,
+    tenant: DescribeTenantOpt = None,
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
@@ -282,6 +280,12 @@ def describe(
     stdout_console().print(describe_deployment(body), highlight=False)
 
 
+DescribeTenantOpt = Annotated[
+    str | None, tenant_option("the tenant of the model or deployment to show")
+]
+DeleteTenantOpt = Annotated[
+    str | None, tenant_option("the tenant of the model or deployment to delete")
+]
 DeviceArg = Annotated[str, typer.Argument(help="the device id, as `gpuvisor get devices` shows it")]
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="why (kept in the audit log)")]
 
@@ -345,7 +349,15 @@ def cordon(
 def drain(
     device: DeviceArg,
     reason: ReasonOpt = "",
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the slices to settle")] = 60.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            min=1,
+            max=600,
+            help="seconds to wait for the slices to settle, at most 600",
+        ),
+    ] = 60.0,
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
@@ -366,15 +378,28 @@ def uncordon(
 def delete(
     kind: Annotated[str, typer.Argument(help="tenant, profile, pool, model or deployment")],
     name: Annotated[str, typer.Argument(help="the object's name")],
-    tenant: TenantOpt = None,
+    tenant: DeleteTenantOpt = None,
     url: UrlOpt = None,
     key: KeyOpt = None,
     state: StateOpt = None,
 ) -> None:
     """Delete an object; a deployment's workers are drained and stopped."""
-    plural = _plural(kind)
-    if plural in ("devices", "slices"):
-        fail(GpuvisorError(f"cannot delete '{kind}'"))
+    plural = _plural(kind, DELETABLE)
+    if plural == "devices":
+        fail(
+            ConfigError(
+                f"cannot delete a device: the node finds its devices; take one out of service "
+                f"with `gpuvisor cordon {name}` (its slices move) or `gpuvisor drain {name}` "
+                "(and wait for them)"
+            )
+        )
+    if plural == "slices":
+        fail(
+            ConfigError(
+                "cannot delete a slice: a deployment's replicas are its slices; change its "
+                "replicas and apply it, or `gpuvisor delete deployment NAME -t TENANT`"
+            )
+        )
     _check_tenant(plural, tenant)
     client = node_client(url, key, state)
     try:

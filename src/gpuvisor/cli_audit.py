@@ -17,6 +17,7 @@ from gpuvisor.cli_options import (
     OutputOpt,
     StateOpt,
     UrlOpt,
+    check_database_url,
     fail,
     print_data,
     stdout_console,
@@ -53,7 +54,13 @@ def parse_time(value: str, now: datetime | None = None) -> datetime:
         raise ConfigError(
             f"{value!r} is neither a time like 2026-11-21T13:00:00Z nor a duration ago like 2h"
         ) from None
-    return (now or datetime.now(UTC)) - timedelta(seconds=ago)
+    try:
+        return (now or datetime.now(UTC)) - timedelta(seconds=ago)
+    except OverflowError:  # before the year 1 (or after 9999, for a negative duration)
+        raise ConfigError(
+            f"{value!r} is further back than a date can go: pass a time like "
+            "2026-11-21T13:00:00Z, or a shorter duration"
+        ) from None
 
 
 @audit_app.command("list")
@@ -144,11 +151,14 @@ def verify_command(
     """Check the audit log's hash chain in the database itself (no node needed).
 
     Exits 0 when the chain is intact, 1 naming the first bad record otherwise."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from gpuvisor.store.audit import AuditLog
 
     try:
-        url = db or _state_db_url(state)
         anchored = _parse_anchor(anchor) if anchor else None
+        # opening a database creates what is missing: a wrong path must not make one
+        url = check_database_url(db, must_exist=True) if db else _state_db_url(state)
         log = AuditLog.open(url)
         try:
             report = log.verify(anchor=anchored)
@@ -156,6 +166,9 @@ def verify_command(
             log.close()
     except GpuvisorError as exc:
         fail(exc)
+    except SQLAlchemyError as exc:  # a server that does not answer, a damaged file
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        fail(ConfigError(f"cannot read the audit log from the database: {reason}"))
     if not report.ok:
         err_console.print(
             Text.assemble(
@@ -185,7 +198,13 @@ def _state_db_url(state: str | None) -> str:
         raise ConfigError(
             f"no database at {path}: pass the node's --state, or --db URL for PostgreSQL"
         )
-    return default_url(state_dir)
+    url = default_url(state_dir)
+    try:
+        return check_database_url(url, must_exist=True)
+    except ConfigError:
+        raise ConfigError(
+            f"{path} is not a SQLite database: pass the node's --state, or its --db URL"
+        ) from None
 
 
 def _parse_anchor(text: str) -> tuple[int, str]:

@@ -14,6 +14,7 @@ from gpuvisor.cli_options import (
     OutputOpt,
     StateOpt,
     UrlOpt,
+    check_tenant_exists,
     fail,
     node_client,
     print_data,
@@ -76,6 +77,8 @@ def keys_list(
     client = node_client(url, key, state)
     try:
         data = client.request("GET", "/api/v1/keys", params={"tenant": tenant} if tenant else {})
+        if tenant and not data["items"]:
+            check_tenant_exists(client, tenant)  # the node lists an unknown tenant's as none
     except GpuvisorError as exc:
         fail(exc)
     if output != OutputFormat.table:

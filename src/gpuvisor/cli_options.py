@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from gpuvisor.errors import GpuvisorError
+from gpuvisor.errors import ConfigError, GpuvisorError, NotFound
 
 if TYPE_CHECKING:
     from gpuvisor.client import NodeClient
@@ -26,14 +27,19 @@ __all__ = [
     "KeyOpt",
     "OutputFormat",
     "OutputOpt",
+    "PlainUsageError",
     "StateOpt",
     "TenantOpt",
     "UrlOpt",
+    "check_database_url",
+    "check_tenant_exists",
+    "choice_parser",
     "count_option",
     "fail",
     "node_client",
     "print_data",
     "stdout_console",
+    "tenant_option",
 ]
 
 
@@ -69,6 +75,30 @@ StateOpt = Annotated[
 ]
 
 
+class PlainUsageError(typer.BadParameter):
+    """A usage error (exit status 2) whose message is printed as it is written: typer would
+    put ``Invalid value for '--output' / '-o':`` and its validator's wording around it."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def choice_parser(flag: str, choices: tuple[str, ...], *, case_sensitive: bool = True) -> Any:
+    """Return a ``parser=`` for an option that takes one of ``choices``: it returns the
+    choice as written in ``choices`` and refuses anything else with the usage error
+    ``FLAG must be one of A, B, C``."""
+    by_key = {(c if case_sensitive else c.casefold()): c for c in choices}
+
+    def parse(value: Any) -> Any:
+        text = str(value.value if isinstance(value, StrEnum) else value)
+        found = by_key.get(text if case_sensitive else text.casefold())
+        if found is None:
+            raise PlainUsageError(f"{flag} must be one of {', '.join(choices)} (not {text!r})")
+        return found
+
+    return parse
+
+
 class OutputFormat(StrEnum):
     """What ``-o`` accepts."""
 
@@ -77,18 +107,32 @@ class OutputFormat(StrEnum):
     json = "json"
 
 
+_parse_output_name = choice_parser("-o", tuple(OutputFormat))
+
+
+def _parse_output(value: Any) -> OutputFormat:
+    return OutputFormat(_parse_output_name(value))
+
+
 OutputOpt = Annotated[
     OutputFormat,
-    typer.Option("--output", "-o", help="how to print; one object prints as yaml or json"),
-]
-TenantOpt = Annotated[
-    str | None,
     typer.Option(
-        "--tenant",
-        "-t",
-        metavar="TENANT",
-        help="the tenant of models and deployments (get also filters slices by it)",
+        "--output",
+        "-o",
+        metavar="[table|yaml|json]",
+        parser=_parse_output,
+        help="how to print; one object prints as yaml or json",
     ),
+]
+
+
+def tenant_option(help: str) -> Any:
+    """A ``--tenant/-t TENANT`` option whose help says what it does for this command."""
+    return typer.Option("--tenant", "-t", metavar="TENANT", help=help)
+
+
+TenantOpt = Annotated[
+    str | None, tenant_option("the tenant of models and deployments; also filters slices")
 ]
 
 # Wider than any row: rich folds a table to the console's width, 80 columns when stdout is a
@@ -100,6 +144,9 @@ _API_TENANT_HINT = "add ?tenant=NAME"
 _CLI_TENANT_HINT = "pass -t TENANT"
 
 _err_console = Console(stderr=True)
+
+# The first 16 bytes of every SQLite 3 database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def stdout_console() -> Console:
@@ -133,6 +180,75 @@ def fail(error: GpuvisorError | str) -> NoReturn:
     line = Text.assemble(("error:", "red"), " ", cli_message(message))
     _err_console.print(line, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def check_database_url(url: str, *, must_exist: bool = False) -> str:
+    """Check a ``--db`` URL before it is opened (opening one creates what is missing);
+    return it. Raises ConfigError, saying what to pass instead, when it is not a SQLite or
+    PostgreSQL URL, when a SQLite file's directory does not exist, when the file is not a
+    SQLite database, or (``must_exist``) when there is no such file."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    hint = "pass sqlite:///PATH or postgresql://USER@HOST/DATABASE"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"--db {url!r} is not a database URL: {hint}") from None
+    shown = parsed.render_as_string(hide_password=True)  # never echo a password
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgres", "postgresql"):
+        raise ConfigError(f"--db {shown}: gpuvisor keeps its state in SQLite or PostgreSQL; {hint}")
+    if parsed.drivername not in ("sqlite", "postgres", "postgresql"):
+        try:
+            parsed.get_dialect()  # an unknown driver (postgresql+nosuch://) is named here
+        except (ArgumentError, NoSuchModuleError):
+            raise ConfigError(f"--db {shown}: no such database driver: {hint}") from None
+    database = parsed.database or ""
+    if backend != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return url
+    path = Path(database).expanduser()
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"--db {shown}: the directory {path.parent} does not exist; create it first "
+            "(gpuvisor does not create a database's directories)"
+        )
+    if not path.exists():
+        if must_exist:
+            raise ConfigError(
+                f"--db {shown}: there is no database at {path}: pass the URL the node was "
+                "started with (its --db), or its --state"
+            )
+        return url
+    if not path.is_file():
+        raise ConfigError(f"--db {shown}: {path} is not a file; pass a database file's path")
+    try:
+        with path.open("rb") as file:
+            header = file.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise ConfigError(f"--db {shown}: cannot read {path}: {exc.strerror}") from None
+    if header and header != _SQLITE_HEADER:  # an empty file is an empty database to SQLite
+        raise ConfigError(
+            f"--db {shown}: {path} is not a SQLite database: pass the node's database, or "
+            "a path where none exists yet to start a new one"
+        )
+    return url
+
+
+def check_tenant_exists(client: NodeClient, tenant: str) -> None:
+    """Raise NotFound ``unknown tenant 'NAME'`` when the node has no such tenant.
+
+    For a list filtered by tenant that came back empty: the node lists an unknown tenant's
+    objects as none rather than refusing the filter. Any other answer (a key that may not
+    read the tenant) leaves the empty list as the answer."""
+    from urllib.parse import quote
+
+    try:
+        client.request("GET", f"/api/v1/tenants/{quote(tenant, safe='')}")
+    except NotFound:
+        raise NotFound(f"unknown tenant '{tenant}' (`gpuvisor get tenants` lists them)") from None
+    except GpuvisorError:
+        pass
 
 
 def node_client(url: str | None, key: str | None, state: str | None) -> NodeClient:

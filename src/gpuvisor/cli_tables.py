@@ -24,6 +24,14 @@ def _size(value: Any) -> str:
     return format_size(value) if isinstance(value, (int, float)) else "-"
 
 
+def _selector(selector: Any) -> str:
+    """A Pool's device selector as ``kind=gpu,model=H100*``; ``all`` when it selects every
+    device (an empty one does)."""
+    if not isinstance(selector, dict) or not selector:
+        return "all"
+    return ",".join(f"{label}={glob}" for label, glob in selector.items())
+
+
 _COLUMNS: dict[str, list[tuple[str, Any]]] = {
     "tenants": [
         ("NAME", lambda i: i["metadata"]["name"]),
@@ -41,7 +49,7 @@ _COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("NAME", lambda i: i["metadata"]["name"]),
         ("TENANCY", lambda i: _spec(i, "tenancy")),
         ("SCHEDULER", lambda i: _spec(i, "scheduler")),
-        ("SELECTOR", lambda i: _spec(i, "selector")),
+        ("SELECTOR", lambda i: _selector(_spec(i, "selector"))),
         ("NOTE", lambda i: "implicit (not applied)" if i.get("status", {}).get("implicit") else ""),
     ],
     "models": [

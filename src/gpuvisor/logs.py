@@ -13,11 +13,20 @@ from typing import TextIO
 
 import orjson
 
-__all__ = ["configure_logging", "configure_worker_logging", "worker_log_environment"]
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "configure_logging",
+    "configure_worker_logging",
+    "worker_log_environment",
+]
 
 _CONTEXT_FIELDS = ("tenant", "request_id", "deployment", "slice", "worker")
 _LEVEL_VAR, _FORMAT_VAR = "GPUVISOR_LOG_LEVEL", "GPUVISOR_LOG_FORMAT"
-_FORMATS = ("text", "json")
+LOG_FORMATS = ("text", "json")
+"""What ``gpuvisor up --log-format`` accepts."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""What ``gpuvisor up --log-level`` accepts (in any case)."""
 _settings = {_LEVEL_VAR: "INFO", _FORMAT_VAR: "text"}
 
 
@@ -88,7 +97,12 @@ def configure_logging(
     level: str = "INFO", fmt: str = "text", fields: dict[str, str] | None = None
 ) -> None:
     """Send gpuvisor's logs to stderr as key=value text or JSON lines; ``fields`` are added
-    to every line (a worker's id)."""
+    to every line (a worker's id). Raises ValueError for a level not in LOG_LEVELS or a
+    format not in LOG_FORMATS (rather than logging in a format nobody asked for)."""
+    if level.upper() not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {level!r} (expected one of {', '.join(LOG_LEVELS)})")
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"unknown log format {fmt!r} (expected one of {', '.join(LOG_FORMATS)})")
     handler = _Stderr()
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     if fields:
@@ -109,9 +123,9 @@ def worker_log_environment() -> dict[str, str]:
 
 def configure_worker_logging(worker_id: str, environ: dict[str, str]) -> None:
     """Log as the node that started this worker does, naming the worker on every line."""
-    fmt = environ.get(_FORMAT_VAR, "text")
+    fmt, level = environ.get(_FORMAT_VAR, "text"), environ.get(_LEVEL_VAR, "INFO").upper()
     configure_logging(
-        environ.get(_LEVEL_VAR, "INFO"),
-        fmt if fmt in _FORMATS else "text",
+        level if level in LOG_LEVELS else "INFO",
+        fmt if fmt in LOG_FORMATS else "text",
         {"worker": worker_id},
     )

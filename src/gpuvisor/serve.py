@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import socket
 import sys
 import time
@@ -16,10 +17,13 @@ from pathlib import Path
 import uvicorn
 from rich.console import Console
 from rich.markup import escape
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from gpuvisor import __version__
 from gpuvisor.api.app import create_app
-from gpuvisor.client import resolve_state_dir
+from gpuvisor.cli_options import check_database_url
+from gpuvisor.client import DEFAULT_STATE, DEFAULT_URL, resolve_state_dir
 from gpuvisor.demo.setup import DemoState, prepare_demo
 from gpuvisor.errors import ConfigError
 from gpuvisor.inventory.discovery import discover
@@ -84,8 +88,43 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def _check_state_dir(state_dir: Path) -> None:
+    """Raise ConfigError when ``state_dir``, or the nearest of its parents that exists, is
+    not a directory (checked before anything is written)."""
+    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    what = (
+        f"state directory {state_dir} is a file"
+        if existing == state_dir
+        else f"cannot create the state directory {state_dir}: {existing} is a file"
+    )
+    raise ConfigError(
+        f"{what}, not a directory: pass --state DIR with a directory (it is created when missing)"
+    )
+
+
+def _make_state_dir(state_dir: Path) -> None:
+    """Create the state directory (private) unless it exists; ConfigError when it cannot be."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the state directory {state_dir} ({exc.strerror}): pass --state "
+            "DIR with a directory this user may create or write"
+        ) from None
+
+
 def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None, DemoState | None]:
-    store = Store(db_url)
+    try:
+        store = Store(db_url)
+    except SQLAlchemyError as exc:
+        # what check_database_url cannot see: a server that does not answer, a bad password
+        shown = make_url(db_url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"cannot open the database {shown}: {reason} (check --db, or the node's --state)"
+        ) from None
     try:
         keys = KeyRing(store)
         admin_secret = keys.ensure_admin_key(state_dir)
@@ -106,17 +145,23 @@ async def serve_node(
     log_format: str,
     console: Console,
 ) -> int:
-    """Run a node until it is stopped (SIGINT/SIGTERM); return the process exit code."""
+    """Run a node until it is stopped (SIGINT/SIGTERM); return the process exit code.
+    Raises ConfigError, before anything is written, for a node file, state directory or
+    database it cannot use."""
     configure_logging(log_level, log_format)
     spec = load_node_config(config)
-    # Before anything is written: a node file that asks for a GPU this host does not have is
-    # refused here, in one line, rather than from inside the server's start-up.
-    topology = await asyncio.to_thread(discover, spec)
+    # Before anything is written, each refused in one line rather than from inside the
+    # server's start-up: a database URL that opening would create or fail on, a port in use,
+    # a node file that asks for a GPU this host does not have.
     state_dir = resolve_state_dir(state)
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_state_dir(state_dir)
+    if db is not None:
+        check_database_url(db)
+    _check_port_free(host, port)
+    topology = await asyncio.to_thread(discover, spec)
+    _make_state_dir(state_dir)
     db_url = db or default_url(state_dir)
     use_demo = demo if demo is not None else config is None
-    _check_port_free(host, port)
     started = time.monotonic()
     with console.status(
         "Preparing the state directory" + (" and building the demo models" if use_demo else "")
@@ -194,6 +239,17 @@ def _print_admin_key(console: Console, state_dir: Path, secret: str) -> None:
     )
 
 
+def _cli_flags(base: str, state_dir: Path) -> str:
+    """The options a `gpuvisor` command in another shell needs to reach this node with its
+    admin key: ``--url`` and ``--state`` where they are not the defaults, else nothing."""
+    flags = ""
+    if base != DEFAULT_URL:
+        flags += f" --url {base}"
+    if state_dir.expanduser().resolve() != Path(DEFAULT_STATE).expanduser().resolve():
+        flags += f" --state {shlex.quote(str(state_dir.absolute()))}"
+    return flags
+
+
 def _print_banner(
     console: Console,
     node: Node,
@@ -244,7 +300,9 @@ def _print_banner(
         highlight=False,
         soft_wrap=True,
     )
-    for s in sorted(node.controller.slices.values(), key=lambda s: s.id):
+    # the demo's tenants only: deployments applied since are the operator's, not the demo's
+    demo_slices = (s for s in node.controller.slices.values() if s.tenant in keys)
+    for s in sorted(demo_slices, key=lambda s: s.id):
         console.print(
             f"  {s.tenant:10} {s.deployment:16} {s.state:8} {s.profile} ({s.latency_class})",
             highlight=False,
@@ -271,6 +329,10 @@ def _print_banner(
         setup = f"  . {Path(sys.prefix) / 'bin' / 'activate'}   # in another terminal\n" + setup
     retail_py = repr(retail) if shown else 'os.environ["RETAIL_KEY"]'
     features = ",".join(["0.5"] * 16)
+    flags = _cli_flags(base, state_dir)
+    commands = "\n".join(
+        f"  gpuvisor get {kind}{flags}" for kind in ("deployments", "devices", "slices")
+    )
     console.print("\n[bold]try it[/bold]")
     console.print(
         f"""
@@ -286,7 +348,7 @@ result = client.infer("shelf-detector", [image], headers={{"Authorization": "Bea
 print("shelf class:", result.as_numpy("probabilities").argmax())
 PY
 
-  gpuvisor get deployments        gpuvisor get devices        gpuvisor get slices
+{commands}
 """,
         highlight=False,
         markup=False,

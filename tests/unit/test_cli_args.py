@@ -46,7 +46,7 @@ def test_an_unknown_kind_names_the_closest(args: list[str], expected: str) -> No
 def test_output_is_one_of_table_yaml_json(command: list[str], value: str) -> None:
     result = runner.invoke(app, [*command, "-o", value, *NO_NODE])
     assert result.exit_code == 2
-    assert f"'{value}' is not one of 'table', 'yaml', 'json'" in result.output
+    assert f"-o must be one of table, yaml, json (not '{value}')" in result.output
 
 
 @pytest.mark.parametrize("kind", ["tenants", "profile", "pools", "devices"])

@@ -1,0 +1,104 @@
+"""The CLI against a running demo node: an unknown tenant is an error rather than an empty
+list, a directory applies its manifests in name order, a failing file stops the files after
+it, and a Pool's selector reads as labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gpuvisor.cli import app
+from gpuvisor.launch import NodeProcess
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["get", "deployments", "-t", "nosuch"],
+        ["get", "models", "-t", "nosuch", "-o", "json"],
+        ["get", "slices", "-t", "nosuch"],
+        ["keys", "list", "-t", "nosuch"],
+    ],
+)
+def test_an_unknown_tenant_is_an_error_not_an_empty_list(
+    command: list[str], env: dict[str, str]
+) -> None:
+    result = runner.invoke(app, command, env=env)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: unknown tenant 'nosuch'")
+    assert result.output.count("\n") == 1
+
+
+def test_a_tenant_with_nothing_lists_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    manifest = tmp_path / "quiet.yaml"
+    manifest.write_text("apiVersion: gpuvisor/v1\nkind: Tenant\nmetadata: {name: quiet}\n")
+    assert runner.invoke(app, ["apply", "-f", str(manifest)], env=env).exit_code == 0
+    try:
+        for command in (["get", "deployments"], ["get", "slices"], ["keys", "list"]):
+            result = runner.invoke(app, [*command, "-t", "quiet", "-o", "json"], env=env)
+            assert result.exit_code == 0, (command, result.output)
+            assert json.loads(result.output)["items"] == []
+    finally:
+        runner.invoke(app, ["delete", "tenant", "quiet"], env=env)
+
+
+def test_a_tenant_key_lists_its_own_tenant(env: dict[str, str], demo_node: NodeProcess) -> None:
+    key = demo_node.tenant_key("retail")
+    mine = runner.invoke(app, ["get", "deployments", "-t", "retail", "--key", key], env=env)
+    assert mine.exit_code == 0 and "shelf-detector" in mine.output
+    other = runner.invoke(app, ["get", "deployments", "-t", "nosuch", "--key", key], env=env)
+    assert other.exit_code == 1 and "not found" in other.output
+
+
+def _tenant(name: str) -> str:
+    return f"apiVersion: gpuvisor/v1\nkind: Tenant\nmetadata: {{name: {name}}}\n"
+
+
+def test_a_directory_applies_its_manifests_in_name_order(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    (folder / "b.yml").write_text(
+        "apiVersion: gpuvisor/v1\nkind: Pool\nmetadata: {name: cpus}\n"
+        "spec: {selector: {kind: cpu}}\n"
+    )
+    (folder / "a.yaml").write_text(_tenant("dir-a"))
+    (folder / "notes.txt").write_text("not a manifest")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "c.yaml").write_text(_tenant("dir-c"))
+    try:
+        result = runner.invoke(app, ["apply", "-f", str(folder)], env=env)
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines() == ["tenant/dir-a created", "pool/cpus created"]
+        pools = runner.invoke(app, ["get", "pools"], env=env)
+        row = next(line for line in pools.output.splitlines() if line.startswith("cpus "))
+        assert "kind=cpu" in row and "{" not in row
+    finally:
+        runner.invoke(app, ["delete", "tenant", "dir-a"], env=env)
+        runner.invoke(app, ["delete", "pool", "cpus"], env=env)
+
+
+def test_the_first_failing_file_stops_the_rest(env: dict[str, str], tmp_path: Path) -> None:
+    first, bad, last = tmp_path / "1.yaml", tmp_path / "2.yaml", tmp_path / "3.yaml"
+    first.write_text(_tenant("file-one"))
+    bad.write_text(_tenant("file-two") + "spec: {weight: heavy}\n")
+    last.write_text(_tenant("file-three"))
+    try:
+        args = ["apply", "-f", str(first), "-f", str(bad), "-f", str(last)]
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == 1
+        assert result.output.startswith("tenant/file-one created\nerror: 2.yaml")
+        assert "nothing from 2.yaml or the files after it was applied" in " ".join(
+            result.output.split()
+        )
+        tenants = runner.invoke(app, ["get", "tenants", "-o", "json"], env=env)
+        names = {t["metadata"]["name"] for t in json.loads(tenants.output)["items"]}
+        assert "file-one" in names and not {"file-two", "file-three"} & names
+    finally:
+        runner.invoke(app, ["delete", "tenant", "file-one"], env=env)
