@@ -6,6 +6,8 @@ import math
 import re
 from fractions import Fraction
 
+from gpuvisor.quoting import quoted
+
 __all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
 
 _SIZE_UNITS = {
@@ -29,16 +31,6 @@ that reading it stays exact and cheap (Python refuses to read integers of over 4
 _MAX_QUOTED = 80
 
 
-def _quoted(value: object) -> str:
-    """Return ``repr(value)``, cut short so that an error message never quotes a huge input."""
-    if isinstance(value, str) and len(value) > _MAX_QUOTED:
-        return repr(value[:_MAX_QUOTED]) + "..."
-    text = (
-        repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "a huge number"
-    )
-    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
-
-
 def parse_size(value: str | int | float) -> int:
     """Return a size in bytes from ``"512Mi"``, ``"2Gi"``, ``"1G"``, ``1024``.
 
@@ -52,17 +44,19 @@ def parse_size(value: str | int | float) -> int:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"a size must be a finite number of bytes, got {value!r}")
         if value < 0:
-            raise ValueError(f"a size cannot be negative, got {_quoted(value)}")
+            raise ValueError(f"a size cannot be negative, got {quoted(value, _MAX_QUOTED)}")
         return int(value)
     match = _SIZE_RE.match(str(value))
     if not match:
         raise ValueError(
             "expected a size like '512Mi' or '2Gi' (units B, K, M, G, T, Ki, Mi, Gi, Ti), "
-            f"got {_quoted(value)}"
+            f"got {quoted(value, _MAX_QUOTED)}"
         )
     number, unit = match.groups()
     if len(number) > _MAX_DIGITS:
-        raise ValueError(f"size {_quoted(value)} has too many digits (at most {_MAX_DIGITS})")
+        raise ValueError(
+            f"size {quoted(value, _MAX_QUOTED)} has too many digits (at most {_MAX_DIGITS})"
+        )
     # exact arithmetic: through a float, 99999999999999999999999999Ti became 1.0000000000000000476e26Ti
     return int(Fraction(number) * _SIZE_UNITS[unit or ""])
 
@@ -80,20 +74,22 @@ def parse_duration(value: str | int | float) -> float:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
         if value < 0:
-            raise ValueError(f"a duration cannot be negative, got {_quoted(value)}")
+            raise ValueError(f"a duration cannot be negative, got {quoted(value, _MAX_QUOTED)}")
         try:
             return float(value)
         except OverflowError:  # an int beyond the largest float
-            raise ValueError(f"duration {_quoted(value)} is too long") from None
+            raise ValueError(f"duration {quoted(value, _MAX_QUOTED)} is too long") from None
     match = _DURATION_RE.match(str(value))
     if not match:
         raise ValueError(
             "expected a duration like '2ms' or '500us' (units ns, us, ms, s, m, h), "
-            f"got {_quoted(value)}"
+            f"got {quoted(value, _MAX_QUOTED)}"
         )
     number, unit = match.groups()
     if len(number) > _MAX_DIGITS:
-        raise ValueError(f"duration {_quoted(value)} has too many digits (at most {_MAX_DIGITS})")
+        raise ValueError(
+            f"duration {quoted(value, _MAX_QUOTED)} has too many digits (at most {_MAX_DIGITS})"
+        )
     return float(number) * _DURATION_UNITS[unit]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import reprlib
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -11,6 +10,7 @@ from pydantic import AfterValidator, AllowInfNan, BaseModel, BeforeValidator, Co
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from gpuvisor.quoting import quoted, shorten
 from gpuvisor.units import parse_duration, parse_size
 
 __all__ = [
@@ -44,8 +44,6 @@ MAX_COUNT = 1_000_000
 what one node holds, so a typo cannot make the node allocate per-item state until it dies."""
 MAX_DIMENSION = 2**63 - 1
 """Largest tensor dimension: ONNX and torch store dimensions as 64-bit integers."""
-_MAX_QUOTED = 200
-"""The most characters of an input an error message quotes."""
 
 FIELD_ERROR = "invalid_field"
 """Error type of :func:`field_error`; the loader appends ``ctx["field"]`` to the error's path."""
@@ -69,27 +67,6 @@ def field_error(field: str, message: str) -> PydanticCustomError:
     ``ctx["field"]`` to point the operator at the field that is actually wrong.
     """
     return PydanticCustomError(FIELD_ERROR, "{message}", {"field": field, "message": message})
-
-
-_QUOTE = reprlib.Repr()
-_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, _MAX_QUOTED, _MAX_QUOTED
-_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 8
-
-
-def quoted(value: Any, limit: int = _MAX_QUOTED) -> str:
-    """Return ``repr(value)`` cut to ``limit`` characters, for error messages.
-
-    Costs the same for a value of any size: nested containers are shown a few items and
-    levels deep, so a value YAML aliases blew up cannot make the message huge or slow.
-    """
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
-        return "a huge number"  # str() refuses integers of over 4300 digits
-    return shorten(_QUOTE.repr(value), limit)
-
-
-def shorten(text: str, limit: int = 60) -> str:
-    """Return ``text`` cut to ``limit`` characters, for a name or key of the input in a message."""
-    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
 def _to_bytes(value: Any) -> Any:

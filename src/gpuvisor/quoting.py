@@ -1,0 +1,33 @@
+"""Quoting what a user sent in an error message, cut short: a message must never carry (or
+spend time rendering) a huge input, such as a value YAML aliases blew up or a number of
+thousands of digits. Used by the units parser and the spec's validators alike."""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+__all__ = ["quoted", "shorten"]
+
+_MAX_QUOTED = 200
+"""The most characters of an input an error message quotes."""
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, _MAX_QUOTED, _MAX_QUOTED
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 8
+
+
+def quoted(value: Any, limit: int = _MAX_QUOTED) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters, for error messages.
+
+    Costs the same for a value of any size: nested containers are shown a few items and
+    levels deep, so a value YAML aliases blew up cannot make the message huge or slow.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return "a huge number"  # str() refuses integers of over 4300 digits
+    return shorten(_QUOTE.repr(value), limit)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """Return ``text`` cut to ``limit`` characters, for a name or key of the input in a message."""
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
