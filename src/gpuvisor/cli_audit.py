@@ -17,7 +17,6 @@ from gpuvisor.cli_options import (
     OutputOpt,
     StateOpt,
     UrlOpt,
-    check_database_url,
     fail,
     print_data,
     stdout_console,
@@ -154,6 +153,7 @@ def verify_command(
     from sqlalchemy.exc import SQLAlchemyError
 
     from gpuvisor.store.audit import AuditLog
+    from gpuvisor.store.db import check_database_url
 
     try:
         anchored = _parse_anchor(anchor) if anchor else None
@@ -190,7 +190,7 @@ def verify_command(
 
 def _state_db_url(state: str | None) -> str:
     from gpuvisor.client import resolve_state_dir
-    from gpuvisor.store.db import default_url
+    from gpuvisor.store.db import check_database_url, default_url
 
     state_dir = resolve_state_dir(state)
     path = Path(state_dir) / "gpuvisor.db"

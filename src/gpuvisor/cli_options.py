@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from gpuvisor.errors import ConfigError, GpuvisorError, NotFound
+from gpuvisor.errors import GpuvisorError, NotFound
 
 if TYPE_CHECKING:
     from gpuvisor.client import NodeClient
@@ -31,7 +30,6 @@ __all__ = [
     "StateOpt",
     "TenantOpt",
     "UrlOpt",
-    "check_database_url",
     "check_tenant_exists",
     "choice_parser",
     "count_option",
@@ -146,7 +144,6 @@ _CLI_TENANT_HINT = "pass -t TENANT"
 _err_console = Console(stderr=True)
 
 # The first 16 bytes of every SQLite 3 database file.
-_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def stdout_console() -> Console:
@@ -180,59 +177,6 @@ def fail(error: GpuvisorError | str) -> NoReturn:
     line = Text.assemble(("error:", "red"), " ", cli_message(message))
     _err_console.print(line, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
-
-
-def check_database_url(url: str, *, must_exist: bool = False) -> str:
-    """Check a ``--db`` URL before it is opened (opening one creates what is missing);
-    return it. Raises ConfigError, saying what to pass instead, when it is not a SQLite or
-    PostgreSQL URL, when a SQLite file's directory does not exist, when the file is not a
-    SQLite database, or (``must_exist``) when there is no such file."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    hint = "pass sqlite:///PATH or postgresql://USER@HOST/DATABASE"
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        raise ConfigError(f"--db {url!r} is not a database URL: {hint}") from None
-    shown = parsed.render_as_string(hide_password=True)  # never echo a password
-    backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgres", "postgresql"):
-        raise ConfigError(f"--db {shown}: gpuvisor keeps its state in SQLite or PostgreSQL; {hint}")
-    if parsed.drivername not in ("sqlite", "postgres", "postgresql"):
-        try:
-            parsed.get_dialect()  # an unknown driver (postgresql+nosuch://) is named here
-        except (ArgumentError, NoSuchModuleError):
-            raise ConfigError(f"--db {shown}: no such database driver: {hint}") from None
-    database = parsed.database or ""
-    if backend != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
-        return url
-    path = Path(database).expanduser()
-    if not path.parent.is_dir():
-        raise ConfigError(
-            f"--db {shown}: the directory {path.parent} does not exist; create it first "
-            "(gpuvisor does not create a database's directories)"
-        )
-    if not path.exists():
-        if must_exist:
-            raise ConfigError(
-                f"--db {shown}: there is no database at {path}: pass the URL the node was "
-                "started with (its --db), or its --state"
-            )
-        return url
-    if not path.is_file():
-        raise ConfigError(f"--db {shown}: {path} is not a file; pass a database file's path")
-    try:
-        with path.open("rb") as file:
-            header = file.read(len(_SQLITE_HEADER))
-    except OSError as exc:
-        raise ConfigError(f"--db {shown}: cannot read {path}: {exc.strerror}") from None
-    if header and header != _SQLITE_HEADER:  # an empty file is an empty database to SQLite
-        raise ConfigError(
-            f"--db {shown}: {path} is not a SQLite database: pass the node's database, or "
-            "a path where none exists yet to start a new one"
-        )
-    return url
 
 
 def check_tenant_exists(client: NodeClient, tenant: str) -> None:

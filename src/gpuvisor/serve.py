@@ -22,7 +22,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gpuvisor import __version__
 from gpuvisor.api.app import create_app
-from gpuvisor.cli_options import check_database_url
 from gpuvisor.client import DEFAULT_STATE, DEFAULT_URL, resolve_state_dir
 from gpuvisor.demo.setup import DemoState, prepare_demo
 from gpuvisor.errors import ConfigError
@@ -33,7 +32,7 @@ from gpuvisor.security.keys import KeyRing, admin_key_path, claimed_key_id
 from gpuvisor.spec.kinds import Node as NodeDoc
 from gpuvisor.spec.kinds import NodeSpec
 from gpuvisor.spec.loader import load_documents
-from gpuvisor.store.db import default_url
+from gpuvisor.store.db import check_database_url, default_url
 from gpuvisor.store.repo import Store
 
 __all__ = ["load_node_config", "serve_node"]

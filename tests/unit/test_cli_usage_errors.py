@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 from gpuvisor import logs
 from gpuvisor.cli import app
 from gpuvisor.cli_audit import parse_time
-from gpuvisor.cli_options import check_database_url, choice_parser
+from gpuvisor.cli_options import choice_parser
 from gpuvisor.cli_tables import render_table
 from gpuvisor.client import DEFAULT_STATE, DEFAULT_URL
 from gpuvisor.errors import ConfigError
 from gpuvisor.launch import free_port
 from gpuvisor.logs import LOG_LEVELS, configure_logging
+from gpuvisor.store.db import check_database_url
 
 runner = CliRunner()
 NO_NODE = ["--url", "http://127.0.0.1:9", "--key", "gvk_x_y"]  # refused before any request

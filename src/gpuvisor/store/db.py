@@ -13,12 +13,16 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
+
+from gpuvisor.errors import ConfigError
 
 __all__ = [
     "MIGRATIONS_DIR",
     "WRITE_OPTION",
     "alembic_config",
+    "check_database_url",
     "default_url",
     "is_sqlite",
     "make_engine",
@@ -36,6 +40,59 @@ WRITE_OPTION = "gpuvisor_write"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 # Arbitrary constant naming gpuvisor's migration lock on PostgreSQL.
 _PG_MIGRATION_LOCK_ID = 0x67707669
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_database_url(url: str, *, must_exist: bool = False) -> str:
+    """Check a ``--db`` URL before it is opened (opening one creates what is missing);
+    return it. Raises ConfigError, saying what to pass instead, when it is not a SQLite or
+    PostgreSQL URL, when a SQLite file's directory does not exist, when the file is not a
+    SQLite database, or (``must_exist``) when there is no such file."""
+    hint = "pass sqlite:///PATH or postgresql://USER@HOST/DATABASE"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"--db {url!r} is not a database URL: {hint}") from None
+    shown = parsed.render_as_string(hide_password=True)  # never echo a password
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgres", "postgresql"):
+        raise ConfigError(f"--db {shown}: gpuvisor keeps its state in SQLite or PostgreSQL; {hint}")
+    if parsed.drivername not in ("sqlite", "postgres", "postgresql"):
+        try:
+            parsed.get_dialect()  # an unknown driver (postgresql+nosuch://) is named here
+        except (ArgumentError, NoSuchModuleError):
+            raise ConfigError(f"--db {shown}: no such database driver: {hint}") from None
+    database = parsed.database or ""
+    if backend != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return url
+    path = Path(database).expanduser()
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"--db {shown}: the directory {path.parent} does not exist; create it first "
+            "(gpuvisor does not create a database's directories)"
+        )
+    if not path.exists():
+        if must_exist:
+            raise ConfigError(
+                f"--db {shown}: there is no database at {path}: pass the URL the node was "
+                "started with (its --db), or its --state"
+            )
+        return url
+    if not path.is_file():
+        raise ConfigError(f"--db {shown}: {path} is not a file; pass a database file's path")
+    try:
+        with path.open("rb") as file:
+            header = file.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise ConfigError(f"--db {shown}: cannot read {path}: {exc.strerror}") from None
+    if header and header != _SQLITE_HEADER:  # an empty file is an empty database to SQLite
+        raise ConfigError(
+            f"--db {shown}: {path} is not a SQLite database: pass the node's database, or "
+            "a path where none exists yet to start a new one"
+        )
+    return url
 
 
 def default_url(state_dir: Path) -> str:
