@@ -16,6 +16,7 @@ The tree::
     ├── ModelError                  400 model_error        a model cannot be loaded or verified
     │   └── IntegrityError          400 integrity_error    sha256 or signature does not match
     ├── ExecutionError              500 execution_error    the model failed while running a request
+    ├── ClientGone                  499 client_closed      the client left while its request was queued
     └── Unavailable                 503 unavailable        not ready, worker crashed, deadline cannot be met
         ├── WorkerCrashed           503 worker_crashed
         └── DeadlineExceeded        503 deadline_exceeded
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ClientGone",
     "ConfigError",
     "Conflict",
     "DeadlineExceeded",
@@ -142,6 +144,15 @@ class ExecutionError(GpuvisorError):
     http_status = 500
 
 
+class ClientGone(GpuvisorError):
+    """The client closed its connection while its request waited in a queue: the request was
+    dropped without running. Nobody receives this answer; 499 (a status no client is sent,
+    by the convention of web servers' logs) marks it in the node's logs and metrics."""
+
+    code = "client_closed"
+    http_status = 499
+
+
 class Unavailable(GpuvisorError):
     """The target cannot serve now; ``retry_after`` (seconds) is a hint, when known."""
 
@@ -178,6 +189,7 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         ModelError,
         IntegrityError,
         ExecutionError,
+        ClientGone,
         Unavailable,
         WorkerCrashed,
         DeadlineExceeded,

@@ -7,11 +7,12 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpuvisor import __version__
+from gpuvisor.client_watch import ClientWatch
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.health import apply_health
 from gpuvisor.control.slices import Backoff, SliceState
@@ -20,6 +21,7 @@ from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.fairshare import FairSharePolicy
 from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, Outcome, PendingRequest, SliceQueue
 from gpuvisor.errors import (
+    ClientGone,
     DeadlineExceeded,
     GpuvisorError,
     NotFound,
@@ -240,6 +242,7 @@ class Node:
         priority: int | None = None,
         timeout: float | None = None,
         rows: int = 1,
+        client_gone: Callable[[], Awaitable[None]] | None = None,
     ) -> Outcome:
         """Admit a request to the least-loaded ready slice of ``dep`` and wait for its outcome.
 
@@ -248,6 +251,8 @@ class Node:
         deadline. ``rows`` is the request's batch dimension as read from its header.
         Raises TooManyRequests (429) or DeadlineExceeded (503) when it is refused
         before queueing, DeadlineExceeded when its deadline passes while it is queued.
+        ``client_gone`` waits until the caller has left: if it returns while the request is
+        still queued, the request is dropped (ClientGone) and spends no device time.
         """
         assert self.controller is not None
         tenant, name = dep.metadata.tenant or "", dep.metadata.name
@@ -280,6 +285,11 @@ class Node:
             trace_id=trace_id,
         )
         future = dispatcher.submit(queue.slice_id, request)
+        watch = None
+        if client_gone is not None:
+            watch = ClientWatch(
+                client_gone, lambda: self._drop_abandoned(future, dispatcher, queue, request)
+            )
         try:
             if budget is None:
                 outcome = await future
@@ -288,6 +298,9 @@ class Node:
         except Exception as exc:
             m.child(m.requests, tenant, name, version, getattr(exc, "code", "error")).inc()
             raise
+        finally:
+            if watch is not None:
+                watch.cancel()
         outcome_label = "ok" if outcome.status == 200 else str(outcome.status)
         m.child(m.requests, tenant, name, version, outcome_label).inc()
         elapsed = time.monotonic() - request.arrival
@@ -377,6 +390,27 @@ class Node:
             "dropped without running. Raise Deployment spec.slo.latency or the request's "
             "timeout, or send less",
             reason="deadline_expired",
+        )
+
+    @staticmethod
+    def _drop_abandoned(
+        future: asyncio.Future[Outcome],
+        dispatcher: DeviceDispatcher,
+        queue: SliceQueue,
+        request: PendingRequest,
+    ) -> None:
+        """The client of ``request`` has left: drop the request if it is still queued (once
+        granted, it runs, and its answer goes nowhere)."""
+        if future.done() or not dispatcher.withdraw(queue.slice_id, request):
+            return
+        waited = time.monotonic() - request.arrival
+        future.set_exception(
+            ClientGone(
+                f"the client closed its connection after {waited * 1000:.0f} ms, while its "
+                f"request was queued on slice {queue.slice_id}; the request was dropped "
+                "without running",
+                reason="client_closed",
+            )
         )
 
     def _not_ready_reason(self, tenant: str, name: str) -> str:

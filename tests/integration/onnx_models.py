@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["adder_model", "rows_model"]
+__all__ = ["adder_model", "looper_model", "rows_model"]
 
 
 def rows_model(
@@ -31,3 +31,33 @@ def adder_model(constant: float) -> bytes:
     """y = x + constant: versions built with different constants answer differently."""
     c = helper.make_tensor("c", TensorProto.FLOAT, [1], [constant])
     return rows_model("adder", [helper.make_node("Add", ["x", "c"], ["y"])], [c])
+
+
+def looper_model() -> bytes:
+    """y = x + max(x): adds 1 to x max(x) times, one Loop iteration at a time."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 4]),
+        ],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    return rows_model(
+        "looper",
+        [
+            helper.make_node("ReduceMax", ["x"], ["most"], keepdims=0),
+            helper.make_node("Cast", ["most"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body),
+        ],
+        [helper.make_tensor("go", TensorProto.BOOL, [], [True])],
+    )

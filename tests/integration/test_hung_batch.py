@@ -17,8 +17,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from onnx import TensorProto, helper
-from onnx_models import adder_model, rows_model
+from onnx_models import adder_model, looper_model
 
 from gpuvisor.launch import NodeProcess
 from gpuvisor.runtime.tensors import json_infer_request
@@ -66,36 +65,6 @@ kind: Deployment
 metadata: {name: adder, tenant: other}
 spec: {model: adder, profile: small}
 """
-
-
-def looper_model() -> bytes:
-    """y = x + max(x): adds 1 to x max(x) times, one Loop iteration at a time."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-        ],
-        "step",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 4]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 4]),
-        ],
-        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
-    )
-    return rows_model(
-        "looper",
-        [
-            helper.make_node("ReduceMax", ["x"], ["most"], keepdims=0),
-            helper.make_node("Cast", ["most"], ["trips"], to=TensorProto.INT64),
-            helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body),
-        ],
-        [helper.make_tensor("go", TensorProto.BOOL, [], [True])],
-    )
 
 
 @pytest.fixture(scope="module")

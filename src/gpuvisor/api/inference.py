@@ -29,6 +29,7 @@ from gpuvisor.api.errors import (
 )
 from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.api.outline import request_outline
+from gpuvisor.client_watch import disconnect_of
 from gpuvisor.errors import GpuvisorError, InvalidRequest
 from gpuvisor.node import Node
 from gpuvisor.runtime.tensors import DATATYPES
@@ -175,7 +176,14 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
             )
     outline = request_outline(body if header_length < 0 else body[:header_length])
     outcome = await node.infer(
-        dep, body, header_length, trace_id, outline.priority, outline.timeout, outline.rows
+        dep,
+        body,
+        header_length,
+        trace_id,
+        outline.priority,
+        outline.timeout,
+        outline.rows,
+        client_gone=disconnect_of(request.receive),
     )
     headers = {"X-Request-ID": trace_id}
     if outcome.status != 200:
