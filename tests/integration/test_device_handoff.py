@@ -10,13 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from gpuvisor.bench.scenario import (
-    BenchModel,
-    SaturatingLoad,
-    TenantPlan,
-    run_open_loop,
-    start_node,
-)
+from gpuvisor.bench.mlp import BenchModel
+from gpuvisor.bench.oip_clients import SaturatingLoad, run_open_loop
+from gpuvisor.bench.scenario import TenantPlan, start_node
 
 CRITICAL = BenchModel("chat-mlp", (256, 512, 16))
 BULK = BenchModel("bulk-mlp", (512, 1024, 1024, 16))

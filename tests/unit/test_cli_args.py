@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from gpuvisor import __version__
 from gpuvisor.api.admin import PLURALS
-from gpuvisor.cli import TENANT_SCOPED, app
+from gpuvisor.cli import app
+from gpuvisor.cli_objects import TENANT_SCOPED
 from gpuvisor.client import NodeClient
 from gpuvisor.errors import ConfigError, GpuvisorError
 from gpuvisor.launch import free_port
@@ -59,7 +60,7 @@ def test_tenant_is_refused_for_kinds_that_belong_to_no_tenant(kind: str) -> None
 
 
 def test_the_cli_knows_which_kinds_belong_to_a_tenant() -> None:
-    """cli.TENANT_SCOPED repeats spec.kinds.TENANT_SCOPED (importing that costs pydantic)."""
+    """cli_objects.TENANT_SCOPED repeats spec.kinds.TENANT_SCOPED (importing that costs pydantic)."""
     assert {plural for plural, kind in PLURALS.items() if kind in SPEC_TENANT_SCOPED} == set(
         TENANT_SCOPED
     )

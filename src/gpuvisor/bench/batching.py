@@ -14,9 +14,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from gpuvisor.bench.harness import Reporter, run_and_report, workdir
 from gpuvisor.bench.loadgen import machine_info
-from gpuvisor.bench.overhead import build_model
-from gpuvisor.bench.scenario import Reporter, run_and_report, workdir
+from gpuvisor.bench.overhead_systems import build_model
 from gpuvisor.demo.models import DEMO_MODEL_NAMES, sample_inputs
 from gpuvisor.runtime.executors.base import ExecutorDevice
 from gpuvisor.runtime.executors.onnx import OnnxExecutor

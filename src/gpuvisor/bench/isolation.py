@@ -18,20 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from gpuvisor.bench.floor import FloorProcess
+from gpuvisor.bench.harness import Reporter, run_and_report, workdir
 from gpuvisor.bench.loadgen import LoadResult, machine_info
-from gpuvisor.bench.scenario import (
-    BenchModel,
-    Reporter,
-    SaturatingLoad,
-    Target,
-    TenantPlan,
-    cpu_seconds,
-    measure_cost,
-    run_and_report,
-    run_open_loop,
-    start_node,
-    workdir,
-)
+from gpuvisor.bench.mlp import BenchModel, measure_cost
+from gpuvisor.bench.oip_clients import SaturatingLoad, Target, run_open_loop
+from gpuvisor.bench.scenario import TenantPlan, cpu_seconds, start_node
 
 __all__ = [
     "BATCH_MODEL",

@@ -13,7 +13,8 @@ from gpuvisor.inventory.device import Device
 from gpuvisor.partition.mig import MigInstance, check_layout, geometry_for
 
 if TYPE_CHECKING:
-    from gpuvisor.spec.kinds import Fleet, MigInstanceSpec
+    from gpuvisor.spec.fleet_nodes import MigInstanceSpec
+    from gpuvisor.spec.kinds import Fleet
 
 __all__ = ["GPU_CATALOGUE", "GpuModel", "devices_from_fleet", "lookup_gpu_model", "match_nvml_name"]
 

@@ -1,8 +1,9 @@
 """Running one slice's requests in the worker: decoding, batching, running and encoding a
 batch's requests, and measuring the slice's execution profile when it loads.
 
-The worker process (``runtime/worker.py``) owns the process, the link to the node and the
-order batches run in; this module is what a batch does once its turn comes.
+The worker process (``runtime/worker.py``, its loop in ``runtime/worker_loop.py``) owns the
+process, the link to the node and the order batches run in; this module is what a batch does
+once its turn comes.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Worker processes: spawning, the ZeroMQ link to them, and their lifetimes.
+"""Worker processes: spawning, the slices and batches they run, and their lifetimes.
 
-Process spawning lives here and nowhere else. The pool binds one ROUTER socket; a
-worker is one OS process per ``process``-isolation slice, or one per (tenant, device)
-for ``shared`` slices: never one process for two tenants.
+Process spawning lives here and nowhere else. The pool binds one ROUTER socket (the link,
+``runtime/link.py``); a worker is one OS process per ``process``-isolation slice, or one per
+(tenant, device) for ``shared`` slices: never one process for two tenants.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import zmq
 
 from gpuvisor.dispatch.dispatcher import BatchCallback
 from gpuvisor.dispatch.queues import Outcome, PendingRequest
@@ -34,14 +32,11 @@ from gpuvisor.errors import (
 )
 from gpuvisor.logs import worker_log_environment
 from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.link import WorkerLink, WorkerProcess
 
-__all__ = ["SliceLaunch", "WorkerPool", "WorkerProcess"]
+__all__ = ["SliceLaunch", "WorkerPool"]
 
 log = logging.getLogger("gpuvisor.runtime")
-
-
-# What a batch's reply (or the crash of its worker) is handed to.
-ReplyHandler = Callable[["p.BatchDone | GpuvisorError", list[bytes]], None]
 
 
 @dataclass(frozen=True)
@@ -61,28 +56,7 @@ class SliceLaunch:
         return f"slice:{self.slice_id}"
 
 
-@dataclass(eq=False)
-class WorkerProcess:
-    """One running worker process and what is outstanding on it."""
-
-    worker_id: str
-    key: str
-    tenant: str
-    process: asyncio.subprocess.Process
-    ready: asyncio.Future[p.WorkerReady]
-    exited: asyncio.Future[int]
-    handoff_path: str = ""  # the worker's handoff (Unix datagram) socket
-    slices: set[str] = field(default_factory=set)
-    loads: dict[str, asyncio.Future[p.ModelLoaded]] = field(default_factory=dict)
-    batches: dict[int, ReplyHandler] = field(default_factory=dict)
-    stopped_because: str = ""  # why the node killed it (a hung batch), for its requests' error
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-class WorkerPool:
+class WorkerPool(WorkerLink):
     """Starts workers, loads slices into them, runs batches on them, and notices when they die."""
 
     def __init__(self, start_timeout: float = 120.0, runtime_dir: Path | None = None) -> None:
@@ -90,35 +64,16 @@ class WorkerPool:
         # ipc:// paths must stay short (about 100 bytes), so they live in a fresh temp dir.
         self._own_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="gpuvisor-"))
-        self.endpoint = f"ipc://{self.runtime_dir}/node.sock"
-        # A plain (not asyncio) socket driven by loop.add_reader: replies are handled in the
-        # reader callback itself, and sends go out synchronously, with no task or future between
-        # the dispatcher and the worker (each of those costs a loop iteration under load).
-        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.bind(self.endpoint)
-        self.workers: dict[str, WorkerProcess] = {}  # by worker id
+        super().__init__(self.runtime_dir)
         self.by_key: dict[str, WorkerProcess] = {}
         self.slice_worker: dict[str, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
         self._batch_worker: dict[int, WorkerProcess] = {}  # outstanding batch id -> its worker
         self._waiters: dict[int, list[WorkerProcess]] = {}  # batch id -> workers waiting for it
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_scheduled = False
-        self._early_ready: dict[str, p.WorkerReady] = {}  # from workers not registered yet
         self._watchers: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start receiving worker messages on the running event loop."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self.socket.fileno(), self._drain)
-            self._schedule_drain()
 
     async def close(self) -> None:
         """Stop every worker (Shutdown, then SIGTERM, then SIGKILL) and the socket."""
@@ -422,72 +377,7 @@ class WorkerPool:
             except TimeoutError:
                 continue
 
-    # ---- the socket ---------------------------------------------------------------------
-
-    async def _send(
-        self, worker: WorkerProcess, message: p.Message, frames: Sequence[bytes] = ()
-    ) -> None:
-        self._send_now(worker, message, frames)
-
-    def _send_now(
-        self, worker: WorkerProcess, message: p.Message, frames: Sequence[bytes] = ()
-    ) -> None:
-        """Send without waiting; raise Unavailable when the worker cannot take the message now.
-
-        A worker executes one batch at a time and the dispatcher bounds what is outstanding,
-        so its pipe (1,000 messages) never fills in normal operation.
-        """
-        try:
-            self.socket.send_multipart(
-                [worker.worker_id.encode(), p.encode(message), *frames],
-                flags=zmq.NOBLOCK,
-                copy=False,
-            )
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:  # its connection is gone: it exited or is exiting
-                why = "its connection is gone (the worker has exited or is exiting)"
-            elif exc.errno == zmq.EAGAIN:
-                why = "its queue of messages is full"
-            else:
-                why = str(exc)
-            raise Unavailable(
-                f"worker {worker.worker_id} is not reachable: {why}", retry_after=1.0
-            ) from exc
-        # Sending can consume the edge-triggered readiness of the socket's file descriptor
-        # while a reply is already waiting: look again once the loop is free.
-        self._schedule_drain()
-
-    def _schedule_drain(self) -> None:
-        if self._loop is not None and not self._drain_scheduled:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        """Handle every message waiting on the socket (the reader callback)."""
-        self._drain_scheduled = False
-        socket = self.socket
-        while int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            # Copied frames: replies are small, and zero-copy Frame objects cost more to make
-            # than the copy they save.
-            frames = socket.recv_multipart(zmq.NOBLOCK)
-            if len(frames) < 2:
-                continue
-            worker_id = frames[0].decode()
-            worker = self.workers.get(worker_id)
-            try:
-                message = p.decode(frames[1])
-            except Exception:
-                log.warning("worker %s sent an undecodable message", worker_id)
-                continue
-            if worker is None:
-                if isinstance(message, p.WorkerReady):
-                    # it was quicker than the spawning coroutine: kept until it is registered
-                    self._early_ready[worker_id] = message
-                continue
-            try:
-                self._handle(worker, message, frames[2:])
-            except Exception:  # one bad message must not stop the node hearing its workers
-                log.exception("handling a message from worker %s failed", worker.worker_id)
+    # ---- what the workers send ----------------------------------------------------------
 
     def _handle(self, worker: WorkerProcess, message: p.Message, payload: list[bytes]) -> None:
         if isinstance(message, p.BatchDone):

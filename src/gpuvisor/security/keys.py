@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import builtins
-import hashlib
 import os
-import re
 import secrets
-import string
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, get_args
 
 from gpuvisor import errors
 from gpuvisor.security.admin_key import ADMIN_KEY_FILE, admin_key_path, read_admin_key
+from gpuvisor.security.key_text import (
+    ID_ALPHABET,
+    ID_LENGTH,
+    KEY_PREFIX,
+    claimed_key_id,
+    extract_key,
+    hash_secret,
+    redact_secrets,
+)
+from gpuvisor.security.principals import ROLES, Principal, Role
 from gpuvisor.store.audit import NODE_ROLE, AuditEvent
 from gpuvisor.store.repo import RevokedKey, Store, StoredKey
 
@@ -39,12 +45,6 @@ __all__ = [
     "redact_secrets",
 ]
 
-Role = Literal["admin", "operator", "tenant"]
-ROLES: tuple[str, ...] = get_args(Role)
-
-KEY_PREFIX = "gvk_"
-_ID_ALPHABET = string.ascii_lowercase + string.digits
-_ID_LENGTH = 8
 _SECRET_BYTES = 32  # token_urlsafe(32) is 43 characters
 NO_KEY_MESSAGE = "no API key: send 'Authorization: Bearer <key>'"
 
@@ -60,34 +60,6 @@ def _as_utc(value: datetime) -> datetime:
 
 def _format_time(value: datetime) -> str:
     return _as_utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def hash_secret(secret: str) -> str:
-    """Return the hex sha256 of a key secret: the only form in which keys are stored."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the key's role, its tenant (None for admin/operator) and key id."""
-
-    role: Role
-    tenant: str | None
-    key_id: str
-
-    @property
-    def sees_all(self) -> bool:
-        """Admin and operator keys read every tenant's objects (and operate devices)."""
-        return self.role in ("admin", "operator")
-
-    def may_see(self, tenant: str) -> bool:
-        """Whether this key may read what belongs to ``tenant`` ("" for no tenant: no)."""
-        return self.sees_all or (tenant != "" and tenant == self.tenant)
-
-    @property
-    def kind_of_key(self) -> str:
-        """``an admin key``, ``an operator key``, ``a tenant key``: for messages."""
-        return f"{'an' if self.role[0] in 'aeiou' else 'a'} {self.role} key"
 
 
 @dataclass
@@ -207,7 +179,7 @@ class KeyRing:
                 f"expiry {_format_time(expiry)} is not in the future", expires_at=expiry
             )
         for _attempt in range(5):
-            key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_LENGTH))
+            key_id = "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
             secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
             stored = StoredKey(
                 id=key_id,
@@ -390,56 +362,6 @@ def _write_private_file(path: Path, text: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-_SECRET_IN_TEXT = re.compile(r"(gvk_[a-z0-9]{1,16})_[A-Za-z0-9_-]+")
-
-
-def redact_secrets(text: str) -> str:
-    """``text`` with the secret part of every ``gvk_<id>_<secret>`` in it replaced by ``…``
-    (for paths and messages that are logged, recorded or echoed back)."""
-    return _SECRET_IN_TEXT.sub(r"\1_…", text)
-
-
-def claimed_key_id(text: str) -> str | None:
-    """The id part of ``gvk_<id>_<secret>`` (or of ``gvk_<id>``) when ``text`` has that form,
-    else None; never any of the secret."""
-    rest = text.strip().removeprefix(KEY_PREFIX)
-    key_id, _, _ = rest.partition("_")
-    if (
-        text.strip().startswith(KEY_PREFIX)
-        and len(key_id) == _ID_LENGTH
-        and all(c in _ID_ALPHABET for c in key_id)
-    ):
-        return key_id
-    return None
-
-
-def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
-    """Return the key sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
-
-    The Authorization header wins when both are sent. Returns None when neither carries
-    a key; raises errors.Unauthenticated for an Authorization header that is not a Bearer
-    token and no X-API-Key to fall back on.
-    """
-    if authorization and authorization.strip():
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and token:
-            return token
-        if not (x_api_key and x_api_key.strip()):
-            if scheme.lower() == "bearer":
-                problem = "empty Bearer token"
-            elif not token:  # one word: most likely a key sent without "Bearer " (never echo it)
-                problem = "the Authorization header has no scheme"
-            elif scheme.isalpha() and len(scheme) <= 16:
-                problem = f"unsupported Authorization scheme {scheme!r}"
-            else:
-                problem = "the Authorization header is not 'Bearer <key>'"
-            raise errors.Unauthenticated(f"{problem}: send 'Authorization: Bearer <key>'")
-    if x_api_key and x_api_key.strip():
-        return x_api_key.strip()
-    return None
 
 
 def _revocation_of(revoked: RevokedKey) -> Revocation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gpuvisor.spec.fleet_nodes import FleetDevices, FleetNode, MigInstanceSpec, MigSetting
 from gpuvisor.spec.kinds import (
     API_VERSION,
     CLUSTER_SCOPED,
@@ -15,22 +16,15 @@ from gpuvisor.spec.kinds import (
     MIN_WEIGHT,
     TENANT_SCOPED,
     Batching,
-    CpuDeviceConfig,
     Deployment,
     DeploymentSpec,
     Fleet,
-    FleetDevices,
-    FleetNode,
     FleetSpec,
-    Limits,
     Metadata,
-    MigInstanceSpec,
-    MigSetting,
     Model,
     ModelSpec,
     Node,
     NodeSpec,
-    NvmlConfig,
     PlacementPrefs,
     Pool,
     PoolSpec,
@@ -39,11 +33,9 @@ from gpuvisor.spec.kinds import (
     Quota,
     Resource,
     Slo,
-    TelemetrySettings,
     Tenant,
     TenantSpec,
     TensorSpec,
-    WorkerSettings,
     resource_key,
 )
 from gpuvisor.spec.loader import (
@@ -54,6 +46,13 @@ from gpuvisor.spec.loader import (
     resource_from_dict,
     resource_to_dict,
     validate_references,
+)
+from gpuvisor.spec.node_settings import (
+    CpuDeviceConfig,
+    Limits,
+    NvmlConfig,
+    TelemetrySettings,
+    WorkerSettings,
 )
 from gpuvisor.spec.types import (
     MAX_COUNT,

@@ -18,14 +18,8 @@ from gpuvisor.bench.isolation import (
     IsolationConfig,
     isolation_command,
 )
-from gpuvisor.bench.scenario import (
-    BenchModel,
-    SaturatingLoad,
-    Target,
-    measure_cost,
-    oip_body,
-    run_open_loop,
-)
+from gpuvisor.bench.mlp import BenchModel, measure_cost
+from gpuvisor.bench.oip_clients import SaturatingLoad, Target, oip_body, run_open_loop
 
 TINY = BenchModel("tiny-mlp", (8, 16, 4))
 

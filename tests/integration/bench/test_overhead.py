@@ -26,12 +26,14 @@ from gpuvisor.bench.overhead import (
     FLOOR,
     GPUVISOR,
     OverheadConfig,
+    render_report,
+    run_overhead,
+)
+from gpuvisor.bench.overhead_systems import (
     build_model,
     direct_call_factory,
     direct_session,
     fetch_outputs,
-    render_report,
-    run_overhead,
     start_gpuvisor,
 )
 from gpuvisor.demo.models import sample_inputs

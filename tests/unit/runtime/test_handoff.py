@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuvisor.bench.scenario import BenchModel, oip_body
+from gpuvisor.bench.mlp import BenchModel
+from gpuvisor.bench.oip_clients import oip_body
 from gpuvisor.dispatch.dispatcher import BatchCallback
 from gpuvisor.dispatch.queues import Outcome, PendingRequest
 from gpuvisor.errors import GpuvisorError, WorkerCrashed

@@ -17,7 +17,7 @@ import zmq
 
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.runtime import protocol as p
-from gpuvisor.runtime.worker import Worker
+from gpuvisor.runtime.worker_loop import Worker
 
 WORKER_ID = "w-test"
 SLICE = "t/scorer/0"
