@@ -142,6 +142,8 @@ def _slice_lines(sl: dict[str, Any]) -> list[str]:
     if sl.get("migInstance"):
         where += f" (MIG {sl['migInstance']})"
     lines = [f"  {sl['id']}  {sl['state']}  on {where}  pid {sl.get('pid') or '-'}"]
+    if sl.get("model"):  # during a rolling update, which version each replica serves
+        lines[0] += f"  serves {sl['model']}"
     unplaced = sl.get("unplacedReasons") or {}
     if unplaced:
         lines.append("    cannot be placed:")
@@ -184,7 +186,8 @@ def describe_deployment(body: dict[str, Any]) -> str:
     lines = [
         f"Name:        {meta['name']}",
         f"Tenant:      {meta.get('tenant') or '-'}",
-        f"Model:       {spec.get('model')}",
+        f"Model:       {spec.get('model')}"
+        + ("" if "@" in str(spec.get("model")) else " (its highest version)"),
         f"Profile:     {spec.get('profile')}",
         f"Pool:        {spec.get('pool')}",
         f"Replicas:    {status.get('readyReplicas', 0)} ready of {replicas}"

@@ -41,6 +41,7 @@ def _deployment(**status: Any) -> dict[str, Any]:
                     "isolation": "process",
                     "rssBytes": 69259264,
                     "since": STARTED + 1,
+                    "model": "shelf-classifier@3",
                     "profileSeconds": {"8": 9.1136e-05, "1": 2.7952e-05, "2": 3.4171e-05},
                     "unplacedReasons": {},
                 }
@@ -57,7 +58,11 @@ def test_a_deployment_reads_as_its_manifest_with_what_each_slice_is_given() -> N
     assert "Rollout:     maxSurge 1" in lines
     assert "Batching:    maxBatchSize 8, maxQueueDelay 500us" in lines
     assert "SLO:         latency 100ms" in lines
-    assert "  retail/shelf-detector/0  Ready  on cpu-0  pid 3238" in lines
+    assert "Model:       shelf-classifier@3" in lines
+    # which version each replica serves (during a rolling update, not all the same)
+    assert (
+        "  retail/shelf-detector/0  Ready  on cpu-0  pid 3238  serves shelf-classifier@3" in lines
+    )
     assert "    given: critical class, computeShare 0.25, memory 512Mi, process isolation" in lines
     assert "    since 2026-11-22T01:04:57Z: 1 restart(s), 3 queued, worker RSS 66.1Mi" in lines
     # batch sizes in order, their times to three significant digits
@@ -73,10 +78,12 @@ def test_an_update_in_progress_says_how_far_it_has_come() -> None:
 
 def test_no_slo_and_no_queue_delay_are_said_plainly() -> None:
     body = _deployment()
+    body["spec"]["model"] = "shelf-classifier"
     del body["spec"]["slo"]
     body["spec"]["batching"]["maxQueueDelay"] = 0.0
     lines = describe_deployment(body).splitlines()
     assert "SLO:         none" in lines
+    assert "Model:       shelf-classifier (its highest version)" in lines
     assert "Batching:    maxBatchSize 8, maxQueueDelay 0" in lines
 
 
