@@ -65,6 +65,8 @@ def apply_command(
             )
             for warning in item.get("warnings", ()):
                 out.print(f"  warning: {warning}", highlight=False)
+            for note in item.get("notes", ()):
+                out.print(f"  {note}", highlight=False)
 
 
 def _manifest_paths(names: list[str]) -> list[tuple[str, Path | None]]:

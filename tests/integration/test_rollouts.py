@@ -584,7 +584,7 @@ async def never_placed(db_url: str, tmp_path: Path) -> None:
         assert (progress.ready, progress.updated, progress.replacing) == (2, 2, [])
 
 
-def test_a_replacement_that_took_an_old_ones_place_and_cannot_be_placed_holds_its_turn(
+def test_a_new_spec_that_fits_nowhere_leaves_the_old_instance_serving_and_holds_its_turn(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     asyncio.run(unplaceable_spec(sqlite_url, tmp_path))
@@ -598,24 +598,30 @@ async def unplaceable_spec(db_url: str, tmp_path: Path) -> None:
         await ctl.reconcile()
         await settle(ctl)
         first, second = REPLICAS[:2]
-        old_second = ctl.slices[second]
-        # a profile larger than the device: replica 0 is stopped to make room, and still
-        # cannot be placed; replica 1 keeps its old instance and serves
+        old_first, old_second = ctl.slices[first], ctl.slices[second]
+        # a profile larger than the device: replica 0's new instance fits nowhere, not even in
+        # its old instance's place, so that one is not stopped and serves on; replica 1 waits
         apply_manifest(ctl.store, manifest("{memory: 5Gi}", deployment=two_replicas))
         await ctl.reconcile()
         await settle(ctl)
         await ctl.reconcile()
-        new_first = ctl.slices[first]
-        assert (new_first.state, new_first.took_over) == ("Pending", True), new_first.reason
+        new_first = ctl.slices[f"{first}#2"]
+        assert (new_first.state, new_first.took_over) == ("Pending", False), new_first.reason
+        assert new_first.reason == (
+            "no device has room for the new spec, even in the old instance's place "
+            f"({first} serves the old spec meanwhile)"
+        )
+        assert ctl.slices[first] is old_first and old_first.state == "Ready"
+        assert old_first.reason.endswith(f"its replacement {first}#2 fits on no device")
         assert ctl.slices[second] is old_second and old_second.state == "Ready"
         assert old_second.reason == waiting(first, 1)
-        assert ctl.ready_slices(TENANT, "adder") == [old_second]
+        assert ctl.ready_slices(TENANT, "adder") == [old_first, old_second]
         assert ctl.rollout(TENANT, "adder").stalled == {first: "Pending"}
 
-        # the profile back as it was: replica 1's instance fits again, replica 0 is placed
+        # the profile back as it was: both old instances fit it again, the new one is dropped
         apply_manifest(ctl.store, manifest("{memory: 1Gi}", deployment=two_replicas))
         await ctl.reconcile()
         await settle(ctl)
         assert ctl.slices[second] is old_second and old_second.reason == ""
-        assert [s.state for s in ctl.instances(first)] == ["Ready"]
+        assert ctl.instances(first) == [old_first] and old_first.reason == ""
         assert ctl.rollout(TENANT, "adder").done

@@ -23,6 +23,7 @@ from gpuvisor.api.objects import (
     users_of,
 )
 from gpuvisor.api.oip import principal_of, read_body
+from gpuvisor.control.apply_effects import apply_notes, apply_warnings
 from gpuvisor.control.checks import check_apply
 from gpuvisor.errors import Conflict, InvalidRequest, NotFound
 from gpuvisor.node import Node
@@ -31,8 +32,6 @@ from gpuvisor.spec.kinds import (
     API_VERSION,
     DEFAULT_POOL,
     TENANT_SCOPED,
-    Deployment,
-    Model,
     Resource,
     resource_key,
 )
@@ -61,7 +60,12 @@ class ApplyResult(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="stored, but will not serve as it is: a model file missing on the node, "
-        "replicas that fit on no device",
+        "replicas that fit on no device (a deployment's, or those of every deployment using "
+        "a profile)",
+    )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what the apply set moving: the deployments that roll to a new model version",
     )
 
 
@@ -193,30 +197,14 @@ def admin_router(node: Node) -> APIRouter:
                     "name": o.name,
                     "tenant": o.tenant or None,
                     "outcome": outcome,
-                    "warnings": _apply_warnings(bodies.get((o.kind, o.tenant, o.name))),
+                    "warnings": apply_warnings(
+                        bodies.get((o.kind, o.tenant, o.name)), node.controller
+                    ),
+                    "notes": apply_notes(bodies.get((o.kind, o.tenant, o.name)), node.controller),
                 }
                 for o, outcome in applied
             ]
         }
-
-    def _apply_warnings(resource: Resource | None) -> list[str]:
-        """What will keep an applied object from serving, as far as the node can tell now."""
-        if isinstance(resource, Model):
-            source = Path(resource.spec.source)
-            if not source.is_file():
-                return [
-                    f"model file {source} is not on this node (yet): deployments of this "
-                    "model stay Failed until it is (they load as soon as it appears)"
-                ]
-        if isinstance(resource, Deployment) and node.controller is not None:
-            slices = node.controller.deployment_slices(
-                resource.metadata.tenant or "", resource.metadata.name
-            )
-            pending = [s for s in slices if s.state == "Pending"]
-            if pending:
-                replicas = len({s.replica_id for s in slices})
-                return [f"{len(pending)} of {replicas} replica(s) Pending: {pending[0].reason}"]
-        return []
 
     async def _find(principal: Principal, kind: str, name: str, tenant: str | None) -> StoredObject:
         if kind in TENANT_SCOPED:

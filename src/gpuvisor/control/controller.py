@@ -266,6 +266,8 @@ class Controller:
         leaving = self._leaving(serving) if serving is not None else None
         if leaving:
             self.moved[want.slice_id] = f"moved off {leaving}"
+        before = self.slices.get(instance_id)
+        said = before.reason if before is not None else ""  # what a retry has said already
         state = self._start_slice(want, instance_id, memory_failures, serving)
         if serving is None:
             return
@@ -281,6 +283,23 @@ class Controller:
             )
             return
         if not state.unplaced:
+            return
+        if not leaving and not self._fits_in_place(want, state, serving):
+            # Stopping the old instance would not make room: it serves on, and the new spec
+            # stays Pending (placed again at every reconcile, as room may free up).
+            reason = (
+                "no device has room for the new spec, even in the old instance's place "
+                f"({serving.id} serves the old spec meanwhile)"
+            )
+            if said != reason:
+                log.warning(
+                    "slice %s: %s: %s",
+                    want.slice_id,
+                    reason,
+                    "; ".join(f"{d}: {why}" for d, why in sorted(state.unplaced.items())),
+                    extra={"tenant": want.tenant},
+                )
+            state.set_state("Pending", reason)
             return
         log.info(
             "slice %s: no device has room for its %s beside the old one; replacing it in place",
@@ -301,6 +320,14 @@ class Controller:
         self._start_slice(
             want, free_instance_id(want.slice_id, self.slices), memory_failures, took_over=True
         )
+
+    def _fits_in_place(self, want: DesiredSlice, state: SliceState, serving: SliceState) -> bool:
+        """Whether some device would take instance ``state`` of ``want`` once ``serving`` (the
+        old instance of its replica) has stopped and given back all it holds."""
+        others = [s for s in self.slices.values() if s is not serving]
+        snapshot = placement_snapshot(self.topology.devices, others, state.id)
+        cycle = placement_cycle(want, state, self._tenant(state.tenant))
+        return self.framework.place(cycle, snapshot).device_id is not None
 
     def _snapshot(self, exclude: str, retiring: SliceState | None = None) -> Snapshot:
         """The room slices hold, for placing ``exclude`` (``launch.placement_snapshot``)."""

@@ -212,6 +212,8 @@ def serving_note(leaving: str | None, replacement: SliceState) -> str:
     ``leaving``) until ``replacement`` is Ready, or after it failed."""
     if replacement.state == "Failed":
         return f"{_serving(leaving)}: its replacement {replacement.id} failed"
+    if replacement.state == "Pending":
+        return f"{_serving(leaving)}: its replacement {replacement.id} fits on no device"
     return f"{_serving(leaving)} until its replacement {replacement.id} is Ready"
 
 
