@@ -64,6 +64,11 @@ apiVersion: gpuvisor/v1
 kind: Deployment
 metadata: {name: adder, tenant: other}
 spec: {model: adder, profile: small}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: adder-one, tenant: other}
+spec: {model: adder, profile: small, batching: {maxBatchSize: 1}}
 """
 
 
@@ -98,18 +103,21 @@ def output(response: httpx.Response) -> list[float]:
     return [float(v) for v in out["data"]]
 
 
-def slice_of(node: NodeProcess, tenant: str) -> dict[str, object]:
+def slice_of(node: NodeProcess, tenant: str, deployment: str | None = None) -> dict[str, object]:
     items = httpx.get(
         f"{node.url}/api/v1/slices", headers=node.auth(node.admin_key), timeout=30
     ).json()["items"]
-    [mine] = [i for i in items if i["tenant"] == tenant]
+    wanted = deployment or {"stuck": "looper", "other": "adder"}[tenant]
+    [mine] = [i for i in items if i["tenant"] == tenant and i["deployment"] == wanted]
     return mine  # type: ignore[no-any-return]
 
 
-def wait_ready(node: NodeProcess, tenant: str, restarts: int = 0) -> dict[str, object]:
+def wait_ready(
+    node: NodeProcess, tenant: str, restarts: int = 0, deployment: str | None = None
+) -> dict[str, object]:
     deadline = time.monotonic() + 120
     while True:
-        found = slice_of(node, tenant)
+        found = slice_of(node, tenant, deployment)
         if found["state"] == "Ready" and found["restarts"] == restarts:
             return found
         assert time.monotonic() < deadline, (found["state"], found["reason"], found["restarts"])
@@ -157,3 +165,38 @@ def test_a_hung_batch_is_stopped_and_the_batch_behind_it_runs(node: NodeProcess)
         'gpuvisor_hung_batches_total{deployment="looper",device="cpu-0",tenant="stuck"} 1.0'
         in metrics
     )
+
+
+def test_a_request_staged_behind_a_hung_batch_is_answered_at_its_deadline(
+    node: NodeProcess,
+) -> None:
+    """A request granted to run next (staged behind the running batch, as a batch of one
+    always is) whose deadline passes while the running batch hangs is taken back and answered
+    503 at its deadline, not once the batch timeout has stopped the hung batch."""
+    stuck, other = node.create_tenant_key("stuck"), node.create_tenant_key("other")
+    wait_ready(node, "stuck", restarts=slice_of(node, "stuck")["restarts"])  # type: ignore[arg-type]
+    wait_ready(node, "other", deployment="adder-one")
+    answers: dict[str, httpx.Response] = {}
+    hang = threading.Thread(
+        target=lambda: answers.update(hung=infer(node, stuck, "looper", np.full((1, 4), 1e12)))
+    )
+    hang.start()
+    time.sleep(0.3)  # the hung batch holds the device
+    started = time.monotonic()
+    late = httpx.post(
+        f"{node.url}/v2/models/adder-one/infer",
+        content=json_infer_request(
+            {"x": np.full((1, 4), 2.0, dtype=np.float32)}, {"timeout": 200_000}
+        ),
+        headers=node.auth(other),
+        timeout=60,
+    )
+    waited = time.monotonic() - started
+    hang.join(60)
+    assert late.status_code == 503, late.text
+    error = late.json()
+    assert (error["code"], error["reason"]) == ("deadline_exceeded", "deadline_expired"), error
+    assert waited < 0.9, f"answered after {waited:.2f}s: at the batch timeout, not the deadline"
+    assert answers["hung"].status_code == 503
+    # the other requests of that deployment are served once the device is free again
+    assert output(infer(node, other, "adder-one", np.full((1, 4), 2.0))) == [3.0] * 4

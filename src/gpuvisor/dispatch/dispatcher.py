@@ -6,12 +6,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from gpuvisor.dispatch.batching import ready_at, take_batch
 from gpuvisor.dispatch.policy import DispatchPolicy, FifoPolicy
 from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
+from gpuvisor.dispatch.staging import Grant, may_follow, may_stage, may_take_back, staging_base
 from gpuvisor.errors import GpuvisorError, NotFound, Unavailable
 
 __all__ = ["BatchRunner", "DeviceDispatcher"]
@@ -53,22 +53,6 @@ class BatchRunner(Protocol):
 
 
 BatchObserver = Callable[[SliceQueue, Sequence[PendingRequest], float], None]
-
-
-@dataclass(eq=False, slots=True)
-class _Grant:
-    """A batch on the device: running, or staged to start when ``after`` is done."""
-
-    queue: SliceQueue
-    cost: float  # predicted device seconds, charged to the slice at the grant
-    end: float  # predicted monotonic end
-    after: _Grant | None = None
-    handle: int = 0
-    followed: bool = False  # a batch is staged behind this one
-    revoking: bool = False  # taken back for a critical request: it will run nothing
-    ended: bool = False  # what followed it was settled: it is off the device, its reply not in
-    started: float | None = None  # monotonic time its turn on the device came (None: waits)
-    aborted: bool = False  # held the device past the batch timeout: its worker was stopped
 
 
 class DeviceDispatcher:
@@ -123,7 +107,7 @@ class DeviceDispatcher:
         self._running = False
         self._pumping = False
         self._pump_soon = False
-        self._grants: set[_Grant] = set()  # batches on the device (running or staged)
+        self._grants: set[Grant] = set()  # batches on the device (running or staged)
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = float("inf")
 
@@ -223,7 +207,7 @@ class DeviceDispatcher:
         while True:
             base = None  # the running batch a staged batch would follow
             if len(self._grants) >= self.concurrency:
-                base = self._staging_base()
+                base = staging_base(self._grants) if self.lookahead > 0 else None
                 if base is None:
                     if self._preempt_staged(now):
                         continue
@@ -234,7 +218,9 @@ class DeviceDispatcher:
                 if not queue.items:
                     continue
                 if queue.in_flight and not (
-                    base is not None and self._may_follow(queue, base) and self._full(queue)
+                    base is not None
+                    and may_follow(self._grants, queue, base)
+                    and may_stage(queue, self.policy.batch_rows(queue))
                 ):
                     continue
                 at = ready_at(queue)
@@ -259,75 +245,28 @@ class DeviceDispatcher:
                 return None if next_ready == float("inf") else max(0.0, next_ready - now)
             self._grant(chosen, take_batch(chosen, self.policy.batch_rows(chosen)), now, base)
 
-    def _staging_base(self) -> _Grant | None:
-        """The batch next in line that ends first and has nothing staged behind it, when the
-        lookahead allows staging; None otherwise. Next in line: running, taken back (it will
-        run nothing), or waiting only behind a batch that was taken back."""
-        if self.lookahead <= 0:
-            return None
-        base = None
-        for grant in self._grants:
-            if (
-                (grant.after is None or grant.revoking or grant.after.revoking)
-                and not grant.followed
-                and not grant.ended
-                and (base is None or grant.end < base.end)
-            ):
-                base = grant
-        return base
-
-    def _full(self, queue: SliceQueue) -> bool:
-        """Whether a slice with a batch on the device may stage another now: a critical slice
-        always (its requests should not wait for a trip to the node), any other only when the
-        batch it would get is as large as it may be. Staging saves one trip to the worker;
-        waiting for the running batch to end lets more requests join the next one, which
-        saves a trip for each of them."""
-        if queue.latency_class == "critical":
-            return True
-        return queue.queued_rows >= min(queue.max_batch_size, self.policy.batch_rows(queue))
-
-    def _may_follow(self, queue: SliceQueue, base: _Grant) -> bool:
-        """Whether a batch of ``queue``, which has batches on the device, may be staged behind
-        ``base``: at most one of them will run (the others were taken back), and it runs before
-        ``base`` or is ``base`` (a worker runs its batches in order, so the new one then waits
-        only for ``base``)."""
-        running = [g for g in self._grants if g.queue is queue and not g.revoking]
-        if len(running) > 1:
-            return False
-        if not running:
-            return True
-        link: _Grant | None = base
-        while link is not None:
-            if link is running[0]:
-                return True
-            link = link.after
-        return False
-
     def _preempt_staged(self, now: float) -> bool:
         """A critical request is ready while a non-critical batch waits (staged) for the device:
         take that batch back (it keeps its place but runs nothing, and its requests return to
         the head of their queue), so the critical request waits for the running batch only.
         Return whether a batch was taken back."""
         for staged in self._grants:
+            ahead = staged.after
             if (
-                staged.after is None
-                or staged.after.ended
-                or staged.revoking
-                or staged.followed
+                ahead is None
+                or not may_take_back(staged)
                 or staged.queue.latency_class == "critical"
             ):
                 continue
             if not any(
                 queue.latency_class == "critical"
                 and queue.items
-                and (not queue.in_flight or (queue.in_flight == 1 and staged.after.queue is queue))
+                and (not queue.in_flight or (queue.in_flight == 1 and ahead.queue is queue))
                 and ready_at(queue) <= now
                 for queue in self.queues.values()
             ):
                 return False
-            staged.revoking = True
-            staged.end = staged.after.end
-            self.runner.revoke(staged.handle)
+            self._take_back(staged)
             return True
         return False
 
@@ -355,20 +294,41 @@ class DeviceDispatcher:
         return max(0.0, running) + delay + own + interleave
 
     def withdraw(self, slice_id: str, request: PendingRequest) -> bool:
-        """Take a request that is still queued out of its slice (its deadline passed): it will
-        spend no device time. False when it was already granted (or is gone)."""
+        """Take a request out before it runs (its deadline passed, or its client left): out of
+        its slice's queue, or out of a batch staged behind the running one, which is taken back
+        (its other requests queue again, first). It will spend no device time. False when it
+        runs already (or is gone)."""
         queue = self.queues.get(slice_id)
-        return queue is not None and queue.remove(request)
+        if queue is None:
+            return False
+        if queue.remove(request):
+            return True
+        staged = next((g for g in self._grants if any(r is request for r in g.batch)), None)
+        if staged is None or not may_take_back(staged):
+            return False
+        request.withdrawn = True
+        self._take_back(staged)
+        return True
+
+    def _take_back(self, staged: Grant) -> None:
+        """Take a staged batch back: it keeps its place but runs nothing, and its requests
+        return to the head of their queue when its worker reports it."""
+        assert staged.after is not None
+        staged.revoking = True
+        staged.end = staged.after.end
+        self.runner.revoke(staged.handle)
 
     def _grant(
         self,
         queue: SliceQueue,
         batch: list[PendingRequest],
         now: float,
-        after: _Grant | None = None,
+        after: Grant | None = None,
     ) -> None:
         cost = queue.profile.predict(sum(r.rows for r in batch))
-        grant = _Grant(queue, cost, (after.end if after is not None else now) + cost, after)
+        grant = Grant(
+            queue, cost, (after.end if after is not None else now) + cost, after, batch=batch
+        )
         grant.started = now if after is None else None
         if after is not None:
             after.followed = True
@@ -398,7 +358,7 @@ class DeviceDispatcher:
 
     # ---- the batch timeout ------------------------------------------------------------
 
-    def _arm_watchdog(self, grant: _Grant) -> None:
+    def _arm_watchdog(self, grant: Grant) -> None:
         """Look at ``grant`` again when it will have held the device for the batch timeout."""
         if grant.started is None or self._loop is None or not self._running:
             return
@@ -445,7 +405,7 @@ class DeviceDispatcher:
 
     def _settle(
         self,
-        grant: _Grant,
+        grant: Grant,
         batch: list[PendingRequest],
         result: Sequence[Outcome] | GpuvisorError | None,
         device_seconds: float,
@@ -474,7 +434,7 @@ class DeviceDispatcher:
                 other.started = now
                 self._arm_watchdog(other)
         if result is None:  # revoked before it started: the requests queue again, first
-            queue.requeue(batch)
+            queue.requeue([r for r in batch if not r.withdrawn])
             self._charge(queue, -grant.cost, now)
             return
         failed = isinstance(result, GpuvisorError)

@@ -39,6 +39,7 @@ class PendingRequest:
     trace_id: str = ""
     future: asyncio.Future[Outcome] | None = None
     granted_at: float | None = None
+    withdrawn: bool = False  # taken out of a staged batch: it does not queue again
 
 
 @dataclass(eq=False)

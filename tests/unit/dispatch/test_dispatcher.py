@@ -531,6 +531,39 @@ def test_a_batch_is_staged_behind_one_that_waits_only_for_a_taken_back_batch() -
     asyncio.run(scenario())
 
 
+def test_withdrawing_a_request_of_a_staged_batch_takes_the_batch_back() -> None:
+    """A request whose deadline passes (or whose client leaves) while its batch is staged
+    behind the running one never runs: the staged batch is taken back, the request is left
+    out, and the batch's other requests queue again and run. A request of the running batch
+    cannot be withdrawn."""
+    runner, dispatcher = _bulk_and_chat()
+    requests = [_request(i) for i in range(3)]
+
+    async def scenario() -> tuple[bool, bool]:
+        dispatcher.start()
+        futures = [dispatcher.submit("bulk", r) for r in requests]
+        await asyncio.sleep(0)  # R (1: request 0) runs, S (2: request 1) is staged behind it
+        assert [(h, ids, a) for h, _, ids, a in runner.sent] == [(1, [0], None), (2, [1], 1)]
+        running = dispatcher.withdraw("bulk", requests[0])
+        staged = dispatcher.withdraw("bulk", requests[1])
+        futures[1].cancel()  # as the node answers it
+        assert runner.revoked == [2]
+        runner.finish(1)
+        runner.finish(2, revoked=True)
+        for _ in range(20):  # what is left runs, in order
+            if not runner.pending:
+                break
+            runner.finish(min(runner.pending))
+            await asyncio.sleep(0)
+        await _gather(dispatcher, [futures[0], futures[2]])
+        return running, staged
+
+    running, staged = asyncio.run(scenario())
+    assert not running and staged
+    ran = [i for h, _, ids, _ in runner.sent if h not in runner.revoked for i in ids]
+    assert ran == [0, 2], runner.sent  # request 1 never ran, and never queued again
+
+
 def test_a_batch_that_holds_the_device_past_the_timeout_has_its_worker_stopped() -> None:
     """The batch timeout counts from when a batch's turn came: the batch staged behind a hung
     one is not blamed for the wait, and goes on once the hung one's worker is gone."""
