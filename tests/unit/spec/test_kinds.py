@@ -229,9 +229,9 @@ def test_tenant_scope_rules(text: str, fragment: str) -> None:
 
 def test_package_exports_the_public_api() -> None:
     import gpuvisor.spec as spec
-    from gpuvisor.spec import kinds, loader, types
+    from gpuvisor.spec import fleet_nodes, kinds, loader, node_settings, types
 
-    for module in (kinds, loader):
+    for module in (kinds, loader, fleet_nodes, node_settings):
         assert set(module.__all__) <= set(spec.__all__), module.__name__
     public_types = {"Size", "Duration", "DnsLabel", "AutoFlag", "ModelVersion", "Sha256Digest"}
     assert public_types <= set(spec.__all__) & set(types.__all__)
