@@ -95,6 +95,7 @@ spec: {memory: 256Mi, computeShare: 0.0}
             "tenant": None,
             "outcome": "created",
             "warnings": [],
+            "notes": [],
         }
     ]
     support = demo_node.auth(demo_node.tenant_key("support"))
