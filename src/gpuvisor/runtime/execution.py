@@ -102,7 +102,13 @@ def _rows_of(request: InferRequest, batchable: bool) -> int:
     return int(first.shape[0]) if first.ndim else 1
 
 
-def _batch_key(request: InferRequest) -> tuple[object, ...]:
+def _batch_key(request: InferRequest, rows: int) -> tuple[object, ...] | None:
+    """What requests must share to run in one batch: each input's dtype and shape past the
+    first dimension. None when the request must run alone: an input without a first
+    dimension, or one whose first dimension is not the request's rows (a model that
+    broadcasts would take it alone, but merged, its rows would pair with another request's)."""
+    if any(arr.ndim == 0 or arr.shape[0] != rows for arr in request.inputs.values()):
+        return None
     return tuple(
         (name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(request.inputs.items())
     )
@@ -148,8 +154,8 @@ def run_requests(
 
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, request in decoded.items():
-        key = _batch_key(request) if loaded.executor.batchable else ("solo", i)
-        groups.setdefault(key, []).append(i)
+        key = _batch_key(request, row_counts[i]) if loaded.executor.batchable else None
+        groups.setdefault(("solo", i) if key is None else key, []).append(i)
 
     max_rows = max(1, loaded.spec.max_batch_size)
     for members in groups.values():
@@ -190,6 +196,13 @@ def _run_chunk(
                 for name in requests[0].inputs
             }
             merged = loaded.executor.run(feed)
+            total = sum(row_counts[i] for i in chunk)
+            if any(v.ndim == 0 or v.shape[0] != total for v in merged.values()):
+                # an output not batched along the first dimension (a reduction over the
+                # batch, say) cannot be split back into the requests' rows: each runs alone
+                for i in chunk:
+                    _run_chunk(loaded, [i], decoded, row_counts, statuses, payloads, header_lengths)
+                return
             outputs_per_request = []
             offset = 0
             for i in chunk:

@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import orjson
 import pytest
+from onnx import TensorProto, helper
 
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.runtime import protocol as p
@@ -109,3 +111,72 @@ def test_a_batch_with_fewer_bodies_than_requests_fails_whole(
         assert error["code"] == "internal"
         assert "the batch carried 1 bodies for 2 requests" in error["error"]
     assert "the batch carried 1 bodies for 2 requests" in caplog.text
+
+
+def _loaded_from(tmp_path: Path, model: onnx.ModelProto, max_batch: int = 8) -> LoadedSlice:
+    path = tmp_path / f"{model.graph.name}.onnx"
+    path.write_bytes(model.SerializeToString())
+    executor = load_executor("onnx", path, ExecutorDevice(kind="cpu", threads=1))
+    spec = p.LoadModel(
+        "t/d/0", model.graph.name, "1", "onnx", str(path), None, "cpu", 0, 1, None, max_batch
+    )
+    return LoadedSlice(spec, executor, list(executor.inputs), list(executor.outputs))
+
+
+def _graph(
+    name: str, nodes: list[onnx.NodeProto], inputs: list[str], out_shape: list[object]
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, ["N", 2]) for i in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _pair_body(a: list[list[float]], b: list[list[float]]) -> bytes:
+    return orjson.dumps(
+        {
+            "inputs": [
+                {"name": n, "shape": [len(v), 2], "datatype": "FP32", "data": v}
+                for n, v in (("a", a), ("b", b))
+            ]
+        }
+    )
+
+
+def test_requests_whose_inputs_disagree_on_rows_are_not_merged(tmp_path: Path) -> None:
+    """y = a + b broadcasts a one-row input over the other's rows: alone, each request is
+    valid; merged with another, its rows would pair with the other request's."""
+    loaded = _loaded_from(
+        tmp_path, _graph("add2", [helper.make_node("Add", ["a", "b"], ["y"])], ["a", "b"], ["N", 2])
+    )
+    first = _pair_body([[1, 1], [2, 2]], [[100, 100]])  # b broadcast over a's two rows
+    second = _pair_body([[7, 7]], [[1000, 1000], [5000, 5000]])  # a broadcast over b's
+    alone = [orjson.loads(_run(loaded, [body])[1][0])["outputs"] for body in (first, second)]
+    assert alone[0][0]["data"] == [101, 101, 102, 102]
+    # merged, a and b would both have 3 rows: the model would run, and pair rows wrongly
+    results, payloads = _run(loaded, [first, second])
+    assert [r.status for r in results] == [200, 200]
+    outputs = [orjson.loads(payload)["outputs"] for payload in payloads]
+    assert outputs == alone
+
+
+def test_an_output_not_batched_along_rows_is_computed_per_request(tmp_path: Path) -> None:
+    """y = a reshaped to rows of 4 (a request's two rows become one): its first dimension
+    is variable, so the model looks batchable, but merged, the rows of y would not be the
+    requests' rows."""
+    model = _graph("fold", [helper.make_node("Reshape", ["a", "to"], ["y"])], ["a"], ["M", 4])
+    model.graph.initializer.append(helper.make_tensor("to", TensorProto.INT64, [2], [-1, 4]))
+    loaded = _loaded_from(tmp_path, model)
+    assert loaded.executor.batchable
+
+    def body(rows: list[list[float]]) -> bytes:
+        return orjson.dumps(
+            {"inputs": [{"name": "a", "shape": [len(rows), 2], "datatype": "FP32", "data": rows}]}
+        )
+
+    results, payloads = _run(loaded, [body([[1, 2], [3, 4]]), body([[5, 6], [7, 8]])])
+    assert [r.status for r in results] == [200, 200]
+    assert [orjson.loads(x)["outputs"][0]["data"] for x in payloads] == [[1, 2, 3, 4], [5, 6, 7, 8]]
