@@ -86,8 +86,12 @@ def bench_isolation(
     batch_concurrency: Annotated[int, count_option("batch-tenant requests kept in flight")] = 8,
     batch_rows: Annotated[int, count_option("rows per batch-tenant request")] = 16,
     batch_max_batch_size: Annotated[
-        int, count_option("the batch Deployment's maxBatchSize (rows)")
-    ] = 1,
+        int | None,
+        count_option(
+            "the batch Deployment's maxBatchSize, in rows, at least --batch-rows "
+            "[default: --batch-rows, one request per batch]"
+        ),
+    ] = None,
     critical_share: Annotated[
         float,
         typer.Option(
@@ -111,6 +115,14 @@ def bench_isolation(
     (independent servers, no dispatcher); p99 co-located / p99 alone for each."""
     from gpuvisor.bench.isolation import IsolationConfig, isolation_command
 
+    if batch_max_batch_size is not None and batch_max_batch_size < batch_rows:
+        fail(
+            ConfigError(
+                f"--batch-max-batch-size {batch_max_batch_size} is less than --batch-rows "
+                f"{batch_rows}: the node refuses a request with more rows than its deployment's "
+                "maxBatchSize; give at least --batch-rows"
+            )
+        )
     config = IsolationConfig(
         duration=duration,
         repeat=repeat,

@@ -24,6 +24,7 @@ from gpuvisor.errors import (
     ClientGone,
     DeadlineExceeded,
     GpuvisorError,
+    InvalidRequest,
     NotFound,
     TooManyRequests,
     Unavailable,
@@ -258,12 +259,26 @@ class Node:
         tenant, name = dep.metadata.tenant or "", dep.metadata.name
         slices = self.controller.ready_slices(tenant, name)
         if not slices:
+            m = self.metrics
+            m.child(m.requests, tenant, name, self.model_version(dep), Unavailable.code).inc()
             raise Unavailable(self._not_ready_reason(tenant, name), retry_after=1.0)
         chosen = min(slices, key=lambda s: s.queue.queued_rows if s.queue else 0)
         queue, device_id = chosen.queue, chosen.device_id
         assert queue is not None and device_id is not None
         dispatcher = self.dispatchers[device_id]
         m, version = self.metrics, chosen.model_version
+        if not queue.batchable:
+            rows = 1  # its first dimension is not a batch: a request is one unit of work
+        elif rows > queue.max_batch_size:
+            m.child(m.requests, tenant, name, version, InvalidRequest.code).inc()
+            raise InvalidRequest(
+                f"the request has {rows} rows (its first input's first dimension), more than "
+                f"the {queue.max_batch_size} that model '{name}' runs in one batch "
+                "(Deployment spec.batching.maxBatchSize, or the Model's maxBatchSize): send "
+                f"at most {queue.max_batch_size} rows per request",
+                rows=rows,
+                max_batch_size=queue.max_batch_size,
+            )
         now = time.monotonic()
         budget = _earliest(dep.spec.slo.latency, timeout)
         try:
@@ -279,7 +294,7 @@ class Node:
             body=body,
             header_length=header_length,
             arrival=now,
-            rows=rows if queue.max_batch_size > 1 else 1,
+            rows=rows,
             deadline=None if budget is None else now + budget,
             priority=priority or DEFAULT_PRIORITY,
             trace_id=trace_id,

@@ -135,6 +135,14 @@ CASES = [
         400,
         ["not valid JSON", "needs the Inference-Header-Content-Length header"],
     ),
+    (
+        "more rows than maxBatchSize",
+        "basket-scorer",
+        _features([33, 16]),  # the demo's basket-scorer runs at most 32 rows in a batch
+        {},
+        400,
+        ["33 rows", "32", "maxBatchSize"],
+    ),
     ("unknown model", "no-such-model", GOOD, {}, 404, ["no-such-model"]),
     ("unknown version", "basket-scorer/versions/7", GOOD, {}, 404, ["7"]),
 ]
@@ -204,10 +212,13 @@ def test_a_bytes_shape_far_beyond_its_data_is_400_and_the_worker_lives(node: Nod
     good, good_headers = sku([1, 1])
     assert httpx.post(url, content=good, headers={**auth, **good_headers}, timeout=30).is_success
     pid = worker_pid()
-    bad, bad_headers = sku([2**40, 1])
-    response = httpx.post(url, content=bad, headers={**auth, **bad_headers}, timeout=30)
-    assert response.status_code == 400, response.text
-    assert "its shape asks for 1099511627776 BYTES elements" in response.json()["error"]
+    # refused by the node for its rows (more than maxBatchSize), and by the worker for its
+    # shape; the worker's own bound on BYTES elements is in test_tensors_validation
+    for shape, words in (([2**40, 1], "1099511627776 rows"), ([1, 2**40], "but the model expects")):
+        bad, bad_headers = sku(shape)
+        response = httpx.post(url, content=bad, headers={**auth, **bad_headers}, timeout=30)
+        assert response.status_code == 400, response.text
+        assert words in response.json()["error"]
     response = httpx.post(url, content=good, headers={**auth, **good_headers}, timeout=30)
     assert response.status_code == 200, response.text
     assert worker_pid() == pid, "the worker must not have been restarted"

@@ -241,6 +241,22 @@ def test_load_moves_only_the_sending_tenants_numbers(node: NodeProcess) -> None:
         assert delta(sample, tenant="analytics") == 0, sample
 
 
+def test_requests_to_an_unloaded_deployment_are_counted_unavailable(node: NodeProcess) -> None:
+    retail = node.auth(node.tenant_key("retail"))
+    labels = {"tenant": "retail", "deployment": "shelf-detector", "outcome": "unavailable"}
+    before = _value(_families(node), "gpuvisor_requests_total", **labels)
+    with httpx.Client(base_url=node.url, headers=retail, timeout=30) as http:
+        unloaded = http.post("/v2/repository/models/shelf-detector/unload")
+        assert unloaded.status_code == 200, unloaded.text
+        try:
+            for _ in range(3):
+                response = http.post("/v2/models/shelf-detector/infer", content=SHELF_BODY)
+                assert response.status_code == 503, response.text
+        finally:
+            assert http.post("/v2/repository/models/shelf-detector/load").status_code == 200
+    assert _value(_families(node), "gpuvisor_requests_total", **labels) - before == 3
+
+
 def test_queue_depth_shows_requests_waiting_under_a_burst(node: NodeProcess) -> None:
     labels = {"tenant": "retail", "deployment": "shelf-detector"}
     retail = node.auth(node.tenant_key("retail"))

@@ -261,7 +261,7 @@ def run_fairness(config: FairnessConfig, out: Reporter | None = None) -> Fairnes
         root = stack.enter_context(workdir(config.workdir))
         out.phase("starting the gpuvisor nodes")
         plans = [
-            TenantPlan(t, f.model, weight=f.weight, latency_class="batch", max_batch_size=1)
+            TenantPlan(t, f.model, weight=f.weight, latency_class="batch", max_batch_size=f.rows)
             for t, f in TENANTS.items()
         ]
         shared = stack.enter_context(
@@ -277,7 +277,7 @@ def run_fairness(config: FairnessConfig, out: Reporter | None = None) -> Fairnes
             TENANTS["medium"].model,
             share=config.fixed_share,
             latency_class="batch",
-            max_batch_size=1,
+            max_batch_size=TENANTS["medium"].rows,
             pool="fixed",
         )
         capped = stack.enter_context(

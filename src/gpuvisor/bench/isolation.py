@@ -59,7 +59,8 @@ class IsolationConfig:
     rate: float | None = None  # critical arrivals per second (overrides load)
     batch_concurrency: int = 8  # batch requests kept in flight
     batch_rows: int = 16  # rows per batch request
-    batch_max_batch_size: int = 1  # the batch Deployment's maxBatchSize (requests per grant)
+    batch_max_batch_size: int | None = None  # the batch Deployment's maxBatchSize, in rows
+    # (None: batch_rows, one request per batch; a request may not have more rows than it)
     critical_share: float = 0.5  # the critical Profile's computeShare
     quantum_ms: float | None = None  # the node's cpu.quantum; None: the node's default
     lookahead_ms: float | None = None  # the node's cpu.lookahead; None: the node's default
@@ -147,7 +148,7 @@ class IsolationReport:
                 "rate_per_s": self.rate,
                 "batch_concurrency": cfg.batch_concurrency,
                 "batch_rows": cfg.batch_rows,
-                "batch_max_batch_size": cfg.batch_max_batch_size,
+                "batch_max_batch_size": cfg.batch_max_batch_size or cfg.batch_rows,
                 "critical_share": cfg.critical_share,
                 "quantum_ms": cfg.quantum_ms,
                 "lookahead_ms": cfg.lookahead_ms,
@@ -247,13 +248,11 @@ def run_isolation(config: IsolationConfig, out: Reporter | None = None) -> Isola
                 latency_class="critical",
                 max_batch_size=8,
             ),
-            # The node counts a request as one row until its worker decodes it, so
-            # maxBatchSize here is in requests of batch_rows rows each.
             TenantPlan(
                 "batch",
                 BATCH_MODEL,
                 latency_class="batch",
-                max_batch_size=config.batch_max_batch_size,
+                max_batch_size=config.batch_max_batch_size or config.batch_rows,
             ),
         ]
         node = stack.enter_context(

@@ -237,6 +237,7 @@ def slice_queue(
         latency_class=state.latency_class,
         max_batch_size=max_batch,
         max_queue_delay=batching.max_queue_delay if batching else 0.0,
+        batchable=state.loaded is None or state.loaded.batchable,
         share=state.compute_share,
         profile=ExecutionProfile(measured),
         max_queued=max_queued,

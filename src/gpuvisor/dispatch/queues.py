@@ -56,6 +56,7 @@ class SliceQueue:
     latency_class: str = "standard"  # critical | standard | batch
     max_batch_size: int = 1
     max_queue_delay: float = 0.0
+    batchable: bool = True  # the model's first dimension is its batch: a request's rows count
     weight: float = 1.0  # the tenant's weight (> 0)
     share: float = 0.0  # the profile's computeShare (0: no guarantee)
     mode: str = "best-effort"  # the pool's scheduler: best-effort | equal-share | fixed-share
