@@ -64,6 +64,9 @@ def test_parameters_count_wherever_they_are_and_only_at_the_top() -> None:
         (b'{"parameters":{"timeout":-5}}', "parameter 'timeout' must be a positive number"),
         (b'{"parameters":{"timeout":"10"}}', "got '10'"),
         (b'{"parameters":{"timeout":[' + b"1," * 100 + b"1]}}", "got a JSON value of 203 bytes"),
+        # beyond any float: a 400 that shows it, not a 500
+        (b'{"parameters":{"timeout":1e400}}', "got 1e400"),
+        (b'{"parameters":{"priority":-1e400}}', "got -1e400"),
     ],
 )
 def test_bad_parameters_are_refused(head: bytes, message: str) -> None:

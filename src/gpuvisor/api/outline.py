@@ -124,10 +124,23 @@ class _TooLong:
         return f"a JSON value of {self.size} bytes"
 
 
+class _Unreadable:
+    """A parameter value that does not decode to a number, shown as the request wrote it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _scalar(raw: msgspec.Raw) -> object:
     """The JSON value of ``raw`` (None when absent or null); a long one is not decoded."""
     if not len(raw):
         return None
     if len(raw) > _MAX_SCALAR:
         return _TooLong(len(raw))
-    return _VALUE.decode(raw)
+    try:
+        return _VALUE.decode(raw)
+    except msgspec.ValidationError:  # a number beyond any float (1e400): shown as written
+        return _Unreadable(bytes(raw).decode(errors="replace"))
