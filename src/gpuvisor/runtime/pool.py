@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -66,6 +67,7 @@ class WorkerPool(WorkerLink):
         self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="gpuvisor-"))
         super().__init__(self.runtime_dir)
         self.by_key: dict[str, WorkerProcess] = {}
+        self._spawning: dict[str, asyncio.Future[WorkerProcess]] = {}  # key -> its start
         self.slice_worker: dict[str, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
@@ -94,9 +96,7 @@ class WorkerPool(WorkerLink):
         Raises ModelError when the model cannot be loaded or verified, Unavailable when
         the worker does not start in time or dies while loading.
         """
-        worker = self.by_key.get(launch.worker_key)
-        if worker is None or worker.exited.done():
-            worker = await self._spawn(launch.worker_key, launch.tenant, launch.load.threads)
+        worker = await self._worker_for(launch)
         loaded: asyncio.Future[p.ModelLoaded] = asyncio.get_running_loop().create_future()
         worker.loads[launch.slice_id] = loaded
         worker.slices.add(launch.slice_id)
@@ -262,6 +262,26 @@ class WorkerPool(WorkerLink):
         return self.slice_worker.get(slice_id)
 
     # ---- processes ----------------------------------------------------------------------
+
+    async def _worker_for(self, launch: SliceLaunch) -> WorkerProcess:
+        """The running worker for the launch's key, started once however many of its slices
+        load at the same time (a tenant's shared slices share one process)."""
+        key = launch.worker_key
+        spawning = self._spawning.get(key)
+        if spawning is None:
+            worker = self.by_key.get(key)
+            if worker is not None and not worker.exited.done():
+                return worker
+            spawning = asyncio.ensure_future(self._spawn(key, launch.tenant, launch.load.threads))
+            self._spawning[key] = spawning
+            spawning.add_done_callback(functools.partial(self._spawned, key))
+        return await asyncio.shield(spawning)
+
+    def _spawned(self, key: str, spawning: asyncio.Future[WorkerProcess]) -> None:
+        if self._spawning.get(key) is spawning:
+            del self._spawning[key]
+        if not spawning.cancelled():
+            spawning.exception()  # its loads see it; retrieved here when none is left waiting
 
     async def _spawn(self, key: str, tenant: str, threads: int | None) -> WorkerProcess:
         worker_id = f"w{next(self._ids)}-{os.getpid()}"

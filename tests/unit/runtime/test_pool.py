@@ -92,6 +92,25 @@ def test_load_run_and_isolation(model: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_shared_slices_that_load_together_share_one_worker(model: Path) -> None:
+    """A tenant's shared slices loading at the same time (after an apply, or a restart of
+    their worker) start one process, not one each."""
+
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            results = await asyncio.gather(
+                *(pool.load_slice(_launch(f"a/s{i}/0", model, "a", "shared")) for i in range(3))
+            )
+            assert len({worker.pid for _, worker in results}) == 1
+            assert len(pool.workers) == 1
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
 def test_tampered_model_is_refused(model: Path) -> None:
     async def scenario() -> None:
         pool = WorkerPool(start_timeout=60)
