@@ -136,8 +136,8 @@ def test_apply_says_which_deployments_roll_and_which_a_profile_leaves_pending(
     [warning] = results[("Profile", "weekly-small")]["warnings"]
     assert warning == (
         "deployment weekly/weekly-scorer: 1 of 1 replica(s) Pending: no device has room for "
-        "the new spec, even in the old instance's place (weekly/weekly-scorer/0#2 serves the old "
-        "spec meanwhile)"
+        "the new spec now, even in the old instance's place (weekly/weekly-scorer/0#2 serves "
+        "the old spec meanwhile; placed again at every reconcile)"
     ), warning
     # the old instance serves on, the new spec waits for room
     assert _serving(demo_node) == [("weekly-scorer@2", "Pending"), ("weekly-scorer@2", "Ready")]

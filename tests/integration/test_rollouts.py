@@ -608,8 +608,8 @@ async def unplaceable_spec(db_url: str, tmp_path: Path) -> None:
         new_first = ctl.slices[f"{first}#2"]
         assert (new_first.state, new_first.took_over) == ("Pending", False), new_first.reason
         assert new_first.reason == (
-            "no device has room for the new spec, even in the old instance's place "
-            f"({first} serves the old spec meanwhile)"
+            "no device has room for the new spec now, even in the old instance's place "
+            f"({first} serves the old spec meanwhile; placed again at every reconcile)"
         )
         assert ctl.slices[first] is old_first and old_first.state == "Ready"
         assert old_first.reason.endswith(f"its replacement {first}#2 fits on no device")

@@ -285,14 +285,15 @@ class Controller:
         if not state.unplaced:
             return
         if not leaving and not self._fits_in_place(want, state, serving):
-            # Stopping the old instance would not make room: it serves on, and the new spec
-            # stays Pending (placed again at every reconcile, as room may free up).
+            # Stopping the old instance would not make room now: it serves on, and the new
+            # spec stays Pending, placed again at every reconcile (room may free up, as when
+            # other deployments' updates under way finish).
             reason = (
-                "no device has room for the new spec, even in the old instance's place "
-                f"({serving.id} serves the old spec meanwhile)"
+                "no device has room for the new spec now, even in the old instance's place "
+                f"({serving.id} serves the old spec meanwhile; placed again at every reconcile)"
             )
             if said != reason:
-                log.warning(
+                log.info(
                     "slice %s: %s: %s",
                     want.slice_id,
                     reason,
