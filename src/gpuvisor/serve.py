@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import shlex
 import socket
 import sys
@@ -114,6 +116,26 @@ def _make_state_dir(state_dir: Path) -> None:
         ) from None
 
 
+def _lock_state_dir(state_dir: Path) -> int:
+    """Hold ``<state>/node.lock`` for as long as this process runs (the system lets it go
+    when the process ends, SIGKILL included; workers do not inherit it) and return its file
+    descriptor; raise ConfigError when another node holds it."""
+    fd = os.open(state_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise ConfigError(
+            f"another gpuvisor node{f' (pid {holder})' if holder else ''} runs on the state "
+            f"directory {state_dir}: two nodes there would share its database and book the same "
+            "devices twice. Stop that node first, or give this one its own --state"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None, DemoState | None]:
     try:
         store = Store(db_url)
@@ -157,64 +179,89 @@ async def serve_node(
     if db is not None:
         check_database_url(db)
     _check_port_free(host, port)
-    topology = await asyncio.to_thread(discover, spec)
+    # a node already running on this state directory is refused first (then it exists)
+    early = _lock_state_dir(state_dir) if state_dir.is_dir() else None
+    try:
+        topology = await asyncio.to_thread(discover, spec)
+    except BaseException:
+        if early is not None:
+            os.close(early)
+        raise
     _make_state_dir(state_dir)
-    db_url = db or default_url(state_dir)
-    use_demo = demo if demo is not None else config is None
-    started = time.monotonic()
-    with console.status(
-        "Preparing the state directory" + (" and building the demo models" if use_demo else "")
-    ):
-        admin_secret, demo_state = await asyncio.to_thread(
-            _prepare_state, state_dir, db_url, use_demo
+    lock = early if early is not None else _lock_state_dir(state_dir)
+    try:
+        db_url = db or default_url(state_dir)
+        use_demo = demo if demo is not None else config is None
+        started = time.monotonic()
+        with console.status(
+            "Preparing the state directory" + (" and building the demo models" if use_demo else "")
+        ):
+            admin_secret, demo_state = await asyncio.to_thread(
+                _prepare_state, state_dir, db_url, use_demo
+            )
+        node = Node(
+            NodeOptions(
+                spec=spec,
+                state_dir=state_dir,
+                db_url=db_url,
+                host=host,
+                port=port,
+                topology=topology,
+            )
         )
-    node = Node(
-        NodeOptions(
-            spec=spec, state_dir=state_dir, db_url=db_url, host=host, port=port, topology=topology
+        with console.status(
+            "Starting the node: discovering devices, starting workers, loading models"
+        ):
+            try:
+                await node.start()
+            except BaseException:
+                await node.stop()
+                if admin_secret:  # made just now: its only showing
+                    _print_admin_key(console, state_dir, admin_secret)
+                raise
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(node),  # started already; stopped when the server stops
+                host=host,
+                port=port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=10,
+                lifespan="on",
+            )
         )
-    )
-    with console.status("Starting the node: discovering devices, starting workers, loading models"):
-        try:
-            await node.start()
-        except BaseException:
-            await node.stop()
-            if admin_secret:  # made just now: its only showing
-                _print_admin_key(console, state_dir, admin_secret)
-            raise
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(node),  # started already; stopped when the server stops
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=10,
-            lifespan="on",
+        serving = asyncio.create_task(server.serve())
+        with console.status("Loading models"):
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.05)
+            if serving.done():
+                with contextlib.suppress(BaseException):
+                    await serving
+                await node.stop()
+                return 1
+            not_ready = await node.wait_until_loaded(timeout=spec.workers.start_timeout)
+        _print_banner(
+            console,
+            node,
+            host,
+            port,
+            state_dir,
+            admin_secret,
+            demo_state,
+            time.monotonic() - started,
         )
-    )
-    serving = asyncio.create_task(server.serve())
-    with console.status("Loading models"):
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.05)
-        if serving.done():
-            with contextlib.suppress(BaseException):
-                await serving
-            await node.stop()
-            return 1
-        not_ready = await node.wait_until_loaded(timeout=spec.workers.start_timeout)
-    _print_banner(
-        console, node, host, port, state_dir, admin_secret, demo_state, time.monotonic() - started
-    )
-    for s in not_ready:
-        console.print(
-            f"[yellow]slice {s.id} is {s.state}:[/yellow] {escape(s.reason)}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    # The server's shutdown stops the node (uvicorn re-raises SIGTERM once it has stopped,
-    # so nothing after this line runs then).
-    await serving
-    return 0
+        for s in not_ready:
+            console.print(
+                f"[yellow]slice {s.id} is {s.state}:[/yellow] {escape(s.reason)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        # The server's shutdown stops the node (uvicorn re-raises SIGTERM once it has stopped,
+        # so nothing after this line runs then).
+        await serving
+        return 0
+    finally:
+        os.close(lock)
 
 
 def _key_status(keys: KeyRing, secret: str) -> str:

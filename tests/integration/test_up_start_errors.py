@@ -3,14 +3,16 @@ not a server's start-up traceback."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from gpuvisor.cli import app
 from gpuvisor.inventory.nvml import discover_nvml
-from gpuvisor.launch import free_port
+from gpuvisor.launch import NodeProcess, free_port
 
 runner = CliRunner()
 
@@ -34,3 +36,27 @@ def test_up_refuses_a_node_file_that_requires_a_gpu_on_a_host_without_one(tmp_pa
     assert "set nvml.enabled to auto to serve on the CPU instead" in output
     assert "Traceback" not in result.output
     assert not state.exists()  # refused before an admin key was made and never shown
+
+
+def test_a_second_node_on_a_state_directory_in_use_is_refused(tmp_path: Path) -> None:
+    """Two nodes on one state directory would share its database and book the same devices
+    twice; the second is refused, and once the first has stopped (even killed), it starts."""
+    state = tmp_path / "state"
+    first = NodeProcess(state_dir=state, demo=False).start(timeout=120)
+    try:
+        result = runner.invoke(
+            app, ["up", "--no-demo", "--state", str(state), "--port", str(free_port())]
+        )
+        assert result.exit_code == 1, result.output
+        output = " ".join(result.output.split())
+        assert output.startswith(
+            f"error: another gpuvisor node (pid {first.process.pid}) runs on the state directory "
+            f"{state}"
+        ), output
+        assert "give this one its own --state" in output
+        assert "Traceback" not in result.output
+        assert httpx.get(f"{first.url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        first.stop(signal.SIGKILL)
+    second = NodeProcess(state_dir=state, demo=False).start(timeout=120)  # the lock went with it
+    second.stop()
