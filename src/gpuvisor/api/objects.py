@@ -12,11 +12,12 @@ from gpuvisor.spec.kinds import (
     TENANT_SCOPED,
     Deployment,
     Metadata,
+    Model,
     Pool,
     Resource,
     Tenant,
 )
-from gpuvisor.spec.loader import resource_to_dict
+from gpuvisor.spec.loader import find_model, resource_to_dict
 from gpuvisor.store.repo import StoredObject
 
 __all__ = [
@@ -94,11 +95,7 @@ def users_of(resources: list[Resource], kind: str, obj: StoredObject) -> list[st
             refers = (
                 (kind == "Profile" and r.spec.profile == obj.name)
                 or (kind == "Pool" and r.spec.pool == obj.name)
-                or (
-                    kind == "Model"
-                    and r.metadata.tenant == obj.tenant
-                    and r.spec.model_name == obj.body["metadata"]["name"]
-                )
+                or (kind == "Model" and _uses_model_version(r, obj, resources))
             )
         if kind == "Tenant" and r.kind in TENANT_SCOPED and r.metadata.tenant == obj.name:
             refers = True
@@ -108,3 +105,16 @@ def users_of(resources: list[Resource], kind: str, obj: StoredObject) -> list[st
             owner = f"{r.metadata.tenant}/" if r.metadata.tenant else ""
             users.append(f"{r.kind} {owner}{r.metadata.name}")
     return users
+
+
+def _uses_model_version(dep: Deployment, model: StoredObject, resources: list[Resource]) -> bool:
+    """Whether ``dep`` serves the stored model version ``model``: the version it pins, or,
+    when it pins none, the model's highest version (other versions it does not use)."""
+    name, version = model.body["metadata"]["name"], str(model.body["spec"].get("version"))
+    if dep.metadata.tenant != model.tenant or dep.spec.model_name != name:
+        return False
+    if dep.spec.model_version is not None:
+        return dep.spec.model_version == version
+    models = [r for r in resources if isinstance(r, Model)]
+    highest = find_model(models, model.tenant, name)
+    return highest is None or highest.spec.version == version
