@@ -37,7 +37,15 @@ def _device_action(
         )
     except GpuvisorError as exc:
         fail(exc)
+    # a drain that timed out leaves slices running there: the device is cordoned, not drained
+    left = [
+        sl["id"]
+        for sl in result["slices"]
+        if action == "drain" and sl.get("device") == device and sl["state"] in _RUNNING
+    ]
     verb = {"cordon": "cordoned", "drain": "drained", "uncordon": "uncordoned"}[action]
+    if left:
+        verb = "cordoned"
     note = (
         ""
         if result["changed"]
@@ -55,6 +63,15 @@ def _device_action(
             f"nothing until one has room or `gpuvisor uncordon {device}`",
             highlight=False,
         )
+    if left:
+        fail(
+            f"device {device} is not drained: {len(left)} slice(s) still run on it after "
+            f"{wait:g}s ({', '.join(left)}); their reasons above say why. Wait longer "
+            f"(`gpuvisor drain {device} --timeout SECONDS`) before taking the device down"
+        )
+
+
+_RUNNING = ("Loading", "Ready", "Restarting", "Stopping")  # a slice in these holds its device
 
 
 def cordon(

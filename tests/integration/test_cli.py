@@ -111,6 +111,39 @@ def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_ba
         time.sleep(0.2)
 
 
+def test_a_drain_that_leaves_slices_running_says_so_and_fails(
+    env: dict[str, str], demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    """A disallowMigration slice stays on its cordoned device: the device is not drained,
+    and a script that takes it down after `gpuvisor drain` must not be told it is."""
+    models = demo_node.state_dir / "demo" / "models"
+    manifest = tmp_path / "pinned.yaml"
+    manifest.write_text(
+        "apiVersion: gpuvisor/v1\nkind: Deployment\n"
+        "metadata: {name: pinned-scorer, tenant: analytics}\n"
+        "spec: {model: basket-scorer, profile: std-shared, pool: inference, "
+        "placement: {disallowMigration: true}}\n"
+    )
+    assert (models / "basket-scorer.onnx").exists()
+    applied = runner.invoke(app, ["apply", "-f", str(manifest)], env=env)
+    assert applied.exit_code == 0, applied.output
+    demo_node.wait_ready(60)
+    try:
+        drained = runner.invoke(app, ["drain", "cpu-0", "--timeout", "1"], env=env)
+        output = " ".join(drained.output.split())
+        assert drained.exit_code == 1, drained.output
+        assert "device/cpu-0 cordoned" in output and "device/cpu-0 drained" not in output
+        assert "error: device cpu-0 is not drained: 1 slice(s) still run on it after 1s" in output
+        assert "analytics/pinned-scorer/0" in output
+    finally:
+        assert runner.invoke(app, ["uncordon", "cpu-0"], env=env).exit_code == 0
+        deleted = runner.invoke(
+            app, ["delete", "deployment", "pinned-scorer", "--tenant", "analytics"], env=env
+        )
+        assert deleted.exit_code == 0, deleted.output
+    demo_node.wait_ready(60)
+
+
 def test_apply_keys_and_delete(env: dict[str, str], demo_node: NodeProcess, tmp_path: Path) -> None:
     models = demo_node.state_dir / "demo" / "models"
     manifest = tmp_path / "extra.yaml"
