@@ -72,12 +72,7 @@ _COLUMNS: dict[str, list[tuple[str, Any]]] = {
             "UPDATED",
             lambda i: f"{i.get('status', {}).get('updatedReplicas', 0)}/{_spec(i, 'replicas')}",
         ),
-        (
-            "REASON",
-            lambda i: "; ".join(
-                s["reason"] for s in i.get("status", {}).get("slices", []) if s["reason"]
-            ),
-        ),
+        ("REASON", lambda i: _deployment_reason(i.get("status", {}))),
     ],
     "devices": [
         ("ID", lambda i: i["id"]),
@@ -168,6 +163,15 @@ def _slice_lines(sl: dict[str, Any]) -> list[str]:
         )
         lines.append(f"    time per batch: {per_batch}")
     return lines
+
+
+def _deployment_reason(status: dict[str, Any]) -> str:
+    """What keeps a deployment from serving fully, each reason once: unloaded, or its slices'
+    reasons (replicas that fit nowhere share one)."""
+    if status.get("unloaded"):
+        return "unloaded (load it again through the model repository API)"
+    reasons = (s["reason"] for s in status.get("slices", []) if s["reason"])
+    return "; ".join(dict.fromkeys(reasons))
 
 
 def describe_deployment(body: dict[str, Any]) -> str:

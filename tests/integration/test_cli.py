@@ -66,6 +66,10 @@ def test_cordon_sends_slices_to_pending_with_reasons_and_uncordon_brings_them_ba
     assert "device/cpu-0 cordoned" in cordoned.output
     assert "warning: 4 slice(s) found no other device with room" in cordoned.output
     try:
+        # the node's log says who cordoned it and why, and what became of each slice
+        log = (demo_node.state_dir / "node.log").read_text()
+        assert "device cpu-0 cordoned by key gvk_" in log and "(kernel update)" in log
+        assert "no other device has room for it; it stops (cpu-0 is cordoned)" in log
         again = runner.invoke(app, ["cordon", "cpu-0"], env=env)
         assert "(it already was cordoned)" in again.output
         devices = runner.invoke(app, ["get", "devices"], env=env)

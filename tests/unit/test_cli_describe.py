@@ -107,3 +107,22 @@ def test_status_says_since_when_and_whose_key_asked() -> None:
     lines = render_status(admin, "http://127.0.0.1:8700", STARTED + 42).splitlines()
     assert lines[0].endswith("not ready") and lines[1].endswith("(up 42s)")
     assert lines[3:] == ["slices:   none", "key:      admin key"]
+
+
+def _reasons(status: dict[str, Any]) -> str:
+    from rich.console import Console
+
+    from gpuvisor.cli_tables import render_table
+
+    item = {"metadata": {"name": "d", "tenant": "t"}, "spec": {"replicas": 3}, "status": status}
+    console = Console(width=400, record=True)
+    console.print(render_table("deployments", [item]))
+    [row] = [line for line in console.export_text().splitlines() if line.lstrip().startswith("t ")]
+    return row
+
+
+def test_a_deployments_reason_says_each_cause_once_and_that_it_is_unloaded() -> None:
+    full = "cpu-0: compute shares would sum to 1.15 > 1 (0.90 already guaranteed)"
+    pending = {"slices": [{"reason": full}, {"reason": full}, {"reason": ""}]}
+    assert _reasons(pending).count(full) == 1
+    assert "unloaded (load it again" in _reasons({"unloaded": True, "slices": []})

@@ -8,6 +8,7 @@ The cordon is kept in the store, so it survives restarts, until uncordoned.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -22,6 +23,8 @@ from gpuvisor.errors import Forbidden, NotFound
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal
 from gpuvisor.store.audit import AuditEvent
+
+log = logging.getLogger("gpuvisor.control")
 
 __all__ = ["devices_router"]
 
@@ -119,6 +122,15 @@ def devices_router(node: Node) -> APIRouter:
             )
         else:
             changed = await asyncio.to_thread(store.uncordon, device_id, record)
+        if changed:
+            log.info(
+                "device %s %s by key gvk_%s%s: %d slice(s) on it",
+                device_id,
+                "cordoned" if cordon else "uncordoned",
+                principal.key_id,
+                f" ({reason})" if reason else "",
+                len(before),
+            )
         await controller().reconcile()
         slices = await settle(before, wait) if before else []
         return {"device": device_id, "cordoned": cordon, "changed": changed, "slices": slices}

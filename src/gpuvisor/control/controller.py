@@ -302,12 +302,21 @@ class Controller:
                 )
             state.set_state("Pending", reason)
             return
-        log.info(
-            "slice %s: no device has room for its %s beside the old one; replacing it in place",
-            want.slice_id,
-            "move" if leaving else "new spec",
-            extra={"tenant": want.tenant},
-        )
+        if leaving:
+            log.warning(
+                "slice %s: no other device has room for it; it stops (%s) and waits Pending "
+                "until one has room or its device is uncordoned",
+                want.slice_id,
+                leaving,
+                extra={"tenant": want.tenant},
+            )
+        else:
+            log.info(
+                "slice %s: no device has room for its new spec beside the old one; replacing "
+                "it in place",
+                want.slice_id,
+                extra={"tenant": want.tenant},
+            )
         await self.running.stop(
             serving.id,
             self.drain_timeout,
