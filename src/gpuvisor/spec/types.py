@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import date
 from typing import Annotated, Any, Literal
@@ -135,6 +136,9 @@ def _not_boolean(value: Any) -> Any:
             f"expected a number, got the boolean {str(value).lower()} "
             "(YAML reads true, false, yes, no, on and off as booleans)"
         )
+    if isinstance(value, float) and not math.isfinite(value):
+        # before the field's bounds, which would say "less than or equal to 1 (got nan)"
+        raise ValueError(f"must be a finite number, got {value}")
     return value
 
 

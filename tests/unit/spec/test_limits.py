@@ -182,6 +182,20 @@ def test_non_finite_messages_say_what_is_wrong(message_part: str) -> None:
     assert message_part in lines
 
 
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        (TENANT + "spec: {weight: .nan}\n", "spec.weight"),
+        (PROFILE + "spec: {memory: 1Gi, computeShare: .nan}\n", "spec.computeShare"),
+        (PROFILE + "spec: {memory: 1Gi, computeShare: -.inf}\n", "spec.computeShare"),
+    ],
+)
+def test_a_bounded_number_that_is_not_finite_says_so_not_its_bounds(text: str, path: str) -> None:
+    line = problem(text)
+    assert f": {path}: must be a finite number, got " in line, line
+    assert "less than" not in line and "greater than" not in line
+
+
 def test_what_is_stored_is_valid_json_and_applies_again() -> None:
     text = (
         TENANT
