@@ -368,8 +368,9 @@ def encode_infer_response(
 
     Returns ``(body, header_length)``: header_length is None for a pure JSON body, else the
     length of the JSON header that precedes the binary tensors (the HTTP layer sends it as
-    Inference-Header-Content-Length). A BYTES output that is not valid UTF-8 goes binary even
-    when JSON was asked for, since JSON cannot carry it. Raises ExecutionError when the model
+    Inference-Header-Content-Length). A BYTES output that is not valid UTF-8, or a floating-point
+    output with an infinity or NaN, goes binary even when JSON was asked for, since JSON
+    cannot carry it. Raises ExecutionError when the model
     did not produce a requested output or produced one that cannot take its datatype.
     """
     datatypes = {meta.name: meta.datatype for meta in outputs}
@@ -415,7 +416,11 @@ def _as_datatype(array: Array, datatype: str, name: str) -> Array:
 
 
 def _json_data(array: Array, datatype: str) -> Any:
-    """Return the flat JSON data of ``array`` (numeric arrays go to orjson as-is), or None."""
+    """Return the flat JSON data of ``array`` (numeric arrays go to orjson as-is), or None
+    when JSON cannot carry it: BYTES that are not UTF-8, or floats with an infinity or NaN
+    (which JSON has no number for: orjson would write null)."""
+    if datatype in ("FP16", "FP32", "FP64"):
+        return array.reshape(-1) if np.isfinite(array).all() else None
     if datatype != "BYTES":
         return array.reshape(-1)
     try:

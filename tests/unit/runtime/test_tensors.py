@@ -274,6 +274,21 @@ def test_non_utf8_bytes_output_falls_back_to_binary() -> None:
     assert result.as_numpy("label").tolist() == [b"\xff\xfe", b"ok"]
 
 
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_a_float_output_with_infinities_or_nan_falls_back_to_binary(datatype: str) -> None:
+    """JSON has no number for them (written as null, a client would read NaN for 1/0)."""
+    meta = TensorMeta("y", datatype, (-1,))
+    values = np.array([np.inf, -np.inf, np.nan, 0.5], dtype=DATATYPES[datatype])
+    finite = np.array([0.25, 0.5], dtype=DATATYPES[datatype])
+    request = InferRequest(None, {}, {})  # JSON asked for
+    body, header_length = encode_infer_response("m", "1", request, {"y": values}, [meta])
+    assert header_length is not None
+    got = triton.InferResult.from_response_body(body, header_length=header_length).as_numpy("y")
+    assert got.tobytes() == values.tobytes()
+    body, header_length = encode_infer_response("m", "1", request, {"y": finite}, [meta])
+    assert header_length is None and b'"data":[0.25,0.5]' in body
+
+
 def test_outputs_are_cast_to_their_declared_datatype() -> None:
     metas = [TensorMeta("n", "INT32", (-1, 2))]
     results = {"n": np.arange(4, dtype=np.int64).reshape(2, 2).T}  # non-contiguous, wider type
