@@ -130,7 +130,12 @@ def decode_infer_request(
         doc = orjson.loads(view[:header_end])
     except orjson.JSONDecodeError as exc:
         hint = ""
-        if header_length is None and view[:1].tobytes() == b"{":
+        # JSON followed by bytes (content after the document, or bytes that are not UTF-8):
+        # binary tensor data, most likely; invalid JSON alone gets no such hint
+        problem = str(exc)
+        if header_length is None and (
+            problem.startswith("unexpected content after document") or "UTF-8" in problem
+        ):
             hint = (
                 " (a JSON header followed by binary tensor data needs the "
                 "Inference-Header-Content-Length header, the header's length in bytes)"

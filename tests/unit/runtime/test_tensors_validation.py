@@ -251,6 +251,7 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         "needs the Inference-Header-Content-Length header, the header's length in bytes",
     ),
     ("empty body", b"", None, "request body is empty: send the inference request as JSON"),
+    ("a NaN literal", b'{"inputs": NaN}', None, "not valid JSON: unexpected character"),
     (
         "binary size but no header",
         body_of([sized(IMAGE_BIN, 8), IDS]),
@@ -310,6 +311,13 @@ def test_invalid_requests_are_rejected_with_a_specific_message(
         decode_infer_request(body, header_length, INS, OUTS)
     assert message in caught.value.message
     assert caught.value.http_status == 400
+
+
+@pytest.mark.parametrize("body", [b'{"inputs": NaN}', b'{"inputs": [', b"{not json"])
+def test_json_that_is_merely_invalid_gets_no_hint_about_binary_data(body: bytes) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        decode_infer_request(body, None, INS, OUTS)
+    assert "Inference-Header-Content-Length" not in caught.value.message
 
 
 TEXT = TensorMeta("text", "BYTES", (-1,))
