@@ -304,3 +304,14 @@ def test_a_saved_pool_list_applies_the_implicit_pool_as_a_real_one(
     finally:
         runner.invoke(app, ["delete", "pool", "default"], env=env)
     assert "implicit" in cli(env, "get", "pool", "default")
+
+
+def test_one_device_is_read_by_its_id(demo_node: NodeProcess) -> None:
+    admin = demo_node.auth(demo_node.admin_key)
+    listed = httpx.get(f"{demo_node.url}/api/v1/devices", headers=admin, timeout=30).json()
+    one = httpx.get(f"{demo_node.url}/api/v1/devices/cpu-0", headers=admin, timeout=30)
+    assert one.status_code == 200, one.text
+    assert one.json() == listed["items"][0]
+    missing = httpx.get(f"{demo_node.url}/api/v1/devices/gpu-9", headers=admin, timeout=30)
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "device 'gpu-9' not found (this node has: cpu-0)"

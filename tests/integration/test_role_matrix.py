@@ -180,6 +180,7 @@ class Row:
 TABLE = [
     Row("POST", "/api/v1/apply", apply_call, 200, 403, 200, 404),
     Row("GET", "/api/v1/devices", fixed("/api/v1/devices"), 200, 200, 200, None),
+    Row("GET", "/api/v1/devices/{device_id}", fixed("/api/v1/devices/cpu-0"), 200, 200, 200, None),
     Row("GET", "/api/v1/slices", fixed("/api/v1/slices"), 200, 200, 200, None),
     # Devices are the operators' to cordon and drain; a tenant key may not, whatever it names.
     Row("POST", "/api/v1/devices/{device_id}/cordon", device_call("cordon"), 200, 200, 403, None),

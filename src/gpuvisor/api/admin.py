@@ -26,6 +26,7 @@ from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.control.apply_effects import apply_notes, apply_warnings
 from gpuvisor.control.checks import check_apply
 from gpuvisor.errors import Conflict, InvalidRequest, NotFound
+from gpuvisor.inventory.device import Device
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal
 from gpuvisor.spec.kinds import (
@@ -271,22 +272,33 @@ def admin_router(node: Node) -> APIRouter:
 
     # ---- devices, slices, node ------------------------------------------------------------
 
+    def device_item(device: Device, principal: Principal) -> dict[str, Any]:
+        assert node.controller is not None
+        on_device = [s for s in node.controller.slices.values() if s.device_id == device.id]
+        return {
+            **device.to_dict(),
+            # a tenant key sees its own slices' ids only (they name their owners)
+            "slices": [s.id for s in on_device if principal.may_see(s.tenant)],
+            "memoryReserved": sum(s.memory for s in on_device),
+        }
+
     @router.get("/devices", summary="Devices this node serves on")
     async def devices(request: Request) -> dict[str, Any]:
         principal = principal_of(node, request)
-        assert node.controller is not None
-        items = []
-        for device in node.topology.devices:
-            on_device = [s for s in node.controller.slices.values() if s.device_id == device.id]
-            items.append(
-                {
-                    **device.to_dict(),
-                    # a tenant key sees its own slices' ids only (they name their owners)
-                    "slices": [s.id for s in on_device if principal.may_see(s.tenant)],
-                    "memoryReserved": sum(s.memory for s in on_device),
-                }
-            )
-        return {"items": items}
+        return {"items": [device_item(d, principal) for d in node.topology.devices]}
+
+    @router.get(
+        "/devices/{device_id}",
+        summary="One device this node serves on",
+        responses=error_responses(404),
+    )
+    async def device(request: Request, device_id: str) -> dict[str, Any]:
+        principal = principal_of(node, request)
+        found = node.topology.get(device_id)
+        if found is None:
+            ids = ", ".join(d.id for d in node.topology.devices)
+            raise NotFound(f"device '{device_id}' not found (this node has: {ids})")
+        return device_item(found, principal)
 
     @router.get("/slices", summary="Slices (placed replicas) with state and reason")
     async def slices(request: Request) -> dict[str, Any]:
