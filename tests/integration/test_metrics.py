@@ -257,6 +257,46 @@ def test_requests_to_an_unloaded_deployment_are_counted_unavailable(node: NodePr
     assert _value(_families(node), "gpuvisor_requests_total", **labels) - before == 3
 
 
+def test_a_retired_slices_series_leave_with_it(node: NodeProcess) -> None:
+    """Series labelled by slice go when the slice does: each rolling update would otherwise
+    leave a series behind for every replaced instance."""
+    admin = node.auth(node.admin_key)
+    manifest = (
+        "apiVersion: gpuvisor/v1\nkind: Deployment\n"
+        "metadata: {name: short-lived, tenant: analytics}\n"
+        "spec: {model: basket-scorer, profile: std-shared, pool: inference}\n"
+    )
+    applied = httpx.post(f"{node.url}/api/v1/apply", headers=admin, content=manifest, timeout=60)
+    assert applied.status_code == 200, applied.text
+    deadline = time.monotonic() + 60
+    while _slices(node).get("analytics/short-lived/0", {}).get("state") != "Ready":
+        assert time.monotonic() < deadline, _slices(node).get("analytics/short-lived/0")
+        time.sleep(0.05)
+    analytics = node.auth(node.tenant_key("analytics"))
+    answered = httpx.post(
+        f"{node.url}/v2/models/short-lived/infer",
+        headers=analytics,
+        content=BASKET_BODY,
+        timeout=30,
+    )
+    assert answered.status_code == 200, answered.text
+    mine = {"slice": "analytics/short-lived/0"}
+    assert _value(_families(node), "gpuvisor_device_busy_seconds_total", **mine) > 0
+    deleted = httpx.delete(
+        f"{node.url}/api/v1/deployments/short-lived",
+        params={"tenant": "analytics"},
+        headers=admin,
+        timeout=60,
+    )
+    assert deleted.status_code == 200, deleted.text
+    deadline = time.monotonic() + 30
+    while "analytics/short-lived/0" in _slices(node):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    text = httpx.get(f"{node.url}/metrics", timeout=10).text
+    assert 'slice="analytics/short-lived/0"' not in text
+
+
 def test_queue_depth_shows_requests_waiting_under_a_burst(node: NodeProcess) -> None:
     labels = {"tenant": "retail", "deployment": "shelf-detector"}
     retail = node.auth(node.tenant_key("retail"))

@@ -6,8 +6,6 @@ instances of a deployment) costs a dict access."""
 
 from __future__ import annotations
 
-import contextlib
-
 from gpuvisor.control.slices import SliceState, SliceSupervisor
 from gpuvisor.telemetry.metrics import Metrics
 
@@ -52,7 +50,7 @@ class RunningSlices:
 
     async def stop(self, slice_id: str, drain: float = 0.0, reason: str = "") -> None:
         """Stop an instance (after up to ``drain`` seconds for what it has queued), forget it
-        and drop its memory gauges."""
+        and drop its series (memory gauges, device time)."""
         sup = self.supervisors.pop(slice_id, None)
         if sup is not None:
             await sup.stop(drain, reason)
@@ -61,9 +59,9 @@ class RunningSlices:
             self.forget(gone)
         if gone is not None and gone.device_id is not None:
             labels = (gone.device_id, gone.tenant, gone.deployment, gone.id)
-            for gauge in (self.metrics.slice_memory_limit, self.metrics.slice_memory_used):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(*labels)
+            m = self.metrics
+            for series in (m.slice_memory_limit, m.slice_memory_used, m.device_busy):
+                m.remove_series(series, *labels)
 
     def publish_counts(self) -> None:
         """Set the slices gauge: instances by tenant, deployment and state."""

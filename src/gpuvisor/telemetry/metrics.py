@@ -6,6 +6,7 @@ outcome codes; never request ids or free text.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -186,14 +187,20 @@ class Metrics:
     def child(self, metric: M, *labels: str) -> M:
         """Return ``metric.labels(*labels)``, cached: the request path calls this per request.
 
-        Only for series that are never removed (counters and histograms here); a removed
-        series would stay cached.
+        A series removed with ``remove_series`` leaves the cache too.
         """
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def remove_series(self, metric: Any, *labels: str) -> None:
+        """Drop one labelled series (a retired slice's) and its cached child, so that series of
+        slices that are gone do not pile up with every rolling update."""
+        self._children.pop((id(metric), labels), None)
+        with contextlib.suppress(KeyError):
+            metric.remove(*labels)
 
 
 @dataclass(frozen=True)
