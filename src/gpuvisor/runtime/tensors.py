@@ -331,6 +331,10 @@ def _exact_integers(
     exact = parsed if parsed.dtype == object else np.array(data, dtype=object)
     items = exact.reshape(-1).tolist()
     if any(type(item) is not int for item in items):
+        # the JSON parser reads an integer beyond 64 bits as a float (rounded, perhaps to
+        # -2**63 itself): out of range, not a float
+        if any(type(item) is float and item.is_integer() and abs(item) >= 2**63 for item in items):
+            raise InvalidRequest(out_of_range)
         raise InvalidRequest(problem)
     try:
         return np.array(items, dtype=dtype).reshape(exact.shape)

@@ -348,6 +348,26 @@ def test_malformed_binary_bytes_elements_are_rejected(count: int, raw: bytes, me
     assert message in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("datatype", "value", "message"),
+    [
+        ("UINT64", "18446744073709551616", "outside the UINT64 range"),  # 2**64
+        ("INT64", "-9223372036854775809", "outside the INT64 range"),  # -2**63 - 1
+        ("UINT64", "1.5", "its data must be integers"),
+    ],
+)
+def test_an_integer_beyond_64_bits_is_out_of_range_not_a_float(
+    datatype: str, value: str, message: str
+) -> None:
+    # written by hand: the JSON parser reads such an integer as a float
+    body = (
+        f'{{"inputs": [{{"name": "n", "shape": [2], "datatype": "{datatype}", '
+        f'"data": [{value}, 0]}}]}}'
+    ).encode()
+    with pytest.raises(InvalidRequest, match=re.escape(message)):
+        decode_infer_request(body, None, [TensorMeta("n", datatype, (2,))], [])
+
+
 def test_a_bytes_shape_larger_than_its_data_is_refused_before_anything_is_allocated() -> None:
     # 2**40 elements would ask for 8 TiB of object pointers: the worker must answer 400
     # from the data's size, not die allocating (a 100-byte request took a worker down).
