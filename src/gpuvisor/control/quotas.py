@@ -161,9 +161,14 @@ class _Violation:
 
         what = "would have" if self.field == "deployments" else "would use"
         detail = ", ".join([f"currently {amount(self.current)}", *self.changes])
+        # every deployment counts, whatever its replicas: only deleting one makes room
+        shrink = (
+            "delete some"
+            if self.field == "deployments"
+            else "scale deployments down or delete some"
+        )
         fix = (
-            f"scale deployments down or delete some, or raise the Tenant's "
-            f"spec.quota.{self.field} to at least {fmt(self.usage)}"
+            f"{shrink}, or raise the Tenant's spec.quota.{self.field} to at least {fmt(self.usage)}"
         )
         noun = "it" if self.field == "deployments" else "its deployments"
         return f"{head}: {noun} {what} {amount(self.usage)} ({detail}); {fix}"

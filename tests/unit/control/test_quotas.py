@@ -83,6 +83,10 @@ def test_deployment_count_over_quota_lists_the_new_ones() -> None:
         "tenant 'retail' quota.deployments is 2: it would have 4 deployments "
         "(currently 2 deployments, +1 from c, +1 from d); "
     )
+    # scaling down does not lower the count (c has 0 replicas and counts): only deleting does
+    assert exc.message.endswith(
+        "; delete some, or raise the Tenant's spec.quota.deployments to at least 4"
+    )
     # Re-applying the existing two changes nothing and passes.
     check_quotas(docs(deployment("a", 1), deployment("b", 1)), existing)
 
