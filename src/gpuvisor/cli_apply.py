@@ -17,7 +17,7 @@ from gpuvisor.cli_options import (
     node_client,
     stdout_console,
 )
-from gpuvisor.errors import ConfigError, GpuvisorError
+from gpuvisor.errors import ConfigError, GpuvisorError, PayloadTooLarge
 
 __all__ = ["apply_command"]
 
@@ -52,6 +52,8 @@ def apply_command(
         try:
             result = client.apply(text, source=source, base_dir=base)
         except GpuvisorError as exc:
+            if isinstance(exc, PayloadTooLarge):  # the node cannot say which file it was
+                exc = PayloadTooLarge(f"{source}: {exc.message}")
             if index == 0:
                 fail(exc)
             fail(

@@ -102,3 +102,15 @@ def test_the_first_failing_file_stops_the_rest(env: dict[str, str], tmp_path: Pa
         assert "file-one" in names and not {"file-two", "file-three"} & names
     finally:
         runner.invoke(app, ["delete", "tenant", "file-one"], env=env)
+
+
+def test_a_manifest_over_the_nodes_limit_is_named(env: dict[str, str], tmp_path: Path) -> None:
+    small = tmp_path / "small.yaml"
+    small.write_text("apiVersion: gpuvisor/v1\nkind: Tenant\nmetadata: {name: cli-small}\n")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 500_000 + small.read_text())  # 5 MB, over the 4Mi limit
+    result = runner.invoke(app, ["apply", "-f", str(small), "-f", str(big)], env=env)
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert f"error: {big.name}: request body is over the limit of 4Mi" in output, output
+    assert f"nothing from {big.name} or the files after it was applied" in output
