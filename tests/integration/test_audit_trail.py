@@ -178,6 +178,10 @@ def test_mutations_and_refusals_are_recorded_and_verified(demo_node: NodeProcess
     assert len(bootstrap) == 1 and bootstrap[0].split()[2:4] == ["node", "node"], bootstrap
     unknown = [line for line in listed.output.splitlines() if "unknown API key" in line]
     assert unknown and all(line.split()[2:4] == ["-", "-"] for line in unknown), unknown
+    # an action no record can have is a mistake, not an empty list
+    bogus = runner.invoke(app, ["audit", "list", "--action", "bogus"], env=env)
+    assert bogus.exit_code == 1, bogus.output
+    assert "action" in bogus.output and "'device.cordon'" in bogus.output, bogus.output
 
     state = ["--state", str(demo_node.state_dir)]
     intact = runner.invoke(app, ["audit", "verify", *state])

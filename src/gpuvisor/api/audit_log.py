@@ -14,6 +14,7 @@ from gpuvisor.api.errors import error_responses
 from gpuvisor.api.oip import principal_of
 from gpuvisor.errors import Forbidden
 from gpuvisor.node import Node
+from gpuvisor.store.audit import AuditAction
 
 __all__ = ["AuditList", "AuditRecordView", "audit_log_router"]
 
@@ -66,11 +67,7 @@ def audit_log_router(node: Node) -> APIRouter:
         request: Request,
         actor: str | None = Query(None, description="key id, with or without gvk_"),
         tenant: str | None = Query(None, description="the tenant the action concerns"),
-        action: str | None = Query(
-            None,
-            description="apply, delete, key.create, key.revoke, device.cordon, device.uncordon, "
-            "model.load, model.unload, authenticate or request",
-        ),
+        action: AuditAction | None = Query(None, description="what was done"),
         result: Literal["ok", "denied", "failed"] | None = None,
         since: Annotated[
             datetime | None,

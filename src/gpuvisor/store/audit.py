@@ -34,6 +34,7 @@ from gpuvisor.store.tables import AuditRow
 __all__ = [
     "GENESIS_HASH",
     "NODE_ROLE",
+    "AuditAction",
     "AuditEvent",
     "AuditLog",
     "AuditRecord",
@@ -44,6 +45,19 @@ __all__ = [
 
 AuditResult = Literal["ok", "denied", "failed"]
 RESULTS: tuple[str, ...] = ("ok", "denied", "failed")
+AuditAction = Literal[
+    "apply",
+    "delete",
+    "key.create",
+    "key.revoke",
+    "device.cordon",
+    "device.uncordon",
+    "model.load",
+    "model.unload",
+    "authenticate",
+    "request",
+]
+"""What an audit record says was done (what ``gpuvisor audit list --action`` filters on)."""
 GENESIS_HASH = "0" * 64
 # Bumping this makes every existing record fail verification: change the encoding only
 # together with a migration that re-chains the log.
