@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -123,3 +126,42 @@ def test_tenant_cannot_read_another_tenant_object(demo_node: NodeProcess) -> Non
     assert (
         httpx.get(f"{demo_node.url}/api/v1/profiles/rt-small", headers=support).status_code == 200
     )
+
+
+def test_a_tenant_key_names_model_files_only_in_its_model_folders(
+    demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    """Another tenant's model file (here the demo's, in the node's state directory) cannot be
+    served under a tenant key once the admin gives the tenant model folders."""
+    root = tmp_path / "confined-models"
+    root.mkdir()
+    shutil.copy(demo_node.state_dir / "demo" / "models" / "basket-scorer.onnx", root / "own.onnx")
+    theirs = demo_node.state_dir / "demo" / "models" / "basket-scorer.onnx"
+    (root / "link.onnx").symlink_to(theirs)
+    admin = demo_node.auth(demo_node.admin_key)
+
+    def apply(headers: dict[str, str], text: str) -> httpx.Response:
+        return httpx.post(
+            f"{demo_node.url}/api/v1/apply", headers=headers, content=text, timeout=60
+        )
+
+    tenant = (
+        "apiVersion: gpuvisor/v1\nkind: Tenant\nmetadata: {name: confined}\n"
+        f"spec: {{modelRoots: ['{root}']}}\n"
+    )
+    assert apply(admin, tenant).status_code == 200
+    key = demo_node.auth(demo_node.create_tenant_key("confined"))
+
+    def model(source: Path, version: str) -> str:
+        return (
+            "apiVersion: gpuvisor/v1\nkind: Model\nmetadata: {name: scorer, tenant: confined}\n"
+            f"spec: {{source: '{source}', version: '{version}'}}\n"
+        )
+
+    assert apply(key, model(root / "own.onnx", "1")).status_code == 200
+    for source in (theirs, root / "link.onnx", root / ".." / "elsewhere.onnx"):
+        refused = apply(key, model(source, "2"))
+        assert refused.status_code == 403, refused.text
+        assert "outside tenant 'confined''s model folders" in refused.json()["error"]
+    # the admin is not confined
+    assert apply(admin, model(theirs, "3")).status_code == 200

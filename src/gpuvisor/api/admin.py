@@ -29,6 +29,7 @@ from gpuvisor.errors import Conflict, InvalidRequest, NotFound
 from gpuvisor.inventory.device import Device
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal
+from gpuvisor.security.model_roots import check_model_roots
 from gpuvisor.spec.kinds import (
     API_VERSION,
     DEFAULT_POOL,
@@ -182,6 +183,8 @@ def admin_router(node: Node) -> APIRouter:
         ok = audit.recorder(request, principal, "apply")
         async with writes:
             existing = await all_resources()
+            if principal.role == "tenant" and principal.tenant:
+                check_model_roots(principal.tenant, resources, existing)
             check_apply(resources, existing)
             applied = await asyncio.to_thread(
                 store().apply,

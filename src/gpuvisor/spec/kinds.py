@@ -154,6 +154,19 @@ class TenantSpec(SpecModel):
     pools: list[str] = Field(default_factory=list)
     """Pools the tenant may deploy to; empty means every pool."""
     quota: Quota = Field(default_factory=Quota)
+    model_roots: list[str] | None = Field(default=None, max_length=64)
+    """Folders on the node that the tenant's own key may name Model files in (absolute
+    paths); None: any file the node can read (admin keys are never confined)."""
+
+    @field_validator("model_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[str] | None) -> list[str] | None:
+        for root in value or ():
+            if not root.startswith("/"):
+                raise ValueError(
+                    f"model folder {quoted(root)} is not an absolute path: give it from /"
+                )
+        return value
 
 
 class Tenant(_ClusterScoped):

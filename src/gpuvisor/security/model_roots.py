@@ -1,0 +1,47 @@
+"""The folders a tenant's own key may name Model files in (``Tenant.spec.modelRoots``).
+
+A Model's ``source`` is a path on the node: unconfined, a tenant key could serve another
+tenant's model file, or learn whether any path exists. Where the admin gives a tenant model
+folders, a Model applied with that tenant's key must name a file inside them, symbolic links
+followed (a link inside pointing outside is outside). Admin keys are not confined.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from gpuvisor.errors import Forbidden
+from gpuvisor.quoting import quoted
+from gpuvisor.spec.kinds import Model, Resource, Tenant
+
+__all__ = ["check_model_roots", "inside"]
+
+
+def inside(path: str, roots: Sequence[str]) -> bool:
+    """Whether ``path``, its links followed, is one of ``roots`` (their links followed too) or
+    lies below one."""
+    real = os.path.realpath(path)
+    for root in roots:
+        base = os.path.realpath(root)
+        if real == base or real.startswith(base.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def check_model_roots(tenant: str, new: Sequence[Resource], existing: Sequence[Resource]) -> None:
+    """Refuse (Forbidden, 403) a Model in ``new`` that a key of ``tenant`` applies from outside
+    the tenant's model folders, when the tenant has any."""
+    owner = next((r for r in existing if isinstance(r, Tenant) and r.metadata.name == tenant), None)
+    roots = owner.spec.model_roots if owner is not None else None
+    if roots is None:
+        return
+    for model in (r for r in new if isinstance(r, Model)):
+        if not inside(model.spec.source, roots):
+            folders = ", ".join(roots) if roots else "none"
+            raise Forbidden(
+                f"Model {model.metadata.name}@{model.spec.version}: its source "
+                f"{quoted(model.spec.source)} is outside tenant '{tenant}''s model folders "
+                f"({folders}; Tenant spec.modelRoots): put the file in one of them, or ask an "
+                "admin to apply this Model"
+            )
