@@ -250,8 +250,9 @@ class Node:
         ``priority`` (OIP, 1 highest; None or 0 the default) orders it within its slice;
         ``timeout`` (seconds) and the deployment's ``slo.latency`` bound it: the smaller is its
         deadline. ``rows`` is the request's batch dimension as read from its header.
-        Raises TooManyRequests (429) or DeadlineExceeded (503) when it is refused
-        before queueing, DeadlineExceeded when its deadline passes while it is queued.
+        Raises Unavailable (503) when no replica is ready, InvalidRequest (400) for more rows
+        than the slice runs in one batch, TooManyRequests (429) or DeadlineExceeded (503) when
+        it is refused before queueing, DeadlineExceeded when its deadline passes while queued.
         ``client_gone`` waits until the caller has left: if it returns while the request is
         still queued, the request is dropped (ClientGone) and spends no device time.
         """
