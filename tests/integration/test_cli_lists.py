@@ -315,3 +315,23 @@ def test_one_device_is_read_by_its_id(demo_node: NodeProcess) -> None:
     missing = httpx.get(f"{demo_node.url}/api/v1/devices/gpu-9", headers=admin, timeout=30)
     assert missing.status_code == 404
     assert missing.json()["error"] == "device 'gpu-9' not found (this node has: cpu-0)"
+
+
+def test_a_list_filtered_by_an_unknown_tenant_is_not_found(demo_node: NodeProcess) -> None:
+    admin = demo_node.auth(demo_node.admin_key)
+    for plural in ("deployments", "models"):
+        answer = httpx.get(
+            f"{demo_node.url}/api/v1/{plural}",
+            params={"tenant": "nosuch"},
+            headers=admin,
+            timeout=30,
+        )
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"].startswith("unknown tenant 'nosuch'")
+    known = httpx.get(
+        f"{demo_node.url}/api/v1/deployments",
+        params={"tenant": "retail"},
+        headers=admin,
+        timeout=30,
+    )
+    assert known.status_code == 200 and known.json()["items"]

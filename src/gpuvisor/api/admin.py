@@ -344,6 +344,12 @@ def admin_router(node: Node) -> APIRouter:
         if principal.role == "tenant" and tenant and tenant != principal.tenant:
             # another tenant's objects do not exist for a tenant key: 404, as for one object
             raise NotFound(f"tenant '{tenant}' not found")
+        if (
+            tenant is not None
+            and await asyncio.to_thread(store().get, "Tenant", None, tenant) is None
+        ):
+            # a misspelt tenant is a mistake to say, not an empty list
+            raise NotFound(f"unknown tenant '{tenant}' (`gpuvisor get tenants` lists them)")
         objects = await asyncio.to_thread(store().list, kind, tenant)
         items = [
             _with_status(o.body)
