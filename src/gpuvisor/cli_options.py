@@ -182,9 +182,9 @@ def fail(error: GpuvisorError | str) -> NoReturn:
 def check_tenant_exists(client: NodeClient, tenant: str) -> None:
     """Raise NotFound ``unknown tenant 'NAME'`` when the node has no such tenant.
 
-    For a list filtered by tenant that came back empty: the node lists an unknown tenant's
-    objects as none rather than refusing the filter. Any other answer (a key that may not
-    read the tenant) leaves the empty list as the answer."""
+    For a list whose route does not check the tenant (slices, keys) that came back empty: none of
+    an unknown tenant's is not "none". Any other answer (a key that may not read the tenant)
+    leaves the empty list as the answer."""
     from urllib.parse import quote
 
     try:

@@ -296,12 +296,7 @@ def admin_router(node: Node) -> APIRouter:
         responses=error_responses(404),
     )
     async def device(request: Request, device_id: str) -> dict[str, Any]:
-        principal = principal_of(node, request)
-        found = node.topology.get(device_id)
-        if found is None:
-            ids = ", ".join(d.id for d in node.topology.devices)
-            raise NotFound(f"device '{device_id}' not found (this node has: {ids})")
-        return device_item(found, principal)
+        return device_item(node.topology.require(device_id), principal_of(node, request))
 
     @router.get("/slices", summary="Slices (placed replicas) with state and reason")
     async def slices(request: Request) -> dict[str, Any]:

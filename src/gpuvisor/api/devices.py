@@ -19,7 +19,7 @@ from gpuvisor.api import audit
 from gpuvisor.api.errors import error_responses
 from gpuvisor.api.oip import principal_of
 from gpuvisor.control.controller import Controller
-from gpuvisor.errors import Forbidden, NotFound
+from gpuvisor.errors import Forbidden
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal
 from gpuvisor.store.audit import AuditEvent
@@ -60,12 +60,6 @@ def devices_router(node: Node) -> APIRouter:
         assert node.controller is not None
         return node.controller
 
-    def known(device_id: str) -> str:
-        if node.topology.get(device_id) is None:
-            ids = ", ".join(d.id for d in node.topology.devices)
-            raise NotFound(f"device '{device_id}' not found (this node has: {ids})")
-        return device_id
-
     def on_device(device_id: str) -> list[str]:
         """The replicas with an instance on the device."""
         on = (s.replica_id for s in controller().slices.values() if s.device_id == device_id)
@@ -104,7 +98,7 @@ def devices_router(node: Node) -> APIRouter:
     ) -> dict[str, Any]:
         action = "device.cordon" if cordon else "device.uncordon"
         principal = operator_key(request, action, device_id)
-        known(device_id)
+        node.topology.require(device_id)
         before = on_device(device_id)
         store = node.store
         assert store is not None

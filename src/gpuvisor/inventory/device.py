@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from gpuvisor.errors import NotFound
 from gpuvisor.partition.mig import MigInstance
 
 __all__ = [
@@ -149,6 +150,14 @@ class Topology:
             if device.id == device_id:
                 return device
         return None
+
+    def require(self, device_id: str) -> Device:
+        """Return the device with this id; raise NotFound naming the devices there are."""
+        device = self.get(device_id)
+        if device is None:
+            ids = ", ".join(d.id for d in self.devices)
+            raise NotFound(f"device '{device_id}' not found (this node has: {ids})")
+        return device
 
     @property
     def gpus(self) -> list[Device]:
