@@ -33,6 +33,7 @@ from gpuvisor.control.rollout import (
     waiting_note,
 )
 from gpuvisor.control.running import RunningSlices
+from gpuvisor.control.served import ServedSpecs, replica_ids
 from gpuvisor.control.slices import (
     Backoff,
     SliceState,
@@ -93,6 +94,7 @@ class Controller:
         self.restart = restart
         self.out_of_memory = out_of_memory
         self.running = RunningSlices(metrics)
+        self.served = ServedSpecs(store)  # what each replica served: a restart serves it again
         self.slices = self.running.slices  # the books' own dicts, under their old names
         self.supervisors = self.running.supervisors
         self._by_deployment = self.running.by_deployment
@@ -152,6 +154,7 @@ class Controller:
             except asyncio.CancelledError:
                 pass
         await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.served.close()
         async with self._lock:
             await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
             self.supervisors.clear()
@@ -162,6 +165,7 @@ class Controller:
         cordoned or unhealthy device, start what is new or still Pending."""
         objects = await asyncio.to_thread(self.store.list)
         cordons = await asyncio.to_thread(self.store.list_cordons)
+        await self.served.load()
         resources = [resource_from_dict(o.body) for o in objects]
         async with self._lock:
             cordoned = {c.device_id for c in cordons}
@@ -188,6 +192,8 @@ class Controller:
             await self._move_off_unusable_devices()
             for want in desired.values():
                 await self._reconcile_replica(want)
+            self.served.keep(replica_ids(resources))
+            self.served.started()
             self.moved.clear()  # the notes of this pass's moves went into their new statuses
             refresh_scheduling(self.admission, self.resources, self.slices.values())
             self.running.publish_counts()
@@ -210,7 +216,12 @@ class Controller:
         serves, if any, when its turn in the deployment's rolling update has come), or load
         it again when it is due."""
         instances = self.instances(want.slice_id)
+        if not instances and (old := self.served.previous(want, self.resources)) is not None:
+            self._restore(want, old)
+            return
         current = next((s for s in instances if self._fits(s, want)), None)
+        if current is None and any(s.restored and s.state == "Loading" for s in instances):
+            return  # what it served before the node restarted loads first, then the update
         serving = next((s for s in instances if s is not current and s.state in SERVING), None)
         if current is None and serving is not None and (ahead := self._ahead_of(want)):
             why = self._leaving(serving) if serving.spec_hash == want.spec_hash else None
@@ -231,6 +242,20 @@ class Controller:
             serving.set_state("Ready", serving_note(why, current))
         elif serving is None and current is not None and tells_of_replacement(current.reason):
             current.set_state(current.state)  # nothing replaces it any more: nothing to tell
+
+    def _restore(self, want: DesiredSlice, old: DesiredSlice) -> None:
+        """Start an instance of ``want``'s replica with ``old``, the spec it served before the
+        node restarted; the update to ``want`` resumes once that instance is Ready (or fails)."""
+        self._start_slice(old, free_instance_id(want.slice_id, self.slices)).restored = True
+        was, now = old.deployment.spec.model, want.deployment.spec.model
+        log.info(
+            "slice %s: the node restarted during an update to %s; it serves %s again until "
+            "its replacement is Ready",
+            want.slice_id,
+            now if now != was else "a new spec",
+            was if now != was else "the previous spec",
+            extra={"tenant": want.tenant},
+        )
 
     def _ahead_of(self, want: DesiredSlice) -> list[str]:
         """The replicas ``want`` waits for in its deployment's rolling update (``ahead_of``)."""
@@ -423,6 +448,10 @@ class Controller:
         """An instance became Ready: remember its model, and retire the instance it replaces
         at once (new requests go to this one from now; the old one finishes its queue)."""
         self._remember_model(state)
+        wanted = self._desired.get((state.tenant, state.deployment), [])
+        want = next((w for w in wanted if w.slice_id == state.replica_id), None)
+        if want is not None and want.spec_hash == state.spec_hash:
+            self.served.served(want)
         old = self.slices.get(state.replaces) if state.replaces is not None else None
         state.replaces = None
         if old is not None and old.replica_id == state.replica_id:

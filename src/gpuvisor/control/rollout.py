@@ -177,11 +177,16 @@ def outdated(
             why = leaving(s) if s.spec_hash == want.spec_hash else None
             if keep is not None and keep.state == "Ready":
                 out.append((s.id, handed_over(s, keep)))
-            elif not serving and s.state in SERVING and servable:
+            elif not serving and servable and (s.state in SERVING or _restoring(s)):
                 serving = True
             else:
                 out.append((s.id, f"moving: {why}" if why else "stopping: spec changed"))
     return out
+
+
+def _restoring(s: SliceState) -> bool:
+    """Whether ``s`` loads the spec its replica served before the node restarted."""
+    return s.restored and s.state == "Loading"
 
 
 def ahead_of(

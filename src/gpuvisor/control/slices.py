@@ -107,6 +107,9 @@ class SliceState:
     # it took the place of an instance that served (no room beside it): until it is Ready, its
     # replica is down for the update, which then waits rather than take another one down
     took_over: bool = False
+    # started at the node's start with the spec its replica served before (an update was under
+    # way): it serves until its replacement is Ready, which starts once it has loaded
+    restored: bool = False
 
     def __post_init__(self) -> None:
         if not self.replica_id:

@@ -17,9 +17,17 @@ from sqlalchemy.orm import Session
 from gpuvisor import errors
 from gpuvisor.store.audit import AuditEvent, AuditLog
 from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
-from gpuvisor.store.tables import ApiKeyRow, CordonRow, ObjectRow
+from gpuvisor.store.tables import ApiKeyRow, CordonRow, ObjectRow, ServedSpecRow
 
-__all__ = ["ApplyOutcome", "Cordon", "RevokedKey", "Store", "StoredKey", "StoredObject"]
+__all__ = [
+    "ApplyOutcome",
+    "Cordon",
+    "RevokedKey",
+    "ServedRecord",
+    "Store",
+    "StoredKey",
+    "StoredObject",
+]
 
 ApplyOutcome = Literal["created", "configured", "unchanged"]
 
@@ -95,6 +103,18 @@ class Cordon:
     actor: str
     reason: str
     at: datetime
+
+
+@dataclass(frozen=True)
+class ServedRecord:
+    """What one replica of a deployment last served: the spec's hash and ``body``, the
+    deployment, model and profile as they were then."""
+
+    replica_id: str
+    tenant: str
+    deployment: str
+    spec_hash: str
+    body: dict[str, Any] = field(hash=False)
 
 
 def _object_from_row(row: ObjectRow) -> StoredObject:
@@ -374,6 +394,38 @@ class Store:
         query = select(CordonRow).order_by(CordonRow.at, CordonRow.device_id)
         with Session(self._engine) as session:
             return [Cordon(r.device_id, r.actor, r.reason, r.at) for r in session.scalars(query)]
+
+    # ----------------------------------------------------------------- served specs
+
+    def list_served(self) -> builtins.list[ServedRecord]:
+        """Return what each replica last served, by replica."""
+        query = select(ServedSpecRow).order_by(ServedSpecRow.replica_id)
+        with Session(self._engine) as session:
+            return [
+                ServedRecord(r.replica_id, r.tenant, r.deployment, r.spec_hash, json.loads(r.body))
+                for r in session.scalars(query)
+            ]
+
+    def put_served(self, records: Sequence[ServedRecord], forget: Sequence[str] = ()) -> None:
+        """Record what replicas serve now (in place of what they served before) and forget the
+        replicas ``forget``, in one transaction."""
+
+        def write(session: Session) -> None:
+            if replaced := [*forget, *(r.replica_id for r in records)]:
+                session.execute(delete(ServedSpecRow).where(ServedSpecRow.replica_id.in_(replaced)))
+            session.add_all(
+                ServedSpecRow(
+                    replica_id=r.replica_id,
+                    tenant=r.tenant,
+                    deployment=r.deployment,
+                    spec_hash=r.spec_hash,
+                    body=_canonical_json(r.body),
+                    at=_utcnow(),
+                )
+                for r in records
+            )
+
+        self._write(write)
 
     # ----------------------------------------------------------------- plumbing
 

@@ -9,7 +9,16 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["ApiKeyRow", "AuditRow", "Base", "ObjectRow", "UtcDateTime", "metadata"]
+__all__ = [
+    "ApiKeyRow",
+    "AuditRow",
+    "Base",
+    "CordonRow",
+    "ObjectRow",
+    "ServedSpecRow",
+    "UtcDateTime",
+    "metadata",
+]
 
 # Explicit constraint names keep migrations identical on SQLite and PostgreSQL and let
 # batch-mode ALTERs on SQLite find the constraints they rebuild.
@@ -128,6 +137,21 @@ class CordonRow(Base):
     device_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     actor: Mapped[str] = mapped_column(String(64), nullable=False)
     reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
+class ServedSpecRow(Base):
+    """What one replica of a deployment last served: its deployment, model and profile as they
+    were when an instance with them became Ready (JSON), so that a node restarted in the middle
+    of a rolling update serves that version again until the new one is Ready."""
+
+    __tablename__ = "served_specs"
+
+    replica_id: Mapped[str] = mapped_column(String(600), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(255), nullable=False)
+    deployment: Mapped[str] = mapped_column(String(255), nullable=False)
+    spec_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
     at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 
