@@ -162,6 +162,8 @@ def _slice_lines(sl: dict[str, Any]) -> list[str]:
             for size, seconds in sorted(measured.items(), key=lambda kv: int(kv[0]))
         )
         lines.append(f"    time per batch: {per_batch}")
+    if sl.get("batchingNote"):
+        lines.append(f"    {sl['batchingNote']}")
     return lines
 
 

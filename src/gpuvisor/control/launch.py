@@ -200,6 +200,7 @@ def slice_launch(
         threads=device.threads,
         memory_limit=state.memory,
         max_batch_size=max_batch,
+        batchable=model.spec.batchable,
         declared_inputs=[p.TensorInfo(t.name, t.datatype, list(t.shape)) for t in model.spec.inputs]
         if model.spec.inputs
         else None,

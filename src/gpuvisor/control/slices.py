@@ -146,6 +146,8 @@ class SliceState:
             "queued": len(self.queue.items) if self.queue else 0,
             "rssBytes": loaded.rss_bytes if loaded else None,
             "profileSeconds": {str(k): v for k, v in loaded.profile.items()} if loaded else {},
+            "batchable": loaded.batchable if loaded else None,
+            "batchingNote": loaded.batching_note if loaded else "",
             "since": self.since,
             "unplacedReasons": dict(self.unplaced),
         }
@@ -262,6 +264,8 @@ class SliceSupervisor:
                 loaded.load_seconds,
                 extra={"tenant": s.tenant},
             )
+            if loaded.batching_note:
+                log.warning("slice %s: %s", s.id, loaded.batching_note, extra={"tenant": s.tenant})
             if self.on_ready is not None:
                 self.on_ready(s)
             started = time.monotonic()

@@ -39,6 +39,7 @@ class LoadedSlice:
     executor: Executor
     inputs: list[TensorMeta]
     outputs: list[TensorMeta]
+    batchable: bool  # requests may be merged along the first dimension (``batch_check``)
 
 
 def synthetic_inputs(metas: Sequence[TensorMeta], rows: int) -> dict[str, np.ndarray]:
@@ -58,13 +59,11 @@ def profile_batches(
 ) -> dict[int, float]:
     """Return the median measured seconds per batch for each batch size the model accepts."""
     profile: dict[int, float] = {}
-    sizes = batch_sizes if slice_.executor.batchable else [1]
+    sizes = batch_sizes if slice_.batchable else [1]
     for rows in sizes:
-        if not slice_.executor.batchable and rows != 1:
-            continue
         feed = (
             synthetic_inputs(slice_.inputs, rows)
-            if slice_.executor.batchable
+            if slice_.batchable
             else synthetic_inputs(
                 [
                     TensorMeta(m.name, m.datatype, tuple(d if d > 0 else 1 for d in m.shape))
@@ -150,11 +149,11 @@ def run_requests(
             statuses[i], payloads[i] = 500, encode_error(_unexpected("decode", exc), "internal")
             continue
         decoded[i] = request
-        row_counts[i] = _rows_of(request, loaded.executor.batchable)
+        row_counts[i] = _rows_of(request, loaded.batchable)
 
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, request in decoded.items():
-        key = _batch_key(request, row_counts[i]) if loaded.executor.batchable else None
+        key = _batch_key(request, row_counts[i]) if loaded.batchable else None
         groups.setdefault(("solo", i) if key is None else key, []).append(i)
 
     max_rows = max(1, loaded.spec.max_batch_size)

@@ -76,6 +76,7 @@ class LoadModel(msgspec.Struct, tag=True):
     threads: int | None
     memory_limit: int | None
     max_batch_size: int
+    batchable: bool | None = None  # Model spec.batchable: None decides at load
     declared_inputs: list[TensorInfo] | None = None
     declared_outputs: list[TensorInfo] | None = None
     profile_batch_sizes: list[int] = []
@@ -145,6 +146,7 @@ class ModelLoaded(msgspec.Struct, tag=True):
     rss_bytes: int
     # measured seconds per batch, keyed by batch size (rows)
     profile: dict[int, float]
+    batching_note: str = ""  # why requests are not merged although the shapes would allow it
 
 
 class LoadFailed(msgspec.Struct, tag=True):

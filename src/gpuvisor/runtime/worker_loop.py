@@ -17,6 +17,7 @@ import zmq
 
 from gpuvisor.errors import GpuvisorError
 from gpuvisor.runtime import protocol as p
+from gpuvisor.runtime.batch_check import decide_batching
 from gpuvisor.runtime.execution import LoadedSlice, profile_batches, run_requests
 from gpuvisor.runtime.executors.base import ExecutorDevice, load_executor, verify_sha256
 from gpuvisor.runtime.niceness import set_niceness
@@ -271,7 +272,9 @@ class Worker:
                 declared_inputs=_meta_list(spec.declared_inputs),
                 declared_outputs=_meta_list(spec.declared_outputs),
             )
-            loaded = LoadedSlice(spec, executor, list(executor.inputs), list(executor.outputs))
+            inputs, outputs = list(executor.inputs), list(executor.outputs)
+            batchable, note = decide_batching(executor, inputs, outputs, spec.batchable)
+            loaded = LoadedSlice(spec, executor, inputs, outputs, batchable)
             sizes = [b for b in spec.profile_batch_sizes if b <= max(1, spec.max_batch_size)]
             profile = profile_batches(loaded, sizes or [1], spec.profile_repeats)
         except GpuvisorError as exc:
@@ -288,11 +291,12 @@ class Worker:
                 platform=executor.platform,
                 inputs=_info_list(loaded.inputs),
                 outputs=_info_list(loaded.outputs),
-                batchable=executor.batchable,
+                batchable=batchable,
                 sha256=digest,
                 load_seconds=time.perf_counter() - started,
                 rss_bytes=self.process.memory_info().rss,
                 profile=profile,
+                batching_note=note,
             )
         )
 

@@ -248,6 +248,11 @@ class ModelSpec(SpecModel):
     signature: str | None = None
     max_batch_size: Count = Field(default=0, ge=0)
     """Largest batch the model accepts; 0 means unknown."""
+    batchable: bool | None = None
+    """Whether the first dimension is a batch of independent rows, so that requests may be
+    merged along it. Unset: decided when the model loads (a variable first dimension, and two
+    rows each get the same answer alone as together). False: each request runs alone and
+    whole. True: merged without that check."""
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
 

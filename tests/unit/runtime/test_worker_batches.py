@@ -22,7 +22,9 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> LoadedSlice:
     path = build_demo_models(tmp_path_factory.mktemp("models"))["basket-scorer"]
     executor = load_executor("onnx", Path(path), ExecutorDevice(kind="cpu", threads=1))
     spec = p.LoadModel("t/d/0", "basket-scorer", "1", "onnx", str(path), None, "cpu", 0, 1, None, 4)
-    return LoadedSlice(spec, executor, list(executor.inputs), list(executor.outputs))
+    return LoadedSlice(
+        spec, executor, list(executor.inputs), list(executor.outputs), executor.batchable
+    )
 
 
 def _body(rows: int, value: float = 0.5, shape: list[int] | None = None) -> bytes:
@@ -120,7 +122,9 @@ def _loaded_from(tmp_path: Path, model: onnx.ModelProto, max_batch: int = 8) -> 
     spec = p.LoadModel(
         "t/d/0", model.graph.name, "1", "onnx", str(path), None, "cpu", 0, 1, None, max_batch
     )
-    return LoadedSlice(spec, executor, list(executor.inputs), list(executor.outputs))
+    return LoadedSlice(
+        spec, executor, list(executor.inputs), list(executor.outputs), executor.batchable
+    )
 
 
 def _graph(
