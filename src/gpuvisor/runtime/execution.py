@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpuvisor.errors import GpuvisorError, ModelError, is_out_of_memory
+from gpuvisor.errors import GpuvisorError, InvalidRequest, ModelError, is_out_of_memory
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.executors.base import Executor
 from gpuvisor.runtime.tensors import (
@@ -216,6 +216,8 @@ def _run_chunk(
             for i in chunk:
                 _run_chunk(loaded, [i], decoded, row_counts, statuses, payloads, header_lengths)
             return
+        if exc.http_status == 500 and loaded.batchable:
+            exc = _rows_disagree(requests[0], exc)
         statuses[chunk[0]], payloads[chunk[0]] = (
             exc.http_status,
             encode_error(exc.message, exc.code),
@@ -237,6 +239,20 @@ def _run_chunk(
             continue
         payloads[i] = body
         header_lengths[i] = header_length if header_length is not None else -1
+
+
+def _rows_disagree(request: InferRequest, failed: GpuvisorError) -> GpuvisorError:
+    """A request whose inputs disagree on their first dimension (the batch) that the model
+    could not run is the request's fault, as Triton says: 400 naming the inputs' rows."""
+    rows = {name: arr.shape[0] for name, arr in request.inputs.items() if arr.ndim}
+    if len(set(rows.values())) < 2:
+        return failed
+    each = ", ".join(f"{name}: {n}" for name, n in sorted(rows.items()))
+    return InvalidRequest(
+        f"the inputs disagree on their first dimension, the batch ({each} rows), and the "
+        f"model could not run them: {failed.message}. Send the same number of rows in each "
+        "input"
+    )
 
 
 def _unexpected(step: str, exc: Exception) -> str:

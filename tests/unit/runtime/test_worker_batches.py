@@ -167,6 +167,29 @@ def test_requests_whose_inputs_disagree_on_rows_are_not_merged(tmp_path: Path) -
     assert outputs == alone
 
 
+def test_inputs_that_disagree_on_rows_and_do_not_broadcast_are_the_clients_error(
+    tmp_path: Path,
+) -> None:
+    """a with 2 rows and b with 3 cannot be added: 400 naming each input's rows, with
+    onnxruntime's reason but not where in its sources it failed; its batch-mate runs."""
+    loaded = _loaded_from(
+        tmp_path, _graph("add3", [helper.make_node("Add", ["a", "b"], ["y"])], ["a", "b"], ["N", 2])
+    )
+    bad = _pair_body([[1, 1], [2, 2]], [[1, 1], [2, 2], [3, 3]])
+    good = _pair_body([[1, 1]], [[2, 2]])
+    results, payloads = _run(loaded, [bad, good])
+    assert [r.status for r in results] == [400, 200]
+    error = orjson.loads(payloads[0])
+    assert error["code"] == "invalid_request"
+    assert error["error"].startswith(
+        "the inputs disagree on their first dimension, the batch (a: 2, b: 3 rows), and the "
+        "model could not run them: onnxruntime failed: "
+    )
+    assert "Attempting to broadcast an axis by a dimension other than 1" in error["error"]
+    assert "onnxruntime_src" not in error["error"]
+    assert orjson.loads(payloads[1])["outputs"][0]["data"] == [3, 3]
+
+
 def test_an_output_not_batched_along_rows_is_computed_per_request(tmp_path: Path) -> None:
     """y = a reshaped to rows of 4 (a request's two rows become one): its first dimension
     is variable, so the model looks batchable, but merged, the rows of y would not be the

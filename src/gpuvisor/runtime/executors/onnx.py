@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,11 +103,11 @@ class OnnxExecutor:
         try:
             values = self._session.run(names, feed)
         except InvalidArgument as exc:
-            raise InvalidRequest(f"the model refused this input: {exc}") from None
+            raise InvalidRequest(f"the model refused this input: {_short(exc)}") from None
         except Exception as exc:
             if isinstance(exc, GpuvisorError):
                 raise
-            raise ExecutionError(f"onnxruntime failed: {exc}") from None
+            raise ExecutionError(f"onnxruntime failed: {_short(exc)}") from None
         return {
             name: _to_bytes(value) if self._output_types[name] == "BYTES" else value
             for name, value in zip(names, values, strict=True)
@@ -143,6 +144,15 @@ def _meta(arg: Any, path: Path) -> TensorMeta:
         )
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
     return TensorMeta(arg.name, datatype, shape)
+
+
+# where in onnxruntime's sources a check failed, and the check: nothing a client can act on
+_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^\n]*? was false\. )?")
+
+
+def _short(exc: Exception) -> str:
+    """onnxruntime's message without its source locations."""
+    return _SOURCE.sub("", str(exc))
 
 
 def _to_strings(array: Array, name: str) -> Array:
