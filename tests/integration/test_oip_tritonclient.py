@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -137,6 +138,17 @@ def test_repository_index_unload_and_load(demo_node: NodeProcess) -> None:
     assert not client.is_model_ready("shelf-detector", headers=headers)
     index = {m["name"]: m for m in client.get_model_repository_index(headers=headers)}
     assert index["shelf-detector"]["state"] == "UNAVAILABLE"
+    # {"ready": true}: only the models ready for inference
+    url = f"{demo_node.url}/v2/repository/index"
+    ready = httpx.post(url, headers=headers, json={"ready": True}, timeout=30)
+    assert [m["name"] for m in ready.json()] == ["sku-lookup"]
+    everything = httpx.post(url, headers=headers, json={"ready": False}, timeout=30)
+    assert {m["name"] for m in everything.json()} == {"shelf-detector", "sku-lookup"}
+    refused = httpx.post(url, headers=headers, json={"ready": "yes"}, timeout=30)
+    assert (refused.status_code, refused.json()["error"]) == (
+        400,
+        "'ready' must be true or false, not \"yes\"",
+    )
     image = http.InferInput("image", [1, 3, 32, 32], "FP32")
     image.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
     with pytest.raises(InferenceServerException) as unavailable:

@@ -40,6 +40,9 @@ def test_parameters_are_read_from_the_header_of_a_binary_request() -> None:
     header = orjson.dumps({"inputs": [], "parameters": {"priority": 2, "timeout": 5000}})
     assert request_outline(header) == RequestOutline(1, 2, 0.005)
     assert request_outline(b'{"inputs":[]}') == RequestOutline()
+    # 0 is no timeout, as in Triton
+    assert request_outline(b'{"parameters":{"timeout":0}}') == RequestOutline(1, None, None)
+    assert request_outline(b'{"parameters":{"timeout":0.0}}') == RequestOutline(1, None, None)
 
 
 def test_parameters_count_wherever_they_are_and_only_at_the_top() -> None:
@@ -61,7 +64,7 @@ def test_parameters_count_wherever_they_are_and_only_at_the_top() -> None:
         ),
         (b'{"parameters":{"priority":-1}}', "got -1"),
         (b'{"parameters":{"priority":1.5}}', "got 1.5"),
-        (b'{"parameters":{"timeout":-5}}', "parameter 'timeout' must be a positive number"),
+        (b'{"parameters":{"timeout":-5}}', "parameter 'timeout' must be a number of microseconds ≥ 0"),
         (b'{"parameters":{"timeout":"10"}}', "got '10'"),
         (b'{"parameters":{"timeout":[' + b"1," * 100 + b"1]}}", "got a JSON value of 203 bytes"),
         # beyond any float: a 400 that shows it, not a 500

@@ -96,6 +96,18 @@ _REPOSITORY_REQUEST = {
     }
 }
 
+_INDEX_REQUEST = {
+    "requestBody": {
+        "required": False,
+        "description": 'optional: {"ready": true} lists only the models ready for inference',
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}
+            }
+        },
+    }
+}
+
 
 def _json(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type=_JSON)
@@ -257,11 +269,17 @@ def oip_router(node: Node) -> APIRouter:
     @router.post(
         "/v2/repository/index",
         response_model=list[RepositoryEntryBody],
-        responses=error_responses(401),
+        responses=error_responses(400, 401, 413),
+        openapi_extra=_INDEX_REQUEST,
         summary="List the caller's models and their state",
     )
     async def repository_index(request: Request) -> Response:
         principal = principal_of(node, request)
+        only_ready = (await _repository_body(request)).get("ready", False)
+        if not isinstance(only_ready, bool):
+            raise InvalidRequest(
+                f"'ready' must be true or false, not {orjson.dumps(only_ready).decode()}"
+            )
         assert node.controller is not None
         entries = []
         for dep in sorted(node.controller.deployments(), key=lambda r: r.metadata.name):
@@ -272,6 +290,8 @@ def oip_router(node: Node) -> APIRouter:
             ready = any(s.state == "Ready" for s in slices)
             unloaded = (tenant, dep.metadata.name) in node.controller.unloaded
             state = "READY" if ready else ("UNAVAILABLE" if unloaded or not slices else "LOADING")
+            if only_ready and not ready:
+                continue
             reason = "unloaded" if unloaded else "; ".join(s.reason for s in slices if s.reason)
             entry = {
                 "name": dep.metadata.name,
@@ -284,15 +304,17 @@ def oip_router(node: Node) -> APIRouter:
             entries.append(entry)
         return _json(entries)
 
-    async def _repository_body(request: Request) -> None:
+    async def _repository_body(request: Request) -> dict[str, object]:
         raw = await read_body(request, 1 << 20, "fixed for repository requests")
-        if raw.strip():
-            try:
-                parsed = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidRequest(f"invalid JSON body: {exc}") from None
-            if not isinstance(parsed, dict):
-                raise InvalidRequest('the body must be a JSON object like {"parameters": {}}')
+        if not raw.strip():
+            return {}
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"invalid JSON body: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidRequest('the body must be a JSON object like {"parameters": {}}')
+        return parsed
 
     @router.post(
         "/v2/repository/models/{name}/load",

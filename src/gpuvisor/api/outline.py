@@ -106,12 +106,13 @@ def _parameters(raw: msgspec.Raw) -> tuple[int | None, float | None]:
             f"default), got {priority!r}"
         )
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
     ):
         raise InvalidRequest(
-            f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}"
+            f"parameter 'timeout' must be a number of microseconds ≥ 0 (0: none), got {timeout!r}"
         )
-    return priority, None if timeout is None else float(timeout) / 1e6
+    # 0 is no timeout, as in Triton (a deployment's slo.latency still applies)
+    return priority, float(timeout) / 1e6 if timeout else None
 
 
 class _TooLong:
