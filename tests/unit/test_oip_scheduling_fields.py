@@ -64,7 +64,10 @@ def test_parameters_count_wherever_they_are_and_only_at_the_top() -> None:
         ),
         (b'{"parameters":{"priority":-1}}', "got -1"),
         (b'{"parameters":{"priority":1.5}}', "got 1.5"),
-        (b'{"parameters":{"timeout":-5}}', "parameter 'timeout' must be a number of microseconds ≥ 0"),
+        (
+            b'{"parameters":{"timeout":-5}}',
+            "parameter 'timeout' must be a number of microseconds ≥ 0",
+        ),
         (b'{"parameters":{"timeout":"10"}}', "got '10'"),
         (b'{"parameters":{"timeout":[' + b"1," * 100 + b"1]}}", "got a JSON value of 203 bytes"),
         # beyond any float: a 400 that shows it, not a 500
