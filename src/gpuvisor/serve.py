@@ -296,6 +296,20 @@ def _cli_flags(base: str, state_dir: Path) -> str:
     return flags
 
 
+def _print_demo_keys_elsewhere(console: Console, demo: DemoState) -> None:
+    """The demo is in the database, but its keys are not in this state directory: the file
+    was deleted, or another node (another state directory) applied the demo."""
+    where = demo.keys_written_to
+    gone = "" if where.exists() else ", which no longer exists"
+    console.print(
+        f"\n[bold]demo tenants[/bold]: the demo's keys were written to {escape(str(where))}{gone} "
+        "when it was applied to this database. Create new ones with `gpuvisor keys create "
+        "--tenant retail` (and analytics, support).",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _print_banner(
     console: Console,
     node: Node,
@@ -334,6 +348,9 @@ def _print_banner(
         return
     assert node.keys is not None
     keys = demo.tenant_keys()
+    if not keys:
+        _print_demo_keys_elsewhere(console, demo)
+        return
     # Shown in a terminal only: a node whose output goes to a log or a journal keeps them in
     # the file (mode 0600) alone.
     shown = console.is_terminal

@@ -20,7 +20,13 @@ from gpuvisor.spec.loader import (
 from gpuvisor.store.audit import NODE_ROLE, AuditEvent
 from gpuvisor.store.repo import Store, StoredObject
 
-__all__ = ["DemoState", "prepare_demo"]
+__all__ = ["DEMO_FACT", "DemoState", "prepare_demo"]
+
+#: The fact the store keeps once the demo's manifests are in it: the keys file they were
+#: written to. The database decides, not the state directory: a deleted keys file, or a new
+#: state directory on the same database, must not bring the demo back over the operator's
+#: changes.
+DEMO_FACT = "demo.applied"
 
 
 class DemoState:
@@ -31,6 +37,9 @@ class DemoState:
         self.manifest = self.dir / "demo.yaml"
         self.models = self.dir / "models"
         self.keys_file = self.dir / "tenant-keys.json"
+        # where the demo's keys were written when it was applied (here, or by a node with
+        # another state directory on the same database)
+        self.keys_written_to = self.keys_file
 
     def tenant_keys(self) -> dict[str, str]:
         if not self.keys_file.exists():
@@ -41,8 +50,9 @@ class DemoState:
 def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
     """Build the demo models, apply the demo manifests and create one key per demo tenant.
 
-    The manifests are applied once, on the first start: afterwards the store is the truth,
-    so what an operator changed or deleted stays that way. They pass the checks an apply
+    The manifests are applied once, on the first start on a database (``DEMO_FACT``):
+    afterwards the store is the truth, so what an operator changed or deleted stays that way,
+    even when the keys file is deleted or another state directory uses the same database. They pass the checks an apply
     through the API passes (references, signed models, quotas), and what they create is in
     the audit log like any apply (no actor: the node did it). The model files are rebuilt
     when missing. Returns where the demo lives.
@@ -50,7 +60,12 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
     demo = DemoState(state_dir)
     demo.models.mkdir(parents=True, exist_ok=True)
     build_demo_models(demo.models)
-    if demo.keys_file.exists():
+    applied = store.get_fact(DEMO_FACT)
+    if applied is None and demo.keys_file.exists():  # applied before the store kept the fact
+        store.set_fact(DEMO_FACT, str(demo.keys_file))
+        return demo
+    if applied is not None:
+        demo.keys_written_to = Path(applied)
         return demo
     packaged = resources.files("gpuvisor.demo").joinpath("demo.yaml")
     with resources.as_file(packaged) as path:
@@ -89,4 +104,5 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
             tenant_keys[doc.metadata.name] = secret
     demo.keys_file.write_text(json.dumps(tenant_keys, indent=2))
     os.chmod(demo.keys_file, 0o600)
+    store.set_fact(DEMO_FACT, str(demo.keys_file))
     return demo

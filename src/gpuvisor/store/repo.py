@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -15,9 +15,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gpuvisor import errors
-from gpuvisor.store.audit import AuditEvent, AuditLog
+from gpuvisor.store.audit import AuditLog
 from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
-from gpuvisor.store.tables import ApiKeyRow, CordonRow, ObjectRow, ServedSpecRow
+from gpuvisor.store.node_rows import AuditFor, Cordon, NodeRows, ServedRecord
+from gpuvisor.store.tables import ApiKeyRow, ObjectRow
 
 __all__ = [
     "ApplyOutcome",
@@ -32,10 +33,6 @@ __all__ = [
 ApplyOutcome = Literal["created", "configured", "unchanged"]
 
 _T = TypeVar("_T")
-#: The audit records of a write, made from what the write returned; they are committed in the
-#: write's own transaction (an audit record is never missing for a committed change, and a
-#: change whose record cannot be written is rolled back).
-AuditFor = Callable[[_T], Sequence[AuditEvent]]
 # A concurrent writer on PostgreSQL can insert the same key between our read and our
 # insert; the whole apply is then retried (it sees the row on the next attempt).
 _APPLY_ATTEMPTS = 3
@@ -95,28 +92,6 @@ class RevokedKey:
     already_revoked: bool
 
 
-@dataclass(frozen=True)
-class Cordon:
-    """A device taken out of placement by an operator."""
-
-    device_id: str
-    actor: str
-    reason: str
-    at: datetime
-
-
-@dataclass(frozen=True)
-class ServedRecord:
-    """What one replica of a deployment last served: the spec's hash and ``body``, the
-    deployment, model and profile as they were then."""
-
-    replica_id: str
-    tenant: str
-    deployment: str
-    spec_hash: str
-    body: dict[str, Any] = field(hash=False)
-
-
 def _object_from_row(row: ObjectRow) -> StoredObject:
     return StoredObject(
         kind=row.kind,
@@ -143,7 +118,7 @@ def _key_from_row(row: ApiKeyRow) -> StoredKey:
     )
 
 
-class Store:
+class Store(NodeRows):
     """Desired state and API keys in one database; safe to call from many threads.
 
     Construction migrates the schema to head. Each method is one transaction; writes are
@@ -362,70 +337,6 @@ class Store:
                 )
 
         self._write(touch)
-
-    # ----------------------------------------------------------------- cordons
-
-    def cordon(
-        self, device_id: str, actor: str, reason: str = "", audit: AuditFor[bool] | None = None
-    ) -> bool:
-        """Cordon a device, with ``audit``'s records of the result; False (and the first record
-        kept) when it already was."""
-
-        def add(session: Session) -> bool:
-            if session.get(CordonRow, device_id, with_for_update=True) is not None:
-                return False
-            session.add(CordonRow(device_id=device_id, actor=actor, reason=reason, at=_utcnow()))
-            return True
-
-        return self._write(add, audit=audit)
-
-    def uncordon(self, device_id: str, audit: AuditFor[bool] | None = None) -> bool:
-        """Lift a cordon, with ``audit``'s records of the result; False when the device was not
-        cordoned."""
-
-        def remove(session: Session) -> bool:
-            result = session.execute(delete(CordonRow).where(CordonRow.device_id == device_id))
-            return bool(getattr(result, "rowcount", 0))
-
-        return self._write(remove, audit=audit)
-
-    def list_cordons(self) -> builtins.list[Cordon]:
-        """Return every cordoned device, oldest first."""
-        query = select(CordonRow).order_by(CordonRow.at, CordonRow.device_id)
-        with Session(self._engine) as session:
-            return [Cordon(r.device_id, r.actor, r.reason, r.at) for r in session.scalars(query)]
-
-    # ----------------------------------------------------------------- served specs
-
-    def list_served(self) -> builtins.list[ServedRecord]:
-        """Return what each replica last served, by replica."""
-        query = select(ServedSpecRow).order_by(ServedSpecRow.replica_id)
-        with Session(self._engine) as session:
-            return [
-                ServedRecord(r.replica_id, r.tenant, r.deployment, r.spec_hash, json.loads(r.body))
-                for r in session.scalars(query)
-            ]
-
-    def put_served(self, records: Sequence[ServedRecord], forget: Sequence[str] = ()) -> None:
-        """Record what replicas serve now (in place of what they served before) and forget the
-        replicas ``forget``, in one transaction."""
-
-        def write(session: Session) -> None:
-            if replaced := [*forget, *(r.replica_id for r in records)]:
-                session.execute(delete(ServedSpecRow).where(ServedSpecRow.replica_id.in_(replaced)))
-            session.add_all(
-                ServedSpecRow(
-                    replica_id=r.replica_id,
-                    tenant=r.tenant,
-                    deployment=r.deployment,
-                    spec_hash=r.spec_hash,
-                    body=_canonical_json(r.body),
-                    at=_utcnow(),
-                )
-                for r in records
-            )
-
-        self._write(write)
 
     # ----------------------------------------------------------------- plumbing
 

@@ -14,6 +14,7 @@ __all__ = [
     "AuditRow",
     "Base",
     "CordonRow",
+    "NodeFactRow",
     "ObjectRow",
     "ServedSpecRow",
     "UtcDateTime",
@@ -152,6 +153,17 @@ class ServedSpecRow(Base):
     deployment: Mapped[str] = mapped_column(String(255), nullable=False)
     spec_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     body: Mapped[str] = mapped_column(Text, nullable=False)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
+class NodeFactRow(Base):
+    """A fact the node keeps about itself across restarts, by name (``demo.applied``: when the
+    demo's manifests went into this database)."""
+
+    __tablename__ = "node_facts"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
     at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 

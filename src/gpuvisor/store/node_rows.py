@@ -1,0 +1,150 @@
+"""The node's own rows beside the desired state: cordoned devices, what each replica last
+served, and facts the node keeps about itself (a mixin of the Store)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from gpuvisor.store.audit import AuditEvent
+from gpuvisor.store.tables import CordonRow, NodeFactRow, ServedSpecRow
+
+__all__ = ["AuditFor", "Cordon", "NodeRows", "ServedRecord"]
+
+_T = TypeVar("_T")
+#: The audit records of a write, made from what the write returned; they are committed in the
+#: write's own transaction (an audit record is never missing for a committed change, and a
+#: change whose record cannot be written is rolled back).
+AuditFor = Callable[[_T], Sequence[AuditEvent]]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Cordon:
+    """A device taken out of placement by an operator."""
+
+    device_id: str
+    actor: str
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ServedRecord:
+    """What one replica of a deployment last served: the spec's hash and ``body``, the
+    deployment, model and profile as they were then."""
+
+    replica_id: str
+    tenant: str
+    deployment: str
+    spec_hash: str
+    body: dict[str, Any] = field(hash=False)
+
+
+class NodeRows:
+    """Cordons, served specs and facts, over the Store's engine and its serialised writes."""
+
+    _engine: Engine
+
+    def _write(
+        self,
+        work: Callable[[Session], _T],
+        *,
+        keys_changed: bool = False,
+        audit: AuditFor[_T] | None = None,
+    ) -> _T:
+        raise NotImplementedError  # the Store's
+
+    # ----------------------------------------------------------------- cordons
+
+    def cordon(
+        self, device_id: str, actor: str, reason: str = "", audit: AuditFor[bool] | None = None
+    ) -> bool:
+        """Cordon a device, with ``audit``'s records of the result; False (and the first record
+        kept) when it already was."""
+
+        def add(session: Session) -> bool:
+            if session.get(CordonRow, device_id, with_for_update=True) is not None:
+                return False
+            session.add(CordonRow(device_id=device_id, actor=actor, reason=reason, at=_utcnow()))
+            return True
+
+        return self._write(add, audit=audit)
+
+    def uncordon(self, device_id: str, audit: AuditFor[bool] | None = None) -> bool:
+        """Lift a cordon, with ``audit``'s records of the result; False when the device was not
+        cordoned."""
+
+        def remove(session: Session) -> bool:
+            result = session.execute(delete(CordonRow).where(CordonRow.device_id == device_id))
+            return bool(getattr(result, "rowcount", 0))
+
+        return self._write(remove, audit=audit)
+
+    def list_cordons(self) -> builtins.list[Cordon]:
+        """Return every cordoned device, oldest first."""
+        query = select(CordonRow).order_by(CordonRow.at, CordonRow.device_id)
+        with Session(self._engine) as session:
+            return [Cordon(r.device_id, r.actor, r.reason, r.at) for r in session.scalars(query)]
+
+    # ----------------------------------------------------------------- served specs
+
+    def list_served(self) -> builtins.list[ServedRecord]:
+        """Return what each replica last served, by replica."""
+        query = select(ServedSpecRow).order_by(ServedSpecRow.replica_id)
+        with Session(self._engine) as session:
+            return [
+                ServedRecord(r.replica_id, r.tenant, r.deployment, r.spec_hash, json.loads(r.body))
+                for r in session.scalars(query)
+            ]
+
+    def put_served(self, records: Sequence[ServedRecord], forget: Sequence[str] = ()) -> None:
+        """Record what replicas serve now (in place of what they served before) and forget the
+        replicas ``forget``, in one transaction."""
+
+        def write(session: Session) -> None:
+            if replaced := [*forget, *(r.replica_id for r in records)]:
+                session.execute(delete(ServedSpecRow).where(ServedSpecRow.replica_id.in_(replaced)))
+            session.add_all(
+                ServedSpecRow(
+                    replica_id=r.replica_id,
+                    tenant=r.tenant,
+                    deployment=r.deployment,
+                    spec_hash=r.spec_hash,
+                    body=json.dumps(
+                        r.body, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+                    ),
+                    at=_utcnow(),
+                )
+                for r in records
+            )
+
+        self._write(write)
+
+    # ----------------------------------------------------------------- facts
+
+    def get_fact(self, name: str) -> str | None:
+        """Return what the node recorded under ``name`` (``demo.applied``…), None if nothing."""
+        with Session(self._engine) as session:
+            row = session.get(NodeFactRow, name)
+            return row.value if row is not None else None
+
+    def set_fact(self, name: str, value: str) -> None:
+        """Record ``value`` under ``name``, in place of what was there."""
+
+        def write(session: Session) -> None:
+            session.execute(delete(NodeFactRow).where(NodeFactRow.name == name))
+            session.add(NodeFactRow(name=name, value=value, at=_utcnow()))
+
+        self._write(write)
