@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -78,14 +79,35 @@ def load_node_config(path: Path | None) -> NodeSpec:
     return spec
 
 
+_BIND_HINTS = {
+    errno.EADDRINUSE: "Is another node running? Stop it or choose another --port.",
+    errno.EADDRNOTAVAIL: "It is not an address of this machine: pass --host 127.0.0.1 or "
+    "another address it has.",
+    errno.EACCES: "Ports below 1024 need privileges: choose a --port of 1024 or above.",
+}
+
+
 def _check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    """Raise ConfigError when the node could not listen on ``host``:``port``, saying why."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {host!r} is not an address ({exc.strerror}). "
+            "Pass --host 127.0.0.1 or another address of this machine."
+        ) from None
+    with socket.socket(family, kind) as probe:
+        # as uvicorn binds: the connections of a node that just stopped (TIME_WAIT) must not
+        # keep its successor from starting
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            probe.bind(address)
         except OSError as exc:
+            hint = _BIND_HINTS.get(exc.errno or 0, "")
             raise ConfigError(
-                f"cannot listen on {host}:{port}: {exc.strerror}. Is another node running? "
-                "Stop it or choose another --port."
+                f"cannot listen on {host}:{port}: {exc.strerror}." + (f" {hint}" if hint else "")
             ) from None
 
 
