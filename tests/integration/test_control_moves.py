@@ -19,6 +19,7 @@ from controllers import running_controller, settle
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.health import apply_health
 from gpuvisor.demo.models import build_demo_models
+from gpuvisor.inventory.cpu import discover_cpu
 from gpuvisor.inventory.simulated import devices_from_fleet
 from gpuvisor.spec.kinds import Fleet
 from gpuvisor.store.repo import StoredObject
@@ -268,3 +269,35 @@ async def scale_scenario(db_url: str, tmp_path: Path) -> None:
         assert shelf == ["retail/shelf/0"]
         assert ctl.slices["retail/shelf/0"].worker_pid == pids["retail/shelf/0"]
         assert ctl.pool.slice_worker.get("retail/shelf/1") is None  # its worker was unloaded
+
+
+def test_draining_the_only_device_stops_every_replica_not_just_the_first(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(drain_only_device(sqlite_url, tmp_path))
+
+
+async def drain_only_device(db_url: str, tmp_path: Path) -> None:
+    model = build_demo_models(tmp_path / "models")["basket-scorer"]
+    manifest = MANIFEST.split("---\napiVersion: gpuvisor/v1\nkind: Deployment")[0] + (
+        "---\napiVersion: gpuvisor/v1\nkind: Deployment\n"
+        "metadata: {name: pair, tenant: retail}\n"
+        "spec: {model: scorer, profile: small, replicas: 2}\n"
+    )
+    cpu = discover_cpu(memory=4 << 30, threads=1)
+    async with running_controller(db_url, manifest.replace("MODEL", str(model)), [cpu]) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        pair = ["retail/pair/0", "retail/pair/1"]
+        assert [where(ctl)[r] for r in pair] == [("cpu-0", "Ready")] * 2
+        assert ctl.store.cordon("cpu-0", "test", "maintenance")
+        for _ in range(3):
+            await ctl.reconcile()
+            await settle(ctl)
+        # nowhere else to go: each replica stops and waits Pending, none holds the other back
+        assert list(where(ctl).values()) == [(None, "Pending")] * 2, {
+            s.id: s.reason for s in ctl.slices.values()
+        }
+        assert not any(ctl.moving(r) for r in pair)
+        progress = ctl.rollout("retail", "pair")
+        assert (progress.replacing, progress.waiting, progress.stalled) == ([], [], {})

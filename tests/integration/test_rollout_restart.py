@@ -123,7 +123,7 @@ async def paced_after_restart(db_url: str, tmp_path: Path) -> None:
         # every replica serves version 1 again; the broken version 2 holds the first one's
         # turn, and the others wait behind it as they did before the restart
         assert [s.model_version for s in ctl.ready_slices(TENANT, "adder")] == ["1"] * 3
-        assert ctl.slices[f"{REPLICAS[0]}#2"].state == "Failed"
+        assert ctl.slices[f"{REPLICAS[0]}#2"].state == "Failed", states(ctl)
         assert all(len(ctl.instances(rid)) == 1 for rid in REPLICAS[1:])
         progress = ctl.rollout(TENANT, "adder")
         assert (progress.replacing, progress.waiting) == ([REPLICAS[0]], REPLICAS[1:])

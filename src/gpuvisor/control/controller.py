@@ -220,8 +220,11 @@ class Controller:
             self._restore(want, old)
             return
         current = next((s for s in instances if self._fits(s, want)), None)
-        if current is None and any(s.restored and s.state == "Loading" for s in instances):
-            return  # what it served before the node restarted loads first, then the update
+        siblings = self.deployment_slices(want.tenant, want.deployment.metadata.name)
+        if current is None and any(s.restored and s.state == "Loading" for s in siblings):
+            # what the deployment's replicas served before the node restarted loads first;
+            # then the update resumes, in replica order
+            return
         serving = next((s for s in instances if s is not current and s.state in SERVING), None)
         if current is None and serving is not None and (ahead := self._ahead_of(want)):
             why = self._leaving(serving) if serving.spec_hash == want.spec_hash else None
@@ -352,8 +355,13 @@ class Controller:
         self.running.forget(state)
         if not leaving:
             self.moved[want.slice_id] = "no device had room for the new spec beside the old one"
+        # a spec update waits while a replica it took down is Pending; a move off a cordoned
+        # device does not: every replica must leave it (a drain), room elsewhere or not
         self._start_slice(
-            want, free_instance_id(want.slice_id, self.slices), memory_failures, took_over=True
+            want,
+            free_instance_id(want.slice_id, self.slices),
+            memory_failures,
+            took_over=not leaving,
         )
 
     def _fits_in_place(self, want: DesiredSlice, state: SliceState, serving: SliceState) -> bool:
