@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -159,3 +160,41 @@ def test_repository_index_unload_and_load(demo_node: NodeProcess) -> None:
     assert client.is_model_ready("shelf-detector", headers=headers)
     result = client.infer("shelf-detector", [image], headers=headers)
     assert result.as_numpy("probabilities").shape == (1, 10)
+
+
+def test_a_model_whose_slice_failed_is_unavailable_in_the_index(
+    demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    """Not LOADING: a client that waits for LOADING to turn READY would wait for ever."""
+    headers = demo_node.auth(demo_node.tenant_key("retail"))
+    demo_node.apply_as_admin(
+        f"""
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {{name: missing, tenant: retail}}
+spec: {{source: "{tmp_path / "missing.onnx"}"}}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {{name: missing, tenant: retail}}
+spec: {{model: missing, profile: rt-small}}
+"""
+    )
+    admin = demo_node.auth(demo_node.admin_key)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            entry = next(
+                m
+                for m in _client(demo_node).get_model_repository_index(headers=headers)
+                if m["name"] == "missing"
+            )
+            if entry["state"] != "LOADING":
+                break
+            assert time.monotonic() < deadline, entry
+            time.sleep(0.05)
+        assert entry["state"] == "UNAVAILABLE"
+        assert "not found" in entry["reason"]
+    finally:
+        for kind in ("deployments", "models"):
+            httpx.delete(f"{demo_node.url}/api/v1/{kind}/missing?tenant=retail", headers=admin)

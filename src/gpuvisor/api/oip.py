@@ -289,7 +289,9 @@ def oip_router(node: Node) -> APIRouter:
             slices = node.controller.deployment_slices(tenant, dep.metadata.name)
             ready = any(s.state == "Ready" for s in slices)
             unloaded = (tenant, dep.metadata.name) in node.controller.unloaded
-            state = "READY" if ready else ("UNAVAILABLE" if unloaded or not slices else "LOADING")
+            loading = any(s.state in ("Loading", "Restarting") for s in slices)
+            # Failed or Pending (fits on no device) is not on its way to READY by itself
+            state = "READY" if ready else ("LOADING" if loading and not unloaded else "UNAVAILABLE")
             if only_ready and not ready:
                 continue
             reason = "unloaded" if unloaded else "; ".join(s.reason for s in slices if s.reason)
