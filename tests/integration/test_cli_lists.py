@@ -335,3 +335,44 @@ def test_a_list_filtered_by_an_unknown_tenant_is_not_found(demo_node: NodeProces
         timeout=30,
     )
     assert known.status_code == 200 and known.json()["items"]
+
+
+def test_the_documented_save_and_restore_fills_an_empty_node(
+    env: dict[str, str], demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    """The loop in docs/operations.md, in its order, from the demo node (with a tenant that
+    names a pool) to a node with nothing applied: everything comes back."""
+    docs = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    block = docs.split("```sh\nfor kind in ", 1)[1].split("```", 1)[0]
+    kinds = block.split("; do", 1)[0].split()
+    apply_line = next(line for line in block.splitlines() if line.startswith("gpuvisor apply"))
+    order = [w.removesuffix(".yaml") for w in apply_line.split() if w.endswith(".yaml")]
+    assert sorted(order) == sorted(kinds)
+    cli(env, "apply", "-f", str(_write(tmp_path, "confined.yaml", CONFINED)))
+    try:
+        saved = {kind: save(env, tmp_path, "yaml", kind)[0] for kind in kinds}
+        with NodeProcess(state_dir=tmp_path / "empty", demo=False).start() as empty:
+            empty_env = {**env, "GPUVISOR_URL": empty.url, "GPUVISOR_STATE": str(empty.state_dir)}
+            args = [a for kind in order for a in ("-f", str(saved[kind]))]
+            applied = outcomes(cli(empty_env, "apply", *args))
+            assert applied["tenant/confined"] == "created"
+            assert applied["deployment/shelf-detector"] == "created"
+            assert cli(empty_env, "get", "tenants", "-o", "yaml") == cli(
+                env, "get", "tenants", "-o", "yaml"
+            )
+    finally:
+        cli(env, "delete", "tenant", "confined")
+
+
+CONFINED = """
+apiVersion: gpuvisor/v1
+kind: Tenant
+metadata: {name: confined}
+spec: {pools: [inference]}
+"""
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
