@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from gpuvisor.errors import ConfigError, GpuvisorError, Unauthenticated, error_from_code
-from gpuvisor.security.admin_key import read_admin_key
+from gpuvisor.security.admin_key import admin_key_path, read_admin_key
 
 __all__ = ["DEFAULT_STATE", "DEFAULT_URL", "NodeClient", "node_url", "resolve_state_dir"]
 
@@ -30,6 +30,36 @@ def node_url(url: str | None) -> str:
     return text if "://" in text else f"http://{text}"
 
 
+def _key(given: str | None, state_dir: Path) -> str:
+    """The key a command uses: ``given`` (--key), else GPUVISOR_KEY, else the state directory's
+    admin key. One given but empty is an error, never a silent fall back to the admin key (a
+    script's ``--key "$TENANT_KEY"`` with the variable unset must not run as admin)."""
+    if given is None:
+        given = os.environ.get("GPUVISOR_KEY")
+    if given is not None:
+        if not given.strip():
+            raise ConfigError(
+                "the API key given (--key or GPUVISOR_KEY) is empty: pass the key itself, or "
+                f"neither to use the admin key in {admin_key_path(state_dir)}"
+            )
+        return given.strip()
+    found = read_admin_key(state_dir)
+    if found:
+        return found
+    path = admin_key_path(state_dir)
+    if path.exists():
+        raise ConfigError(f"no API key: {path} is empty. Pass --key or set GPUVISOR_KEY")
+    if (state_dir / "gpuvisor.db").exists():
+        raise ConfigError(
+            f"no API key: {path} is missing, and a node has started on {state_dir} before "
+            "(it writes the file on its first start only). Pass --key or set GPUVISOR_KEY "
+            "to an admin key"
+        )
+    raise ConfigError(
+        f"no API key: pass --key, set GPUVISOR_KEY, or start the node once so that {path} exists"
+    )
+
+
 class NodeClient:
     """Talks to the node at ``url`` with ``key`` (else GPUVISOR_KEY, else the state dir's admin key)."""
 
@@ -42,12 +72,7 @@ class NodeClient:
     ) -> None:
         self.url = node_url(url)
         state_dir = resolve_state_dir(state)
-        self.key = key or os.environ.get("GPUVISOR_KEY") or read_admin_key(state_dir)
-        if not self.key:
-            raise ConfigError(
-                f"no API key: pass --key, set GPUVISOR_KEY, or start the node once so that "
-                f"{state_dir / 'admin.key'} exists"
-            )
+        self.key = _key(key, state_dir)
         try:
             self.http = httpx.Client(
                 base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.key}"}

@@ -31,6 +31,7 @@ from gpuvisor.errors import ConfigError
 from gpuvisor.inventory.discovery import discover
 from gpuvisor.logs import configure_logging
 from gpuvisor.node import Node, NodeOptions
+from gpuvisor.security.admin_key import read_admin_key
 from gpuvisor.security.keys import KeyRing, admin_key_path, claimed_key_id
 from gpuvisor.spec.kinds import Node as NodeDoc
 from gpuvisor.spec.kinds import NodeSpec
@@ -365,7 +366,16 @@ def _print_banner(
     if admin_secret:
         _print_admin_key(console, state_dir, admin_secret)
     else:
-        console.print(f"\nadmin key: {admin_key_path(state_dir)}", highlight=False, soft_wrap=True)
+        path = admin_key_path(state_dir)
+        missing = (
+            ""
+            if read_admin_key(state_dir)
+            else (
+                " [bold red]is missing or empty[/bold red]: the database holds a valid admin key, so "
+                "no new one is made. Use another admin key (--key), or see docs/operations.md, Keys"
+            )
+        )
+        console.print(f"\nadmin key: {escape(str(path))}{missing}", highlight=False, soft_wrap=True)
     if demo is None:
         return
     assert node.keys is not None

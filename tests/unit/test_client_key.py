@@ -1,0 +1,59 @@
+"""Which key a CLI command uses: --key, else GPUVISOR_KEY, else the state directory's admin
+key; a key given but empty is refused rather than replaced by the admin key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpuvisor.client import NodeClient
+from gpuvisor.errors import ConfigError
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("GPUVISOR_KEY", raising=False)
+    (tmp_path / "admin.key").write_text("gvk_admin_secret\n")
+    return tmp_path
+
+
+def test_the_key_given_wins_then_the_environment_then_the_admin_key(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert NodeClient(key="gvk_given", state=str(state)).key == "gvk_given"
+    assert NodeClient(state=str(state)).key == "gvk_admin_secret"
+    monkeypatch.setenv("GPUVISOR_KEY", "gvk_from_env")
+    assert NodeClient(state=str(state)).key == "gvk_from_env"
+    assert NodeClient(key="gvk_given", state=str(state)).key == "gvk_given"
+
+
+@pytest.mark.parametrize("how", ["--key ''", "GPUVISOR_KEY=''", "--key '  '"])
+def test_an_empty_key_is_refused_not_replaced_by_the_admin_key(
+    state: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    key = None
+    if how.startswith("GPUVISOR_KEY"):
+        monkeypatch.setenv("GPUVISOR_KEY", "")
+    else:
+        key = how.split("'")[1]
+    with pytest.raises(ConfigError) as caught:
+        NodeClient(key=key, state=str(state))
+    assert caught.value.message == (
+        "the API key given (--key or GPUVISOR_KEY) is empty: pass the key itself, or neither "
+        f"to use the admin key in {state / 'admin.key'}"
+    )
+
+
+def test_a_missing_admin_key_says_whether_a_node_ever_started_there(state: Path) -> None:
+    (state / "admin.key").unlink()
+    with pytest.raises(ConfigError, match="or start the node once so that"):
+        NodeClient(state=str(state))
+    (state / "gpuvisor.db").write_bytes(b"")
+    with pytest.raises(ConfigError) as caught:
+        NodeClient(state=str(state))
+    assert "is missing, and a node has started on" in caught.value.message
+    assert "start the node once" not in caught.value.message
+    (state / "admin.key").write_text("\n")
+    with pytest.raises(ConfigError, match=r"admin.key is empty\. Pass --key"):
+        NodeClient(state=str(state))
