@@ -139,24 +139,54 @@ def _make_state_dir(state_dir: Path) -> None:
         ) from None
 
 
-def _lock_state_dir(state_dir: Path) -> int:
-    """Hold ``<state>/node.lock`` for as long as this process runs (the system lets it go
+def _hold_lock(path: Path, refusal: Callable[[str], str]) -> int:
+    """Hold the lock file ``path`` for as long as this process runs (the system lets it go
     when the process ends, SIGKILL included; workers do not inherit it) and return its file
-    descriptor; raise ConfigError when another node holds it."""
-    fd = os.open(state_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    descriptor; raise ConfigError with ``refusal(who)`` when another node holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
-        raise ConfigError(
-            f"another gpuvisor node{f' (pid {holder})' if holder else ''} runs on the state "
-            f"directory {state_dir}: two nodes there would share its database and book the same "
-            "devices twice. Stop that node first, or give this one its own --state"
-        ) from None
+        who = f"another gpuvisor node{f' (pid {holder})' if holder else ''}"
+        raise ConfigError(refusal(who)) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Hold ``<state>/node.lock`` (``_hold_lock``): one node per state directory."""
+    return _hold_lock(
+        state_dir / "node.lock",
+        lambda who: (
+            f"{who} runs on the state directory {state_dir}: two nodes there would share its "
+            "database and book the same devices twice. Stop that node first, or give this one "
+            "its own --state"
+        ),
+    )
+
+
+def _lock_database(db_url: str) -> int | None:
+    """Hold ``<database file>.lock`` for a SQLite database (``_hold_lock``): one node per
+    database, whatever their state directories (``--db`` naming another node's file). None
+    for a database that is not a file here (PostgreSQL: give each node its own)."""
+    url = make_url(db_url)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    if database.startswith("file:"):  # a URI: its options decide what it opens
+        return None
+    path = Path(database).expanduser().resolve()
+    return _hold_lock(
+        path.with_name(path.name + ".lock"),
+        lambda who: (
+            f"{who} uses the database {path}: two nodes on one database would book the same "
+            "devices twice and start each other's deployments. Stop that node first, or give "
+            "this one its own --db"
+        ),
+    )
 
 
 def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None, DemoState | None]:
@@ -204,16 +234,22 @@ async def serve_node(
     _check_port_free(host, port)
     # a node already running on this state directory is refused first (then it exists)
     early = _lock_state_dir(state_dir) if state_dir.is_dir() else None
+    db_lock: int | None = None
     try:
+        # and a node already running on the database (another state directory's, say)
+        db_lock = _lock_database(db) if db is not None else None
         topology = await asyncio.to_thread(discover, spec)
     except BaseException:
-        if early is not None:
-            os.close(early)
+        for fd in (early, db_lock):
+            if fd is not None:
+                os.close(fd)
         raise
     _make_state_dir(state_dir)
     lock = early if early is not None else _lock_state_dir(state_dir)
     try:
         db_url = db or default_url(state_dir)
+        if db_lock is None:
+            db_lock = _lock_database(db_url)
         use_demo = demo if demo is not None else config is None
         started = time.monotonic()
         with console.status(
@@ -285,6 +321,8 @@ async def serve_node(
         return 0
     finally:
         os.close(lock)
+        if db_lock is not None:
+            os.close(db_lock)
 
 
 def _key_status(keys: KeyRing, secret: str) -> str:

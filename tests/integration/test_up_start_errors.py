@@ -60,3 +60,33 @@ def test_a_second_node_on_a_state_directory_in_use_is_refused(tmp_path: Path) ->
         first.stop(signal.SIGKILL)
     second = NodeProcess(state_dir=state, demo=False).start(timeout=120)  # the lock went with it
     second.stop()
+
+
+def test_a_second_node_on_another_nodes_database_is_refused(tmp_path: Path) -> None:
+    """Another state directory does not make it safe: --db naming the first node's SQLite
+    file would share its objects and book the same devices twice."""
+    first = NodeProcess(state_dir=tmp_path / "first", demo=False).start(timeout=120)
+    database = tmp_path / "first" / "gpuvisor.db"
+    try:
+        result = runner.invoke(
+            app,
+            [
+                "up",
+                "--no-demo",
+                "--state",
+                str(tmp_path / "second"),
+                "--db",
+                f"sqlite:///{database}",
+                "--port",
+                str(free_port()),
+            ],
+        )
+        assert result.exit_code == 1, result.output
+        output = " ".join(result.output.split())
+        assert output.startswith(
+            f"error: another gpuvisor node (pid {first.process.pid}) uses the database {database}"
+        ), output
+        assert "give this one its own --db" in output
+        assert httpx.get(f"{first.url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        first.stop()
