@@ -180,8 +180,10 @@ def verify_command(
             soft_wrap=True,
         )
         raise typer.Exit(1)
+    checked = f"; anchor {anchored[0]} matches" if anchored else ""
     stdout_console().print(
-        f"audit log intact: {report.records} records; head {report.head_seq}:{report.head_hash}\n"
+        f"audit log intact: {report.records} records{checked}; head "
+        f"{report.head_seq}:{report.head_hash}\n"
         "(keep the head elsewhere and pass it as --anchor later to detect a cut tail)",
         highlight=False,
         soft_wrap=True,

@@ -397,12 +397,13 @@ class AuditLog:
         stored = session.scalar(select(AuditRow.hash).where(AuditRow.seq == seq))
         if stored == expected:
             return report
-        problem = (
-            f"record {seq} (the anchor) is missing: records were removed from the end"
-            if stored is None
-            else f"record {seq} no longer has the anchored hash: the chain was rewritten"
-        )
-        return ChainReport(False, report.records, report.head_seq, report.head_hash, seq, problem)
+        if stored is None:
+            problem = f"record {seq} (the anchor) is missing: records were removed from the end"
+            before = report.records  # every record left is intact, and before it
+        else:
+            problem = f"record {seq} no longer has the anchored hash: the chain was rewritten"
+            before = session.scalar(select(func.count()).where(AuditRow.seq < seq)) or 0
+        return ChainReport(False, before, report.head_seq, report.head_hash, seq, problem)
 
     # ---------------------------------------------------------------- plumbing
 

@@ -322,6 +322,12 @@ def test_cli_verify_reads_the_database_directly(store: Store) -> None:
         app, ["audit", "verify", "--db", store.url, "--anchor", f"3:{head.head_hash}"]
     )
     assert anchored.exit_code == 0, anchored.output
+    assert f"3 records; anchor 3 matches; head 3:{head.head_hash}" in anchored.output
+    wrong = head.head_hash[:-1] + ("0" if head.head_hash[-1] != "0" else "1")
+    mismatch = runner.invoke(app, ["audit", "verify", "--db", store.url, "--anchor", f"2:{wrong}"])
+    assert mismatch.exit_code == 1
+    assert "record 2 no longer has the anchored hash" in mismatch.output
+    assert "(1 record before it intact)" in " ".join(mismatch.output.split())
     _sql(store, "DELETE FROM audit_log WHERE seq = 2")
     broken = runner.invoke(app, ["audit", "verify", "--db", store.url])
     assert broken.exit_code == 1
