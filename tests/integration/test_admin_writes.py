@@ -5,11 +5,13 @@ pool, the last admin key) are refused or resolved with a clear answer."""
 
 from __future__ import annotations
 
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from gpuvisor.launch import NodeProcess
+from gpuvisor.store.repo import Store
 
 MODEL_FILE = "demo/models/basket-scorer.onnx"
 
@@ -223,3 +225,42 @@ def test_the_last_valid_admin_key_cannot_be_revoked(demo_node: NodeProcess) -> N
     # with a second admin key the first may go, revoked by the second
     answer = _delete(demo_node, f"keys/{admins[0]}", key=created.json()["key"])
     assert answer.status_code == 200, answer.text
+
+
+def test_a_database_another_process_holds_locked_is_a_503_and_inference_goes_on(
+    demo_node: NodeProcess,
+) -> None:
+    """A sqlite3 shell (or a backup) holding the write lock past the busy timeout: the write
+    is refused with 503 and Retry-After, nothing changes, inference is not held up, and the
+    log has one warning, not a traceback."""
+    admin = demo_node.auth(demo_node.admin_key)
+    holder = sqlite3.connect(demo_node.state_dir / "gpuvisor.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        answer = httpx.post(
+            f"{demo_node.url}/api/v1/devices/cpu-0/cordon", headers=admin, timeout=60
+        )
+        inference = httpx.post(
+            f"{demo_node.url}/v2/models/basket-scorer/infer",
+            headers=demo_node.auth(demo_node.tenant_key("analytics")),
+            json={
+                "inputs": [
+                    {"name": "features", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}
+                ]
+            },
+            timeout=30,
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["error"].startswith(
+        "the database is busy: another process holds its write lock, and nothing was changed"
+    )
+    assert inference.status_code == 200, inference.text
+    with Store(f"sqlite:///{demo_node.state_dir / 'gpuvisor.db'}") as store:
+        assert store.list_cordons() == []
+    log = (demo_node.state_dir / "node.log").read_text()
+    assert "the database is locked by another process; answered 503" in log
+    assert "Exception in ASGI application" not in log

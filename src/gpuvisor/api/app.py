@@ -8,12 +8,17 @@ from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import OperationalError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gpuvisor import __version__
 from gpuvisor.api.admin import admin_router
-from gpuvisor.api.audit import audited_error_handler, audited_unexpected_handler
+from gpuvisor.api.audit import (
+    audited_error_handler,
+    audited_unexpected_handler,
+    database_busy_handler,
+)
 from gpuvisor.api.audit_log import audit_log_router
 from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.devices import devices_router
@@ -121,6 +126,7 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     # Refused keys and roles, and failed mutations, go to the audit log before the answer.
     app.add_exception_handler(GpuvisorError, audited_error_handler(node))
     app.add_exception_handler(Exception, audited_unexpected_handler(node))
+    app.add_exception_handler(OperationalError, database_busy_handler(node))
     app.include_router(oip_router(node))
     app.include_router(inference_router(node))
     app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it

@@ -22,7 +22,7 @@ from gpuvisor.api.errors import (
     refused_for_its_input,
     unexpected_error_response,
 )
-from gpuvisor.errors import Forbidden, GpuvisorError, NotFound, Unauthenticated
+from gpuvisor.errors import Forbidden, GpuvisorError, NotFound, Unauthenticated, Unavailable
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal, extract_key, redact_secrets
 from gpuvisor.store.audit import AuditEvent, AuditResult
@@ -238,6 +238,32 @@ def audited_error_handler(node: Node) -> Callable[[Request, Exception], Awaitabl
             exc = await _key_refusal(node, request) or exc
         await record_refusal(node, request, exc)
         return gpuvisor_error_response(request, exc)
+
+    return handle
+
+
+def database_busy_handler(node: Node) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Return the app's handler for database errors: a SQLite database another process holds
+    the write lock of past the busy timeout is a 503 with Retry-After (nothing was changed,
+    and no audit record can be written either: the warning in the log is the record); any
+    other database error is a bug (``audited_unexpected``)."""
+    unexpected = audited_unexpected_handler(node)
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        if "database is locked" not in str(exc):
+            return await unexpected(request, exc)
+        log.warning(
+            "%s %s: the database is locked by another process; answered 503",
+            request.method,
+            redact_secrets(request.url.path),
+        )
+        busy = Unavailable(
+            "the database is busy: another process holds its write lock, and nothing was "
+            "changed. Try again; if this lasts, look for a process holding the node's database "
+            "open (a sqlite3 shell in a transaction, a backup)",
+            retry_after=1.0,
+        )
+        return gpuvisor_error_response(request, busy)
 
     return handle
 

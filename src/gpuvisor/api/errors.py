@@ -173,7 +173,13 @@ def unexpected_error_response(request: Request, exc: Exception) -> Response:
             redact_secrets(request.url.path),
         )
         return error_response(400, "the client disconnected before its request body was read")
-    log.exception("unexpected error on %s %s", request.method, redact_secrets(request.url.path))
+    # the exception, not sys.exc_info(): a handler runs outside the except block that caught it
+    log.error(
+        "unexpected error on %s %s",
+        request.method,
+        redact_secrets(request.url.path),
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
