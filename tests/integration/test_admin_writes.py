@@ -207,26 +207,6 @@ def test_a_key_lifetime_beyond_any_date_is_refused(demo_node: NodeProcess) -> No
         )
 
 
-def test_the_last_valid_admin_key_cannot_be_revoked(demo_node: NodeProcess) -> None:
-    root = demo_node.auth(demo_node.admin_key)
-    keys = httpx.get(f"{demo_node.url}/api/v1/keys", headers=root, timeout=30).json()["items"]
-    admins = [k["id"] for k in keys if k["role"] == "admin" and k["revoked_at"] is None]
-    assert len(admins) == 1, keys  # the bootstrap key
-    refused = _delete(demo_node, f"keys/{admins[0]}")
-    assert refused.status_code == 409, refused.text
-    assert refused.json()["error"] == (
-        f"{admins[0]} is the node's last valid admin key: create another first "
-        "(gpuvisor keys create --role admin), then revoke this one"
-    )
-    created = httpx.post(
-        f"{demo_node.url}/api/v1/keys", headers=root, json={"role": "admin"}, timeout=30
-    )
-    assert created.status_code == 201
-    # with a second admin key the first may go, revoked by the second
-    answer = _delete(demo_node, f"keys/{admins[0]}", key=created.json()["key"])
-    assert answer.status_code == 200, answer.text
-
-
 def test_a_database_another_process_holds_locked_is_a_503_and_inference_goes_on(
     demo_node: NodeProcess,
 ) -> None:
@@ -264,3 +244,23 @@ def test_a_database_another_process_holds_locked_is_a_503_and_inference_goes_on(
     log = (demo_node.state_dir / "node.log").read_text()
     assert "the database is locked by another process; answered 503" in log
     assert "Exception in ASGI application" not in log
+
+
+def test_the_last_valid_admin_key_cannot_be_revoked(demo_node: NodeProcess) -> None:
+    root = demo_node.auth(demo_node.admin_key)
+    keys = httpx.get(f"{demo_node.url}/api/v1/keys", headers=root, timeout=30).json()["items"]
+    admins = [k["id"] for k in keys if k["role"] == "admin" and k["revoked_at"] is None]
+    assert len(admins) == 1, keys  # the bootstrap key
+    refused = _delete(demo_node, f"keys/{admins[0]}")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == (
+        f"{admins[0]} is the node's last valid admin key: create another first "
+        "(gpuvisor keys create --role admin), then revoke this one"
+    )
+    created = httpx.post(
+        f"{demo_node.url}/api/v1/keys", headers=root, json={"role": "admin"}, timeout=30
+    )
+    assert created.status_code == 201
+    # with a second admin key the first may go, revoked by the second
+    answer = _delete(demo_node, f"keys/{admins[0]}", key=created.json()["key"])
+    assert answer.status_code == 200, answer.text
