@@ -49,7 +49,7 @@ def _device_action(
     note = (
         ""
         if result["changed"]
-        else f" (it already was {'cordoned' if result['cordoned'] else 'uncordoned'})"
+        else (" (it already was cordoned)" if result["cordoned"] else " (it was not cordoned)")
     )
     out = stdout_console()
     out.print(f"device/{device} {verb}{note}", highlight=False)

@@ -115,7 +115,7 @@ async def cordon_scenario(db_url: str, tmp_path: Path) -> None:
         await ctl.reconcile()  # one pass: placed elsewhere, and the old one serves until then
         chat, pinned = ctl.slices["retail/chat/0#2"], ctl.slices["retail/pinned/0"]
         assert chat.device_id == "edge-1/gpu-1" and chat.replaces == "retail/chat/0"
-        assert chat.reason.startswith("moved off edge-1/gpu-0 is cordoned; placed on edge-1/gpu-1")
+        assert chat.reason.startswith("moved: edge-1/gpu-0 is cordoned; placed on edge-1/gpu-1")
         assert (old.device_id, old.state) == ("edge-1/gpu-0", "Ready")
         assert old.reason == (
             "edge-1/gpu-0 is cordoned: serving until its replacement retail/chat/0#2 is Ready"
@@ -200,7 +200,7 @@ async def failure_scenario(db_url: str, tmp_path: Path) -> None:
         # every device's reason
         assert shelf0.device_id is None and shelf0.state == "Pending"
         assert shelf0.reason == (
-            "moved off edge-1/gpu-2 is unhealthy (Xid 79: GPU has fallen off the bus); "
+            "moved: edge-1/gpu-2 is unhealthy (Xid 79: GPU has fallen off the bus); "
             "edge-1/gpu-0: not in pool 'l4'; edge-1/gpu-1: not in pool 'l4'; "
             "edge-1/gpu-2: device is unhealthy: Xid 79: GPU has fallen off the bus; "
             "edge-1/gpu-3: antiAffinity: replica retail/shelf/1 of deployment 'shelf' is on "

@@ -204,7 +204,7 @@ def test_the_cli_refusal_of_an_admin_key_to_an_operator_is_on_record(
     assert refused.exit_code == 1, refused.output
     assert " ".join(refused.output.split()) == (
         "error: an operator key may not create API keys (this asked for an admin key): it "
-        "needs an admin key (the one in <state>/admin.key)"
+        "needs an admin key (the node writes its first one to admin.key in its state directory)"
     )
     record = _records(demo_node, actor=_key_id(operator), action="key.create")[-1]
     assert (record["role"], record["result"]) == ("operator", "denied")

@@ -87,7 +87,9 @@ def _key_view(info: KeyInfo) -> dict[str, Any]:
 def require_admin(principal: Principal) -> None:
     """Raise Forbidden unless ``principal`` holds an admin key."""
     if principal.role != "admin":
-        raise Forbidden("this needs an admin key (the one in <state>/admin.key)")
+        raise Forbidden(
+            "this needs an admin key (the node writes its first one to admin.key in its state directory)"
+        )
 
 
 def _requested_key(raw: bytes) -> tuple[str, str]:
@@ -153,8 +155,8 @@ def keys_router(node: Node) -> APIRouter:
         if principal.role != "admin":
             raise Forbidden(
                 f"{principal.kind_of_key} may not create API keys (this asked for "
-                f"{_key_wanted(role, tenant)}): it needs an admin key (the one in "
-                "<state>/admin.key)"
+                f"{_key_wanted(role, tenant)}): it needs an admin key (the node writes its "
+                "first one to admin.key in its state directory)"
             )
         return principal
 

@@ -293,7 +293,7 @@ class Controller:
         once that one has drained."""
         leaving = self._leaving(serving) if serving is not None else None
         if leaving:
-            self.moved[want.slice_id] = f"moved off {leaving}"
+            self.moved[want.slice_id] = f"moved: {leaving}"
         before = self.slices.get(instance_id)
         said = before.reason if before is not None else ""  # what a retry has said already
         state = self._start_slice(want, instance_id, memory_failures, serving)
@@ -385,7 +385,7 @@ class Controller:
         for state, why in moves.must_leave_now(list(self.slices.values()), self.topology):
             log.info("moving slice %s: %s", state.id, why, extra={"tenant": state.tenant})
             moving.append(self.running.stop(state.id, 0.0, f"moving: {why}"))
-            self.moved[state.replica_id] = f"moved off {why}"
+            self.moved[state.replica_id] = f"moved: {why}"
         await asyncio.gather(*moving)
 
     def _start_slice(
