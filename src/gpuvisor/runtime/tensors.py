@@ -342,6 +342,16 @@ def _exact_integers(
         raise InvalidRequest(out_of_range) from None
 
 
+# output parameters of protocol extensions gpuvisor does not serve: ignoring them would
+# answer something other than what was asked (a whole tensor for its top classes, say)
+_UNSERVED_OUTPUT_PARAMETERS = {
+    "classification": "the classification extension",
+    "shared_memory_region": "the result in shared memory",
+    "shared_memory_byte_size": "the result in shared memory",
+    "shared_memory_offset": "the result in shared memory",
+}
+
+
 def _decode_requested_outputs(
     raw: Any, metas: Sequence[TensorMeta]
 ) -> list[RequestedOutput] | None:
@@ -359,7 +369,15 @@ def _decode_requested_outputs(
             raise InvalidRequest(f"unknown output '{name}' requested {_known(metas, 'outputs')}")
         if name in requested:
             raise InvalidRequest(f"output '{name}' is requested more than once")
-        binary = _object_field(entry, "parameters", f"output '{name}'").get("binary_data")
+        parameters = _object_field(entry, "parameters", f"output '{name}'")
+        for parameter, extension in _UNSERVED_OUTPUT_PARAMETERS.items():
+            if parameter in parameters:
+                raise InvalidRequest(
+                    f"output '{name}' asks for {extension} (parameter '{parameter}'), which "
+                    "this server does not offer (it is not among the extensions GET /v2 "
+                    "lists): request the output without it"
+                )
+        binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise InvalidRequest(f"output '{name}' parameter 'binary_data' must be true or false")
         requested[name] = RequestedOutput(name, binary)

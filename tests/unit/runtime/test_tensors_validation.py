@@ -44,6 +44,28 @@ def test_requested_outputs_and_parameters_are_decoded() -> None:
     assert request.inputs["image"].dtype == np.float32
 
 
+@pytest.mark.parametrize(
+    ("parameters", "what"),
+    [
+        ({"classification": 2}, "the classification extension (parameter 'classification')"),
+        (
+            {"shared_memory_region": "r", "shared_memory_byte_size": 8},
+            "the result in shared memory",
+        ),
+    ],
+)
+def test_outputs_asking_for_an_extension_not_offered_are_refused(
+    parameters: dict[str, Any], what: str
+) -> None:
+    """Triton's client sends these; answering the whole tensor in the body instead would be
+    a different answer from the one asked for."""
+    body = body_of(outputs=[{"name": "scores", "parameters": parameters}])
+    with pytest.raises(InvalidRequest) as caught:
+        decode_infer_request(body, None, INS, OUTS)
+    assert caught.value.message.startswith(f"output 'scores' asks for {what}")
+    assert "request the output without it" in caught.value.message
+
+
 def test_omitted_outputs_mean_every_output_in_json() -> None:
     request = decode_infer_request(body_of(), None, INS, OUTS)
     assert request.outputs is None
