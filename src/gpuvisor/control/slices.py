@@ -116,7 +116,9 @@ class SliceState:
             self.replica_id = self.id
 
     def set_state(self, state: str, reason: str = "") -> None:
-        if state != self.state or reason != self.reason:
+        """Enter ``state`` (``since`` is when it was entered: a new reason alone, such as a
+        rolling update's note on a Ready instance, leaves it)."""
+        if state != self.state:
             self.since = time.time()
         self.state, self.reason = state, reason
 
