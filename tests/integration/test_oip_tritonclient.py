@@ -72,6 +72,33 @@ def test_model_ready_and_metadata(
     )
 
 
+def test_model_configuration_as_triton_tools_read_it(demo_node: NodeProcess) -> None:
+    """Triton's model configuration extension: batch size, data types and dims without the
+    batch dimension, as the deployment serves them; another tenant's model is not found."""
+    headers = demo_node.auth(demo_node.tenant_key("analytics"))
+    client = _client(demo_node)
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+    config = client.get_model_config("basket-scorer", headers=headers)
+    assert config == {
+        "name": "basket-scorer",
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": 32,
+        "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [16]}],
+        "output": [{"name": "score", "data_type": "TYPE_FP32", "dims": [1]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": 5000},
+    }
+    version = DEMO["basket-scorer"][2]
+    assert client.get_model_config("basket-scorer", version, headers=headers) == config
+    strings = client.get_model_config(
+        "sku-lookup", headers=demo_node.auth(demo_node.tenant_key("retail"))
+    )
+    assert {t["data_type"] for t in strings["input"]} == {"TYPE_STRING"}
+    with pytest.raises(InferenceServerException) as other_tenant:
+        client.get_model_config("sku-lookup", headers=headers)
+    assert other_tenant.value.status() == "404"
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("deployment", sorted(DEMO))
 @pytest.mark.parametrize("batch", [1, 3])

@@ -16,6 +16,8 @@ MODEL_ENDPOINTS = [
     ("GET", "/v2/models/{m}/versions/3"),
     ("GET", "/v2/models/{m}/ready"),
     ("GET", "/v2/models/{m}/versions/3/ready"),
+    ("GET", "/v2/models/{m}/config"),
+    ("GET", "/v2/models/{m}/versions/3/config"),
     ("POST", "/v2/models/{m}/infer"),
     ("POST", "/v2/models/{m}/versions/3/infer"),
     ("POST", "/v2/repository/models/{m}/load"),

@@ -30,6 +30,7 @@ from gpuvisor.api.inference import (
     serve_inference,
 )
 from gpuvisor.api.keys import keys_router
+from gpuvisor.api.model_config import model_config_router
 from gpuvisor.api.oip import oip_router
 from gpuvisor.errors import GpuvisorError
 from gpuvisor.node import Node
@@ -127,6 +128,7 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
     app.add_exception_handler(GpuvisorError, audited_error_handler(node))
     app.add_exception_handler(Exception, audited_unexpected_handler(node))
     app.add_exception_handler(OperationalError, database_busy_handler(node))
+    app.include_router(model_config_router(node))
     app.include_router(oip_router(node))
     app.include_router(inference_router(node))
     app.include_router(dashboard_router(node))  # before admin: /api/v1/{plural} would take it

@@ -27,7 +27,7 @@ __all__ = ["oip_router", "principal_of", "read_body"]
 
 log = logging.getLogger("gpuvisor.api")
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "parameters"]
 _JSON = "application/json"
 
 
