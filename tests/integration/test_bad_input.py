@@ -187,9 +187,26 @@ def test_other_methods_on_an_inference_path_are_405(node: NodeProcess) -> None:
         )
         assert response.status_code == 405, response.text
         assert response.headers["allow"] == "POST"
-        assert response.json()["error"] == (
-            f"{method} is not allowed on an inference path: send a POST"
-        )
+        assert response.json() == {
+            "error": f"{method} is not allowed on an inference path: send a POST",
+            "code": "method_not_allowed",
+        }
+
+
+def test_other_methods_and_unknown_paths_elsewhere_say_so_with_a_code(node: NodeProcess) -> None:
+    auth = node.auth(node.tenant_key("analytics"))
+    wrong = httpx.delete(f"{node.url}/v2/repository/index", headers=auth, timeout=30)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json() == {
+        "error": "method DELETE is not allowed on /v2/repository/index",
+        "code": "method_not_allowed",
+    }
+    unknown = httpx.get(f"{node.url}/v2/nothing-here", headers=auth, timeout=30)
+    assert unknown.status_code == 404
+    assert unknown.json() == {
+        "error": "no such endpoint: GET /v2/nothing-here",
+        "code": "not_found",
+    }
 
 
 def test_a_bytes_shape_far_beyond_its_data_is_400_and_the_worker_lives(node: NodeProcess) -> None:

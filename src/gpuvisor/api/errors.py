@@ -113,11 +113,18 @@ def _jsonable(value: object) -> bool:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message = str(exc.detail)
+    code = None
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such endpoint: {request.method} {redact_secrets(request.url.path)}"
+        code = "not_found"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {redact_secrets(request.url.path)}"
-    return error_response(exc.status_code, message)
+        code = "method_not_allowed"
+    headers = getattr(exc, "headers", None) or {}
+    response = error_response(exc.status_code, message, code=code)
+    if "Allow" in headers or "allow" in headers:  # what a 405 must say: the methods that are
+        response.headers["Allow"] = headers.get("Allow") or headers["allow"]
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -211,7 +211,9 @@ async def serve_inference(
     """Answer one inference request as a raw ASGI exchange, errors rendered as everywhere else."""
     if scope["method"] != "POST":
         refused = error_response(
-            405, f"{scope['method']} is not allowed on an inference path: send a POST"
+            405,
+            f"{scope['method']} is not allowed on an inference path: send a POST",
+            code="method_not_allowed",
         )
         refused.headers["Allow"] = "POST"
         await refused(scope, receive, send)
