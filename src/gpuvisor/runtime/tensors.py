@@ -133,7 +133,9 @@ def decode_infer_request(
         # JSON followed by bytes (content after the document, or bytes that are not UTF-8):
         # binary tensor data, most likely; invalid JSON alone gets no such hint
         problem = str(exc)
-        if header_length is None and (
+        if "byte order mark" in problem:
+            hint = " (JSON has none: send the body without the 3 bytes it starts with)"
+        elif header_length is None and (
             problem.startswith("unexpected content after document") or "UTF-8" in problem
         ):
             hint = (

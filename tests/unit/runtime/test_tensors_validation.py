@@ -275,6 +275,12 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
     ("empty body", b"", None, "request body is empty: send the inference request as JSON"),
     ("a NaN literal", b'{"inputs": NaN}', None, "not valid JSON: unexpected character"),
     (
+        "a byte order mark",
+        b"\xef\xbb\xbf" + body_of(),
+        None,
+        "(JSON has none: send the body without the 3 bytes it starts with)",
+    ),
+    (
         "binary size but no header",
         body_of([sized(IMAGE_BIN, 8), IDS]),
         None,
