@@ -52,7 +52,11 @@ class NodeProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> NodeProcess:
-        """Start the node and wait until every slice has finished loading; raise if it does not."""
+        """Start the node and wait until every slice has finished loading; raise if it does not.
+        A node this object started already and that still runs is kept (``with
+        NodeProcess(...).start()`` starts one node, not two)."""
+        if self.process is not None and self.process.poll() is None:
+            return self
         cmd = [
             sys.executable,
             "-m",

@@ -351,7 +351,7 @@ def test_the_documented_save_and_restore_fills_an_empty_node(
     cli(env, "apply", "-f", str(_write(tmp_path, "confined.yaml", CONFINED)))
     try:
         saved = {kind: save(env, tmp_path, "yaml", kind)[0] for kind in kinds}
-        with NodeProcess(state_dir=tmp_path / "empty", demo=False).start() as empty:
+        with NodeProcess(state_dir=tmp_path / "empty", demo=False) as empty:
             empty_env = {**env, "GPUVISOR_URL": empty.url, "GPUVISOR_STATE": str(empty.state_dir)}
             args = [a for kind in order for a in ("-f", str(saved[kind]))]
             applied = outcomes(cli(empty_env, "apply", *args))
