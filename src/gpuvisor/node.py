@@ -213,8 +213,9 @@ class Node:
         if dep is None:
             if principal.tenant is None:
                 raise NotFound(
-                    f"model '{name}' not found: inference uses a tenant's key "
-                    "(create one with 'gpuvisor keys create --tenant NAME')"
+                    f"model '{name}' not found: the inference protocol's routes (inference, "
+                    "metadata, the model repository) take a tenant's key, not an "
+                    f"{principal.role} key (create one with 'gpuvisor keys create --tenant NAME')"
                 )
             raise NotFound(f"model '{name}' not found")
         if version is not None and version != self.model_version(dep):

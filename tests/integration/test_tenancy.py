@@ -167,3 +167,18 @@ def test_a_tenant_key_names_model_files_only_in_its_model_folders(
         assert "outside tenant 'confined''s model folders" in refused.json()["error"]
     # the admin is not confined
     assert apply(admin, model(theirs, "3")).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "template"), MODEL_ENDPOINTS)
+def test_an_admin_key_on_an_inference_protocol_route_is_told_to_use_a_tenants(
+    demo_node: NodeProcess, method: str, template: str
+) -> None:
+    admin = demo_node.auth(demo_node.admin_key)
+    path = template.format(m="shelf-detector")
+    response = httpx.request(method, demo_node.url + path, headers=admin, timeout=30)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == (
+        "model 'shelf-detector' not found: the inference protocol's routes (inference, "
+        "metadata, the model repository) take a tenant's key, not an admin key (create one "
+        "with 'gpuvisor keys create --tenant NAME')"
+    )
