@@ -78,9 +78,16 @@ def _to_bytes(value: Any) -> Any:
 
 
 def _to_seconds(value: Any) -> Any:
-    """Read ``"500us"``, ``"2ms"`` or a number of seconds; leave other types to pydantic's error."""
+    """Read ``"500us"``, ``"2ms"`` or a number of seconds; leave other types to pydantic's error.
+    One beyond ``MAX_DURATION`` is refused here, in the words it was written in."""
     if isinstance(value, (str, int, float)):
-        return parse_duration(value)
+        seconds = parse_duration(value)
+        if isinstance(seconds, float) and math.isfinite(seconds) and seconds > MAX_DURATION:
+            raise ValueError(
+                f"{quoted(value)} is longer than the longest duration accepted, "
+                f"{MAX_DURATION / 3600:g}h (30 days)"
+            )
+        return seconds
     return value
 
 
