@@ -83,6 +83,9 @@ async def fix_the_file(db_url: str, model: Path) -> None:
         assert state.state == "Failed", (state.state, state.reason)
         assert "not found" in state.reason
         assert "loaded again when the model file changes" in state.reason
+        # a first start that failed, not a stalled update: no rollout is under way
+        progress = ctl.rollout("analytics", "scorer")
+        assert (progress.first_start, progress.stalled, progress.describe()) == (True, {}, "")
 
         # nothing changed: no new attempt (the state and its time stay as they were)
         since = state.since

@@ -85,6 +85,7 @@ class Progress:
     replacing: list[str] = field(default_factory=list)  # replicas being replaced now
     waiting: list[str] = field(default_factory=list)  # replicas serving the old spec, in line
     stalled: dict[str, str] = field(default_factory=dict)  # replica -> its new instance's state
+    first_start: bool = False  # no replica has served another spec: nothing to update
 
     @property
     def done(self) -> bool:
@@ -92,7 +93,7 @@ class Progress:
 
     def describe(self) -> str:
         """One line for the dashboard and ``get deployments``: '' when nothing is under way."""
-        if self.done:
+        if self.done or self.first_start:
             return ""
         parts = [f"{self.updated} of {self.replicas} replica(s) updated"]
         loading = [rid for rid in self.replacing if rid not in self.stalled]
@@ -123,6 +124,10 @@ def progress(
         elif not any(fits(s) for s in instances) and any(s.state in SERVING for s in instances):
             waiting.append(rid)
     current = {rid: replicas.get(rid, []) for rid in replica_ids}
+    if all(fits(s) and not s.took_over for group in current.values() for s in group):
+        # nothing of another spec, and nothing took the place of one: the deployment's first
+        # start (a new instance that fails is a failed slice, not a stalled update)
+        return Progress(len(replica_ids), ready, updated, first_start=True)
     busy = replacing(current, fits)
     stalled = {
         rid: s.state
