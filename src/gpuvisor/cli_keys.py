@@ -15,6 +15,7 @@ from gpuvisor.cli_options import (
     StateOpt,
     UrlOpt,
     check_tenant_exists,
+    choice_parser,
     fail,
     node_client,
     print_data,
@@ -37,7 +38,13 @@ def keys_create(
         str | None,
         typer.Option("--tenant", "-t", metavar="TENANT", help="the tenant a tenant key belongs to"),
     ] = None,
-    role: Annotated[str, typer.Option(help="tenant, operator or admin")] = "tenant",
+    role: Annotated[
+        str,
+        typer.Option(
+            help="tenant, operator or admin",
+            parser=choice_parser("--role", ("tenant", "operator", "admin")),
+        ),
+    ] = "tenant",
     description: Annotated[str, typer.Option(help="what the key is for")] = "",
     expires_in: Annotated[str | None, typer.Option(help="lifetime, e.g. 720h")] = None,
     url: UrlOpt = None,
@@ -58,6 +65,7 @@ def keys_create(
         "store the key now, it is not shown again:",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
     print(created["key"])
 
