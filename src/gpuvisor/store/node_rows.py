@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from gpuvisor.store.audit import AuditEvent
+from gpuvisor.store.audit import AuditEvent, AuditLog
 from gpuvisor.store.tables import CordonRow, NodeFactRow, ServedSpecRow
 
 __all__ = ["AuditFor", "Cordon", "NodeRows", "ServedRecord"]
@@ -53,9 +54,14 @@ class ServedRecord:
 
 
 class NodeRows:
-    """Cordons, served specs and facts, over the Store's engine and its serialised writes."""
+    """Cordons, served specs and facts, and the serialised writes every table of the Store
+    goes through (``_write``)."""
 
     _engine: Engine
+    _write_engine: Engine
+    _write_lock: threading.Lock
+    _keys_version: int
+    audit: AuditLog
 
     def _write(
         self,
@@ -64,7 +70,17 @@ class NodeRows:
         keys_changed: bool = False,
         audit: AuditFor[_T] | None = None,
     ) -> _T:
-        raise NotImplementedError  # the Store's
+        with self._write_lock:
+            try:
+                with Session(self._write_engine) as session, session.begin():
+                    result = work(session)
+                    if audit is not None:
+                        self.audit.append_in(session, audit(result))
+                    return result
+            finally:
+                # Bumped after the commit, so a cache reloading on the new version sees it.
+                if keys_changed:
+                    self._keys_version += 1
 
     # ----------------------------------------------------------------- cordons
 

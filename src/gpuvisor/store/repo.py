@@ -5,10 +5,9 @@ from __future__ import annotations
 import builtins
 import json
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -32,7 +31,6 @@ __all__ = [
 
 ApplyOutcome = Literal["created", "configured", "unchanged"]
 
-_T = TypeVar("_T")
 # A concurrent writer on PostgreSQL can insert the same key between our read and our
 # insert; the whole apply is then retried (it sees the row on the next attempt).
 _APPLY_ATTEMPTS = 3
@@ -339,25 +337,6 @@ class Store(NodeRows):
         self._write(touch)
 
     # ----------------------------------------------------------------- plumbing
-
-    def _write(
-        self,
-        work: Callable[[Session], _T],
-        *,
-        keys_changed: bool = False,
-        audit: AuditFor[_T] | None = None,
-    ) -> _T:
-        with self._write_lock:
-            try:
-                with Session(self._write_engine) as session, session.begin():
-                    result = work(session)
-                    if audit is not None:
-                        self.audit.append_in(session, audit(result))
-                    return result
-            finally:
-                # Bumped after the commit, so a cache reloading on the new version sees it.
-                if keys_changed:
-                    self._keys_version += 1
 
     def close(self) -> None:
         """Release every pooled connection; the Store must not be used afterwards."""
