@@ -132,6 +132,8 @@ def load_documents(
             # what the node reports (`gpuvisor get … -o yaml`), not what is asked: ignored, so
             # that a document got can be edited and applied again
             document.pop("status", None)
+            if "spec" in document and document["spec"] is None:
+                del document["spec"]  # `spec:` with nothing under it, as if it were left out
         envelope = _envelope_problem(document)
         if envelope is not None:
             problems.append(Problem(source, index, None, None, *envelope, item))

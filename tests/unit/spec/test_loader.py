@@ -57,6 +57,16 @@ def test_empty_documents_are_skipped_but_counted() -> None:
     assert load_documents("", "empty.yaml") == []
 
 
+def test_a_spec_with_nothing_under_it_is_one_left_out() -> None:
+    """The docs say `spec` may be omitted; `spec:` alone (YAML's null) means the same."""
+    empty = HEADER + "kind: Tenant\nmetadata: {name: retail}\nspec:\n"
+    assert load_documents(empty, "t.yaml") == load_documents(
+        HEADER + "kind: Tenant\nmetadata: {name: retail}\n", "t.yaml"
+    )
+    # a spec that is something else than a mapping is still refused
+    assert "expected a mapping of fields" in one_line(empty.replace("spec:", "spec: 3"))
+
+
 def test_a_reported_status_is_ignored_so_what_get_prints_applies_again() -> None:
     text = HEADER + (
         "kind: Deployment\nmetadata: {name: shelf, tenant: retail}\n"
