@@ -13,7 +13,7 @@ from pydantic_core import ErrorDetails
 from gpuvisor.spec.kinds import KIND_MODELS, KINDS
 from gpuvisor.spec.types import FIELD_ERROR, quoted, shorten
 
-__all__ = ["describe_error", "error_path", "format_path"]
+__all__ = ["describe_error", "error_path", "format_path", "type_name"]
 
 _MAX_INPUT_REPR = 60
 _VALUE_ERROR_PREFIX = "Value error, "
@@ -43,12 +43,17 @@ def error_path(loc: tuple[int | str, ...], error: ErrorDetails) -> str:
 
 
 def _shorten(value: Any) -> str:
+    """The value as YAML wrote it where Python's spelling differs (null, true, false)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
     return quoted(value, _MAX_INPUT_REPR)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """What a YAML value is, in YAML's words (a mapping, a string, null…)."""
     names = {dict: "mapping", list: "list", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+    numbers = {int: "whole number", float: "number"}
+    return names.get(type(value)) or numbers.get(type(value)) or type(value).__name__
 
 
 def describe_error(kind: str, loc: tuple[int | str, ...], error: ErrorDetails) -> str:
@@ -68,11 +73,11 @@ def describe_error(kind: str, loc: tuple[int | str, ...], error: ErrorDetails) -
     if kind_type == "value_error":
         return error["msg"].removeprefix(_VALUE_ERROR_PREFIX)
     if kind_type in ("model_type", "model_attributes_type", "dict_type"):
-        return f"expected a mapping of fields, got a {_type_name(value)} ({_shorten(value)})"
+        return f"expected a mapping of fields, got a {type_name(value)} ({_shorten(value)})"
     if kind_type == "finite_number":
         return f"must be a finite number, got {_shorten(value)} (NaN and infinity are refused)"
     if kind_type == "list_type":
-        return f"expected a list, got a {_type_name(value)} ({_shorten(value)})"
+        return f"expected a list, got a {type_name(value)} ({_shorten(value)})"
     if kind_type == "union_tag_not_found":
         return f"required field is missing (expected one of {', '.join(KINDS)})"
     if kind_type == "union_tag_invalid":

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from gpuvisor.errors import SpecError
-from gpuvisor.spec.diagnostics import format_path
+from gpuvisor.spec.diagnostics import format_path, type_name
 from gpuvisor.spec.kinds import API_VERSION
 from gpuvisor.spec.types import quoted
 
@@ -237,7 +237,7 @@ def _list_items(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, st
     if "items" not in document:
         found.append(("items", "required field is missing (the list of objects)"))
     elif items is not None and not isinstance(items, list):
-        found.append(("items", f"expected a list of objects, got a {type(items).__name__}"))
+        found.append(("items", f"expected a list of objects, got a {type_name(items)}"))
     return items if isinstance(items, list) else [], found
 
 

@@ -67,6 +67,16 @@ def test_a_spec_with_nothing_under_it_is_one_left_out() -> None:
     assert "expected a mapping of fields" in one_line(empty.replace("spec:", "spec: 3"))
 
 
+def test_values_are_named_as_yaml_writes_them() -> None:
+    tenant = HEADER + "kind: Tenant\nmetadata: {name: t}\n"
+    assert "spec.pools[0]: must be a valid string (got null)" in one_line(
+        tenant + "spec: {pools: [null]}\n"
+    )
+    assert "spec.pools: expected a list, got a whole number (3)" in one_line(
+        tenant + "spec: {pools: 3}\n"
+    )
+
+
 def test_a_reported_status_is_ignored_so_what_get_prints_applies_again() -> None:
     text = HEADER + (
         "kind: Deployment\nmetadata: {name: shelf, tenant: retail}\n"

@@ -183,7 +183,7 @@ def test_devices_and_slices_are_said_to_be_status_not_objects(item: object, what
         ),
         (
             HEADER + "kind: List\nitems: {kind: Tenant}\n",
-            ["all.yaml doc 1 List: items: expected a list of objects, got a dict"],
+            ["all.yaml doc 1 List: items: expected a list of objects, got a mapping"],
         ),
         (
             HEADER + "kind: List\n",
