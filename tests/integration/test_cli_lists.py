@@ -335,6 +335,24 @@ def test_a_list_filtered_by_an_unknown_tenant_is_not_found(demo_node: NodeProces
         timeout=30,
     )
     assert known.status_code == 200 and known.json()["items"]
+    # one object named in an unknown tenant: the tenant is the mistake, whatever the method
+    for method in ("GET", "DELETE"):
+        answer = httpx.request(
+            method,
+            f"{demo_node.url}/api/v1/deployments/shelf-detector",
+            params={"tenant": "nosuch"},
+            headers=admin,
+            timeout=30,
+        )
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"].startswith("unknown tenant 'nosuch'")
+    missing = httpx.get(
+        f"{demo_node.url}/api/v1/deployments/nothing",
+        params={"tenant": "retail"},
+        headers=admin,
+        timeout=30,
+    )
+    assert missing.json()["error"] == "Deployment 'nothing' not found in tenant 'retail'"
 
 
 def test_the_documented_save_and_restore_fills_an_empty_node(

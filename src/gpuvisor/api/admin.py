@@ -234,7 +234,15 @@ def admin_router(node: Node) -> APIRouter:
             )
         if found:
             return found[0]
+        if tenant and principal.tenant is None:
+            await _check_tenant_exists(tenant)
         raise NotFound(f"{kind} '{name}' not found" + (f" in tenant '{tenant}'" if tenant else ""))
+
+    async def _check_tenant_exists(tenant: str) -> None:
+        """A misspelt tenant is the mistake to name, not an object missing from it or an
+        empty list (a tenant key sees only its own tenant, which exists)."""
+        if await asyncio.to_thread(store().get, "Tenant", None, tenant) is None:
+            raise NotFound(f"unknown tenant '{tenant}' (`gpuvisor get tenants` lists them)")
 
     async def _revoke_keys_of(request: Request, principal: Principal, tenant: str) -> None:
         """Revoke a deleted tenant's keys: they would otherwise go on authenticating, and open
@@ -339,12 +347,8 @@ def admin_router(node: Node) -> APIRouter:
         if principal.role == "tenant" and tenant and tenant != principal.tenant:
             # another tenant's objects do not exist for a tenant key: 404, as for one object
             raise NotFound(f"tenant '{tenant}' not found")
-        if (
-            tenant is not None
-            and await asyncio.to_thread(store().get, "Tenant", None, tenant) is None
-        ):
-            # a misspelt tenant is a mistake to say, not an empty list
-            raise NotFound(f"unknown tenant '{tenant}' (`gpuvisor get tenants` lists them)")
+        if tenant is not None:
+            await _check_tenant_exists(tenant)
         objects = await asyncio.to_thread(store().list, kind, tenant)
         items = [
             _with_status(o.body)
