@@ -7,6 +7,7 @@ of device time against their guarantee, deployments, and slices that are not ser
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections.abc import Callable
@@ -218,8 +219,18 @@ def run_top(
     if iterations == 1:
         console.print(render_top(client.request("GET", "/api/v1/dashboard"), console.width))
         return 0
+    # in a terminal each frame replaces the last; into a file or a pipe, frames follow one
+    # another (a live display there would keep only the last)
+    live = Live(console=console, auto_refresh=False, screen=False, transient=False)
+
+    def show(frame: RenderableType) -> None:
+        if console.is_terminal:
+            live.update(frame, refresh=True)
+        else:
+            console.print(frame)
+
     done = 0
-    with Live(console=console, auto_refresh=False, screen=False, transient=False) as live:
+    with live if console.is_terminal else contextlib.nullcontext():
         try:
             while iterations is None or done < iterations:
                 try:
@@ -229,7 +240,7 @@ def run_top(
                         f"gpuvisor top: {exc.message} (retrying every {interval:g}s)",
                         style="bold red",
                     )
-                live.update(frame, refresh=True)
+                show(frame)
                 done += 1
                 if iterations is None or done < iterations:
                     sleep(interval)

@@ -42,6 +42,14 @@ def test_once_prints_every_tenant_for_the_admin_key(demo_node: NodeProcess) -> N
     assert "Nobody is waiting or starving; 4 deployment(s) serving" in out
 
 
+def test_frames_into_a_pipe_follow_one_another(demo_node: NodeProcess) -> None:
+    """Not a terminal (a file, a pipe, a log): every frame is printed, not only the last."""
+    result = _top(demo_node, "--iterations", "3", "--interval", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("gpuvisor top  local  v") == 3
+    assert "\x1b[" not in result.stdout  # no cursor movement
+
+
 def test_a_tenant_key_sees_its_own_deployments_only(demo_node: NodeProcess) -> None:
     result = _top(demo_node, "--once", key=demo_node.tenant_key("support"))
     assert result.returncode == 0, result.stderr
