@@ -22,7 +22,8 @@ def check_signed_models(new: Sequence[Resource], existing: Sequence[Resource]) -
     IntegrityError with one line per refused model (``reason`` is the first one's).
     """
     key_problems = [
-        line
+        # where, as every other apply problem says it: "pools.yaml doc 2 Pool/regulated: …"
+        f"{r._origin} Pool/{r.metadata.name}: {line.removeprefix(f'pool {r.metadata.name!r} ')}".lstrip()
         for r in new
         if isinstance(r, Pool)
         for line in SignaturePolicy(r.metadata.name, tuple(r.spec.trusted_keys)).key_problems()
