@@ -27,7 +27,11 @@ __all__ = ["decide_batching", "two_rows"]
 
 log = logging.getLogger("gpuvisor.worker")
 
-_RTOL = {"FP16": 1e-2, "FP32": 1e-4, "FP64": 1e-9}  # kernels may differ with the batch size
+# How far a row's answer may move with another row beside it and still be the same answer:
+# kernels differ with the batch size, and on a GPU TF32 convolutions and matrix products
+# (cuDNN's and onnxruntime's default) keep about 3 decimal digits. What the check is for,
+# rows that change each other's answers, moves them far more than this (order 1).
+_RTOL = {"FP16": 5e-2, "FP32": 1e-2, "FP64": 1e-6}
 
 
 def two_rows(metas: Sequence[TensorMeta]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -141,3 +141,16 @@ def test_requests_to_a_model_found_not_batchable_each_get_their_own_answer(
         expected = np.exp(np.array(t)) / np.exp(np.array(t)).sum()
         got = np.array(orjson.loads(payload)["outputs"][0]["data"])
         np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_kernel_noise_is_the_same_answer_and_another_rows_influence_is_not() -> None:
+    """A GPU's TF32 products keep about 3 digits: that much difference between a row run
+    alone and beside another is noise; what rows that change each other do is far more."""
+    from gpuvisor.runtime.batch_check import _same
+
+    alone = np.array([[0.5, -2.0, 3.0]], dtype=np.float32)
+    assert _same(alone * (1 + 5e-4), alone, "FP32")
+    assert not _same(alone * 1.1, alone, "FP32")
+    assert not _same(alone[:, :2], alone, "FP32")  # another shape is another answer
+    assert _same(np.array([[1, 2]]), np.array([[1, 2]]), "INT64")
+    assert not _same(np.array([[1, 2]]), np.array([[1, 3]]), "INT64")
