@@ -459,7 +459,7 @@ class Controller:
         wanted = self._desired.get((state.tenant, state.deployment), [])
         want = next((w for w in wanted if w.slice_id == state.replica_id), None)
         if want is not None and want.spec_hash == state.spec_hash:
-            self.served.served(want)
+            self.served.record(want)
         old = self.slices.get(state.replaces) if state.replaces is not None else None
         state.replaces = None
         if old is not None and old.replica_id == state.replica_id:

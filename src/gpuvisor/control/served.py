@@ -91,7 +91,7 @@ class ServedSpecs:
             return None
         return old
 
-    def served(self, want: DesiredSlice) -> None:
+    def record(self, want: DesiredSlice) -> None:
         """An instance with ``want``'s spec became Ready: that is what its replica serves."""
         known = self._known if self._known is not None else {}
         before = known.get(want.slice_id)
