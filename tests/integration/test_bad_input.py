@@ -201,6 +201,8 @@ def test_other_methods_and_unknown_paths_elsewhere_say_so_with_a_code(node: Node
         "error": "method DELETE is not allowed on /v2/repository/index",
         "code": "method_not_allowed",
     }
+    slash = httpx.post(f"{node.url}/v2/models/basket-scorer/infer/", headers=auth, timeout=30)
+    assert (slash.status_code, slash.json()["code"]) == (404, "not_found"), slash.text
     unknown = httpx.get(f"{node.url}/v2/nothing-here", headers=auth, timeout=30)
     assert unknown.status_code == 404
     assert unknown.json() == {

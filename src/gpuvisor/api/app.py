@@ -121,6 +121,9 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
         version=__version__,
         description="Virtual GPUs for multi-tenant inference: KServe v2 inference protocol and admin API.",
         lifespan=lifespan,
+        # a path with a trailing slash is no route (404), not a redirect a client must follow
+        # with its body again (`/infer/` would be a POST sent twice)
+        redirect_slashes=False,
     )
     app.node = node
     install_error_handlers(app)
