@@ -182,3 +182,19 @@ def test_an_admin_key_on_an_inference_protocol_route_is_told_to_use_a_tenants(
         "metadata, the model repository) take a tenant's key, not an admin key (create one "
         "with 'gpuvisor keys create --tenant NAME')"
     )
+
+
+def test_the_clients_request_id_comes_back_on_every_answer(demo_node: NodeProcess) -> None:
+    """Metadata, readiness and admin reads too, not only inference and errors: a client
+    traces any call by the id it sent."""
+    retail = {**demo_node.auth(demo_node.tenant_key("retail")), "X-Request-ID": "trace-7"}
+    for path in ("/v2/models/shelf-detector", "/v2/models/shelf-detector/ready", "/v2"):
+        answer = httpx.get(demo_node.url + path, headers=retail, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-request-id"] == "trace-7", path
+    listed = httpx.get(f"{demo_node.url}/api/v1/deployments", headers=retail, timeout=30)
+    assert listed.headers.get_list("x-request-id") == ["trace-7"]
+    refused = httpx.get(
+        f"{demo_node.url}/v2/models/nothing", headers=retail, timeout=30
+    )  # an error sets its own: still one, the client's
+    assert refused.headers.get_list("x-request-id") == ["trace-7"]

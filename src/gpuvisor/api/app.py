@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import OperationalError
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gpuvisor import __version__
 from gpuvisor.api.admin import admin_router
@@ -38,6 +38,25 @@ from gpuvisor.node import Node
 __all__ = ["create_app"]
 
 
+def _echoing_request_id(scope: Scope, send: Send) -> Send:
+    """``send``, with the client's ``X-Request-ID`` on the answer (as inference answers and
+    every error carry it) where the route did not set one."""
+    if scope["type"] != "http":
+        return send
+    given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    if not given:
+        return send
+
+    async def echo(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                message = {**message, "headers": [*headers, (b"x-request-id", given)]}
+        await send(message)
+
+    return echo
+
+
 class NodeApp(FastAPI):
     """The node's FastAPI app, with inference answered ahead of the middleware stack.
 
@@ -51,7 +70,7 @@ class NodeApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = inference_target(scope)
         if target is None:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, _echoing_request_id(scope, send))
         else:
             await serve_inference(self.node, scope, receive, send, *target)
 
