@@ -7,6 +7,7 @@ same database as the node does."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,14 @@ def states(ctl: Controller) -> list[tuple[str, str, str]]:
 
 
 def test_a_restart_during_a_stalled_update_serves_the_old_version_again(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gpuvisor.control")
     asyncio.run(stalled_then_restarted(db_url, tmp_path))
+    assert (
+        f"slice {REPLICA}: the node restarted during an update to adder@2; it serves adder@1 "
+        "again until its replacement is Ready"
+    ) in caplog.text
 
 
 async def stalled_then_restarted(db_url: str, tmp_path: Path) -> None:

@@ -250,7 +250,7 @@ class Controller:
         """Start an instance of ``want``'s replica with ``old``, the spec it served before the
         node restarted; the update to ``want`` resumes once that instance is Ready (or fails)."""
         self._start_slice(old, free_instance_id(want.slice_id, self.slices)).restored = True
-        was, now = old.deployment.spec.model, want.deployment.spec.model
+        was, now = _model_of(old), _model_of(want)
         log.info(
             "slice %s: the node restarted during an update to %s; it serves %s again until "
             "its replacement is Ready",
@@ -491,3 +491,9 @@ class Controller:
     async def load(self, tenant: str, deployment: str) -> None:
         self.unloaded.discard((tenant, deployment))
         await self.reconcile()
+
+
+def _model_of(want: DesiredSlice) -> str:
+    """``name@version`` of the model a replica's spec serves."""
+    model = want.model
+    return f"{model.metadata.name}@{model.spec.version}" if model else want.deployment.spec.model
