@@ -67,6 +67,7 @@ def new_instance(
         model_version=want.model.spec.version if want.model else (dep.spec.model_version or "?"),
         mig_profile=profile.spec.mig_profile if profile else None,
         numa=dep.spec.placement.numa,
+        dedicated=want.pool is not None and want.pool.spec.tenancy == "dedicated",
         anti_affinity=dep.spec.placement.anti_affinity,
         disallow_migration=dep.spec.placement.disallow_migration,
         memory_failures=memory_failures,
@@ -138,6 +139,7 @@ def placement_snapshot(
                 s.mig_start,
                 s.deployment,
                 s.numa,  # type: ignore[arg-type]
+                s.dedicated,
             )
             for s in slices
             # a Failed slice runs nothing: its room goes back to the device

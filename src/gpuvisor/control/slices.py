@@ -90,6 +90,7 @@ class SliceState:
     mig_profile: str | None = None
     mig_start: int | None = None  # the MIG instance a partition-tier slice holds
     numa: str = "any"
+    dedicated: bool = False  # placed through a dedicated pool: no other tenant on its device
     unplaced: dict[str, str] = field(default_factory=dict)  # device -> why not, when Pending
     anti_affinity: bool = False
     disallow_migration: bool = False

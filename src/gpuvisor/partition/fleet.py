@@ -68,6 +68,7 @@ class GpuPlan:
     memory_used: int = 0
     share_used: float = 0.0
     exclusive: bool = False
+    dedicated_to: str | None = None  # the tenant a dedicated pool's replica gave it to
 
     @property
     def geometry(self) -> MigGeometry | None:
@@ -76,15 +77,20 @@ class GpuPlan:
     def hold(self, start: int, workload: Workload, replica: int) -> None:
         """Put one partition-tier replica on the instance starting at ``start``."""
         self.holders[start] = Holder(workload, replica)
-        self.tenants.add(workload.tenant)
+        self._take(workload)
 
     def add_slice(self, workload: Workload, replica: int) -> None:
         """Put one replica of another tier on this GPU."""
         self.slices.append(Holder(workload, replica))
-        self.tenants.add(workload.tenant)
+        self._take(workload)
         self.memory_used += workload.memory
         self.share_used += workload.compute_share
         self.exclusive = self.exclusive or workload.isolation == "exclusive"
+
+    def _take(self, workload: Workload) -> None:
+        self.tenants.add(workload.tenant)
+        if workload.tenancy == "dedicated":
+            self.dedicated_to = workload.tenant
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,10 @@ class FleetPlan:
 
 
 def _tenancy_allows(gpu: GpuPlan, workload: Workload) -> bool:
-    return workload.tenancy != "dedicated" or gpu.tenants <= {workload.tenant}
+    """A dedicated pool's GPU holds one tenant, whichever pools the others come from."""
+    if workload.tenancy == "dedicated":
+        return gpu.tenants <= {workload.tenant}
+    return gpu.dedicated_to in (None, workload.tenant)
 
 
 class _Planner:
@@ -250,11 +259,30 @@ def _as_placed(planner: _Planner) -> tuple[list[Device], list[PlacedSlice]]:
         devices.append(device)
         for start, h in gpu.holders.items():
             w = h.workload
-            placed.append(PlacedSlice("", w.tenant, device.id, w.memory, 0.0, "partition", start))
+            placed.append(
+                PlacedSlice(
+                    "",
+                    w.tenant,
+                    device.id,
+                    w.memory,
+                    0.0,
+                    "partition",
+                    start,
+                    dedicated=w.tenancy == "dedicated",
+                )
+            )
         for h in gpu.slices:
             w = h.workload
             placed.append(
-                PlacedSlice("", w.tenant, device.id, w.memory, w.compute_share, w.isolation)
+                PlacedSlice(
+                    "",
+                    w.tenant,
+                    device.id,
+                    w.memory,
+                    w.compute_share,
+                    w.isolation,
+                    dedicated=w.tenancy == "dedicated",
+                )
             )
     return devices, placed
 

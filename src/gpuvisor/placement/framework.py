@@ -125,6 +125,8 @@ class PlacedSlice:
     """The start (memory slice) of the MIG instance a partition-tier slice holds."""
     deployment: str = ""
     numa: Numa = "any"
+    dedicated: bool = False
+    """Placed through a ``tenancy: dedicated`` pool: its device is its tenant's alone."""
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,26 @@ def test_missing_model_is_a_reason_not_a_crash() -> None:
     docs = [d for d in load_documents(MANIFEST) if d.kind != "Model"]
     slices = desired_slices(docs, set())
     assert slices and all("model 'm' not found in tenant 'retail'" in s.problem for s in slices)
+
+
+def test_a_slice_of_a_dedicated_pool_tells_placement_so() -> None:
+    """Another tenant's slice from another pool must not land on its device: placement sees
+    the slices already placed as dedicated or not."""
+    from gpuvisor.control.launch import new_instance, placement_snapshot
+    from gpuvisor.inventory.cpu import discover_cpu
+
+    dedicated = MANIFEST.replace(
+        "spec: {model: m, profile: rt, replicas: 3}",
+        "spec: {model: m, profile: rt, replicas: 1, pool: mine}",
+    ) + (
+        "---\napiVersion: gpuvisor/v1\nkind: Pool\nmetadata: {name: mine}\n"
+        "spec: {tenancy: dedicated}\n"
+    )
+    for text, expected in ((dedicated, True), (MANIFEST, False)):
+        want = desired_slices(load_documents(text), unloaded=set())[0]
+        state = new_instance(want, want.slice_id)
+        state.device_id, state.state = "cpu-0", "Ready"
+        [placed] = (
+            placement_snapshot([discover_cpu(memory=4 << 30)], [state], "").get("cpu-0").slices
+        )
+        assert (state.dedicated, placed.dedicated) == (expected, expected)

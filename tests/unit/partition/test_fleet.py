@@ -124,6 +124,21 @@ def test_dedicated_pools_keep_tenants_apart_on_mig_gpus() -> None:
     assert sorted(map(sorted, tenants)) == [["retail"], ["support"]]
 
 
+def test_a_dedicated_gpu_takes_no_other_tenant_from_a_shared_pool() -> None:
+    devices = [gpu(0, mig=False)]
+    workloads = [
+        Workload("retail", "own", 1, "process", 10 * GI, compute_share=0.2, tenancy="dedicated"),
+        Workload("support", "shared", 1, "process", 10 * GI, compute_share=0.2),
+    ]
+    plan = plan_fleet(devices, workloads)
+    assert [{h.workload.tenant for h in g.slices} for g in plan.gpus] == [{"retail"}]
+    (pending,) = plan.pending
+    assert pending.workload.deployment == "shared"
+    assert any(
+        "tenant 'retail' holds this device through a dedicated pool" in r for r in pending.reasons
+    )
+
+
 def test_pools_select_devices_and_many_devices_share_one_reason_line() -> None:
     devices = [gpu(i, model="A100-40GB") for i in range(5)] + [gpu(5)]
     workload = mig("a", "3g.40gb", 1, selector=(("model", "H100*"),), pool="h100")

@@ -72,6 +72,13 @@ def test_binpacks_onto_the_fullest_device_that_fits() -> None:
             "dedicated",
             "pool is dedicated",
         ),
+        (
+            _req(),
+            [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "process", dedicated=True)],
+            {},
+            "shared",
+            "tenant 'b' holds this device through a dedicated pool",
+        ),
         (_req(isolation="partition"), [], {}, "shared", "partition"),
         (_req(), [], {"model": "A100*"}, "shared", "not in pool 'inference'"),
     ],
@@ -87,6 +94,13 @@ def test_refusals_carry_reasons(
     assert result.device_id is None
     assert reason in result.reasons["gpu-0"]
     assert result.explain().startswith("gpu-0: ")
+
+
+def test_a_dedicated_device_takes_its_own_tenants_slices_from_any_pool() -> None:
+    held = [PlacedSlice("x", "a", "gpu-0", GI, 0.1, "process", dedicated=True)]
+    assert place_slice(_req(tenant="a"), [_gpu(0)], held, {}).device_id == "gpu-0"
+    # another tenant, from a shared pool selecting the same device: the next device
+    assert place_slice(_req(tenant="b"), [_gpu(0), _gpu(1)], held, {}).device_id == "gpu-1"
 
 
 def test_unhealthy_device_is_skipped_with_reason() -> None:

@@ -22,6 +22,7 @@ class SnapshotReserve:
                 cycle.data.get("mig_start", {}).get(device_id),
                 r.deployment,
                 r.numa,
+                cycle.pool.tenancy == "dedicated",
             )
         )
         return Status.success()
