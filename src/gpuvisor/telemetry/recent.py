@@ -27,6 +27,8 @@ def percentile(ordered: list[float], q: float) -> float | None:
 
 
 _K = TypeVar("_K")
+#: Buckets per window for counts and sums: a count is exact to 1/_BUCKETS of its window
+_BUCKETS = 60
 
 
 @dataclass(frozen=True)
@@ -40,20 +42,38 @@ class LatencySummary:
 
 
 class _Series:
-    """(monotonic time, value) samples, dropped once older than the window or past the cap."""
+    """(monotonic time, value) samples, dropped once older than the window or past the cap
+    (what percentiles are taken from: the latest ``cap`` of the window), and beside them
+    the count and sum of every sample, in ``resolution``-second buckets, which no cap cuts
+    (what rates, counts and shares are taken from)."""
 
-    __slots__ = ("samples",)
+    __slots__ = ("buckets", "resolution", "samples")
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, resolution: float) -> None:
         self.samples: deque[tuple[float, float]] = deque(maxlen=cap)
+        self.resolution = resolution
+        self.buckets: deque[list[float]] = deque()  # [bucket start, count, sum], oldest first
 
     def add(self, at: float, value: float) -> None:
         self.samples.append((at, value))
+        start = at - at % self.resolution
+        if self.buckets and self.buckets[-1][0] == start:
+            bucket = self.buckets[-1]
+            bucket[1] += 1
+            bucket[2] += value
+        else:
+            self.buckets.append([start, 1, value])
 
     def values(self, since: float) -> list[float]:
         while self.samples and self.samples[0][0] < since:
             self.samples.popleft()
         return [v for _, v in self.samples]
+
+    def totals(self, since: float) -> tuple[int, float]:
+        """How many samples, and their sum, since ``since`` (to the bucket's resolution)."""
+        while self.buckets and self.buckets[0][0] + self.resolution <= since:
+            self.buckets.popleft()
+        return int(sum(b[1] for b in self.buckets)), sum(b[2] for b in self.buckets)
 
 
 class RecentActivity:
@@ -85,21 +105,22 @@ class RecentActivity:
     # ---- recording (hot path: one append each) ------------------------------------------
 
     def record_latency(self, tenant: str, deployment: str, seconds: float) -> None:
-        self._series(self._latency, (tenant, deployment)).add(self.clock(), seconds)
+        self._series(self._latency, (tenant, deployment), self.window).add(self.clock(), seconds)
 
     def record_wait(self, tenant: str, seconds: float) -> None:
-        self._series(self._wait, tenant).add(self.clock(), seconds)
+        self._series(self._wait, tenant, self.window).add(self.clock(), seconds)
 
     def record_busy(self, device: str, tenant: str, slice_id: str, seconds: float) -> None:
-        self._series(self._busy, (device, tenant, slice_id)).add(self.clock(), seconds)
+        key = (device, tenant, slice_id)
+        self._series(self._busy, key, self.share_window).add(self.clock(), seconds)
 
     def record_rejection(self, tenant: str, reason: str) -> None:
-        self._series(self._rejections, (tenant, reason)).add(self.clock(), 1.0)
+        self._series(self._rejections, (tenant, reason), self.window).add(self.clock(), 1.0)
 
-    def _series(self, table: dict[_K, _Series], key: _K) -> _Series:
+    def _series(self, table: dict[_K, _Series], key: _K, window: float) -> _Series:
         found = table.get(key)
         if found is None:
-            found = table[key] = _Series(self.max_samples)
+            found = table[key] = _Series(self.max_samples, window / _BUCKETS)
         return found
 
     # ---- reading ----------------------------------------------------------------------------
@@ -111,12 +132,14 @@ class RecentActivity:
     def latency(self, tenant: str, deployment: str) -> LatencySummary:
         """Return the deployment's answered requests within the window."""
         series = self._latency.get((tenant, deployment))
-        values = sorted(series.values(self.clock() - self.window)) if series else []
+        since = self.clock() - self.window
+        values = sorted(series.values(since)) if series else []
+        count = series.totals(since)[0] if series else 0
         return LatencySummary(
-            count=len(values),
+            count=count,
             p50=percentile(values, 0.50),
             p99=percentile(values, 0.99),
-            rate=len(values) / self.span(self.window),
+            rate=count / self.span(self.window),
         )
 
     def wait_p99(self, tenant: str) -> float | None:
@@ -132,7 +155,7 @@ class RecentActivity:
         out = {}
         for (owner, reason), series in self._rejections.items():
             if owner == tenant:
-                count = len(series.values(since))
+                count = series.totals(since)[0]
                 if count:
                     out[reason] = count
         return out
@@ -142,10 +165,11 @@ class RecentActivity:
         since = self.clock() - self.share_window
         out = {}
         for key, series in list(self._busy.items()):
-            used = sum(series.values(since))
+            used = series.totals(since)[1]
+            series.values(since)  # drops the samples past the window too
             if used > 0:
                 out[key] = used
-            elif not series.samples:
+            elif not series.buckets:
                 del self._busy[key]  # a slice gone quiet (or deleted) stops costing memory
         return out
 

@@ -47,11 +47,28 @@ def test_latency_window_drops_old_samples_and_reports_rate() -> None:
     assert recent.latency("support", "router").count == 0  # never seen
 
 
-def test_series_are_capped_by_count() -> None:
-    recent = RecentActivity(max_samples=50, clock=Clock())
-    for _ in range(500):
-        recent.record_latency("a", "d", 0.001)
-    assert recent.latency("a", "d").count == 50
+def test_percentiles_come_from_the_latest_samples_but_counts_and_rates_from_all() -> None:
+    clock = Clock()
+    recent = RecentActivity(window=60.0, max_samples=50, clock=clock)
+    clock.now += 120  # a node up for longer than the window
+    for i in range(500):
+        recent.record_latency("a", "d", 0.001 if i < 450 else 0.1)
+    summary = recent.latency("a", "d")
+    assert summary.p50 == 0.1  # the last 50 samples only: memory stays bounded
+    assert summary.count == 500 and summary.rate == pytest.approx(500 / 60)
+    for series in recent._latency.values():
+        assert len(series.samples) == 50 and len(series.buckets) <= 61
+
+
+def test_a_busy_share_is_right_however_many_batches_make_it() -> None:
+    """300 batches a second of 2 ms for 10 s is 60% of the device, past any sample cap."""
+    clock = Clock()
+    recent = RecentActivity(share_window=10.0, max_samples=2048, clock=clock)
+    clock.now += 30
+    for _ in range(3000):
+        clock.now += 1 / 300
+        recent.record_busy("cpu-0", "retail", "retail/a/0", 0.002)
+    assert recent.busy_share()[("cpu-0", "retail")] == pytest.approx(0.6, rel=0.02)
 
 
 def test_busy_share_per_device_and_tenant_over_the_share_window() -> None:
