@@ -262,6 +262,11 @@ async def scale_scenario(db_url: str, tmp_path: Path) -> None:
         assert third.state == "Pending"
         assert third.unplaced["edge-1/gpu-2"].startswith("antiAffinity: replica retail/shelf/")
         assert third.unplaced["edge-2/gpu-0"] == "not in pool 'l4'"
+        # tried again at every reconcile, and Pending since the first try
+        await asyncio.sleep(0.05)
+        await ctl.reconcile()
+        again = ctl.slices["retail/shelf/2"]
+        assert again is not third and (again.state, again.since) == ("Pending", third.since)
 
         _apply_replicas(ctl, 1)
         await ctl.reconcile()

@@ -425,6 +425,8 @@ class Controller:
                 self.metrics.allocation_failures.labels(
                     "", state.tenant, state.deployment, "unplaceable"
                 ).inc()
+            elif replaced.spec_hash == state.spec_hash:
+                state.since = replaced.since  # Pending since the first try, not since this one
             return state
         launch = slice_launch(state, want.model, dep, device, self.batch_nice)
         policy, model = SignaturePolicy.of(want.pool), want.model
