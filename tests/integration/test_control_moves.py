@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import yaml
 from controllers import running_controller, settle
 
@@ -237,9 +239,16 @@ async def failure_scenario(db_url: str, tmp_path: Path) -> None:
 
 
 def test_scaling_up_and_down_and_an_idle_reconcile_changes_nothing(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gpuvisor.control")
     asyncio.run(scale_scenario(db_url, tmp_path))
+    # a slice that goes says so in the log, once, with why
+    said = [r for r in caplog.records if r.getMessage().startswith("slice retail/shelf/1 stopping")]
+    assert [r.getMessage() for r in said] == [
+        "slice retail/shelf/1 stopping: deleted, scaled down or unloaded"
+    ]
+    assert getattr(said[0], "tenant", None) == "retail"
 
 
 def _apply_replicas(ctl: Controller, replicas: int) -> None:

@@ -183,11 +183,13 @@ class Controller:
                 self._desired.setdefault((d.tenant, d.deployment.metadata.name), []).append(d)
             # a deleted or changed slice finishes what it has queued first (new requests
             # already go elsewhere or wait for its successor)
+            stopping = outdated(self.slices.values(), desired, self._leaving)
+            for sid, why in stopping:
+                state = self.slices.get(sid)
+                if state is not None and state.state != "Stopping":  # said once, when it starts
+                    log.info("slice %s %s", sid, why, extra={"tenant": state.tenant})
             await asyncio.gather(
-                *(
-                    self.running.stop(sid, self.drain_timeout, why)
-                    for sid, why in outdated(self.slices.values(), desired, self._leaving)
-                )
+                *(self.running.stop(sid, self.drain_timeout, why) for sid, why in stopping)
             )
             await self._move_off_unusable_devices()
             for want in desired.values():
