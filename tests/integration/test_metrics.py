@@ -257,6 +257,26 @@ def test_requests_to_an_unloaded_deployment_are_counted_unavailable(node: NodePr
     assert _value(_families(node), "gpuvisor_requests_total", **labels) - before == 3
 
 
+def test_requests_the_node_refuses_before_queueing_are_counted(node: NodeProcess) -> None:
+    """A bad priority, a header length that does not fit the body: refused by the node, not
+    the worker, and counted all the same."""
+    retail = node.auth(node.tenant_key("retail"))
+    labels = {"tenant": "retail", "deployment": "shelf-detector", "outcome": "invalid_request"}
+    before = _value(_families(node), "gpuvisor_requests_total", **labels)
+    bad_priority = SHELF_BODY.replace(b'{"inputs"', b'{"parameters":{"priority":-1},"inputs"', 1)
+    assert bad_priority != SHELF_BODY
+    with httpx.Client(base_url=node.url, headers=retail, timeout=30) as http:
+        refused = http.post("/v2/models/shelf-detector/infer", content=bad_priority)
+        assert refused.status_code == 400, refused.text
+        too_long = http.post(
+            "/v2/models/shelf-detector/infer",
+            content=SHELF_BODY,
+            headers={"Inference-Header-Content-Length": str(len(SHELF_BODY) + 1)},
+        )
+        assert too_long.status_code == 400, too_long.text
+    assert _value(_families(node), "gpuvisor_requests_total", **labels) - before == 2
+
+
 def test_a_retired_slices_series_leave_with_it(node: NodeProcess) -> None:
     """Series labelled by slice go when the slice does: each rolling update would otherwise
     leave a series behind for every replaced instance."""

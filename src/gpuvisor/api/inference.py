@@ -28,7 +28,7 @@ from gpuvisor.api.errors import (
     unexpected_error_response,
 )
 from gpuvisor.api.oip import principal_of, read_body
-from gpuvisor.api.outline import request_outline
+from gpuvisor.api.outline import RequestOutline, request_outline
 from gpuvisor.client_watch import disconnect_of
 from gpuvisor.errors import GpuvisorError, InvalidRequest
 from gpuvisor.node import Node
@@ -153,12 +153,10 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def infer_response(node: Node, request: Request, name: str, version: str | None) -> Response:
-    """Serve one inference request on the caller's deployment ``name``; raise GpuvisorError on refusal."""
-    trace_id = request.headers.get("x-request-id") or os.urandom(16).hex()
-    request.state.request_id = trace_id
-    principal = principal_of(node, request)
-    dep = node.find_deployment(principal, name, version)
+async def _read_request(node: Node, request: Request) -> tuple[bytes, int, RequestOutline]:
+    """The body, its Inference-Header-Content-Length (-1: none) and its outline; raises
+    GpuvisorError for one too large, a header length that does not fit it, or an invalid
+    ``priority`` or ``timeout``."""
     body = await read_body(request, node.spec.limits.max_body_size)
     header_length = -1
     raw_length = request.headers.get("inference-header-content-length")
@@ -174,7 +172,22 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
                 f"Inference-Header-Content-Length {header_length} is outside the body's "
                 f"{len(body)} bytes"
             )
-    outline = request_outline(body if header_length < 0 else body[:header_length])
+    return body, header_length, request_outline(body if header_length < 0 else body[:header_length])
+
+
+async def infer_response(node: Node, request: Request, name: str, version: str | None) -> Response:
+    """Serve one inference request on the caller's deployment ``name``; raise GpuvisorError on refusal."""
+    trace_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+    request.state.request_id = trace_id
+    principal = principal_of(node, request)
+    dep = node.find_deployment(principal, name, version)
+    try:
+        body, header_length, outline = await _read_request(node, request)
+    except GpuvisorError as exc:  # refused by the node before it queues: counted all the same
+        m = node.metrics
+        tenant = dep.metadata.tenant or ""
+        m.child(m.requests, tenant, dep.metadata.name, node.model_version(dep), exc.code).inc()
+        raise
     outcome = await node.infer(
         dep,
         body,
