@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["STARVING_SHARE", "STARVING_WAIT", "attention", "build_dashboard", "tenant_view"]
 
 #: A tenant with queued work that gets less than this fraction of its entitlement, while its
-#: requests wait at least ``STARVING_WAIT`` seconds (p99), is starving: the guarantee is not met.
+#: requests wait at least ``STARVING_WAIT`` seconds (p99) and other tenants use the device
+#: time it misses, is starving: the guarantee is not met.
 STARVING_SHARE = 0.8
 STARVING_WAIT = 0.05
 _MEMORY_WARNING = 0.9  # a slice using this much of its memory cap is flagged
@@ -168,6 +169,9 @@ def tenant_view(
             )["share"] = share
     wait_p99 = recent.wait_p99(name)
     queued = sum(e["queued"] for e in per_device.values())
+    device_busy: dict[str, float] = {}
+    for (device, _), share in shares.items():
+        device_busy[device] = device_busy.get(device, 0.0) + share
     starving = [
         e["device"]
         for e in per_device.values()
@@ -175,6 +179,9 @@ def tenant_view(
         and e["entitlement"] > 0
         and e["share"] < STARVING_SHARE * e["entitlement"]
         and (wait_p99 or 0.0) >= STARVING_WAIT
+        # others took the device time it missed: on an idle device the wait is the host's
+        # (CPU, network), not the scheduler's
+        and device_busy.get(e["device"], 0.0) - e["share"] >= e["entitlement"] - e["share"]
     ]
     rejections = recent.rejections(name)
     state = "starving" if starving else "waiting" if queued else "ok"

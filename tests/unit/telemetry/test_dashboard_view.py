@@ -51,19 +51,25 @@ def _tenant(name: str) -> Tenant:
 
 
 @pytest.mark.parametrize(
-    ("queued", "busy", "wait", "state"),
+    ("queued", "busy", "others", "wait", "state"),
     [
-        (0, 0.0, None, "ok"),  # idle
-        (0, 0.5, 0.001, "ok"),  # busy, nothing waiting
-        (5, 3.0, 0.2, "waiting"),  # 30% used of a 25% guarantee: waits, but gets its share
-        (5, 0.5, 0.2, "starving"),  # 5% used of 25% while requests wait 200 ms
-        (5, 0.5, 0.001, "waiting"),  # under its share, but requests do not wait long: low demand
+        (0, 0.0, 0.0, None, "ok"),  # idle
+        (0, 0.5, 0.0, 0.001, "ok"),  # busy, nothing waiting
+        (5, 3.0, 7.0, 0.2, "waiting"),  # 30% used of a 25% guarantee: waits, but gets its share
+        (5, 0.5, 9.0, 0.2, "starving"),  # 5% of 25% while requests wait 200 ms, others use it
+        (5, 0.5, 9.0, 0.001, "waiting"),  # under its share, but requests do not wait long
+        # 5% of 25% and waiting, but the device is nearly idle: the wait is not the scheduler's
+        (5, 0.5, 0.1, 0.2, "waiting"),
     ],
 )
-def test_waiting_and_starving(queued: int, busy: float, wait: float | None, state: str) -> None:
+def test_waiting_and_starving(
+    queued: int, busy: float, others: float, wait: float | None, state: str
+) -> None:
     clock = Clock()
     recent = RecentActivity(share_window=10.0, clock=clock)
     clock.now += 60
+    if others:
+        recent.record_busy("cpu-0", "support", "support/chat/0", others)
     if busy:
         recent.record_busy("cpu-0", "retail", "retail/shelf/0", busy)
     if wait is not None:
