@@ -169,7 +169,7 @@ def render_top(data: dict[str, Any], width: int = 100) -> RenderableType:
     if data["deployments"]:
         deployments = _table(
             "TENANT", "DEPLOYMENT", "STATE", "CLASS", "READY", "P50", "P99", "REQ/S", "QUEUED",
-            "ANSWERED", "FAILED", "RESTARTS",
+            "OK", "REFUSED", "FAILED", "RESTARTS",
         )  # fmt: skip
         for d in data["deployments"]:
             deployments.add_row(
@@ -183,10 +183,12 @@ def render_top(data: dict[str, Any], width: int = 100) -> RenderableType:
                 f"{d['rate']:.1f}",
                 str(d["queued"]),
                 f"{d['requests']['ok']:.0f}",
+                f"{d['requests'].get('refused', 0):.0f}",
                 f"{d['requests']['failed']:.0f}",
                 str(d["restarts"]),
             )
-        parts += [Text("\nDEPLOYMENTS", style="bold underline"), deployments]
+        title = "\nDEPLOYMENTS (P50, P99, REQ/S: last minute; OK, REFUSED, FAILED: since start)"
+        parts += [Text(title, style="bold underline"), deployments]
     else:
         parts.append(
             Text("\nNo deployments yet: apply one with 'gpuvisor apply -f FILE'.", style="yellow")

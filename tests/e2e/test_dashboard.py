@@ -103,7 +103,7 @@ def test_tenant_sees_its_own_live_numbers_and_admin_sees_everyone(
     assert page.evaluate("sessionStorage.getItem('gpuvisor.key')") == retail_key
     assert page.evaluate("localStorage.length") == 0
 
-    answered = page.locator('[data-deployment="retail/shelf-detector"] [data-field="answered"]')
+    answered = page.locator('[data-deployment="retail/shelf-detector"] [data-field="ok"]')
     before = int(answered.inner_text())
     page.evaluate("window.__sameDocument = 'not reloaded'")
     with httpx.Client(base_url=node.url, headers=node.auth(retail_key), timeout=30) as http:

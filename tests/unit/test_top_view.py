@@ -35,7 +35,7 @@ def _document(**overrides: Any) -> dict[str, Any]:
         "deployments": [
             {"tenant": "retail", "name": "shelf", "state": "Ready", "latencyClass": "critical",
              "ready": 1, "replicas": 1, "p50": 0.0042, "p99": 0.0377, "rate": 812.5, "queued": 40,
-             "requests": {"ok": 120345.0, "failed": 7.0}, "restarts": 1}
+             "requests": {"ok": 120345.0, "refused": 31.0, "failed": 7.0}, "restarts": 1}
         ],
         "pending": [{"slice": "retail/big/0", "state": "Pending", "reason": "gpu-0: 1Gi free < 2Gi requested"}],
     }  # fmt: skip
@@ -71,8 +71,10 @@ def test_frame_answers_who_waits_and_who_uses_the_device() -> None:
     bar = tenant_row[tenant_row.index("25%") + 3 :].strip().split()[0]
     assert len(bar) == 24 and bar[6] == "│" and bar[:1] == "█"  # 5% used, guarantee at 25%
     deployment_row = next(line for line in lines if " shelf " in line and "critical" in line)
-    for cell in ("4.2 ms", "37.7 ms", "812.5", "120345", " 7 "):
+    for cell in ("4.2 ms", "37.7 ms", "812.5", "120345", " 31 ", " 7 "):
         assert cell in deployment_row, cell
+    assert deployment_row.index(" 31 ") < deployment_row.index(" 7 ")  # REFUSED, then FAILED
+    assert "OK, REFUSED, FAILED: since start" in text
     assert "retail/big/0" in text and "1Gi free < 2Gi requested" in text
     memory = next(line for line in lines if line.startswith("gpu-0 memory "))
     assert "█" in memory and "▒" in memory and "·" in memory  # in use, reserved, free

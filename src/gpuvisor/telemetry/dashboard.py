@@ -146,6 +146,26 @@ def _device(
     }
 
 
+#: Outcomes that are the request's or its client's doing (an invalid request, over the
+#: tenant's rate or queue cap, the client gone), as opposed to the server's (a model that
+#: failed, a worker that crashed, a deadline missed, no slice ready).
+_REFUSED = {"invalid_request", "too_many_requests", "client_closed", "not_found"}
+
+
+def _by_whose_doing(outcomes: dict[str, float]) -> dict[str, float]:
+    """Requests since the node started: ``ok``, ``refused`` (4xx: the request's doing) and
+    ``failed`` (5xx: the server's)."""
+    out = {"ok": 0.0, "refused": 0.0, "failed": 0.0}
+    for outcome, count in outcomes.items():
+        if outcome == "ok":
+            out["ok"] += count
+        elif outcome in _REFUSED or (outcome.isdigit() and outcome.startswith("4")):
+            out["refused"] += count
+        else:
+            out["failed"] += count
+    return out
+
+
 def tenant_view(
     recent: RecentActivity,
     tenant: Tenant,
@@ -242,10 +262,7 @@ def _deployment(
         "rate": latency.rate,
         "answered": latency.count,
         "queued": sum(len(s.queue.items) for s in ready if s.queue is not None),
-        "requests": {
-            "ok": outcomes.get("ok", 0.0),
-            "failed": sum(outcomes.values()) - outcomes.get("ok", 0.0),
-        },
+        "requests": _by_whose_doing(outcomes),
         "restarts": sum(s.restarts for s in slices),
         "slo": dep.spec.slo.latency,
         "slices": [

@@ -201,3 +201,20 @@ def test_an_instance_loading_in_a_rolling_update_is_information_not_a_warning() 
     # an update under way counts as serving when nothing needs a look
     ok = attention([_device()], [_tenant_row()], [{"state": "Updating"}, {"state": "Ready"}], [])
     assert ok[0]["text"] == "Nobody is waiting or starving; 2 deployment(s) serving"
+
+
+def test_requests_are_split_by_whose_doing_an_answer_was() -> None:
+    from gpuvisor.telemetry.dashboard import _by_whose_doing
+
+    outcomes = {
+        "ok": 100.0,
+        "400": 3.0,  # the model refused the request's values
+        "invalid_request": 2.0,
+        "too_many_requests": 5.0,
+        "client_closed": 1.0,
+        "500": 4.0,
+        "worker_crashed": 1.0,
+        "unavailable": 2.0,
+        "deadline_exceeded": 1.0,
+    }
+    assert _by_whose_doing(outcomes) == {"ok": 100.0, "refused": 11.0, "failed": 8.0}

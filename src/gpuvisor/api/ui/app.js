@@ -246,7 +246,8 @@ function renderDeployments(deployments) {
       h("td", { class: "num", "data-field": "p99" }, ms(d.p99)),
       h("td", { class: "num", "data-field": "rate" }, d.rate.toFixed(d.rate < 10 ? 1 : 0)),
       h("td", { class: "num", "data-field": "queued" }, d.queued),
-      h("td", { class: "num", "data-field": "answered" }, d.requests.ok.toFixed(0)),
+      h("td", { class: "num", "data-field": "ok" }, d.requests.ok.toFixed(0)),
+      h("td", { class: "num", "data-field": "refused" }, d.requests.refused.toFixed(0)),
       h("td", { class: "num", "data-field": "failed" }, d.requests.failed.toFixed(0)),
       h("td", { class: "num" }, d.restarts),
       h("td", { class: "reason" }, d.reason))));
