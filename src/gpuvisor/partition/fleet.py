@@ -45,6 +45,7 @@ class Workload:
     selector: tuple[tuple[str, str], ...] = ()
     tenancy: str = "shared"
     disallow_migration: bool = False
+    memory_headroom: int = 0  # the pool's: kept free on each of its devices
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class _Planner:
             return False
         if not _tenancy_allows(gpu, workload):
             return False
-        if gpu.memory_used + workload.memory > gpu.device.memory_total:
+        if gpu.memory_used + workload.memory > gpu.device.memory_total - workload.memory_headroom:
             return False
         return gpu.share_used + workload.compute_share <= 1.0 + 1e-9
 
@@ -300,7 +301,14 @@ def _explain(
         workload.isolation,
         workload.mig_profile,
     )
-    result = place_slice(request, devices, placed, dict(workload.selector), workload.tenancy)
+    result = place_slice(
+        request,
+        devices,
+        placed,
+        dict(workload.selector),
+        workload.tenancy,
+        memory_headroom=workload.memory_headroom,
+    )
     return _merge(result.reasons)
 
 
@@ -352,8 +360,16 @@ def plan_fleet(
         reasons: dict[tuple[object, ...], tuple[str, ...]] = {}
         proposals: dict[tuple[object, ...], str] = {}
         for w in waiting:
-            tenant = w.tenant if w.tenancy == "dedicated" else ""
-            shape = (w.selector, w.tenancy, tenant, w.isolation, w.memory, w.compute_share)
+            # the tenant too: a device a dedicated pool holds refuses other tenants only
+            shape = (
+                w.selector,
+                w.tenancy,
+                w.tenant,
+                w.isolation,
+                w.memory,
+                w.compute_share,
+                w.memory_headroom,
+            )
             key = (*shape, w.mig_profile)
             if key not in reasons:
                 reasons[key] = _explain(w, devices_now, placed)

@@ -55,6 +55,7 @@ def workloads_from(resources: Sequence[Resource]) -> list[Workload]:
                 selector=tuple(sorted(pool.spec.selector.items())) if pool else (),
                 tenancy=pool.spec.tenancy if pool else "shared",
                 disallow_migration=dep.spec.placement.disallow_migration,
+                memory_headroom=pool.spec.memory_headroom if pool else 0,
             )
         )
     if lines:

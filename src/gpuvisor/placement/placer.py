@@ -28,12 +28,16 @@ def place_slice(
     placed: Iterable[PlacedSlice],
     selector: Mapping[str, str],
     tenancy: str = "shared",
+    memory_headroom: int = 0,
 ) -> PlacementResult:
     """Return the device for ``request`` (bin-packing), or the reasons none fits.
 
     Nothing is kept: the snapshot the cycle reserves in is built for this call.
     """
     pool = PoolPolicy(
-        request.pool, dict(selector), "dedicated" if tenancy == "dedicated" else "shared"
+        request.pool,
+        dict(selector),
+        "dedicated" if tenancy == "dedicated" else "shared",
+        memory_headroom=memory_headroom,
     )
     return _FRAMEWORK.place(Cycle(request, pool), Snapshot(devices, placed))

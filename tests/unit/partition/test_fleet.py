@@ -199,7 +199,7 @@ spec: {memory: 10Gi, isolation: partition, migProfile: 1g.10gb}
 apiVersion: gpuvisor/v1
 kind: Pool
 metadata: {name: h100}
-spec: {selector: {model: "H100*"}, tenancy: dedicated}
+spec: {selector: {model: "H100*"}, tenancy: dedicated, memoryHeadroom: 2Gi}
 ---
 apiVersion: gpuvisor/v1
 kind: Deployment
@@ -222,6 +222,7 @@ def test_manifests_become_workloads() -> None:
         (("model", "H100*"),),
         "dedicated",
         True,
+        2 * GI,
     )
 
 
@@ -235,3 +236,14 @@ def test_unknown_profiles_and_pools_are_named() -> None:
         "apps.yaml doc 3 Deployment/shelf: spec.profile: unknown profile 'mig-smal' (did you mean 'mig-small'?)",
         "apps.yaml doc 3 Deployment/shelf: spec.pool: unknown pool 'h200' (did you mean 'h100'?)",
     ]
+
+
+def test_a_pools_memory_headroom_is_kept_free_as_on_a_node() -> None:
+    """Two 20Gi replicas on a 48Gi GPU whose pool keeps 10Gi free: one fits, as the node's
+    placement would have it, and the other waits with the node's reason."""
+    l40 = Device("n/gpu-0", "gpu", "simulated", "L40S", 48 * GI, node="n", index=0)
+    workload = Workload("t", "big", 2, "process", 20 * GI, 0.1, memory_headroom=10 * GI)
+    plan = plan_fleet([l40], [workload])
+    assert [len(g.slices) for g in plan.gpus] == [1]
+    (pending,) = plan.pending
+    assert any("(10Gi headroom kept)" in r for r in pending.reasons), pending.reasons
