@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -11,9 +10,9 @@ import typer
 from rich.console import Console
 
 from gpuvisor.cli_observe import bench_sampler
-from gpuvisor.cli_options import count_option, fail
+from gpuvisor.cli_options import count_option, fail, run_bench
 from gpuvisor.cli_plan import bench_placement
-from gpuvisor.errors import ConfigError, GpuvisorError
+from gpuvisor.errors import ConfigError
 
 __all__ = ["bench_app"]
 
@@ -40,11 +39,7 @@ def bench_overhead(
     from gpuvisor.bench.overhead import OverheadConfig, overhead_command
 
     config = OverheadConfig(requests=requests, threads=threads, repeat=repeat, warmup=warmup)
-    try:
-        code = overhead_command(config, output, console)
-    except GpuvisorError as exc:
-        fail(exc)
-    raise typer.Exit(code)
+    run_bench(lambda: overhead_command(config, output, console), output)
 
 
 RepeatOpt = Annotated[int, count_option("measured runs; medians are reported")]
@@ -138,7 +133,7 @@ def bench_isolation(
         client_threads=client_threads,
         seed=seed,
     )
-    _run_bench(lambda: isolation_command(config, output, console))
+    run_bench(lambda: isolation_command(config, output, console), output)
 
 
 @bench_app.command("fairness")
@@ -186,7 +181,7 @@ def bench_fairness(
         quantum_ms=quantum_ms,
         lookahead_ms=lookahead_ms,
     )
-    _run_bench(lambda: fairness_command(config, output, console))
+    run_bench(lambda: fairness_command(config, output, console), output)
 
 
 @bench_app.command("batching")
@@ -210,6 +205,7 @@ def bench_batching(
     from dataclasses import replace
 
     from gpuvisor.bench.batching import BatchingConfig, batching_command
+    from gpuvisor.demo.models import DEMO_MODEL_NAMES
 
     try:
         parsed = tuple(int(part) for part in sizes.split(",") if part.strip())
@@ -217,10 +213,17 @@ def bench_batching(
         fail(ConfigError(f"--sizes must be integers separated by commas, got {sizes!r}"))
     if 1 not in parsed or any(size < 1 for size in parsed):
         fail(ConfigError(f"--sizes must be positive and include 1, got {sizes!r}"))
+    unknown = [m for m in model or () if m.removesuffix(".onnx") not in DEMO_MODEL_NAMES]
+    if unknown:
+        fail(
+            ConfigError(
+                f"--model {unknown[0]!r} is not a demo model; known: {', '.join(DEMO_MODEL_NAMES)}"
+            )
+        )
     config = BatchingConfig(sizes=parsed, seconds=seconds, repeat=repeat, threads=threads)
     if model:
         config = replace(config, models=tuple(model))
-    _run_bench(lambda: batching_command(config, output, console))
+    run_bench(lambda: batching_command(config, output, console), output)
 
 
 @bench_app.command("decisions")
@@ -233,18 +236,10 @@ def bench_decisions(
     many backlogged slices, fair-share policy against FIFO."""
     from gpuvisor.bench.decisions import decisions_command
 
-    _run_bench(lambda: decisions_command(slices, decisions, output, console))
+    run_bench(lambda: decisions_command(slices, decisions, output, console), output)
 
 
 bench_app.command("placement")(bench_placement)
-
-
-def _run_bench(command: Callable[[], int]) -> None:
-    try:
-        code = command()
-    except GpuvisorError as exc:
-        fail(exc)
-    raise typer.Exit(code)
 
 
 bench_app.command("sampler")(bench_sampler)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gpuvisor.cli_options import KeyOpt, StateOpt, UrlOpt, fail, stdout_console
+from gpuvisor.cli_options import KeyOpt, StateOpt, UrlOpt, fail, run_bench, stdout_console
 from gpuvisor.errors import GpuvisorError
 
 __all__ = ["bench_sampler", "top"]
@@ -68,8 +68,4 @@ def bench_sampler(
     from gpuvisor.bench.sampler import SamplerBenchConfig, sampler_command
 
     config = SamplerBenchConfig(seconds=seconds, periods=tuple(period or (1.0,)), workers=workers)
-    try:
-        code = sampler_command(config, output, console)
-    except GpuvisorError as exc:
-        fail(exc)
-    raise typer.Exit(code)
+    run_bench(lambda: sampler_command(config, output, console), output)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -36,6 +38,7 @@ __all__ = [
     "fail",
     "node_client",
     "print_data",
+    "run_bench",
     "stdout_console",
     "tenant_option",
 ]
@@ -204,3 +207,16 @@ def node_client(url: str | None, key: str | None, state: str | None) -> NodeClie
         return NodeClient(url, key, state)
     except GpuvisorError as exc:
         fail(exc)
+
+
+def run_bench(command: Callable[[], int], output: Path) -> None:
+    """Run a benchmark once its results file is known to be writable; a GpuvisorError ends it
+    cleanly, with its message."""
+    from gpuvisor.bench.loadgen import check_results_path
+
+    try:
+        check_results_path(output)
+        code = command()
+    except GpuvisorError as exc:
+        fail(exc)
+    raise typer.Exit(code)

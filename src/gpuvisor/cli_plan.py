@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from gpuvisor.cli_options import count_option, fail, stdout_console
+from gpuvisor.cli_options import count_option, fail, run_bench, stdout_console
 from gpuvisor.errors import ConfigError, GpuvisorError, SpecError
 from gpuvisor.units import format_size
 
@@ -309,16 +309,12 @@ def bench_placement(
     planner and by first-fit decreasing against the exact optimum (scipy.optimize.milp)."""
     from gpuvisor.bench.placement import PlacementConfig, placement_command
 
-    try:
-        config = PlacementConfig(
-            gpus=gpus,
-            mig_gpus=min(mig_gpus, gpus),
-            slices=slices,
-            partition_slices=min(partition_slices, slices),
-            repeat=repeat,
-            small_instances=small,
-        )
-        code = placement_command(config, output, console)
-    except GpuvisorError as exc:
-        fail(exc)
-    raise typer.Exit(code)
+    config = PlacementConfig(
+        gpus=gpus,
+        mig_gpus=min(mig_gpus, gpus),
+        slices=slices,
+        partition_slices=min(partition_slices, slices),
+        repeat=repeat,
+        small_instances=small,
+    )
+    run_bench(lambda: placement_command(config, output, console), output)

@@ -285,3 +285,20 @@ def test_the_banner_commands_carry_url_and_state_when_not_the_defaults(tmp_path:
     assert _cli_flags("http://127.0.0.1:18741", default_state) == " --url http://127.0.0.1:18741"
     spaced = tmp_path / "my state"
     assert _cli_flags(DEFAULT_URL, spaced) == f" --state '{spaced}'"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["bench", "batching", "--model", "nope"], "--model 'nope' is not a demo model; known:"),
+        (["bench", "decisions", "-o", "/proc/nope/x.json"], "cannot write the results to"),
+        (["bench", "overhead", "-o", "/proc/nope/x.json"], "Pass another --output"),
+    ],
+)
+def test_a_benchmark_refuses_what_it_cannot_do_before_it_runs(
+    args: list[str], expected: str
+) -> None:
+    """One error line at once, not a traceback after minutes of measuring."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert expected in _one_error_line(result.output)

@@ -18,10 +18,13 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from gpuvisor.errors import ConfigError
+
 __all__ = [
     "Call",
     "CallFactory",
     "LoadResult",
+    "check_results_path",
     "machine_info",
     "median_result",
     "percentile",
@@ -276,6 +279,22 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def check_results_path(path: Path) -> None:
+    """Raise ConfigError, before a benchmark runs, for a results file it could not write once
+    it has run (its folder is created now)."""
+    problem = ""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+    if not problem and path.is_dir():
+        problem = "it is a folder"
+    elif not problem and not os.access(path if path.exists() else path.parent, os.W_OK):
+        problem = "permission denied"
+    if problem:
+        raise ConfigError(f"cannot write the results to {path}: {problem}. Pass another --output")
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
