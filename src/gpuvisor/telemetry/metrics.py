@@ -46,7 +46,7 @@ class Metrics:
         self.build_info = Info("gpuvisor_build", "gpuvisor build information", registry=r)
         self.requests = Counter(
             "gpuvisor_requests",
-            "Inference requests answered",
+            "Inference requests, by outcome: answered, refused or failed",
             ["tenant", "deployment", "version", "outcome"],
             registry=r,
         )
