@@ -136,7 +136,11 @@ def _device(
         "others": {
             "slices": len(others),
             "memoryLimit": sum(s.memory for s in others),
-            "memoryUsed": sum(slice_memory.get(s.id, 0) for s in others),
+            # a shared worker hosts several slices and reports its memory for each: count
+            # each worker process once (a slice with no worker counts on its own)
+            "memoryUsed": sum(
+                {(s.worker_pid or s.id): slice_memory.get(s.id, 0) for s in others}.values()
+            ),
             "share": sum(v for t, v in busy.items() if not visible(t)),
         }
         if others

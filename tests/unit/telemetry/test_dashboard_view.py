@@ -218,3 +218,20 @@ def test_requests_are_split_by_whose_doing_an_answer_was() -> None:
         "deadline_exceeded": 1.0,
     }
     assert _by_whose_doing(outcomes) == {"ok": 100.0, "refused": 11.0, "failed": 8.0}
+
+
+def test_others_memory_counts_a_shared_worker_once() -> None:
+    """Two of another tenant's slices in one shared worker report its memory each: a tenant
+    key's 'others' holds that process once."""
+    from gpuvisor.inventory.cpu import discover_cpu
+    from gpuvisor.telemetry.dashboard import _device
+
+    a, b = _slice("retail", "a", 0.1, 0), _slice("retail", "b", 0.1, 0)
+    c = _slice("analytics", "c", 0.1, 0)
+    a.worker_pid = b.worker_pid = 4242
+    c.worker_pid = 4343
+    device = discover_cpu(memory=8 << 30)
+    memory = {a.id: 300 << 20, b.id: 300 << 20, c.id: 100 << 20}
+    view = _device(device, [a, b, c], None, memory, {}, lambda tenant: tenant == "support")
+    assert view["others"]["slices"] == 3
+    assert view["others"]["memoryUsed"] == 400 << 20
