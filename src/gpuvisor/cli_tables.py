@@ -153,7 +153,13 @@ def _slice_lines(sl: dict[str, Any]) -> list[str]:
     lines.append(
         f"    since {_utc(sl.get('since'))}: {sl.get('restarts', 0)} restart(s), "
         f"{sl.get('queued', 0)} queued"
-        + (f", worker RSS {_size(sl['rssBytes'])}" if sl.get("rssBytes") else "")
+        + (
+            f", memory used {_size(sl['memoryUsed'])} (of {_size(sl.get('memory'))})"
+            if sl.get("memoryUsed")
+            else f", worker RSS {_size(sl['rssBytes'])} at load"
+            if sl.get("rssBytes")
+            else ""
+        )
     )
     measured = sl.get("profileSeconds") or {}
     if measured:

@@ -64,7 +64,16 @@ def test_a_deployment_reads_as_its_manifest_with_what_each_slice_is_given() -> N
         "  retail/shelf-detector/0  Ready  on cpu-0  pid 3238  serves shelf-classifier@3" in lines
     )
     assert "    given: critical class, computeShare 0.25, memory 512Mi, process isolation" in lines
-    assert "    since 2026-11-22T01:04:57Z: 1 restart(s), 3 queued, worker RSS 66.1Mi" in lines
+    assert (
+        "    since 2026-11-22T01:04:57Z: 1 restart(s), 3 queued, worker RSS 66.1Mi at load" in lines
+    )
+    # once sampled, the memory the worker uses now, against the slice's cap
+    sampled = _deployment()
+    sampled["status"]["slices"][0]["memoryUsed"] = 75 << 20
+    assert (
+        "    since 2026-11-22T01:04:57Z: 1 restart(s), 3 queued, memory used 75Mi (of 512Mi)"
+        in describe_deployment(sampled).splitlines()
+    )
     # batch sizes in order, their times to three significant digits
     assert "    time per batch: 1 → 28us, 2 → 34.2us, 8 → 91.1us" in lines
 

@@ -25,6 +25,7 @@ from gpuvisor.api.objects import (
 from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.control.apply_effects import apply_notes, apply_warnings
 from gpuvisor.control.checks import check_apply
+from gpuvisor.control.slices import SliceState
 from gpuvisor.errors import Conflict, InvalidRequest, NotFound
 from gpuvisor.inventory.device import Device
 from gpuvisor.node import Node
@@ -263,6 +264,13 @@ def admin_router(node: Node) -> APIRouter:
                     ),
                 )
 
+    def _slice_item(state: SliceState) -> dict[str, Any]:
+        """A slice as the API shows it, with its worker's memory as last sampled (``null``
+        before the first sample; ``rssBytes`` is what it used right after loading)."""
+        sample = node.sampler.latest if node.sampler is not None else None
+        used = sample.slice_memory.get(state.id) if sample is not None else None
+        return {**state.to_dict(), "memoryUsed": used}
+
     def _with_status(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("kind") != "Deployment" or node.controller is None:
             return body
@@ -277,7 +285,7 @@ def admin_router(node: Node) -> APIRouter:
                 "updatedReplicas": rollout.updated,
                 "rollout": rollout.describe(),
                 "unloaded": (tenant, name) in node.controller.unloaded,
-                "slices": [s.to_dict() for s in slices],
+                "slices": [_slice_item(s) for s in slices],
             },
         }
 
@@ -312,7 +320,9 @@ def admin_router(node: Node) -> APIRouter:
         assert node.controller is not None
         return {
             "items": [
-                s.to_dict() for s in node.controller.slices.values() if principal.may_see(s.tenant)
+                _slice_item(s)
+                for s in node.controller.slices.values()
+                if principal.may_see(s.tenant)
             ]
         }
 
