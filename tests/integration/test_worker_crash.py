@@ -90,6 +90,9 @@ def test_sigkill_worker_under_load(demo_node: NodeProcess) -> None:
     assert retail[-1] == 200, "shelf-detector serves again after the restart"
     metrics = httpx.get(f"{demo_node.url}/metrics").text
     assert 'gpuvisor_worker_restarts_total{deployment="shelf-detector",tenant="retail"}' in metrics
+    log = (demo_node.state_dir / "node.log").read_text()
+    line = next(x for x in log.splitlines() if f"(pid {pid}) exited with code -9" in x)
+    assert line.endswith("tenant=retail"), line  # whose worker it was
 
 
 def test_batch_class_workers_yield_the_cpu(demo_node: NodeProcess) -> None:

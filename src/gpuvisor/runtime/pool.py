@@ -336,6 +336,8 @@ class WorkerPool(WorkerLink):
 
     async def _watch(self, worker: WorkerProcess) -> None:
         returncode = await worker.process.wait()
+        # a worker serves one tenant (never two): the first part of any of its slices' ids
+        tenant = next((sid.split("/", 1)[0] for sid in worker.slices), "")
         self.workers.pop(worker.worker_id, None)
         if self.by_key.get(worker.key) is worker:
             del self.by_key[worker.key]
@@ -376,6 +378,7 @@ class WorkerPool(WorkerLink):
             worker.worker_id,
             worker.pid,
             returncode,
+            extra={"tenant": tenant} if tenant else None,
         )
 
     async def _stop_worker(self, worker: WorkerProcess, grace: float = 5.0) -> None:
