@@ -210,6 +210,8 @@ async def failure_scenario(db_url: str, tmp_path: Path) -> None:
             "edge-2/gpu-2: not in pool 'l4'; edge-2/gpu-3: not in pool 'l4'"
         )
         assert ctl.slices["retail/shelf/1"].device_id == "edge-1/gpu-3"
+        await ctl.reconcile()  # tried again: it still says why it moved
+        assert ctl.slices["retail/shelf/0"].reason == shelf0.reason
 
         # the H100 holding both h100 slices fails too: chat moves, pinned stays (with why)
         gpu0 = ctl.topology.get("edge-1/gpu-0")

@@ -421,7 +421,12 @@ class Controller:
         if result.device_id is None and replaces is not None:
             take_placement(state, result, "", self.topology)  # Pending: the caller acts on it
             return state
-        device = take_placement(state, result, self.moved.pop(state.replica_id, ""), self.topology)
+        moved = self.moved.pop(state.replica_id, "")
+        if not moved and replaced is not None and replaced.state == "Pending":
+            # a retry of a slice that moved and found no room: it still says why it moved
+            said = replaced.reason.split("; ", 1)[0]
+            moved = said if said.startswith("moved: ") else ""
+        device = take_placement(state, result, moved, self.topology)
         if device is None:
             if replaced is None or replaced.state != "Pending":  # once per episode, not per retry
                 self.metrics.allocation_failures.labels(
