@@ -107,9 +107,21 @@ class MigGeometry:
         return [p.name for p in self.profiles]
 
     def unknown_profile_message(self, name: str) -> str:
-        """Return the message for a profile this model does not have, with a suggestion."""
-        close = difflib.get_close_matches(name, self.profile_names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        """Return the message for a profile this model does not have, with a suggestion: the
+        profile of the same shape when ``name`` is another model's (``1g.5gb`` on an A100-40GB
+        is ``1g.10gb`` on an H100-80GB), else the closest name."""
+        owners = {
+            other.model: theirs.profile_id
+            for other in GEOMETRIES.values()
+            if (theirs := other.profile(name)) is not None
+        }
+        mine = [p.name for p in self.profiles if p.profile_id in owners.values()]
+        if len(set(owners.values())) == 1 and mine:  # one shape, whoever names it so
+            models = " and ".join(f"the {m}" for m in owners)
+            hint = f" ('{name}' is {models}'s name; the same instance here is '{mine[0]}')"
+        else:
+            close = difflib.get_close_matches(name, self.profile_names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{self.model} has no MIG profile '{name}'{hint}; its profiles: " + ", ".join(
             self.profile_names
         )

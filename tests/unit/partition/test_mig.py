@@ -188,6 +188,11 @@ def test_count_limits_unknown_profiles_and_compute_are_refused() -> None:
     unknown = check_layout(geometry, [MigInstance(0, "1g.10gb"), MigInstance(2, "1g.11gb")])
     assert unknown[0].field == "profile" and "no MIG profile '1g.11gb'" in unknown[0].message
     assert "did you mean '1g.10gb'" in unknown[0].message
+    # another model's name for a shape: the same shape here, not the closest spelling
+    h100 = GEOMETRIES["H100-80GB"].unknown_profile_message("1g.5gb")
+    assert "('1g.5gb' is the A100-40GB's name; the same instance here is '1g.10gb')" in h100
+    # a name two models give to different shapes: the closest spelling
+    assert "did you mean '1g.18gb'" in GEOMETRIES["H200-141GB"].unknown_profile_message("1g.10gb")
     # A geometry where memory allows more than compute: the compute check has to catch it.
     wide = MigGeometry("toy", (MigProfile("4g.x", 1, 4, 1, 4, (0, 1, 2, 3)),), 4, 7)
     found = check_layout(wide, [MigInstance(0, "4g.x"), MigInstance(1, "4g.x")])
