@@ -45,12 +45,16 @@ def bench_overhead(
 RepeatOpt = Annotated[int, count_option("measured runs; medians are reported")]
 QuantumOpt = Annotated[
     float | None,
-    typer.Option(help="the nodes' cpu.quantum in milliseconds (default: the node's default)"),
+    typer.Option(
+        min=0.01,
+        help="the nodes' cpu.quantum in milliseconds (default: the node's default)",
+    ),
 ]
 LookaheadOpt = Annotated[
     float | None,
     typer.Option(
-        help="the nodes' cpu.lookahead in milliseconds, 0 for none (default: the node's default)"
+        min=0.0,
+        help="the nodes' cpu.lookahead in milliseconds, 0 for none (default: the node's default)",
     ),
 ]
 ResultsOpt = typer.Option("--output", "-o", help="JSON results file")

@@ -52,6 +52,7 @@ def bench_sampler(
         list[float] | None,
         typer.Option(
             metavar="SECONDS",
+            min=0.001,
             help="sampling period in seconds (repeatable; default 1.0, the node's default)",
         ),
     ] = None,

@@ -67,6 +67,8 @@ def _up(tmp_path: Path, *args: str) -> tuple[int, str]:
         (["drain", "cpu-0", "--timeout", "700", *NO_NODE], "less than or equal to 600"),
         (["drain", "cpu-0", "--timeout", "0", *NO_NODE], "greater than or equal to 1"),
         (["apply", "-f", "-", "-f", "-", *NO_NODE], "'-f -' is given more than once"),
+        (["bench", "isolation", "--quantum-ms", "-1"], "greater than or equal to 0.01"),
+        (["bench", "sampler", "--period", "0"], "greater than or equal to 0.001"),
         (
             ["keys", "create", "--role", "boss", *NO_NODE],
             "--role must be one of tenant, operator, admin (not 'boss')",

@@ -361,6 +361,7 @@ def render_isolation(report: IsolationReport, console: Console) -> None:
         )
     costs = ", ".join(f"{k} {v:.2f} ms" for k, v in report.costs_ms.items())
     capacity = ", ".join(f"{k} {v:.0f}/s" for k, v in report.capacity.items())
+    capacity = capacity or "not measured (--rate given)"
     console.print(
         f"  model cost (1 thread): {costs}; critical solo capacity: {capacity}", highlight=False
     )

@@ -77,7 +77,8 @@ async def _measure(
 def run_sampler_bench(config: SamplerBenchConfig) -> dict[str, Any]:
     """Measure every period in ``config``; return the results as plain data."""
     if any(p <= 0 for p in config.periods):
-        raise ConfigError(f"--period must be > 0 seconds, got {list(config.periods)}")
+        bad = next(p for p in config.periods if p <= 0)
+        raise ConfigError(f"--period must be > 0 seconds, got {bad:g}")
     topology = discover(NodeSpec())
     devices = [d for d in topology.devices if d.backend != "simulated"]
     children = [
