@@ -109,9 +109,18 @@ def build_fleet(config: PlacementConfig) -> tuple[list[Device], list[Workload]]:
             count -= replicas
             n += 1
 
-    for profile, share in PROFILE_MIX.items():
+    # the mix's shares, rounded so that they sum to exactly ``partition_slices``
+    counts = {p: int(config.partition_slices * share) for p, share in PROFILE_MIX.items()}
+    by_remainder = sorted(
+        PROFILE_MIX,
+        key=lambda p: config.partition_slices * PROFILE_MIX[p] - counts[p],
+        reverse=True,
+    )
+    for profile in by_remainder[: config.partition_slices - sum(counts.values())]:
+        counts[profile] += 1
+    for profile in PROFILE_MIX:
         add(
-            round(config.partition_slices * share),
+            counts[profile],
             lambda n, r, p=profile: Workload(
                 f"tenant-{rng.randrange(20)}",
                 f"mig-{p.replace('.', '-')}-{n}",

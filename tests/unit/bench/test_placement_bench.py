@@ -34,6 +34,16 @@ def test_the_scenario_has_the_asked_sizes() -> None:
         build_fleet(PlacementConfig(gpus=10, mig_gpus=11))
 
 
+@pytest.mark.parametrize("partition", [10, 30, 33, 7])
+def test_exactly_the_partition_slices_asked_for(partition: int) -> None:
+    """The profile mix's shares, rounded one by one, once gave 31 for 30 and 9 for 10."""
+    config = PlacementConfig(
+        gpus=20, mig_gpus=10, slices=max(partition, 50), partition_slices=partition
+    )
+    _, workloads = build_fleet(config)
+    assert sum(w.replicas for w in workloads if w.isolation == "partition") == partition
+
+
 @pytest.mark.parametrize(
     "demand",
     [
