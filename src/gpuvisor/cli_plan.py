@@ -190,10 +190,10 @@ def render_plan(plan: FleetPlan, out: Console) -> None:
                 pending.defrag or "-",
             )
         out.print(table)
-    _print_summary(plan_summary(plan), out)
+    _print_summary(plan_summary(plan), out, bool(plan.requested_profiles))
 
 
-def _print_summary(s: dict[str, Any], out: Console) -> None:
+def _print_summary(s: dict[str, Any], out: Console, profiles_requested: bool) -> None:
     lines = [
         f"GPUs used: {s['gpusUsed']} of {s['gpus']}; slices placed {s['slicesPlaced']}, "
         f"pending {s['slicesPending']}",
@@ -207,6 +207,8 @@ def _print_summary(s: dict[str, Any], out: Console) -> None:
         lines.append(
             f"fragmentation: {s['unusableMigSlices']} of {s['freeMigSlices']} free memory slices "
             "fit no requested profile"
+            if profiles_requested
+            else "fragmentation: not measured (no partition-tier deployment asks for a profile)"
         )
     if s["wholeGpuMemory"]:
         lines.append(

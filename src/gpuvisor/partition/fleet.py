@@ -111,9 +111,12 @@ class FleetPlan:
     requested_profiles: set[str]
 
     def unusable(self, gpu: GpuPlan) -> list[int]:
-        """Free memory slices of a MIG GPU that no requested profile can use."""
+        """Free memory slices of a MIG GPU that no requested profile can use (none when no
+        profile of this GPU is requested: there is nothing to fit, so nothing to measure)."""
         geometry = gpu.geometry
         if geometry is None or not gpu.instances:
+            return []
+        if not any(geometry.profile(p) is not None for p in self.requested_profiles):
             return []
         return unusable_slices(geometry, gpu.instances, self.requested_profiles)
 

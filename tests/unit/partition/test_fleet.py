@@ -247,3 +247,12 @@ def test_a_pools_memory_headroom_is_kept_free_as_on_a_node() -> None:
     assert [len(g.slices) for g in plan.gpus] == [1]
     (pending,) = plan.pending
     assert any("(10Gi headroom kept)" in r for r in pending.reasons), pending.reasons
+
+
+def test_no_requested_profile_means_no_fragmentation_to_measure() -> None:
+    """A fleet with a MIG layout but only whole-GPU deployments: its free slices fit no
+    requested profile because none is requested, which is not fragmentation."""
+    devices = [gpu(0, layout=((0, "3g.40gb"),)), gpu(1, mig=False)]
+    plan = plan_fleet(devices, [Workload("t", "w", 1, "process", 10 * GI, 0.2)])
+    summary = plan_summary(plan)
+    assert (summary["unusableMigSlices"], summary["fragmentation"]) == (0, 0.0)
