@@ -47,6 +47,7 @@ QuantumOpt = Annotated[
     float | None,
     typer.Option(
         min=0.01,
+        metavar="MS",
         help="the nodes' cpu.quantum in milliseconds (default: the node's default)",
     ),
 ]
@@ -54,6 +55,7 @@ LookaheadOpt = Annotated[
     float | None,
     typer.Option(
         min=0.0,
+        metavar="MS",
         help="the nodes' cpu.lookahead in milliseconds, 0 for none (default: the node's default)",
     ),
 ]
