@@ -337,14 +337,13 @@ class SignaturePolicy:
             )
         if actual_sha256 is not None and actual_sha256 != signed.sha256:
             raise IntegrityError(
-                f"model file {source} changed after it was signed: its sha256 is "
-                f"{actual_sha256}, the signature (key {signed.fingerprint}) covers "
-                f"{signed.sha256}; restore the signed file, or sign the new one "
+                f"model file {source} changed after it was signed: the signature (key "
+                f"{signed.fingerprint}) covers sha256 {signed.sha256}, which the file no "
+                "longer has; restore the signed file, or sign the new one "
                 "('gpuvisor models sign') and update spec.signature",
                 reason="changed_after_signing",
                 key=signed.fingerprint,
                 expected=signed.sha256,
-                actual=actual_sha256,
                 **context,
             )
         return signed

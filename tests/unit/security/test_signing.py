@@ -132,7 +132,8 @@ def test_pool_policy_refuses_each_bad_case_with_its_reason(
         assert trusted.fingerprint in caught.value.message  # what it would accept
         assert caught.value.fields["key"] == other.fingerprint
     if reason == "changed_after_signing":
-        assert caught.value.fields["actual"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+        actual = hashlib.sha256(model_file.read_bytes()).hexdigest()
+        assert actual not in caught.value.message and "actual" not in caught.value.fields
 
 
 def test_pool_policy_accepts_a_correctly_signed_model(

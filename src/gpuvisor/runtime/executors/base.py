@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,16 +123,32 @@ def _narrow_shape(found: tuple[int, ...], declared: tuple[int, ...]) -> tuple[in
 
 
 def file_sha256(path: Path) -> str:
-    """Return the file's SHA-256 hex digest. Raises ModelError when it cannot be read."""
+    """Return the file's SHA-256 hex digest. Raises ModelError when it cannot be read, or is
+    not a regular file: a FIFO would block the reader for ever and a device such as
+    /dev/zero never ends (the file is opened without blocking and checked before a byte is
+    read, so it cannot be swapped for one in between)."""
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as stream:
-            while chunk := stream.read(_HASH_CHUNK):
-                digest.update(chunk)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ModelError(f"model file not found: {path}", path=str(path)) from None
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc.strerror}", path=str(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelError(
+            f"model file {path} is not a regular file (a FIFO, a device or a folder): "
+            "point the Model's source at the model file itself",
+            path=str(path),
+        )
+    with os.fdopen(fd, "rb") as stream:
+        try:
+            while chunk := stream.read(_HASH_CHUNK):
+                digest.update(chunk)
+        except OSError as exc:
+            raise ModelError(
+                f"cannot read model file {path}: {exc.strerror}", path=str(path)
+            ) from None
     return digest.hexdigest()
 
 
@@ -142,11 +160,12 @@ def verify_sha256(path: Path, expected: str | None) -> str:
     """
     actual = file_sha256(Path(path))
     if expected is not None and actual != expected.lower():
+        # the file's own digest is not said: a tenant could otherwise learn the digest of
+        # any file the node can read (sha256sum gives it to whoever may read the file)
         raise IntegrityError(
-            f"model file {path} has sha256 {actual} but the spec expects {expected.lower()}",
+            f"model file {path} does not match the spec's sha256 {expected.lower()}",
             path=str(path),
             expected=expected.lower(),
-            actual=actual,
         )
     return actual
 
