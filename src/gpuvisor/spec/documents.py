@@ -186,6 +186,15 @@ def parse_documents(text: str, source: str) -> list[Any]:
     like ``1e-05`` as a string. A document whose YAML aliases expand it beyond
     ``MAX_EXPANDED_VALUES`` values is refused before it is built.
     """
+    try:
+        return _parse(text, source)
+    except RecursionError:  # no manifest nests this deep: a deliberate bomb, or a broken file
+        message = "nests deeper than a manifest can (hundreds of levels): it cannot be read"
+        raise_problems([Problem(source, None, None, None, "", message)])
+        raise  # unreachable: a problem was raised
+
+
+def _parse(text: str, source: str) -> list[Any]:
     if text.lstrip().startswith("{"):
         try:
             return [json.loads(text, object_pairs_hook=_unique_keys)]

@@ -320,3 +320,22 @@ def test_models_built_in_python_are_held_to_the_same_rules() -> None:
         Node.model_validate({"metadata": {"name": "n"}, "spec": {"reconcilePeriod": float("inf")}})
     with pytest.raises(ValidationError):
         Tenant.model_validate({"metadata": {"name": "t"}, "spec": {"weight": True}})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        "{a: " * 50_000 + "1" + "}" * 50_000,
+        "\n".join("  " * i + "a:" for i in range(1500)) + " 1",
+        TENANT + "spec: {pools: " + "[" * 900 + "]" * 900 + "}\n",
+    ],
+    ids=["flow lists", "flow mappings", "block mappings", "inside a field"],
+)
+def test_a_document_nested_too_deep_is_one_clear_problem(text: str) -> None:
+    """Not a RecursionError (a 500 on the API): one line saying what is wrong."""
+    with pytest.raises(SpecError) as caught:
+        load_documents(text, "deep.yaml")
+    assert caught.value.message == (
+        "deep.yaml: nests deeper than a manifest can (hundreds of levels): it cannot be read"
+    )
