@@ -77,7 +77,7 @@ def test_binpacks_onto_the_fullest_device_that_fits() -> None:
             [PlacedSlice("x", "b", "gpu-0", GI, 0.1, "process", dedicated=True)],
             {},
             "shared",
-            "tenant 'b' holds this device through a dedicated pool",
+            "another tenant holds this device through a dedicated pool",
         ),
         (_req(isolation="partition"), [], {}, "shared", "partition"),
         (_req(), [], {"model": "A100*"}, "shared", "not in pool 'inference'"),

@@ -197,8 +197,8 @@ SCENARIOS = [
         placed=[on("edge-1/gpu-0", tenant="support"), on("edge-1/gpu-1", tenant="batch")],
         reasons=except_(
             NOT_H100,
-            edge_1__gpu_0="pool is dedicated and tenant 'support' has slices on this device",
-            edge_1__gpu_1="pool is dedicated and tenant 'batch' has slices on this device",
+            edge_1__gpu_0="pool is dedicated and another tenant has slices on this device",
+            edge_1__gpu_1="pool is dedicated and another tenant has slices on this device",
         ),
     ),
     Scenario(
@@ -243,8 +243,8 @@ SCENARIOS = [
         ],
         reasons=except_(
             "0 free < 1Gi requested",
-            edge_1__gpu_0="NUMA node 0 of edge-1 is dedicated to tenant 'support'",
-            edge_1__gpu_1="NUMA node 0 of edge-1 is dedicated to tenant 'support'",
+            edge_1__gpu_0="NUMA node 0 of edge-1 is dedicated to another tenant",
+            edge_1__gpu_1="NUMA node 0 of edge-1 is dedicated to another tenant",
         ),
     ),
     Scenario(

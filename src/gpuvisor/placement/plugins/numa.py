@@ -27,15 +27,15 @@ class NumaPlacement:
         holder = next((s for s in domain if s.numa == "dedicated" and s.tenant != tenant), None)
         if holder is not None:
             return Status.unschedulable(
-                self.name, f"{_where(info)} is dedicated to tenant '{holder.tenant}'"
+                self.name, f"{_where(info)} is dedicated to another tenant"
             )
         if cycle.request.numa == "dedicated":
             others = sorted({s.tenant for s in domain if s.tenant != tenant})
             if others:
                 return Status.unschedulable(
                     self.name,
-                    f"numa 'dedicated' needs a NUMA node of its own; tenant '{others[0]}' "
-                    f"has slices on {_where(info)}",
+                    f"numa 'dedicated' needs a NUMA node of its own; another tenant has "
+                    f"slices on {_where(info)}",
                 )
         return Status.success()
 

@@ -16,13 +16,13 @@ class Tenancy:
             if holder is not None:
                 return Status.unschedulable(
                     self.name,
-                    f"tenant '{holder.tenant}' holds this device through a dedicated pool",
+                    "another tenant holds this device through a dedicated pool",
                 )
             return Status.success()
         others = sorted({s.tenant for s in info.slices if s.tenant != tenant})
         if others:
             return Status.unschedulable(
                 self.name,
-                f"pool is dedicated and tenant '{others[0]}' has slices on this device",
+                "pool is dedicated and another tenant has slices on this device",
             )
         return Status.success()
