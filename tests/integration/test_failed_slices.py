@@ -181,3 +181,35 @@ async def memory_comes_back(db_url: str, model: Path) -> None:
         assert ready.state == "Ready", (ready.state, ready.reason)
         assert ready.memory_failures == 0 and ready.retry_at is None
         await assert_serves(ctl, model, "x", np.arange(8, dtype=np.float32).reshape(2, 4))
+
+
+def test_a_link_swapped_out_of_the_tenants_model_folders_fails_the_reload(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(swapped_link(sqlite_url, tmp_path))
+
+
+async def swapped_link(db_url: str, tmp_path: Path) -> None:
+    root, other = tmp_path / "root", tmp_path / "other"
+    root.mkdir()
+    other.mkdir()
+    (root / "scorer.onnx").write_bytes(build_demo_model("basket-scorer").SerializeToString())
+    (other / "secret.onnx").write_bytes(build_demo_model("sku-lookup").SerializeToString())
+    link = root / "current.onnx"
+    link.symlink_to(root / "scorer.onnx")
+    manifest = MANIFEST.replace("MODEL", str(link)).replace(
+        "metadata: {name: analytics}",
+        f"metadata: {{name: analytics}}\nspec: {{modelRoots: ['{root}']}}",
+    )
+    async with running_controller(
+        db_url, manifest, [discover_cpu(memory=4 << 30, threads=1)]
+    ) as ctl:
+        assert (await reconcile_and_settle(ctl)).state == "Ready"
+        link.unlink()
+        link.symlink_to(other / "secret.onnx")  # another tenant's model, by the same name
+        # loaded again (through the repository API here; a worker restart does the same)
+        await ctl.unload("analytics", "scorer")
+        await ctl.load("analytics", "scorer")
+        state = await reconcile_and_settle(ctl)
+        assert state.state == "Failed", (state.state, state.reason)
+        assert "now leads outside tenant 'analytics''s model folders" in state.reason

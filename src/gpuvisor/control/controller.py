@@ -49,6 +49,7 @@ from gpuvisor.placement.defaults import default_framework
 from gpuvisor.placement.framework import Framework, Snapshot
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import WorkerPool
+from gpuvisor.security.model_roots import load_check
 from gpuvisor.security.signing import SignaturePolicy
 from gpuvisor.spec.kinds import Deployment, Resource, Tenant
 from gpuvisor.spec.loader import resource_from_dict
@@ -437,6 +438,13 @@ class Controller:
             return state
         launch = slice_launch(state, want.model, dep, device, self.batch_nice)
         policy, model = SignaturePolicy.of(want.pool), want.model
+        confined = load_check(model, self._tenant(state.tenant))
+
+        def verify() -> str | None:
+            if confined is not None:
+                confined()
+            return policy.check_file(model).sha256 if policy else model.spec.sha256
+
         sup = SliceSupervisor(
             state,
             launch,
@@ -447,7 +455,7 @@ class Controller:
             self.restart,
             self.out_of_memory,
             on_ready=self._slice_ready,
-            verify_model=(lambda: policy.check_file(model).sha256) if policy else None,
+            verify_model=verify if policy is not None or confined is not None else None,
         )
         self.supervisors[state.id] = sup
         sup.start()

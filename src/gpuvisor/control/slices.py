@@ -171,7 +171,7 @@ class SliceSupervisor:
         restart: Backoff = Backoff(0.5, 30.0),
         out_of_memory: Backoff = Backoff(30.0, 600.0),
         on_ready: Callable[[SliceState], None] | None = None,
-        verify_model: Callable[[], str] | None = None,
+        verify_model: Callable[[], str | None] | None = None,
     ) -> None:
         self.slice = slice_
         self.launch = launch
@@ -215,7 +215,7 @@ class SliceSupervisor:
         while not self.stopping:
             stamp = file_stamp(self.launch.load.path)  # before reading it: no change is missed
             if self.verify_model is not None:
-                s.set_state("Loading", "checking the model's signature")
+                s.set_state("Loading", "checking the model file")
                 try:
                     # the worker then refuses a file that changes between this check and its load
                     self.launch.load.sha256 = await asyncio.to_thread(self.verify_model)

@@ -9,13 +9,13 @@ followed (a link inside pointing outside is outside). Admin keys are not confine
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from gpuvisor.errors import Forbidden
+from gpuvisor.errors import Forbidden, IntegrityError
 from gpuvisor.quoting import quoted
 from gpuvisor.spec.kinds import Model, Resource, Tenant
 
-__all__ = ["check_model_roots", "inside"]
+__all__ = ["check_model_roots", "inside", "load_check"]
 
 
 def inside(path: str, roots: Sequence[str]) -> bool:
@@ -27,6 +27,38 @@ def inside(path: str, roots: Sequence[str]) -> bool:
         if real == base or real.startswith(base.rstrip("/") + "/"):
             return True
     return False
+
+
+def _named_inside(path: str, roots: Sequence[str]) -> bool:
+    """Whether ``path`` as written (no link followed) lies in one of ``roots``."""
+    written = os.path.normpath(os.path.abspath(path))
+    return any(
+        written == os.path.normpath(r) or written.startswith(os.path.normpath(r).rstrip("/") + "/")
+        for r in roots
+    )
+
+
+def load_check(model: Model, tenant: Tenant | None) -> Callable[[], None] | None:
+    """What a load of ``model`` checks again, just before it reads the file: a source named in
+    the tenant's model folders must still lead inside them. A link there can be pointed
+    elsewhere after the apply (at another tenant's model, say); the load then fails instead.
+    None when there is nothing to check (no folders, or a source an admin named elsewhere)."""
+    roots = tenant.spec.model_roots if tenant is not None else None
+    source = model.spec.source
+    if not roots or not _named_inside(source, roots):
+        return None
+
+    def check() -> None:
+        if not inside(source, roots):
+            raise IntegrityError(
+                f"model file {quoted(source)} now leads outside tenant "
+                f"'{tenant.metadata.name if tenant else ''}''s model folders "
+                f"({', '.join(roots)}; Tenant spec.modelRoots), through a symbolic link "
+                "changed since it was applied: point it back inside",
+                reason="outside_model_roots",
+            )
+
+    return check
 
 
 def check_model_roots(tenant: str, new: Sequence[Resource], existing: Sequence[Resource]) -> None:

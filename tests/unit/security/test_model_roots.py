@@ -76,3 +76,28 @@ def test_a_model_outside_the_tenants_folders_is_refused_with_the_way_out(tree: P
     assert str(refused.value).endswith(
         "put the file in one of them, or ask an admin to apply this Model"
     )
+
+
+def test_a_link_pointed_outside_after_the_apply_fails_the_next_load(tree: Path) -> None:
+    """Applied while the link led inside; pointed at another tenant's file afterwards: the
+    load checks again and refuses. A source an admin named outside the folders is left be."""
+    from gpuvisor.errors import IntegrityError
+    from gpuvisor.security.model_roots import load_check
+    from gpuvisor.spec.kinds import Model, Tenant
+
+    link = tree / "root" / "link.onnx"
+    link.symlink_to(tree / "root" / "model.onnx")
+    tenant, model = load_documents(
+        _tenant(f"{{modelRoots: ['{tree / 'root'}']}}") + "---\n" + _model(link)
+    )
+    assert isinstance(tenant, Tenant) and isinstance(model, Model)
+    check = load_check(model, tenant)
+    assert check is not None
+    check()  # still inside: nothing to say
+    link.unlink()
+    link.symlink_to(tree / "other" / "model.onnx")
+    with pytest.raises(IntegrityError, match="now leads outside tenant 'shop''s model folders"):
+        check()
+    (_, elsewhere) = load_documents(_tenant("{}") + "---\n" + _model(tree / "other" / "model.onnx"))
+    assert isinstance(elsewhere, Model) and load_check(elsewhere, tenant) is None
+    assert load_check(model, None) is None
