@@ -26,9 +26,7 @@ class NumaPlacement:
         domain = snapshot.in_numa_domain(info.device)
         holder = next((s for s in domain if s.numa == "dedicated" and s.tenant != tenant), None)
         if holder is not None:
-            return Status.unschedulable(
-                self.name, f"{_where(info)} is dedicated to another tenant"
-            )
+            return Status.unschedulable(self.name, f"{_where(info)} is dedicated to another tenant")
         if cycle.request.numa == "dedicated":
             others = sorted({s.tenant for s in domain if s.tenant != tenant})
             if others:
