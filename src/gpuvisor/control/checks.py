@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gpuvisor.control.quotas import check_quotas
+from gpuvisor.control.quotas import check_model_count, check_quotas
 from gpuvisor.security.signed_models import check_signed_models
 from gpuvisor.spec.documents import Problem, raise_problems
 from gpuvisor.spec.kinds import Deployment, Resource, Tenant, resource_key
@@ -22,6 +22,7 @@ def check_apply(new: Sequence[Resource], existing: Sequence[Resource]) -> None:
     check_tenant_pools(new, existing)
     check_signed_models(new, existing)
     check_quotas(new, existing)
+    check_model_count(new, existing)
 
 
 def check_tenant_pools(new: Sequence[Resource], existing: Sequence[Resource]) -> None:

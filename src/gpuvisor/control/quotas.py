@@ -16,10 +16,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpuvisor.errors import QuotaExceeded
-from gpuvisor.spec.kinds import Deployment, Profile, Resource, Tenant, resource_key
+from gpuvisor.spec.kinds import Deployment, Model, Profile, Resource, Tenant, resource_key
 from gpuvisor.units import format_size
 
-__all__ = ["QUOTA_FIELDS", "TenantUsage", "check_quotas", "tenant_usage"]
+__all__ = [
+    "MAX_MODELS_PER_TENANT",
+    "QUOTA_FIELDS",
+    "TenantUsage",
+    "check_model_count",
+    "check_quotas",
+    "tenant_usage",
+]
+
+MAX_MODELS_PER_TENANT = 1000
+"""Model objects (versions) one tenant may store: every apply and delete reads them all, so an
+unbounded number would let one tenant's key slow the node's API for everyone."""
 
 QUOTA_FIELDS = ("memory", "compute", "deployments")
 """The quota fields checked at apply, in the order they are reported."""
@@ -172,6 +183,27 @@ class _Violation:
         )
         noun = "it" if self.field == "deployments" else "its deployments"
         return f"{head}: {noun} {what} {amount(self.usage)} ({detail}); {fix}"
+
+
+def check_model_count(new: Sequence[Resource], existing: Sequence[Resource]) -> None:
+    """Refuse ``new`` if it takes a tenant's Models (each version one) past
+    ``MAX_MODELS_PER_TENANT``; an apply that adds none always passes."""
+    known = {resource_key(r) for r in existing if isinstance(r, Model)}
+    added: dict[str, int] = {}
+    for r in new:
+        if isinstance(r, Model) and resource_key(r) not in known:
+            tenant = r.metadata.tenant or ""
+            added[tenant] = added.get(tenant, 0) + 1
+    for tenant, count in sorted(added.items()):
+        stored = sum(1 for r in existing if isinstance(r, Model) and r.metadata.tenant == tenant)
+        if stored + count > MAX_MODELS_PER_TENANT:
+            raise QuotaExceeded(
+                f"tenant '{tenant}' would store {stored + count} Model versions, more than the "
+                f"{MAX_MODELS_PER_TENANT} a tenant may: delete versions no deployment uses "
+                "(gpuvisor delete model NAME@VERSION)",
+                tenant=tenant,
+                limit=MAX_MODELS_PER_TENANT,
+            )
 
 
 def check_quotas(new: Sequence[Resource], existing: Sequence[Resource]) -> None:

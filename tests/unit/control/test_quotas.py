@@ -194,3 +194,33 @@ def test_tenants_without_quotas_are_never_refused() -> None:
 def test_the_error_crosses_process_boundaries_by_its_code() -> None:
     exc = error_from_code("quota_exceeded", "over", tenant="retail")
     assert isinstance(exc, QuotaExceeded) and exc.http_status == 403
+
+
+def _models(tenant: str, versions: range) -> list[Resource]:
+    return load_documents(
+        "".join(
+            f"---\napiVersion: gpuvisor/v1\nkind: Model\nmetadata: {{name: m, tenant: {tenant}}}\n"
+            f"spec: {{version: '{v}', source: /models/m.onnx}}\n"
+            for v in versions
+        )
+    )
+
+
+def test_a_tenant_stores_at_most_so_many_model_versions() -> None:
+    """One tenant key once stored 30,000 Models and slowed every apply for everyone."""
+    from gpuvisor.control.quotas import MAX_MODELS_PER_TENANT, check_model_count
+
+    stored = _models("retail", range(MAX_MODELS_PER_TENANT - 1))
+    check_model_count(
+        _models("retail", range(MAX_MODELS_PER_TENANT - 1, MAX_MODELS_PER_TENANT)), stored
+    )
+    with pytest.raises(QuotaExceeded) as caught:
+        check_model_count(
+            _models("retail", range(MAX_MODELS_PER_TENANT - 1, MAX_MODELS_PER_TENANT + 1)), stored
+        )
+    assert caught.value.message.startswith(
+        f"tenant 'retail' would store {MAX_MODELS_PER_TENANT + 1} Model versions, more than the "
+        f"{MAX_MODELS_PER_TENANT} a tenant may"
+    )
+    check_model_count(stored[:5], stored)  # re-applied, nothing added: passes
+    check_model_count(_models("support", range(5)), stored)  # another tenant's count
