@@ -281,3 +281,21 @@ def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
             await node.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_tenant_key_deleting_a_cluster_object_is_denied_whether_it_exists_or_not(
+    demo_node: NodeProcess,
+) -> None:
+    """Recorded as denied (the key may not), not as a failed 404: `audit list --result denied`
+    shows every such attempt."""
+    support = demo_node.auth(demo_node.tenant_key("support"))
+    for path in ("tenants/retail", "profiles/no-such-profile", "pools/inference"):
+        answer = httpx.delete(
+            f"{demo_node.url}/api/v1/{path}",
+            headers={**support, "X-Request-ID": f"req-del-{path.replace('/', '-')}"},
+        )
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"].startswith("a tenant key may not change ")
+    denied = _audit(demo_node, demo_node.admin_key, result="denied", action="delete")
+    ids = {r["request_id"] for r in denied}
+    assert {"req-del-tenants-retail", "req-del-profiles-no-such-profile"} <= ids

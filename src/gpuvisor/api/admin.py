@@ -26,7 +26,7 @@ from gpuvisor.api.oip import principal_of, read_body
 from gpuvisor.control.apply_effects import apply_notes, apply_warnings
 from gpuvisor.control.checks import check_apply
 from gpuvisor.control.slices import SliceState
-from gpuvisor.errors import Conflict, InvalidRequest, NotFound
+from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.inventory.device import Device
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal
@@ -404,6 +404,9 @@ def admin_router(node: Node) -> APIRouter:
         principal = principal_of(node, request)
         kind = kind_of_plural(plural)
         audit.begin(request, "delete", kind, name, tenant or principal.tenant or "")
+        if kind not in TENANT_SCOPED and principal.role != "admin":
+            # refused for the key, whether the object exists or not (audited as denied)
+            raise Forbidden(f"{principal.kind_of_key} may not change {kind} objects")
         try:
             found = await _find(principal, kind, name, tenant)
         except NotFound:
