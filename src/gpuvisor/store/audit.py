@@ -336,17 +336,36 @@ class AuditLog:
                 "once (it migrates the schema), or check the --state/--db you gave"
             ) from None
 
-    def _walk(self, session: Session) -> ChainReport:
+    def _walk(self, session: Session, batch: int = 500) -> ChainReport:
         count, previous = 0, None
-        rows = session.scalars(
-            select(AuditRow).order_by(AuditRow.seq).execution_options(yield_per=500)
+        rows = iter(
+            session.scalars(
+                select(AuditRow).order_by(AuditRow.seq).execution_options(yield_per=batch)
+            )
         )
-        for row in rows:
+        while True:
+            try:
+                row = next(rows, None)
+                if row is None:
+                    break
+                changed = _hash_of_row(row) != row.hash
+            except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                # a value the log never writes (a date that is no date, bytes for text):
+                # changed in the database directly, so the chain cannot vouch for it
+                if batch > 1:  # rows are read a batch at a time: find the record one by one
+                    session.rollback()
+                    return self._walk(session, batch=1)
+                after = f"after record {previous.seq}" if previous else "at the start"
+                problem = (
+                    f"a record {after} cannot be read as the log writes it, so it was changed "
+                    f"in the database ({type(exc).__name__}: {exc})"
+                )
+                return ChainReport(False, count, *_head(previous), problem=problem)
             expected_prev = GENESIS_HASH if previous is None else previous.hash
             if row.prev_hash != expected_prev:
                 bad, problem = self._broken_link(session, row, previous)
                 return ChainReport(False, count, *_head(previous), bad_seq=bad, problem=problem)
-            if _hash_of_row(row) != row.hash:
+            if changed:
                 problem = (
                     f"record {row.seq} was modified: its fields no longer match its hash "
                     f"({row.action} {row.object_kind} {row.object_name} by {row.actor or '?'})"

@@ -379,3 +379,24 @@ def test_the_bootstrap_admin_key_is_on_record(store: Store, tmp_path: Path) -> N
         f"gvk_{key_id}",
     )
     assert str(tmp_path / "admin.key") in record.reason
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_log SET at = 'not a date' WHERE seq = 3",
+        "UPDATE audit_log SET actor = x'ff' WHERE seq = 3",
+    ],
+    ids=["a date that is none", "bytes for text"],
+)
+def test_a_value_the_log_never_writes_is_tampering_not_a_crash(
+    sqlite_url: str, statement: str
+) -> None:
+    with Store(sqlite_url) as store:
+        _fill(store)
+        _sql(store, statement)
+        report = store.audit.verify()
+    assert (report.ok, report.records) == (False, 2)
+    assert report.problem.startswith(
+        "a record after record 2 cannot be read as the log writes it, so it was changed"
+    )
