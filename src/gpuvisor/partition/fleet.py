@@ -261,30 +261,19 @@ def _as_placed(planner: _Planner) -> tuple[list[Device], list[PlacedSlice]]:
     for gpu in planner.gpus:
         device = dataclasses.replace(gpu.device, mig_instances=tuple(gpu.instances))
         devices.append(device)
-        for start, h in gpu.holders.items():
-            w = h.workload
+        holders: list[tuple[Workload, int | None]]  # start of its MIG instance, or None
+        holders = [(h.workload, start) for start, h in gpu.holders.items()]
+        holders += [(h.workload, None) for h in gpu.slices]
+        for w, start in holders:
             placed.append(
                 PlacedSlice(
                     "",
                     w.tenant,
                     device.id,
                     w.memory,
-                    0.0,
-                    "partition",
+                    0.0 if start is not None else w.compute_share,
+                    "partition" if start is not None else w.isolation,
                     start,
-                    dedicated=w.tenancy == "dedicated",
-                )
-            )
-        for h in gpu.slices:
-            w = h.workload
-            placed.append(
-                PlacedSlice(
-                    "",
-                    w.tenant,
-                    device.id,
-                    w.memory,
-                    w.compute_share,
-                    w.isolation,
                     dedicated=w.tenancy == "dedicated",
                 )
             )
