@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import shlex
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +30,13 @@ from gpuvisor.logs import configure_logging
 from gpuvisor.node import Node, NodeOptions
 from gpuvisor.security.admin_key import read_admin_key
 from gpuvisor.security.keys import KeyRing, admin_key_path, claimed_key_id
+from gpuvisor.serve_guards import (
+    check_port_free,
+    check_state_dir,
+    lock_database,
+    lock_state_dir,
+    make_state_dir,
+)
 from gpuvisor.spec.kinds import Node as NodeDoc
 from gpuvisor.spec.kinds import NodeSpec
 from gpuvisor.spec.loader import load_documents
@@ -80,115 +84,6 @@ def load_node_config(path: Path | None) -> NodeSpec:
     return spec
 
 
-_BIND_HINTS = {
-    errno.EADDRINUSE: "Is another node running? Stop it or choose another --port.",
-    errno.EADDRNOTAVAIL: "It is not an address of this machine: pass --host 127.0.0.1 or "
-    "another address it has.",
-    errno.EACCES: "Ports below 1024 need privileges: choose a --port of 1024 or above.",
-}
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Raise ConfigError when the node could not listen on ``host``:``port``, saying why."""
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {host!r} is not an address ({exc.strerror}). "
-            "Pass --host 127.0.0.1 or another address of this machine."
-        ) from None
-    with socket.socket(family, kind) as probe:
-        # as uvicorn binds: the connections of a node that just stopped (TIME_WAIT) must not
-        # keep its successor from starting
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            hint = _BIND_HINTS.get(exc.errno or 0, "")
-            raise ConfigError(
-                f"cannot listen on {host}:{port}: {exc.strerror}." + (f" {hint}" if hint else "")
-            ) from None
-
-
-def _check_state_dir(state_dir: Path) -> None:
-    """Raise ConfigError when ``state_dir``, or the nearest of its parents that exists, is
-    not a directory (checked before anything is written)."""
-    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
-    if existing is None or existing.is_dir():
-        return
-    what = (
-        f"state directory {state_dir} is a file"
-        if existing == state_dir
-        else f"cannot create the state directory {state_dir}: {existing} is a file"
-    )
-    raise ConfigError(
-        f"{what}, not a directory: pass --state DIR with a directory (it is created when missing)"
-    )
-
-
-def _make_state_dir(state_dir: Path) -> None:
-    """Create the state directory (private) unless it exists; ConfigError when it cannot be."""
-    try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create the state directory {state_dir} ({exc.strerror}): pass --state "
-            "DIR with a directory this user may create or write"
-        ) from None
-
-
-def _hold_lock(path: Path, refusal: Callable[[str], str]) -> int:
-    """Hold the lock file ``path`` for as long as this process runs (the system lets it go
-    when the process ends, SIGKILL included; workers do not inherit it) and return its file
-    descriptor; raise ConfigError with ``refusal(who)`` when another node holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        who = f"another gpuvisor node{f' (pid {holder})' if holder else ''}"
-        raise ConfigError(refusal(who)) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
-def _lock_state_dir(state_dir: Path) -> int:
-    """Hold ``<state>/node.lock`` (``_hold_lock``): one node per state directory."""
-    return _hold_lock(
-        state_dir / "node.lock",
-        lambda who: (
-            f"{who} runs on the state directory {state_dir}: two nodes there would share its "
-            "database and book the same devices twice. Stop that node first, or give this one "
-            "its own --state"
-        ),
-    )
-
-
-def _lock_database(db_url: str) -> int | None:
-    """Hold ``<database file>.lock`` for a SQLite database (``_hold_lock``): one node per
-    database, whatever their state directories (``--db`` naming another node's file). None
-    for a database that is not a file here (PostgreSQL: give each node its own)."""
-    url = make_url(db_url)
-    database = url.database or ""
-    if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
-        return None
-    if database.startswith("file:"):  # a URI: its options decide what it opens
-        return None
-    path = Path(database).expanduser().resolve()
-    return _hold_lock(
-        path.with_name(path.name + ".lock"),
-        lambda who: (
-            f"{who} uses the database {path}: two nodes on one database would book the same "
-            "devices twice and start each other's deployments. Stop that node first, or give "
-            "this one its own --db"
-        ),
-    )
-
-
 def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None, DemoState | None]:
     try:
         store = Store(db_url)
@@ -228,28 +123,28 @@ async def serve_node(
     # server's start-up: a database URL that opening would create or fail on, a port in use,
     # a node file that asks for a GPU this host does not have.
     state_dir = resolve_state_dir(state)
-    _check_state_dir(state_dir)
+    check_state_dir(state_dir)
     if db is not None:
         check_database_url(db)
-    _check_port_free(host, port)
+    check_port_free(host, port)
     # a node already running on this state directory is refused first (then it exists)
-    early = _lock_state_dir(state_dir) if state_dir.is_dir() else None
+    early = lock_state_dir(state_dir) if state_dir.is_dir() else None
     db_lock: int | None = None
     try:
         # and a node already running on the database (another state directory's, say)
-        db_lock = _lock_database(db) if db is not None else None
+        db_lock = lock_database(db) if db is not None else None
         topology = await asyncio.to_thread(discover, spec)
     except BaseException:
         for fd in (early, db_lock):
             if fd is not None:
                 os.close(fd)
         raise
-    _make_state_dir(state_dir)
-    lock = early if early is not None else _lock_state_dir(state_dir)
+    make_state_dir(state_dir)
+    lock = early if early is not None else lock_state_dir(state_dir)
     try:
         db_url = db or default_url(state_dir)
         if db_lock is None:
-            db_lock = _lock_database(db_url)
+            db_lock = lock_database(db_url)
         use_demo = demo if demo is not None else config is None
         started = time.monotonic()
         with console.status(

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from gpuvisor.errors import ConfigError
-from gpuvisor.serve import _check_port_free
+from gpuvisor.serve_guards import check_port_free
 
 
 def _listener() -> socket.socket:
@@ -25,7 +25,7 @@ def test_a_port_a_listener_holds_is_refused_with_a_hint() -> None:
     with _listener() as server:
         port = server.getsockname()[1]
         with pytest.raises(ConfigError) as caught:
-            _check_port_free("127.0.0.1", port)
+            check_port_free("127.0.0.1", port)
     assert caught.value.message == (
         f"cannot listen on 127.0.0.1:{port}: Address already in use. Is another node "
         "running? Stop it or choose another --port."
@@ -43,13 +43,13 @@ def test_connections_left_in_time_wait_by_a_stopped_node_do_not_block_the_next_o
     plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with plain, pytest.raises(OSError):  # what a probe without SO_REUSEADDR ran into
         plain.bind(("127.0.0.1", port))
-    _check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)
 
 
 def test_an_address_this_machine_does_not_have_says_so() -> None:
     # 192.0.2.1 is reserved for documentation: no machine has it (binding sends nothing)
     with pytest.raises(ConfigError) as caught:
-        _check_port_free("192.0.2.1", 8700)
+        check_port_free("192.0.2.1", 8700)
     assert caught.value.message.startswith("cannot listen on 192.0.2.1:8700: ")
     assert "Is another node running" not in caught.value.message
     assert "It is not an address of this machine: pass --host 127.0.0.1" in caught.value.message

@@ -1,0 +1,133 @@
+"""What `gpuvisor up` checks and holds before it starts anything: that it can listen on its
+address, that its state directory is a directory, and that no other node runs on the same
+state directory or SQLite database (each refused in one line, before anything is written)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from gpuvisor.errors import ConfigError
+
+__all__ = [
+    "check_port_free",
+    "check_state_dir",
+    "lock_database",
+    "lock_state_dir",
+    "make_state_dir",
+]
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "Is another node running? Stop it or choose another --port.",
+    errno.EADDRNOTAVAIL: "It is not an address of this machine: pass --host 127.0.0.1 or "
+    "another address it has.",
+    errno.EACCES: "Ports below 1024 need privileges: choose a --port of 1024 or above.",
+}
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError when the node could not listen on ``host``:``port``, saying why."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {host!r} is not an address ({exc.strerror}). "
+            "Pass --host 127.0.0.1 or another address of this machine."
+        ) from None
+    with socket.socket(family, kind) as probe:
+        # as uvicorn binds: the connections of a node that just stopped (TIME_WAIT) must not
+        # keep its successor from starting
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = _BIND_HINTS.get(exc.errno or 0, "")
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}." + (f" {hint}" if hint else "")
+            ) from None
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Raise ConfigError when ``state_dir``, or the nearest of its parents that exists, is
+    not a directory (checked before anything is written)."""
+    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    what = (
+        f"state directory {state_dir} is a file"
+        if existing == state_dir
+        else f"cannot create the state directory {state_dir}: {existing} is a file"
+    )
+    raise ConfigError(
+        f"{what}, not a directory: pass --state DIR with a directory (it is created when missing)"
+    )
+
+
+def make_state_dir(state_dir: Path) -> None:
+    """Create the state directory (private) unless it exists; ConfigError when it cannot be."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the state directory {state_dir} ({exc.strerror}): pass --state "
+            "DIR with a directory this user may create or write"
+        ) from None
+
+
+def _hold_lock(path: Path, refusal: Callable[[str], str]) -> int:
+    """Hold the lock file ``path`` for as long as this process runs (the system lets it go
+    when the process ends, SIGKILL included; workers do not inherit it) and return its file
+    descriptor; raise ConfigError with ``refusal(who)`` when another node holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"another gpuvisor node{f' (pid {holder})' if holder else ''}"
+        raise ConfigError(refusal(who)) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``<state>/node.lock`` (``_hold_lock``): one node per state directory."""
+    return _hold_lock(
+        state_dir / "node.lock",
+        lambda who: (
+            f"{who} runs on the state directory {state_dir}: two nodes there would share its "
+            "database and book the same devices twice. Stop that node first, or give this one "
+            "its own --state"
+        ),
+    )
+
+
+def lock_database(db_url: str) -> int | None:
+    """Hold ``<database file>.lock`` for a SQLite database (``_hold_lock``): one node per
+    database, whatever their state directories (``--db`` naming another node's file). None
+    for a database that is not a file here (PostgreSQL: give each node its own)."""
+    url = make_url(db_url)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    if database.startswith("file:"):  # a URI: its options decide what it opens
+        return None
+    path = Path(database).expanduser().resolve()
+    return _hold_lock(
+        path.with_name(path.name + ".lock"),
+        lambda who: (
+            f"{who} uses the database {path}: two nodes on one database would book the same "
+            "devices twice and start each other's deployments. Stop that node first, or give "
+            "this one its own --db"
+        ),
+    )
