@@ -118,6 +118,17 @@ def test_deleting_a_tenant_revokes_its_keys(demo_node: NodeProcess) -> None:
         timeout=30,
     ).json()["items"]
     assert any(r["reason"] == "revoked: tenant 'leaving' was deleted" for r in records), records
+    # its keys went first: a node stopping in between could not leave them valid
+    [revoked] = [r for r in records if r["reason"] == "revoked: tenant 'leaving' was deleted"]
+    deletes = httpx.get(
+        f"{demo_node.url}/api/v1/audit?action=delete",
+        headers=demo_node.auth(demo_node.admin_key),
+        timeout=30,
+    ).json()["items"]
+    [deleted] = [
+        r for r in deletes if (r["object_kind"], r["object_name"]) == ("Tenant", "leaving")
+    ]
+    assert revoked["seq"] < deleted["seq"]
 
 
 def test_a_tenants_pools_cannot_leave_out_its_deployments_pool(demo_node: NodeProcess) -> None:

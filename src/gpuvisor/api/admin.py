@@ -429,6 +429,11 @@ def admin_router(node: Node) -> APIRouter:
                     f"{kind} {found.name} is used by {', '.join(users)}: delete or change those "
                     "first"
                 )
+            if kind == "Tenant":
+                # its keys go first: a node that stops in between leaves a tenant without
+                # keys (an admin makes new ones), never keys that would open a tenant
+                # created later under the same name
+                await _revoke_keys_of(request, principal, found.name)
             deleted = await asyncio.to_thread(
                 store().delete,
                 kind,
@@ -440,8 +445,6 @@ def admin_router(node: Node) -> APIRouter:
             )
         if not deleted:  # another request deleted it meanwhile
             raise NotFound(f"{kind} {found.name} not found")
-        if kind == "Tenant":
-            await _revoke_keys_of(request, principal, found.name)
         if node.controller is not None:
             await node.controller.reconcile()
         return {"deleted": {"kind": kind, "name": found.name, "tenant": found.tenant or None}}
