@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -299,3 +300,24 @@ def test_a_tenant_key_deleting_a_cluster_object_is_denied_whether_it_exists_or_n
     denied = _audit(demo_node, demo_node.admin_key, result="denied", action="delete")
     ids = {r["request_id"] for r in denied}
     assert {"req-del-tenants-retail", "req-del-profiles-no-such-profile"} <= ids
+
+
+def test_a_flood_of_requests_without_a_valid_key_is_recorded_within_a_budget(
+    demo_node: NodeProcess,
+) -> None:
+    """Each refused key is recorded, but one address cannot grow the database as fast as it
+    sends: past a burst, refusals are counted into the address's next record."""
+
+    def authenticate_records() -> list[dict[str, Any]]:
+        return _audit(demo_node, demo_node.admin_key, action="authenticate", limit=1000)
+
+    before = len(authenticate_records())
+    bad = demo_node.auth("gvk_nosuchid_flood")
+    with httpx.Client(base_url=demo_node.url, headers=bad, timeout=30) as http:
+        for _ in range(60):
+            assert http.get("/api/v1/status").status_code == 401
+        time.sleep(0.6)  # a few records' worth of budget again
+        assert http.get("/api/v1/status").status_code == 401
+    records = authenticate_records()
+    assert before < len(records) < before + 40
+    assert "more from 127.0.0.1 not recorded one by one" in records[-1]["reason"], records[-1]

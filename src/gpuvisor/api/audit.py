@@ -22,6 +22,7 @@ from gpuvisor.api.errors import (
     refused_for_its_input,
     unexpected_error_response,
 )
+from gpuvisor.api.refusal_budget import RefusalBudget
 from gpuvisor.errors import Forbidden, GpuvisorError, NotFound, Unauthenticated, Unavailable
 from gpuvisor.node import Node
 from gpuvisor.security.keys import Principal, extract_key, redact_secrets
@@ -169,8 +170,26 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
         action = "authenticate" if isinstance(exc, Unauthenticated) else "request"
         target = AuditTarget(action, "endpoint", endpoint, named_tenant)
     key_id = str(exc.fields.get("key_id", "")) if isinstance(exc, Unauthenticated) else ""
-    reason = _clipped(f"{exc.http_status} {exc.message}")
+    more = ""
+    if isinstance(exc, Unauthenticated):
+        client = request.client.host if request.client is not None else ""
+        suppressed = _unauthenticated_budget(node).take(client)
+        if suppressed is None:
+            return  # counted: the address's next record says how many
+        if suppressed:
+            more = f" (and {suppressed} more from {client} not recorded one by one)"
+    reason = _clipped(f"{exc.http_status} {exc.message}{more}")
     await _append(node, [_event(request, target, principal, result, reason, key_id)])
+
+
+_BUDGETS: WeakKeyDictionary[Node, RefusalBudget] = WeakKeyDictionary()
+
+
+def _unauthenticated_budget(node: Node) -> RefusalBudget:
+    budget = _BUDGETS.get(node)
+    if budget is None:
+        budget = _BUDGETS[node] = RefusalBudget()
+    return budget
 
 
 def _is_refused_write(request: Request, exc: GpuvisorError) -> bool:
