@@ -422,19 +422,24 @@ class Controller:
         if result.device_id is None and replaces is not None:
             take_placement(state, result, "", self.topology)  # Pending: the caller acts on it
             return state
-        moved = self.moved.pop(state.replica_id, "")
-        if not moved and replaced is not None and replaced.state == "Pending":
-            # a retry of a slice that moved and found no room: it still says why it moved
-            said = replaced.reason.split("; ", 1)[0]
-            moved = said if said.startswith("moved: ") else ""
-        device = take_placement(state, result, moved, self.topology)
+        # a retry of the same spec that found no room before: one Pending episode, which
+        # keeps its start and says why the slice moved, if it did
+        retry = (
+            replaced
+            if replaced is not None
+            and replaced.state == "Pending"
+            and replaced.spec_hash == want.spec_hash
+            else None
+        )
+        state.moved = self.moved.pop(state.replica_id, "") or (retry.moved if retry else "")
+        device = take_placement(state, result, state.moved, self.topology)
         if device is None:
-            if replaced is None or replaced.state != "Pending":  # once per episode, not per retry
+            if retry is None:  # counted once per episode, not per retry
                 self.metrics.allocation_failures.labels(
                     "", state.tenant, state.deployment, "unplaceable"
                 ).inc()
-            elif replaced.spec_hash == state.spec_hash:
-                state.since = replaced.since  # Pending since the first try, not since this one
+            else:
+                state.since = retry.since
             return state
         launch = slice_launch(state, want.model, dep, device, self.batch_nice)
         policy, model = SignaturePolicy.of(want.pool), want.model

@@ -111,6 +111,7 @@ class SliceState:
     # started at the node's start with the spec its replica served before (an update was under
     # way): it serves until its replacement is Ready, which starts once it has loaded
     restored: bool = False
+    moved: str = ""  # why it left the device it was on ("moved: gpu-1 is cordoned"), if it did
 
     def __post_init__(self) -> None:
         if not self.replica_id:
