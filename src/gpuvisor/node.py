@@ -235,6 +235,13 @@ class Node:
             return (ready or info)[0].model_version
         return dep.spec.model_version or "1"
 
+    def count_request(self, dep: Deployment, outcome: str) -> None:
+        """Count one request to ``dep`` that did not reach a slice (refused, or none ready) in
+        ``gpuvisor_requests_total``, under the version the deployment serves."""
+        m = self.metrics
+        tenant, name = dep.metadata.tenant or "", dep.metadata.name
+        m.child(m.requests, tenant, name, self.model_version(dep), outcome).inc()
+
     async def infer(
         self,
         dep: Deployment,
@@ -261,8 +268,7 @@ class Node:
         tenant, name = dep.metadata.tenant or "", dep.metadata.name
         slices = self.controller.ready_slices(tenant, name)
         if not slices:
-            m = self.metrics
-            m.child(m.requests, tenant, name, self.model_version(dep), Unavailable.code).inc()
+            self.count_request(dep, Unavailable.code)
             raise Unavailable(self._not_ready_reason(tenant, name), retry_after=1.0)
         chosen = min(slices, key=lambda s: s.queue.queued_rows if s.queue else 0)
         queue, device_id = chosen.queue, chosen.device_id

@@ -184,9 +184,7 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
     try:
         body, header_length, outline = await _read_request(node, request)
     except GpuvisorError as exc:  # refused by the node before it queues: counted all the same
-        m = node.metrics
-        tenant = dep.metadata.tenant or ""
-        m.child(m.requests, tenant, dep.metadata.name, node.model_version(dep), exc.code).inc()
+        node.count_request(dep, exc.code)
         raise
     outcome = await node.infer(
         dep,

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from gpuvisor.store.audit import AuditEvent, AuditLog
 from gpuvisor.store.tables import CordonRow, NodeFactRow, ServedSpecRow
 
-__all__ = ["AuditFor", "Cordon", "NodeRows", "ServedRecord"]
+__all__ = ["AuditFor", "Cordon", "NodeRows", "ServedRecord", "canonical_json"]
 
 _T = TypeVar("_T")
 #: The audit records of a write, made from what the write returned; they are committed in the
@@ -29,6 +29,11 @@ AuditFor = Callable[[_T], Sequence[AuditEvent]]
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def canonical_json(body: dict[str, Any]) -> str:
+    """``body`` as the store keeps JSON: keys sorted, no spaces, text as it is."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -138,9 +143,7 @@ class NodeRows:
                     tenant=r.tenant,
                     deployment=r.deployment,
                     spec_hash=r.spec_hash,
-                    body=json.dumps(
-                        r.body, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-                    ),
+                    body=canonical_json(r.body),
                     at=_utcnow(),
                 )
                 for r in records

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from gpuvisor import errors
 from gpuvisor.store.audit import AuditLog
 from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
-from gpuvisor.store.node_rows import AuditFor, Cordon, NodeRows, ServedRecord
+from gpuvisor.store.node_rows import AuditFor, Cordon, NodeRows, ServedRecord, canonical_json
 from gpuvisor.store.tables import ApiKeyRow, ObjectRow
 
 __all__ = [
@@ -38,10 +38,6 @@ _APPLY_ATTEMPTS = 3
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _canonical_json(body: dict[str, Any]) -> str:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -160,7 +156,7 @@ class Store(NodeRows):
         now = _utcnow()
         results: list[tuple[StoredObject, ApplyOutcome]] = []
         for obj in objects:
-            body = _canonical_json(obj.body)
+            body = canonical_json(obj.body)
             row = session.scalars(
                 select(ObjectRow)
                 .where(
