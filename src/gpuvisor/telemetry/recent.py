@@ -112,15 +112,20 @@ class RecentActivity:
 
     def record_busy(self, device: str, tenant: str, slice_id: str, seconds: float) -> None:
         key = (device, tenant, slice_id)
-        self._series(self._busy, key, self.share_window).add(self.clock(), seconds)
+        self._series(self._busy, key, self.share_window, 0).add(self.clock(), seconds)
 
     def record_rejection(self, tenant: str, reason: str) -> None:
-        self._series(self._rejections, (tenant, reason), self.window).add(self.clock(), 1.0)
+        self._series(self._rejections, (tenant, reason), self.window, 0).add(self.clock(), 1.0)
 
-    def _series(self, table: dict[_K, _Series], key: _K, window: float) -> _Series:
+    def _series(
+        self, table: dict[_K, _Series], key: _K, window: float, cap: int | None = None
+    ) -> _Series:
+        """The series of ``key``; ``cap``: samples kept for percentiles (0 where only counts
+        and sums are read)."""
         found = table.get(key)
         if found is None:
-            found = table[key] = _Series(self.max_samples, window / _BUCKETS)
+            samples = self.max_samples if cap is None else cap
+            found = table[key] = _Series(samples, window / _BUCKETS)
         return found
 
     # ---- reading ----------------------------------------------------------------------------
@@ -166,7 +171,6 @@ class RecentActivity:
         out = {}
         for key, series in list(self._busy.items()):
             used = series.totals(since)[1]
-            series.values(since)  # drops the samples past the window too
             if used > 0:
                 out[key] = used
             elif not series.buckets:
