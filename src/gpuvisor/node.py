@@ -117,7 +117,7 @@ class Node:
                 self.pool,
                 FairSharePolicy(device.quantum),
                 device.concurrency,
-                on_grant=self._observe_grant,
+                on_start=self._observe_start,
                 on_complete=self._observe_completion,
                 lookahead=device.lookahead or 0.0,
                 batch_timeout=self.spec.workers.batch_timeout,
@@ -450,15 +450,17 @@ class Node:
         device = self._device_of(queue.slice_id)
         self.metrics.hung_batches.labels(device, queue.tenant, queue.deployment).inc()
 
-    def _observe_grant(self, queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
+    def _observe_start(
+        self, queue: SliceQueue, batch: Sequence[PendingRequest], started: float
+    ) -> None:
+        """Observe each request's wait from admission to its batch's turn on the device."""
         m = self.metrics
         wait = m.child(
             m.queue_wait, self.spec.cluster, queue.pool, queue.profile_name, queue.tenant
         )
         for request in batch:
-            if request.granted_at is not None:
-                wait.observe(request.granted_at - request.arrival)
-                self.recent.record_wait(queue.tenant, request.granted_at - request.arrival)
+            wait.observe(started - request.arrival)
+            self.recent.record_wait(queue.tenant, started - request.arrival)
 
     def _observe_completion(
         self, queue: SliceQueue, batch: Sequence[PendingRequest], seconds: float

@@ -53,6 +53,8 @@ class BatchRunner(Protocol):
 
 
 BatchObserver = Callable[[SliceQueue, Sequence[PendingRequest], float], None]
+"""Told of a batch: its slice's queue, its requests and a time (``on_start``: the monotonic
+time its turn on the device came; ``on_complete``: the device seconds it used)."""
 
 
 class DeviceDispatcher:
@@ -81,7 +83,7 @@ class DeviceDispatcher:
         runner: BatchRunner,
         policy: DispatchPolicy | None = None,
         concurrency: int = 1,
-        on_grant: BatchObserver | None = None,
+        on_start: BatchObserver | None = None,
         on_complete: BatchObserver | None = None,
         lookahead: float = 0.0,
         batch_timeout: float = 60.0,
@@ -99,7 +101,7 @@ class DeviceDispatcher:
         self.concurrency = max(1, concurrency)
         self.lookahead = lookahead
         self.queues: dict[str, SliceQueue] = {}
-        self._on_grant = on_grant
+        self._on_start = on_start
         self._on_complete = on_complete
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -334,14 +336,11 @@ class DeviceDispatcher:
             after.followed = True
         queue.in_flight += 1
         self._grants.add(grant)
-        first = [r for r in batch if r.granted_at is None]  # not granted before and taken back
-        for request in first:
-            request.granted_at = now
         # Charged now, corrected by the measured time when the batch completes: a decision
         # made before then must already see this batch's device time.
         self._charge(queue, cost, now)
-        if self._on_grant is not None and first:
-            self._on_grant(queue, first, 0.0)
+        if grant.started is not None:
+            self._observe_start(grant)
 
         def done(result: Sequence[Outcome] | GpuvisorError | None, device_seconds: float) -> None:
             self._settle(grant, batch, result, device_seconds)
@@ -397,6 +396,16 @@ class DeviceDispatcher:
                         "counting the hung batch of slice %s failed", grant.queue.slice_id
                     )
 
+    def _observe_start(self, grant: Grant) -> None:
+        """Tell ``on_start`` that a batch's turn came: a staged batch's turn comes when the
+        node learns that the batch before it is done, not when it was staged."""
+        if self._on_start is None or grant.started is None:
+            return
+        try:
+            self._on_start(grant.queue, grant.batch, grant.started)
+        except Exception:  # an observer's bug must not stall the device
+            log.exception("observing the batch of slice %s failed", grant.queue.slice_id)
+
     def _charge(self, queue: SliceQueue, seconds: float, now: float) -> None:
         try:
             self.policy.charge(queue, seconds, now)
@@ -432,6 +441,8 @@ class DeviceDispatcher:
                 other.after = None
                 other.end = now + (0.0 if other.revoking else other.cost)
                 other.started = now
+                if not other.revoking:  # a batch taken back runs nothing
+                    self._observe_start(other)
                 self._arm_watchdog(other)
         if result is None:  # revoked before it started: the requests queue again, first
             queue.requeue([r for r in batch if not r.withdrawn])

@@ -38,7 +38,6 @@ class PendingRequest:
     priority: int = DEFAULT_PRIORITY  # lower runs first within the slice (OIP 'priority')
     trace_id: str = ""
     future: asyncio.Future[Outcome] | None = None
-    granted_at: float | None = None
     withdrawn: bool = False  # taken out of a staged batch: it does not queue again
 
 

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -304,12 +305,15 @@ async def _gather(dispatcher: DeviceDispatcher, futures: list[asyncio.Future[Out
 def test_lookahead_sends_the_next_batch_before_the_running_one_ends(lookahead: float) -> None:
     runner = RecordingRunner(seconds=0.03)
     most = 0
+    start_batch = runner.start_batch
 
-    def granted(queue: SliceQueue, batch: Sequence[PendingRequest], _: float) -> None:
+    def sent(*args: Any, **kwargs: Any) -> int:
         nonlocal most
         most = max(most, dispatcher.in_flight)
+        return start_batch(*args, **kwargs)
 
-    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=lookahead, on_grant=granted)
+    runner.start_batch = sent  # type: ignore[method-assign]
+    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=lookahead)
     dispatcher.add_slice(_profiled("a", 0.03))
 
     async def scenario() -> None:
@@ -325,6 +329,33 @@ def test_lookahead_sends_the_next_batch_before_the_running_one_ends(lookahead: f
         assert len(staged) == 5 and most == 2
     else:
         assert staged == [] and most == 1
+
+
+@pytest.mark.parametrize("lookahead", [0.0, 0.05])
+def test_a_batch_is_observed_when_its_turn_comes_not_when_it_is_staged(
+    lookahead: float,
+) -> None:
+    """The queue-wait metric runs from admission to the batch's turn on the device: a batch
+    staged early behind a running one has not started waiting less."""
+    runner = RecordingRunner(seconds=0.03)
+    observed: list[tuple[list[int], float]] = []
+
+    def started(queue: SliceQueue, batch: Sequence[PendingRequest], at: float) -> None:
+        observed.append(([r.request_id for r in batch], at - batch[0].arrival))
+
+    dispatcher = DeviceDispatcher("cpu-0", runner, lookahead=lookahead, on_start=started)
+    dispatcher.add_slice(_profiled("a", 0.03))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        await _gather(dispatcher, [dispatcher.submit("a", _request(i)) for i in range(3)])
+
+    asyncio.run(scenario())
+    assert [ids for ids, _ in observed] == [[0], [1], [2]], "each batch is observed once"
+    waits = [wait for _, wait in observed]
+    assert waits[0] < 0.02
+    # the second and third waited behind one and two 30 ms batches, staged or not
+    assert waits[1] >= 0.025 and waits[2] >= 0.055, waits
 
 
 def _one_slice_of_four(name: str, latency_class: str) -> tuple[RecordingRunner, DeviceDispatcher]:
