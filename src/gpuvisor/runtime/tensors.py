@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -301,6 +303,9 @@ def _from_json_data(data: Any, meta: TensorMeta, shape: tuple[int, ...]) -> Arra
         parsed = np.array(data, dtype=object if datatype == "BYTES" else None)
     except (ValueError, TypeError):
         raise InvalidRequest(problem) from None
+    if parsed.size and dtype.kind in "iuf":
+        # integers accept floats here: _exact_integers tells a float from one out of range
+        _numbers_only(data, int | float if dtype.kind in "iu" else float, problem)
     if parsed.size and datatype == "BYTES":
         flat = parsed.reshape(-1)  # a view: ragged nesting leaves lists here, rejected below
         for index, item in enumerate(flat):
@@ -316,6 +321,27 @@ def _from_json_data(data: Any, meta: TensorMeta, shape: tuple[int, ...]) -> Arra
             f"input '{name}' has {parsed.size} data elements but shape {list(shape)} needs {count}"
         )
     return parsed.astype(dtype, copy=False).reshape(shape)
+
+
+def _numbers_only(data: list[Any], number: Any, problem: str) -> None:
+    """Refuse JSON true/false among numbers: numpy would read them as 1 and 0 (Triton refuses
+    them too). Checked in C by msgspec, a fraction of what building the array costs."""
+    depth, first = 0, data
+    while isinstance(first, list) and first:
+        depth, first = depth + 1, first[0]
+    try:
+        msgspec.convert(data, _nested_list(number, depth))
+    except msgspec.ValidationError:
+        raise InvalidRequest(problem) from None
+
+
+@functools.cache
+def _nested_list(number: Any, depth: int) -> Any:
+    """``list[list[...number]]``, ``depth`` lists deep."""
+    shape: Any = number
+    for _ in range(depth):
+        shape = list[shape]
+    return shape
 
 
 def _exact_integers(

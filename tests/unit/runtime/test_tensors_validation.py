@@ -199,6 +199,25 @@ INVALID: list[tuple[str, bytes, int | None, str]] = [
         "its data must be integers",
     ),
     (
+        # numpy reads true among numbers as 1: the request would run on data it never sent
+        "a boolean among integers",
+        body_of([IMAGE, {**IDS, "data": [1, True]}]),
+        None,
+        "input 'ids' is INT64: its data must be integers",
+    ),
+    (
+        "a boolean among floats",
+        body_of([{**IMAGE, "data": [1.5, False]}, IDS]),
+        None,
+        "input 'image' is FP32: its data must be numbers",
+    ),
+    (
+        "a boolean among nested floats",
+        body_of([{**IMAGE, "data": [[1.5, True]]}, IDS]),
+        None,
+        "input 'image' is FP32: its data must be numbers",
+    ),
+    (
         "integer overflow",
         body_of([IMAGE, {**IDS, "data": [2**63, 1]}]),
         None,
