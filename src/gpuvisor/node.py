@@ -280,7 +280,7 @@ class Node:
         elif rows > queue.max_batch_size:
             m.child(m.requests, tenant, name, version, InvalidRequest.code).inc()
             raise InvalidRequest(
-                f"the request has {rows} rows (its first input's first dimension), more than "
+                f"the request has {rows} rows (the largest first dimension among its inputs), more than "
                 f"the {queue.max_batch_size} that model '{name}' runs in one batch "
                 "(Deployment spec.batching.maxBatchSize, or the Model's maxBatchSize): send "
                 f"at most {queue.max_batch_size} rows per request",

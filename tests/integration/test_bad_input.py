@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +79,8 @@ TRUNCATED, TRUNCATED_HEADERS = _binary(
     },
     struct.pack("<8f", *([0.5] * 8)),  # 32 of the announced 64 bytes
 )
+GZIP, DEFLATE = {"Content-Encoding": "gzip"}, {"Content-Encoding": "deflate"}
+GZIPPED = gzip.compress(GOOD)
 
 # (case, path, body, extra headers, expected status, words the message must contain)
 CASES = [
@@ -142,6 +146,50 @@ CASES = [
         {},
         400,
         ["33 rows", "32", "maxBatchSize"],
+    ),
+    (
+        "gzip cut short",
+        "basket-scorer",
+        GZIPPED[:-8],  # without its CRC and length
+        GZIP,
+        400,
+        ["not valid gzip data", "ends before its compressed stream does"],
+    ),
+    ("gzip then other bytes", "basket-scorer", GZIPPED + b"junk", GZIP, 400, ["not valid gzip"]),
+    (
+        "deflate cut short",
+        "basket-scorer",
+        zlib.compress(GOOD)[:-4],  # without its checksum
+        DEFLATE,
+        400,
+        ["not valid deflate data", "ends before"],
+    ),
+    (
+        "deflate then other bytes",
+        "basket-scorer",
+        zlib.compress(GOOD) + b"xy",
+        DEFLATE,
+        400,
+        ["2 bytes follow the end of its stream"],
+    ),
+    (
+        "unsupported encoding",
+        "basket-scorer",
+        GOOD,
+        {"Content-Encoding": "br"},
+        400,
+        ["unsupported Content-Encoding 'br'"],
+    ),
+    (
+        "JSON nested too deeply",
+        "basket-scorer",
+        b'{"inputs":[{"name":"features","shape":[1,16],"datatype":"FP32","data":'
+        + b"[" * 5000
+        + b"]" * 5000
+        + b"}]}",
+        {},
+        400,
+        ["nests arrays or objects too deeply"],
     ),
     ("unknown model", "no-such-model", GOOD, {}, 404, ["no-such-model"]),
     ("unknown version", "basket-scorer/versions/7", GOOD, {}, 404, ["7"]),
@@ -263,6 +311,26 @@ def test_a_client_that_hangs_up_mid_body_is_no_error(node: NodeProcess) -> None:
         f"{node.url}/v2/models/basket-scorer/infer", content=GOOD, headers=auth, timeout=30
     )
     assert good.status_code == 200
+
+
+def test_compressed_bodies_are_answered_like_plain_ones(node: NodeProcess) -> None:
+    """gzip (also several members, as `cat a.gz b.gz` makes) and deflate bodies; one that
+    inflates beyond the body limit is 413."""
+    auth = node.auth(node.tenant_key("analytics"))
+    url = f"{node.url}/v2/models/basket-scorer/infer"
+    plain = httpx.post(url, content=GOOD, headers=auth, timeout=30)
+    assert plain.status_code == 200, plain.text
+    two_members = gzip.compress(GOOD[:20]) + gzip.compress(GOOD[20:])
+    for body, headers in ((GZIPPED, GZIP), (two_members, GZIP), (zlib.compress(GOOD), DEFLATE)):
+        answer = httpx.post(url, content=body, headers={**auth, **headers}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"] == plain.json()["outputs"]
+    bomb = gzip.compress(b" " * (3 << 20))  # 3 MiB of spaces in a few KiB
+    answer = httpx.post(url, content=bomb, headers={**auth, **GZIP}, timeout=30)
+    assert answer.status_code == 413, answer.text
+    many = gzip.compress(b"") * 65 + GZIPPED
+    answer = httpx.post(url, content=many, headers={**auth, **GZIP}, timeout=30)
+    assert answer.status_code == 400 and "more than 64 gzip members" in answer.json()["error"]
 
 
 def test_body_over_the_limit_is_413(node: NodeProcess) -> None:

@@ -25,15 +25,28 @@ from gpuvisor.errors import InvalidRequest
         (b'{"inputs":5}', 1),
         (b"[1, 2]", 1),
         (b"not json at all", 1),
-        # the first input's shape, wherever the keys are and whatever else holds a "shape"
-        (b'{"id":"a","inputs":[{"data":[1,2],"shape":[2,1],"name":"x"},{"shape":[9]}]}', 2),
+        # the largest first dimension of the inputs, wherever the keys are and whatever else
+        # holds a "shape": a model that broadcasts a 1-row input runs the other's 9 rows
+        (b'{"id":"a","inputs":[{"data":[1,2],"shape":[2,1],"name":"x"},{"shape":[9]}]}', 9),
+        (b'{"inputs":[{"shape":[1,4]},{"shape":[20,4]}]}', 20),
+        (b'{"inputs":[{"shape":[20,4]},{"shape":[1,4]}]}', 20),
+        (b'{"inputs":[{"shape":[5,4]},{"shape":["x"]}]}', 5),
         (b'{"parameters":{"shape":[1000000000000000]},"inputs":[{"shape":[2,4]}]}', 2),
         (b'{"inputs":[{"parameters":{"shape":[7]},"name":"x","shape":[3,4]}]}', 3),
         (b'{"inputs":[{"name":"x","data":["\\"shape\\": [50]"],"shape":[4]}]}', 4),
     ],
 )
-def test_rows_come_from_the_first_inputs_shape(head: bytes, rows: int) -> None:
+def test_rows_are_the_largest_first_dimension_of_the_inputs(head: bytes, rows: int) -> None:
     assert request_outline(head).rows == rows
+
+
+@pytest.mark.parametrize("where", ["data", "shape", "an unknown field"])
+def test_json_nested_too_deeply_is_refused_as_the_callers_fault(where: str) -> None:
+    deep = b"[" * 5000 + b"1" + b"]" * 5000
+    field = {"data": b'"data":', "shape": b'"shape":', "an unknown field": b'"extra":'}[where]
+    head = b'{"inputs":[{"name":"x","datatype":"FP32",' + field + deep + b"}]}"
+    with pytest.raises(InvalidRequest, match="nests arrays or objects too deeply"):
+        request_outline(head)
 
 
 def test_parameters_are_read_from_the_header_of_a_binary_request() -> None:

@@ -157,14 +157,43 @@ async def read_body(
         raise InvalidRequest(
             f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)"
         )
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        plain = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidRequest(f"body is not valid {encoding} data: {exc}") from None
-    if len(plain) > limit or inflater.unconsumed_tail:
-        raise too_large
-    return plain
+    return _inflate(body, encoding, limit, too_large)
+
+
+_MAX_GZIP_MEMBERS = 64  # concatenated gzip files in one body (`cat a.gz b.gz`); a bound
+# because each costs the event loop a decompressor of its own
+
+
+def _inflate(body: bytes, encoding: str, limit: int, too_large: PayloadTooLarge) -> bytes:
+    """Decompress a gzip (one or more members, RFC 1952) or deflate body of at most ``limit``
+    bytes; a stream cut short or followed by other bytes is refused, not half-read."""
+    parts: list[bytes] = []
+    size, rest = 0, body
+    for _ in range(_MAX_GZIP_MEMBERS):
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            plain = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise InvalidRequest(f"body is not valid {encoding} data: {exc}") from None
+        size += len(plain)
+        if size > limit or inflater.unconsumed_tail:
+            raise too_large
+        if not inflater.eof:
+            raise InvalidRequest(
+                f"body is not valid {encoding} data: it ends before its compressed stream does "
+                "(cut short on the way?)"
+            )
+        parts.append(plain)
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
+        if encoding != "gzip":
+            raise InvalidRequest(
+                f"body is not valid deflate data: {len(rest)} bytes follow the end of its stream"
+            )
+    raise InvalidRequest(
+        f"body holds more than {_MAX_GZIP_MEMBERS} gzip members: compress it as one stream"
+    )
 
 
 _MODEL_READY_RESPONSES: dict[int | str, dict[str, object]] = {

@@ -1,6 +1,6 @@
-"""What the node reads from an inference request without decoding its tensors: the rows of its
-first input (the dispatcher counts batches, quanta and deadlines in rows) and the OIP
-``priority`` and ``timeout`` parameters.
+"""What the node reads from an inference request without decoding its tensors: its rows, the
+largest first dimension among its inputs (the dispatcher counts batches, quanta and deadlines
+in rows), and the OIP ``priority`` and ``timeout`` parameters.
 
 The node never decodes tensors (DESIGN §5): a JSON request of 64 MiB would hold the shared
 event loop for seconds. msgspec reads the request's outline against a schema that names only
@@ -55,7 +55,7 @@ _VALUE = msgspec.json.Decoder()
 class RequestOutline:
     """What the dispatcher needs before any worker has seen the request."""
 
-    rows: int = 1  # the first input's shape[0]; what the worker decodes is what is charged
+    rows: int = 1  # the largest shape[0] of its inputs; what the worker decodes is charged
     priority: int | None = None  # 1 is the highest; None: the default (0)
     timeout: float | None = None  # seconds
 
@@ -63,19 +63,27 @@ class RequestOutline:
 def request_outline(head: bytes) -> RequestOutline:
     """Return the outline of an inference request; ``head`` is its JSON (the header of a
     binary request). Raises InvalidRequest for a ``priority`` or ``timeout`` of the wrong
-    kind."""
+    kind, or for JSON nested too deeply to read."""
     try:
-        request = _REQUEST.decode(head)
-    except msgspec.ValidationError:
         try:
-            loose = _LOOSE.decode(head)
-        except msgspec.DecodeError:
+            request = _REQUEST.decode(head)
+        except msgspec.ValidationError:
+            try:
+                loose = _LOOSE.decode(head)
+            except msgspec.DecodeError:
+                return RequestOutline()
+            return RequestOutline(1, *_parameters(loose.parameters))
+        except msgspec.DecodeError:  # not JSON
             return RequestOutline()
-        return RequestOutline(1, *_parameters(loose.parameters))
-    except msgspec.DecodeError:  # not JSON
-        return RequestOutline()
-    rows = _rows(request.inputs[0].shape) if request.inputs else 1
-    return RequestOutline(rows, *_parameters(request.parameters))
+        # A model that broadcasts runs a 1-row input against a 20-row one as 20 rows: the
+        # largest first dimension is the work, whatever the inputs' order.
+        rows = max((_rows(i.shape) for i in request.inputs), default=1)
+        return RequestOutline(rows, *_parameters(request.parameters))
+    except RecursionError:
+        raise InvalidRequest(
+            "the request's JSON nests arrays or objects too deeply to read: send tensor data "
+            "as a flat list, or nested only as deep as the tensor's shape"
+        ) from None
 
 
 def _rows(shape: msgspec.Raw) -> int:

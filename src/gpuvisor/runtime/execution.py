@@ -97,8 +97,8 @@ def profile_batches(
 def _rows_of(request: InferRequest, batchable: bool) -> int:
     if not batchable or not request.inputs:
         return 1
-    first = next(iter(request.inputs.values()))
-    return int(first.shape[0]) if first.ndim else 1
+    # the largest first dimension: a model that broadcasts a 1-row input runs the others' rows
+    return max((int(a.shape[0]) for a in request.inputs.values() if a.ndim), default=1)
 
 
 def _batch_key(request: InferRequest, rows: int) -> tuple[object, ...] | None:

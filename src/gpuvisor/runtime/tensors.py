@@ -45,6 +45,7 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 }
 
 _LENGTH_PREFIX = 4  # each binary BYTES element: 4-byte little-endian length, then the bytes
+_MAX_BYTES = int(np.iinfo(np.intp).max)  # what numpy can address in one array
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,12 @@ def _checked_shape(entry: dict[str, Any], meta: TensorMeta) -> tuple[int, ...]:
     ):
         raise InvalidRequest(
             f"input '{meta.name}' has shape {list(shape)} but the model expects {list(meta.shape)}"
+        )
+    # numpy refuses a shape whose non-zero sizes overflow its index type, even with a 0 in it
+    if math.prod(d for d in shape if d) * DATATYPES[meta.datatype].itemsize > _MAX_BYTES:
+        raise InvalidRequest(
+            f"input '{meta.name}' has shape {list(shape)}: its sizes multiply to more than any "
+            "tensor can hold"
         )
     return shape
 

@@ -461,3 +461,22 @@ def test_json_integers_are_exact_and_range_checked(
         decoded = decode_infer_request(body, None, [meta], []).inputs["n"]
         assert decoded.dtype == DATATYPES[datatype]
         assert decoded.tolist() == outcome
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63 - 1, 2], [0, 2**40, 2**40], [1, 0, 2**62]])
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_an_empty_tensor_whose_other_sizes_overflow_is_the_callers_error(
+    shape: list[int], binary: bool
+) -> None:
+    """numpy cannot shape even an empty array whose non-zero sizes overflow its index type:
+    a 400 that says so, not an internal error."""
+    metas = [TensorMeta("x", "FP32", (-1, -1, -1))]
+    if binary:
+        body, header_length = binary_body((sized(i("x", "FP32", shape), 0), b""))
+    else:
+        body, header_length = orjson.dumps({"inputs": [i("x", "FP32", shape, data=[])]}), None
+    with pytest.raises(InvalidRequest, match="its sizes multiply to more than any tensor can hold"):
+        decode_infer_request(body, header_length, metas, [])
+    # an empty tensor of addressable sizes is fine
+    empty = orjson.dumps({"inputs": [i("x", "FP32", [0, 3, 4], data=[])]})
+    assert decode_infer_request(empty, None, metas, []).inputs["x"].shape == (0, 3, 4)

@@ -165,6 +165,8 @@ def test_requests_whose_inputs_disagree_on_rows_are_not_merged(tmp_path: Path) -
     assert [r.status for r in results] == [200, 200]
     outputs = [orjson.loads(payload)["outputs"] for payload in payloads]
     assert outputs == alone
+    # each request is charged the rows the model ran, whichever input has them
+    assert [r.rows for r in results] == [2, 2]
 
 
 def test_inputs_that_disagree_on_rows_and_do_not_broadcast_are_the_clients_error(
