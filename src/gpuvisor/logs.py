@@ -41,10 +41,20 @@ class KeyValueFormatter(logging.Formatter):
         for name in _CONTEXT_FIELDS:
             value = getattr(record, name, None)
             if value:
-                line += f" {name}={value}"
+                line += f" {name}={_field_value(value)}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def _field_value(value: object) -> str:
+    """``value`` as a key=value field: quoted (JSON string escapes) when it holds a space, an
+    ``=``, a quote or a control character, so that a client's request id such as
+    ``r1 tenant=retail`` cannot pass for a field of its own."""
+    text = str(value)
+    if text.isprintable() and not any(c in text for c in ' ="'):
+        return text
+    return orjson.dumps(text).decode()
 
 
 class JsonFormatter(logging.Formatter):

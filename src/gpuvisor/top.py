@@ -40,7 +40,7 @@ _STATE_STYLE = {
 }
 BAR = 24  # characters of a share bar
 _NUMERIC = {"UTIL", "BUSY", "SHARE", "GUARANTEED", "QUEUED", "P50", "P99", "REQ/S", "READY"}
-_NUMERIC |= {"ANSWERED", "FAILED", "RESTARTS", "P99 WAIT", "REFUSED/min", "TEMP", "POWER"}
+_NUMERIC |= {"OK", "REFUSED", "FAILED", "RESTARTS", "P99 WAIT", "REFUSED/min", "TEMP", "POWER"}
 
 
 def _colour(tenant: str) -> str:

@@ -315,7 +315,10 @@ def test_a_flood_of_requests_without_a_valid_key_is_recorded_within_a_budget(
     bad = demo_node.auth("gvk_nosuchid_flood")
     with httpx.Client(base_url=demo_node.url, headers=bad, timeout=30) as http:
         for _ in range(60):
-            assert http.get("/api/v1/status").status_code == 401
+            answer = http.get("/api/v1/status")
+            assert answer.status_code == 401
+            # recorded or not, each refusal has an id the client can quote
+            assert len(answer.headers.get("X-Request-ID", "")) == 32, answer.headers
         time.sleep(0.6)  # a few records' worth of budget again
         assert http.get("/api/v1/status").status_code == 401
     records = authenticate_records()

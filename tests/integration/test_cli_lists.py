@@ -394,3 +394,49 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+def test_a_failed_slice_holds_no_room_on_its_device(demo_node: NodeProcess, tmp_path: Path) -> None:
+    """Placement gives a Failed slice's room back; the device listing says the same."""
+    admin = demo_node.auth(demo_node.admin_key)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    manifest = f"""
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {{name: garbage, tenant: analytics}}
+spec: {{source: {garbage}}}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {{name: garbage, tenant: analytics}}
+spec: {{model: garbage, profile: std-small}}
+"""
+    applied = httpx.post(
+        f"{demo_node.url}/api/v1/apply", headers=admin, content=manifest, timeout=60
+    )
+    assert applied.status_code == 200, applied.text
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            slices = httpx.get(f"{demo_node.url}/api/v1/slices", headers=admin, timeout=30)
+            items = slices.json()["items"]
+            [failed] = [s for s in items if s["id"] == "analytics/garbage/0"]
+            if failed["state"] == "Failed":
+                break
+            assert time.monotonic() < deadline, failed
+            time.sleep(0.2)
+        device = httpx.get(f"{demo_node.url}/api/v1/devices/cpu-0", headers=admin, timeout=30)
+        holding = [s for s in items if s["device"] == "cpu-0" and s["state"] != "Failed"]
+        assert failed["id"] not in device.json()["slices"]
+        assert sorted(device.json()["slices"]) == sorted(s["id"] for s in holding)
+        assert device.json()["memoryReserved"] == sum(s["memory"] for s in holding)
+    finally:
+        for plural in ("deployments", "models"):
+            deleted = httpx.delete(
+                f"{demo_node.url}/api/v1/{plural}/garbage",
+                params={"tenant": "analytics"},
+                headers=admin,
+                timeout=60,
+            )
+            assert deleted.status_code == 200, deleted.text

@@ -84,3 +84,20 @@ def test_a_worker_given_an_unknown_format_logs_text(restore_logging: None) -> No
     configure_worker_logging("w1-7", {"GPUVISOR_LOG_FORMAT": "xml"})
     logging.getLogger("gpuvisor.worker").info("ready")
     assert out.getvalue().endswith("INFO gpuvisor.worker ready worker=w1-7\n")
+
+
+def test_text_fields_a_client_chose_cannot_pass_for_other_fields(restore_logging: None) -> None:
+    """A request id is the client's X-Request-ID: one holding ' tenant=retail' is quoted, so
+    that the line's tenant= field stays the node's own."""
+    out = io.StringIO()
+    sys.stderr = out
+    configure_logging("INFO")
+    log = logging.getLogger("gpuvisor.test")
+    log.info("401", extra={"request_id": "r1 tenant=retail"})
+    log.info("ok", extra={"request_id": "plain-id_7", "tenant": "support"})
+    log.info("odd", extra={"request_id": 'a"b\nc'})
+    first, second, third = out.getvalue().splitlines()[-3:]
+    assert first.endswith(' 401 request_id="r1 tenant=retail"')
+    assert " tenant=" not in first.replace('"r1 tenant=retail"', "")
+    assert second.endswith(" ok tenant=support request_id=plain-id_7")
+    assert third.endswith(' odd request_id="a\\"b\\nc"')

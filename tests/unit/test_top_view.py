@@ -74,6 +74,11 @@ def test_frame_answers_who_waits_and_who_uses_the_device() -> None:
     for cell in ("4.2 ms", "37.7 ms", "812.5", "120345", " 31 ", " 7 "):
         assert cell in deployment_row, cell
     assert deployment_row.index(" 31 ") < deployment_row.index(" 7 ")  # REFUSED, then FAILED
+    # counts are right-aligned: each ends where its column's heading does
+    header = next(line for line in lines if " REFUSED " in line and line.startswith("TENANT"))
+    for heading, cell in (("OK", "120345"), ("REFUSED", "31"), ("FAILED", "7")):
+        end = header.index(f" {heading}") + 1 + len(heading)
+        assert deployment_row[end - len(cell) : end] == cell, (heading, header, deployment_row)
     assert "OK, REFUSED, FAILED: since start" in text
     assert "retail/big/0" in text and "1Gi free < 2Gi requested" in text
     memory = next(line for line in lines if line.startswith("gpu-0 memory "))

@@ -293,7 +293,12 @@ def admin_router(node: Node) -> APIRouter:
 
     def device_item(device: Device, principal: Principal) -> dict[str, Any]:
         assert node.controller is not None
-        on_device = [s for s in node.controller.slices.values() if s.device_id == device.id]
+        # a Failed slice runs nothing and placement gives its room back (control/launch.py)
+        on_device = [
+            s
+            for s in node.controller.slices.values()
+            if s.device_id == device.id and s.state != "Failed"
+        ]
         return {
             **device.to_dict(),
             # a tenant key sees its own slices' ids only (they name their owners)

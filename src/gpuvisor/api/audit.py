@@ -8,7 +8,6 @@ on a body or parameter FastAPI refused before the route ran."""
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ from starlette.responses import Response
 from gpuvisor.api.errors import (
     gpuvisor_error_response,
     refused_for_its_input,
+    request_id_of,
     unexpected_error_response,
 )
 from gpuvisor.api.refusal_budget import RefusalBudget
@@ -38,7 +38,6 @@ __all__ = [
     "record_ok",
     "record_refusal",
     "recorder",
-    "request_id_of",
 ]
 
 log = logging.getLogger("gpuvisor.api")
@@ -82,16 +81,6 @@ class AuditTarget:
     kind: str = ""
     name: str = ""
     tenant: str = ""
-
-
-def request_id_of(request: Request) -> str:
-    """Return the request's id (the client's ``X-Request-ID``, else a new one), kept on the
-    request so error responses and logs carry the same id."""
-    current = getattr(request.state, "request_id", None)
-    if not current:
-        current = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = current
-    return str(current)
 
 
 def begin(request: Request, action: str, kind: str = "", name: str = "", tenant: str = "") -> None:

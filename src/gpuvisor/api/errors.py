@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "gpuvisor_error_response",
     "install_error_handlers",
     "refused_for_its_input",
+    "request_id_of",
     "unexpected_error_response",
 ]
 
@@ -75,13 +77,21 @@ def error_response(
     )
 
 
+def request_id_of(request: Request) -> str:
+    """Return the request's id (the client's ``X-Request-ID``, else a new one), kept on the
+    request so error responses and logs carry the same id."""
+    current = getattr(request.state, "request_id", None)
+    if not current:
+        current = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = current
+    return str(current)
+
+
 def gpuvisor_error_response(request: Request, exc: GpuvisorError) -> Response:
     """Return the response for a refused request, and log the refusal with its request id."""
     retry_after = getattr(exc, "retry_after", None)
     fields = {k: v for k, v in exc.fields.items() if k != "retry_after" and _jsonable(v)}
-    request_id = getattr(request.state, "request_id", None) or request.headers.get(
-        "x-request-id", ""
-    )
+    request_id = request_id_of(request)
     log.info(
         "%s %s -> %d %s: %s",
         request.method,
@@ -92,8 +102,7 @@ def gpuvisor_error_response(request: Request, exc: GpuvisorError) -> Response:
         extra={"request_id": request_id, "tenant": getattr(request.state, "tenant", None)},
     )
     response = error_response(exc.http_status, exc.message, retry_after, code=exc.code, **fields)
-    if request_id:
-        response.headers["X-Request-ID"] = request_id
+    response.headers["X-Request-ID"] = request_id
     return response
 
 
@@ -180,14 +189,18 @@ def unexpected_error_response(request: Request, exc: Exception) -> Response:
             redact_secrets(request.url.path),
         )
         return error_response(400, "the client disconnected before its request body was read")
+    request_id = request_id_of(request)
     # the exception, not sys.exc_info(): a handler runs outside the except block that caught it
     log.error(
         "unexpected error on %s %s",
         request.method,
         redact_secrets(request.url.path),
         exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"request_id": request_id, "tenant": getattr(request.state, "tenant", None)},
     )
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    response = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    response.headers["X-Request-ID"] = request_id
+    return response
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

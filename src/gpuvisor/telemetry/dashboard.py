@@ -150,15 +150,23 @@ def _device(
     }
 
 
-#: Outcomes that are the request's or its client's doing (an invalid request, over the
-#: tenant's rate or queue cap, the client gone), as opposed to the server's (a model that
-#: failed, a worker that crashed, a deadline missed, no slice ready).
-_REFUSED = {"invalid_request", "too_many_requests", "client_closed", "not_found"}
+#: Outcomes of requests turned away without running (an invalid request, over the tenant's
+#: rate or queue cap, a deadline it could not meet or that passed while it was queued, the
+#: client gone): what the tenants' refusals count too. The rest failed on the server's side
+#: (a model that failed, a worker that crashed, no slice ready). A deadline never fails a
+#: request that runs: one granted the device is answered.
+_REFUSED = {
+    "invalid_request",
+    "too_many_requests",
+    "deadline_exceeded",
+    "client_closed",
+    "not_found",
+}
 
 
 def _by_whose_doing(outcomes: dict[str, float]) -> dict[str, float]:
-    """Requests since the node started: ``ok``, ``refused`` (4xx: the request's doing) and
-    ``failed`` (5xx: the server's)."""
+    """Requests since the node started: ``ok``, ``refused`` (turned away without running)
+    and ``failed`` (the server's doing)."""
     out = {"ok": 0.0, "refused": 0.0, "failed": 0.0}
     for outcome, count in outcomes.items():
         if outcome == "ok":

@@ -203,7 +203,7 @@ def test_an_instance_loading_in_a_rolling_update_is_information_not_a_warning() 
     assert ok[0]["text"] == "Nobody is waiting or starving; 2 deployment(s) serving"
 
 
-def test_requests_are_split_by_whose_doing_an_answer_was() -> None:
+def test_requests_are_split_into_turned_away_and_failed() -> None:
     from gpuvisor.telemetry.dashboard import _by_whose_doing
 
     outcomes = {
@@ -215,9 +215,9 @@ def test_requests_are_split_by_whose_doing_an_answer_was() -> None:
         "500": 4.0,
         "worker_crashed": 1.0,
         "unavailable": 2.0,
-        "deadline_exceeded": 1.0,
+        "deadline_exceeded": 1.0,  # refused before queueing, or dropped from the queue
     }
-    assert _by_whose_doing(outcomes) == {"ok": 100.0, "refused": 11.0, "failed": 8.0}
+    assert _by_whose_doing(outcomes) == {"ok": 100.0, "refused": 12.0, "failed": 7.0}
 
 
 def test_others_memory_counts_a_shared_worker_once() -> None:
