@@ -120,12 +120,13 @@ class PayloadTooLarge(GpuvisorError):
 
 
 class TooManyRequests(GpuvisorError):
-    """Rate limit or queue cap reached; ``retry_after`` (seconds) says when to try again."""
+    """Rate limit or queue cap reached; ``retry_after`` (seconds) says when to try again
+    (None: a retry cannot succeed until the limit itself changes)."""
 
     code = "too_many_requests"
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, **fields: Any) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = 1.0, **fields: Any) -> None:
         super().__init__(message, retry_after=retry_after, **fields)
         self.retry_after = retry_after
 

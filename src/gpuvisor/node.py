@@ -289,8 +289,9 @@ class Node:
             )
         now = time.monotonic()
         budget = _earliest(dep.spec.slo.latency, timeout)
+        priority = priority or DEFAULT_PRIORITY
         try:
-            self._admit(tenant, queue, dispatcher, budget, now, rows)
+            self._admit(tenant, queue, dispatcher, budget, now, rows, priority)
         except (TooManyRequests, DeadlineExceeded) as exc:
             m.child(m.admission_rejections, tenant, name, str(exc.fields.get("reason"))).inc()
             self.recent.record_rejection(tenant, str(exc.fields.get("reason")))
@@ -304,7 +305,7 @@ class Node:
             arrival=now,
             rows=rows,
             deadline=None if budget is None else now + budget,
-            priority=priority or DEFAULT_PRIORITY,
+            priority=priority,
             trace_id=trace_id,
         )
         future = dispatcher.submit(queue.slice_id, request)
@@ -341,13 +342,14 @@ class Node:
         budget: float | None,
         now: float,
         rows: int = 1,
+        priority: int = DEFAULT_PRIORITY,
     ) -> None:
         """Refuse a request before it queues: rate, queue caps, then a deadline it cannot meet."""
         assert self.controller is not None
         admission = self.controller.admission
         admission.check_rate(tenant, now)
         try:
-            self._check_room(tenant, queue, dispatcher, budget, now, rows)
+            self._check_room(tenant, queue, dispatcher, budget, now, rows, priority)
         except GpuvisorError:
             admission.refund(tenant)
             raise
@@ -360,6 +362,7 @@ class Node:
         budget: float | None,
         now: float,
         rows: int,
+        priority: int,
     ) -> None:
         """Refuse a request for a full queue or a deadline it cannot meet."""
         assert self.controller is not None
@@ -384,9 +387,10 @@ class Node:
                     dispatcher.predict_completion(queue, 0, now),
                 )
         if budget is not None:
-            predicted = dispatcher.predict_completion(queue, rows, now)
+            predicted = dispatcher.predict_completion(queue, rows, now, priority)
             if predicted > budget:
-                raise deadline_error(budget, predicted, len(queue.items))
+                ahead = queue.ahead_of(priority)[0]
+                raise deadline_error(budget, predicted, ahead, queue.profile.predict(rows))
 
     async def _await_within(
         self,

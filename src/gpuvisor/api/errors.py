@@ -32,6 +32,8 @@ __all__ = [
 
 log = logging.getLogger("gpuvisor.api")
 
+_MAX_RETRY_AFTER = 86_400  # seconds
+
 
 class ErrorBody(BaseModel):
     """The body of every error response (any other fields add detail, e.g. ``limit``)."""
@@ -69,8 +71,9 @@ def error_response(
 ) -> Response:
     """Return a JSON error response in the inference protocol's shape."""
     headers = {}
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    if retry_after is not None and math.isfinite(retry_after):
+        # whole seconds, at least 1; a day at most, whatever a slow rate limit works out to
+        headers["Retry-After"] = str(max(1, min(_MAX_RETRY_AFTER, math.ceil(retry_after))))
     body = {"error": message, **{k: v for k, v in extra.items() if v is not None}}
     return Response(
         orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"

@@ -117,6 +117,13 @@ class Admission:
     ) -> None:
         """Raise TooManyRequests when the tenant's or the slice's queue is full."""
         cap = self._limits.get(tenant, TenantLimits()).max_queued
+        if cap == 0:  # no retry would help
+            raise TooManyRequests(
+                f"tenant '{tenant}' may queue no requests: its quota.maxQueued is 0 (raise it "
+                "to serve this tenant)",
+                retry_after=None,
+                reason="tenant_queue_full",
+            )
         if cap is not None and tenant_queued >= cap:
             raise TooManyRequests(
                 f"tenant '{tenant}' already has {tenant_queued} requests queued, its limit "
@@ -134,8 +141,18 @@ class Admission:
             )
 
 
-def deadline_error(budget: float, predicted: float, queued_ahead: int) -> DeadlineExceeded:
-    """The refusal for a request whose predicted completion misses its deadline."""
+def deadline_error(
+    budget: float, predicted: float, queued_ahead: int, alone: float = 0.0
+) -> DeadlineExceeded:
+    """The refusal for a request whose predicted completion misses its deadline; ``alone``:
+    the predicted time of the request itself, which no retry can shorten."""
+    if alone > budget:
+        return DeadlineExceeded(
+            f"the request cannot finish within its deadline of {_seconds(budget)}: the model "
+            f"alone takes {_seconds(alone)} to run it, with nothing else on the device; raise "
+            "Deployment spec.slo.latency or the request's timeout, or send fewer rows",
+            reason="deadline_infeasible",
+        )
     return DeadlineExceeded(
         f"the request cannot finish within its deadline of {_seconds(budget)}: predicted "
         f"completion in {_seconds(predicted)} ({queued_ahead} requests queued ahead on its "
@@ -146,6 +163,8 @@ def deadline_error(budget: float, predicted: float, queued_ahead: int) -> Deadli
 
 
 def _seconds(value: float) -> str:
+    if not math.isfinite(value):
+        return "an unbounded time"
     if value < 1.0:
         return f"{max(value * 1000, 0.001):.3g} ms"
     return f"{math.ceil(value * 10) / 10:g} s"

@@ -11,13 +11,19 @@ def ready_at(queue: SliceQueue) -> float:
     """Return the monotonic time at which the queue's next batch may be granted.
 
     A batch is ready once it is full (``max_batch_size`` rows queued) or once its
-    oldest request has waited ``max_queue_delay``; an empty queue is never ready.
+    oldest request has waited ``max_queue_delay``; an empty queue is never ready. A queued
+    request with a deadline does not wait for the batch to fill past the moment its batch
+    must start to make it (its deadline less the batch's predicted time), so the batching
+    delay never costs a request its deadline.
     """
     if not queue.items:
         return float("inf")
     if queue.queued_rows >= queue.max_batch_size:
         return queue.head_arrival
-    return queue.head_arrival + queue.max_queue_delay
+    at = queue.head_arrival + queue.max_queue_delay
+    if queue.earliest_deadline < at:
+        at = min(at, queue.earliest_deadline - queue.profile.predict(queue.queued_rows))
+    return at
 
 
 def take_batch(queue: SliceQueue, max_rows: int | None = None) -> list[PendingRequest]:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from gpuvisor.dispatch.batching import ready_at, take_batch
 from gpuvisor.dispatch.policy import DispatchPolicy, FifoPolicy
-from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
+from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, Outcome, PendingRequest, SliceQueue
 from gpuvisor.dispatch.staging import Grant, may_follow, may_stage, may_take_back, staging_base
 from gpuvisor.errors import GpuvisorError, NotFound, Unavailable
 
@@ -238,7 +238,7 @@ class DeviceDispatcher:
                     if next_ready == float("inf"):
                         return None
                     return max(next_ready, stage_at) - now
-            chosen = self.policy.choose(candidates, now) if candidates else None
+            chosen = self._choose(candidates, now) if candidates else None
             if chosen is None:
                 if candidates:  # held back (a fixed share used up): look again when it may run
                     eligible = self.policy.next_eligible(candidates, now)
@@ -246,6 +246,16 @@ class DeviceDispatcher:
                         next_ready = min(next_ready, eligible)
                 return None if next_ready == float("inf") else max(0.0, next_ready - now)
             self._grant(chosen, take_batch(chosen, self.policy.batch_rows(chosen)), now, base)
+
+    def _choose(self, candidates: list[SliceQueue], now: float) -> SliceQueue | None:
+        try:
+            return self.policy.choose(candidates, now)
+        except Exception:  # a policy's bug must not stall every tenant on the device
+            log.exception(
+                "the dispatch policy failed on device %s: granting the oldest request instead",
+                self.device_id,
+            )
+            return min(candidates, key=lambda q: (q.head_arrival, q.slice_id))
 
     def _preempt_staged(self, now: float) -> bool:
         """A critical request is ready while a non-critical batch waits (staged) for the device:
@@ -272,16 +282,22 @@ class DeviceDispatcher:
             return True
         return False
 
-    def predict_completion(self, queue: SliceQueue, rows: int, now: float) -> float:
-        """Predict the seconds until a request of ``rows`` queued now on ``queue`` is answered.
+    def predict_completion(
+        self, queue: SliceQueue, rows: int, now: float, priority: int = DEFAULT_PRIORITY
+    ) -> float:
+        """Predict the seconds until a request of ``rows`` and ``priority`` queued now on
+        ``queue`` is answered.
 
-        What runs on the device first, then this slice's queue in batches of the size the
-        policy grants it, each possibly preceded by one batch of another backlogged slice
-        (its predicted cost, at most one quantum's worth as the policy sizes them).
+        What runs on the device first, then the part of this slice's queue that goes before
+        the request (the same or a higher priority) in batches of the size the policy grants
+        it, each possibly preceded by one batch of another backlogged slice (its predicted
+        cost, at most one quantum's worth as the policy sizes them). Not the batching delay:
+        a request with a deadline does not wait for its batch to fill past the time its
+        deadline leaves (``batching.ready_at``).
         """
         running = max((grant.end - now for grant in self._grants), default=0.0)
         size = max(1, self.policy.batch_rows(queue))
-        ahead = queue.queued_rows + rows
+        ahead = queue.ahead_of(priority)[1] + rows
         full, rest = divmod(ahead, size)
         own = full * queue.profile.predict(size) + (queue.profile.predict(rest) if rest else 0.0)
         batches = full + (1 if rest else 0)
@@ -291,9 +307,7 @@ class DeviceDispatcher:
             if q is not queue and q.items
         ]
         interleave = (batches - 1) * max(others) if others and batches > 1 else 0.0
-        # a batch that will not be full waits for its batching delay first
-        delay = queue.max_queue_delay if ahead < size else 0.0
-        return max(0.0, running) + delay + own + interleave
+        return max(0.0, running) + own + interleave
 
     def withdraw(self, slice_id: str, request: PendingRequest) -> bool:
         """Take a request out before it runs (its deadline passed, or its client left): out of

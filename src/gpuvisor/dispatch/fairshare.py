@@ -14,7 +14,9 @@ Each decision, over the ``candidates`` (slices with a ready batch that are not b
    every candidate is held back, ``choose`` returns None (the device idles: a cap is a cap)
    and ``next_eligible`` says when the first of them may run again.
 3. Guarantee tier. Entitlement ``e = share`` (best-effort, fixed-share) or ``1/K`` for an
-   ``equal-share`` slice (``K``: equal-share candidates). Candidates with ``e > 0`` that
+   ``equal-share`` slice (``K``: the candidates, of every mode: an equal part of the device
+   among the slices with work, so that on a device shared with other pools an equal-share
+   slice does not claim it whole). Candidates with ``e > 0`` that
    used less than ``e * max(span, quantum)`` go first, ordered by latency class
    (``CLASS_RANK``), then by how much of their entitlement they used, then oldest request.
    The floor of one quantum keeps a new slice within its guarantee for its first batch
@@ -245,15 +247,13 @@ class FairSharePolicy:
     def _guaranteed(
         self, ready: list[tuple[SliceQueue, _SliceState]], now: float
     ) -> SliceQueue | None:
-        equal = 0
-        for queue, _ in ready:
-            equal += queue.mode == EQUAL_SHARE
+        equal_part = 1.0 / len(ready)
         window = self.window
         best: SliceQueue | None = None
         best_key: tuple[int, float, float, str] | None = None
         for queue, state in ready:
             if queue.mode == EQUAL_SHARE:
-                entitled = 1.0 / equal
+                entitled = equal_part
             elif queue.share > 0:
                 entitled = queue.share
             else:

@@ -64,6 +64,9 @@ class SliceQueue:
     items: deque[PendingRequest] = field(default_factory=deque)
     queued_rows: int = 0
     in_flight: int = 0  # batches of this slice granted and not yet done (running or staged)
+    # no later than the earliest deadline of a queued request (it may be that of one gone
+    # since: then a batch is released early, never late); inf once the queue is empty
+    earliest_deadline: float = float("inf")
 
     def push(self, request: PendingRequest) -> None:
         """Append a request, behind every queued request of the same or a higher priority."""
@@ -75,18 +78,23 @@ class SliceQueue:
         else:
             self.items.append(request)
         self.queued_rows += request.rows
+        if request.deadline is not None and request.deadline < self.earliest_deadline:
+            self.earliest_deadline = request.deadline
 
     def pop(self) -> PendingRequest:
         request = self.items.popleft()
         self.queued_rows -= request.rows
+        if not self.items:
+            self.earliest_deadline = float("inf")
         return request
 
     def requeue(self, batch: list[PendingRequest]) -> None:
-        """Put a batch that was taken back before it ran at the head of the queue, in order
-        (each request keeps the time of its first grant)."""
+        """Put a batch that was taken back before it ran at the head of the queue, in order."""
         for request in reversed(batch):
             self.items.appendleft(request)
             self.queued_rows += request.rows
+            if request.deadline is not None and request.deadline < self.earliest_deadline:
+                self.earliest_deadline = request.deadline
 
     def remove(self, request: PendingRequest) -> bool:
         """Take a still-queued request out (its deadline passed); False if it is not queued."""
@@ -95,6 +103,8 @@ class SliceQueue:
         except ValueError:
             return False
         self.queued_rows -= request.rows
+        if not self.items:
+            self.earliest_deadline = float("inf")
         return True
 
     def drain(self) -> list[PendingRequest]:
@@ -102,7 +112,21 @@ class SliceQueue:
         drained = list(self.items)
         self.items.clear()
         self.queued_rows = 0
+        self.earliest_deadline = float("inf")
         return drained
+
+    def ahead_of(self, priority: int) -> tuple[int, int]:
+        """The requests and rows queued that a new request of ``priority`` would wait behind:
+        those of the same or a higher priority (a lower number)."""
+        items = self.items
+        if not items or items[-1].priority <= priority:  # sorted by priority: all of them
+            return len(items), self.queued_rows
+        count = rows = 0
+        for request in items:
+            if request.priority > priority:
+                break
+            count, rows = count + 1, rows + request.rows
+        return count, rows
 
     @property
     def head_arrival(self) -> float:

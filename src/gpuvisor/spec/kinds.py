@@ -80,6 +80,8 @@ for ``gpuvisor plan`` over a fleet, while the per-replica state of a typo (``rep
 1000000000``) cannot exhaust the node's memory."""
 MIN_WEIGHT = 0.001
 MAX_WEIGHT = 1000.0
+MIN_SHARE = 0.001  # a computeShare above 0: a thousandth of a device, 1 ms of each second
+MIN_RATE = 0.001  # quota.requestsPerSecond: one request in 1000 s
 """Bounds of a tenant's weight: a ratio of up to 10^6 between tenants is more than fair sharing
 can show, and keeps virtual time (device seconds / weight) finite."""
 
@@ -145,7 +147,7 @@ class Quota(SpecModel):
     memory: Size | None = None
     compute: Number | None = Field(default=None, ge=0)
     deployments: Count | None = Field(default=None, ge=0)
-    requests_per_second: Number | None = Field(default=None, gt=0)
+    requests_per_second: Number | None = Field(default=None, ge=MIN_RATE)
     max_queued: Count | None = Field(default=None, ge=0)
 
 
@@ -182,6 +184,18 @@ class ProfileSpec(SpecModel):
     isolation: Literal["shared", "process", "partition", "exclusive"] = "process"
     latency_class: Literal["critical", "standard", "batch"] = "standard"
     mig_profile: str | None = None
+
+    @field_validator("compute_share")
+    @classmethod
+    def _no_vanishing_share(cls, value: float) -> float:
+        # a guarantee of 1e-300 of the device is no guarantee, and the scheduler's
+        # arithmetic on it overflows
+        if 0 < value < MIN_SHARE:
+            raise ValueError(
+                f"a compute share must be 0 (no guarantee) or at least {MIN_SHARE:g} (a "
+                f"thousandth of the device), got {value:g}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _mig_profile_iff_partition(self) -> ProfileSpec:

@@ -70,6 +70,24 @@ def test_deadline_error_is_a_503_with_the_numbers() -> None:
     assert error.fields["reason"] == "deadline_infeasible"
 
 
+def test_refusals_no_retry_can_mend_say_so_without_retry_after() -> None:
+    admission = Admission()
+    admission.configure("shop", TenantLimits(max_queued=0), now=0.0)
+    with pytest.raises(TooManyRequests) as none_queued:
+        admission.check_queues("shop", 0, "shop/d/0", 0, 10, 0.05)
+    assert none_queued.value.retry_after is None
+    assert "may queue no requests: its quota.maxQueued is 0" in none_queued.value.message
+    assert "retry" not in none_queued.value.message
+    # the model alone takes longer than the deadline, on an idle device
+    alone = deadline_error(budget=0.001, predicted=0.004, queued_ahead=0, alone=0.004)
+    assert alone.retry_after is None and "retry" not in alone.message
+    assert "the model alone takes 4 ms to run it" in alone.message
+    assert alone.fields["reason"] == "deadline_infeasible"
+    # when only what waits ahead makes it late, a retry may succeed
+    busy = deadline_error(budget=0.005, predicted=0.012, queued_ahead=7, alone=0.001)
+    assert busy.retry_after == pytest.approx(0.007) and "retry later" in busy.message
+
+
 def test_a_refund_gives_back_the_token_of_a_request_refused_later() -> None:
     admission = Admission()
     admission.configure("t", TenantLimits(requests_per_second=1.0), now=0.0)

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpuvisor.dispatch.batching import ready_at, take_batch
+from gpuvisor.dispatch.profiles import ExecutionProfile
 from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, PendingRequest, SliceQueue
 
 
@@ -44,6 +45,33 @@ def test_ready_at(queued_rows: int, delay: float, expected: float) -> None:
     for i in range(queued_rows):
         queue.push(_request(i, arrival=10.0 + i * 0.001))
     assert ready_at(queue) == pytest.approx(expected)
+
+
+def test_a_deadline_releases_a_batch_before_its_batching_delay_ends() -> None:
+    """A 50 ms deadline under a 100 ms maxQueueDelay: the batch may start once the time its
+    deadline leaves is no more than its predicted run, not 100 ms after its first request."""
+    queue = _queue(max_batch=8, delay=0.1)
+    queue.profile = ExecutionProfile({1: 0.002, 2: 0.003})
+    queue.push(_request(0, arrival=10.0))
+    assert ready_at(queue) == pytest.approx(10.1)  # no deadline: the whole delay
+    late = _request(1, arrival=10.01)
+    late.deadline = 10.06
+    queue.push(late)
+    assert ready_at(queue) == pytest.approx(10.06 - 0.003)
+    queue.pop(), queue.pop()
+    assert queue.earliest_deadline == float("inf")  # an empty queue keeps no old deadline
+    queue.push(_request(2, arrival=11.0))
+    assert ready_at(queue) == pytest.approx(11.1)
+
+
+def test_ahead_of_counts_what_runs_before_a_new_request_of_a_priority() -> None:
+    queue = _queue()
+    for i, (priority, rows) in enumerate([(DEFAULT_PRIORITY, 2)] * 3 + [(1, 1), (5, 3)]):
+        queue.push(_request(i, rows=rows, priority=priority))
+    assert queue.ahead_of(1) == (1, 1)
+    assert queue.ahead_of(5) == (2, 4)
+    assert queue.ahead_of(DEFAULT_PRIORITY) == (5, 10)
+    assert queue.ahead_of(DEFAULT_PRIORITY + 1) == (5, 10)
 
 
 def test_take_batch_respects_rows_and_order() -> None:

@@ -284,6 +284,34 @@ def test_predicted_completion_counts_what_waits_ahead() -> None:
     assert dispatcher.predict_completion(queue, 1, time.monotonic()) == pytest.approx(0.004)
 
 
+def test_predicted_completion_counts_only_what_goes_before_the_request() -> None:
+    """A priority-1 request waits behind priority-1 requests only; the batching delay is not
+    counted (a batch with a deadline in it does not wait past it)."""
+    dispatcher = DeviceDispatcher("cpu-0", RecordingRunner())
+    queue = _queue("a", max_batch=2, delay=0.1)
+    queue.profile = ExecutionProfile({1: 0.001, 2: 0.002})
+    dispatcher.add_slice(queue)
+    for i in range(40):
+        queue.push(_request(i))
+    now = time.monotonic()
+    assert dispatcher.predict_completion(queue, 1, now) == pytest.approx(0.041)  # 20 × 2 + 1
+    assert dispatcher.predict_completion(queue, 1, now, priority=1) == pytest.approx(0.001)
+
+
+def test_a_failing_policy_does_not_stall_the_device(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(FifoPolicy):
+        def choose(self, candidates: Sequence[SliceQueue], now: float) -> SliceQueue | None:
+            raise ZeroDivisionError("float division by zero")
+
+    runner = RecordingRunner(seconds=0.001)
+    dispatcher = DeviceDispatcher("cpu-0", runner, Broken())
+    dispatcher.add_slice(_queue("a"))
+    dispatcher.add_slice(_queue("b"))
+    asyncio.run(_run(dispatcher, [("a", 0), ("b", 1), ("a", 2)]))
+    assert sorted(i for _, ids in runner.batches for i in ids) == [0, 1, 2]
+    assert "the dispatch policy failed on device cpu-0" in caplog.text
+
+
 # ---- lookahead ----------------------------------------------------------------------------
 
 

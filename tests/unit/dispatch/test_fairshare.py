@@ -341,16 +341,32 @@ def test_forget_drops_the_slice_but_not_its_tenants_debt() -> None:
     assert policy.choose([new, other], 0.5) is other  # tenant A still owes its 0.5 s
 
 
-def test_equal_share_entitlement_counts_only_equal_share_candidates() -> None:
+def test_equal_share_entitlement_is_an_equal_part_among_every_candidate() -> None:
     policy = FairSharePolicy(quantum=0.01, window=1.0)
     a = _queue("a", "ta", arrival=0.0, mode="equal-share")
     b = _queue("b", "tb", arrival=1.0, mode="equal-share")
     other = _queue("other", "tc", arrival=0.0, mode="best-effort", share=0.1)
     policy.choose([a, b, other], 0.0)
-    policy.charge(a, 0.4, 0.5)  # under 1/2 (two equal-share candidates), over 1/3
+    policy.charge(a, 0.4, 0.5)  # over 1/3 (three candidates), under 1/2
     policy.charge(b, 0.45, 0.5)
     policy.charge(other, 0.1, 0.5)  # its own guarantee used up
-    assert policy.choose([b, other, a], 1.0) is a
+    # nobody is under its guarantee: the surplus goes to the tenant that used least
+    assert policy.choose([b, other, a], 1.0) is other
+    policy.charge(other, 0.5, 1.0)
+    assert policy.choose([b, other, a], 1.0) is a  # then the equal-share slices, by use
+
+
+def test_a_lone_equal_share_slice_does_not_claim_a_shared_device_whole() -> None:
+    """An equal-share pool's slice next to a best-effort one: its part is 1/2, not the whole
+    device; past it, the surplus goes by tenant weight."""
+    policy = FairSharePolicy(quantum=0.01, window=1.0)
+    equal = _queue("equal", "ta", arrival=0.0, mode="equal-share")
+    best = _queue("best", "tb", arrival=0.0, mode="best-effort", weight=9.0)
+    policy.choose([equal, best], 0.0)
+    policy.charge(equal, 0.4, 0.5)  # under its 1/2
+    assert policy.choose([equal, best], 1.0) is equal
+    policy.charge(equal, 0.2, 1.0)  # 0.6 of the window: over 1/2, though under 1/1
+    assert policy.choose([equal, best], 1.0) is best
 
 
 def test_flat_fair_queuing_ignores_tenants() -> None:

@@ -252,6 +252,9 @@ def test_scope_sets_partition_the_kinds() -> None:
         ("{memory: 1Gi, isolation: process, migProfile: 1g.10gb}", "only used with isolation"),
         ("{memory: 0}", "greater than 0"),
         ("{memory: 1Gi, computeShare: 1.5}", "less than or equal to 1"),
+        # a share too small to schedule by (it underflowed the dispatcher's arithmetic)
+        ("{memory: 1Gi, computeShare: 5e-324}", "0 (no guarantee) or at least 0.001"),
+        ("{memory: 1Gi, computeShare: 0.0005}", "0 (no guarantee) or at least 0.001"),
         ("{memory: 1Gi, isolation: vm}", "'shared', 'process', 'partition' or 'exclusive'"),
     ],
 )

@@ -224,6 +224,11 @@ def test_what_is_stored_is_valid_json_and_applies_again() -> None:
         (TENANT + "spec: {quota: {maxQueued: 1.0e+30}}\n", "", "at most 1000000"),
         (TENANT + "spec: {weight: 1.0e+300}\n", "spec.weight", "less than or equal to 1000"),
         (TENANT + "spec: {weight: 1.0e-300}\n", "spec.weight", "greater than or equal to 0.001"),
+        (
+            TENANT + "spec: {quota: {requestsPerSecond: 1.0e-320}}\n",
+            "spec.quota.requestsPerSecond",
+            "greater than or equal to 0.001",  # one request in 1000 s; less overflowed
+        ),
         (deployment("  slo: {latency: 31d}\n"), "spec.slo.latency", "expected a duration"),
         (deployment("  slo: {latency: 745h}\n"), "spec.slo.latency", "'745h' is longer than"),
         (deployment("  slo: {latency: 1.0e+300}\n"), "spec.slo.latency", "longest duration"),

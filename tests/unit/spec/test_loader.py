@@ -346,7 +346,7 @@ def test_dump_documents_loads_back_to_the_same_objects(manifest: str) -> None:
 
 @given(
     memory=st.integers(min_value=1, max_value=2**40),
-    share=st.floats(min_value=0, max_value=1, allow_nan=False),
+    share=st.just(0.0) | st.floats(min_value=0.001, max_value=1, allow_nan=False),
     isolation=st.sampled_from(["shared", "process", "exclusive"]),
     latency=st.sampled_from(["critical", "standard", "batch"]),
     delay=st.floats(min_value=0, max_value=10, allow_nan=False),
