@@ -85,6 +85,7 @@ class Node:
         self._background: set[asyncio.Task[None]] = set()
         self.admin_key_created: str | None = None
         self.ready = False
+        self.stopping = False  # the server is shutting down: no new requests
         self.started_at = 0.0
         self._request_ids = itertools.count(1)
 
@@ -155,6 +156,26 @@ class Node:
         self.sampler.start()
         self.started_at = time.time()
         self.ready = True
+
+    def begin_shutdown(self, grace: float) -> None:
+        """The server is stopping (SIGTERM): take no new request, let the queued ones run for
+        up to ``grace`` seconds, then answer those still queued with 503, so that they get an
+        answer before the server gives up on its connections."""
+        if self.stopping:
+            return
+        self.stopping, self.ready = True, False
+        log.info("stopping: queued requests have %gs to run", grace)
+        asyncio.get_running_loop().call_later(grace, self._fail_queued_on_stop, grace)
+
+    def _fail_queued_on_stop(self, grace: float) -> None:
+        error = Unavailable(
+            f"the node is stopping and this request was still queued after {grace:g}s; it did "
+            "not run: send it again once the node is back",
+            retry_after=5.0,
+        )
+        for dispatcher in self.dispatchers.values():
+            for queue in list(dispatcher.queues.values()):
+                dispatcher.fail_queued(queue, error)
 
     async def stop(self) -> None:
         """Stop serving: controller, dispatchers, workers, store — in that order."""
@@ -266,6 +287,9 @@ class Node:
         """
         assert self.controller is not None
         tenant, name = dep.metadata.tenant or "", dep.metadata.name
+        if self.stopping:
+            self.count_request(dep, Unavailable.code)
+            raise Unavailable("the node is stopping: send the request again once it is back")
         slices = self.controller.ready_slices(tenant, name)
         if not slices:
             self.count_request(dep, Unavailable.code)

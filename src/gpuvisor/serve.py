@@ -36,6 +36,7 @@ from gpuvisor.serve_guards import (
     lock_database,
     lock_state_dir,
     make_state_dir,
+    raise_open_file_limit,
 )
 from gpuvisor.spec.kinds import Node as NodeDoc
 from gpuvisor.spec.kinds import NodeSpec
@@ -84,6 +85,19 @@ def load_node_config(path: Path | None) -> NodeSpec:
     return spec
 
 
+_GRACEFUL_SHUTDOWN = 10  # seconds the server gives open requests once it is told to stop
+_QUEUED_GRACE = 8.0  # of which queued requests may still start: the rest are answered 503
+
+
+async def _drain_when_stopping(server: uvicorn.Server, node: Node) -> None:
+    """Once the server is told to stop, give queued requests ``_QUEUED_GRACE`` seconds and
+    answer the rest with 503: past its graceful timeout the server cancels open requests,
+    which would answer them with a bare 500."""
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    node.begin_shutdown(_QUEUED_GRACE)
+
+
 def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None, DemoState | None]:
     try:
         store = Store(db_url)
@@ -118,6 +132,7 @@ async def serve_node(
     Raises ConfigError, before anything is written, for a node file, state directory or
     database it cannot use."""
     configure_logging(log_level, log_format)
+    raise_open_file_limit()
     spec = load_node_config(config)
     # Before anything is written, each refused in one line rather than from inside the
     # server's start-up: a database URL that opening would create or fail on, a port in use,
@@ -141,6 +156,7 @@ async def serve_node(
         raise
     make_state_dir(state_dir)
     lock = early if early is not None else lock_state_dir(state_dir)
+    watching: asyncio.Task[None] | None = None
     try:
         db_url = db or default_url(state_dir)
         if db_lock is None:
@@ -180,11 +196,12 @@ async def serve_node(
                 port=port,
                 log_config=None,
                 access_log=False,
-                timeout_graceful_shutdown=10,
+                timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
                 lifespan="on",
             )
         )
         serving = asyncio.create_task(server.serve())
+        watching = asyncio.create_task(_drain_when_stopping(server, node))
         with console.status("Loading models"):
             while not server.started and not serving.done():
                 await asyncio.sleep(0.05)
@@ -194,6 +211,9 @@ async def serve_node(
                 await node.stop()
                 return 1
             not_ready = await node.wait_until_loaded(timeout=spec.workers.start_timeout)
+        if server.should_exit:  # stopped while it loaded: it is not serving, say nothing
+            await serving
+            return 0
         _print_banner(
             console,
             node,
@@ -215,6 +235,8 @@ async def serve_node(
         await serving
         return 0
     finally:
+        if watching is not None:
+            watching.cancel()
         os.close(lock)
         if db_lock is not None:
             os.close(db_lock)

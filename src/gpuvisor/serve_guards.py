@@ -4,9 +4,11 @@ state directory or SQLite database (each refused in one line, before anything is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import resource
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ __all__ = [
     "lock_database",
     "lock_state_dir",
     "make_state_dir",
+    "raise_open_file_limit",
 ]
 
 
@@ -87,7 +90,13 @@ def _hold_lock(path: Path, refusal: Callable[[str], str]) -> int:
     """Hold the lock file ``path`` for as long as this process runs (the system lets it go
     when the process ends, SIGKILL included; workers do not inherit it) and return its file
     descriptor; raise ConfigError with ``refusal(who)`` when another node holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the lock file {path} ({exc.strerror}): the node needs a folder it "
+            "may write (a state directory on a read-only file system cannot be used)"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -98,6 +107,17 @@ def _hold_lock(path: Path, refusal: Callable[[str], str]) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def raise_open_file_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit (up to 65,536): every
+    client connection, worker and model file takes one, and the usual soft limit of 1,024
+    runs out long before the machine does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def lock_state_dir(state_dir: Path) -> int:

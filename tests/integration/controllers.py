@@ -33,10 +33,11 @@ async def running_controller(
 ) -> AsyncIterator[Controller]:
     """A controller over ``devices`` with ``manifest`` stored (not yet reconciled); each
     device has its dispatcher with the node's fair-share policy. ``options`` go to the
-    Controller (``drain_timeout``, ``out_of_memory``…)."""
+    Controller (``drain_timeout``, ``out_of_memory``…), except ``start_timeout``: the
+    workers' (120 s unless given)."""
     store = Store(db_url)
     apply_manifest(store, manifest)
-    pool = WorkerPool(start_timeout=120)
+    pool = WorkerPool(start_timeout=options.pop("start_timeout", 120))
     pool.start()
     dispatchers = {d.id: DeviceDispatcher(d.id, pool, FairSharePolicy(d.quantum)) for d in devices}
     for dispatcher in dispatchers.values():

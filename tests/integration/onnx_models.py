@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["adder_model", "looper_model", "rows_model"]
+__all__ = ["adder_model", "looper_model", "rows_model", "slow_model"]
 
 
 def rows_model(
@@ -33,8 +33,8 @@ def adder_model(constant: float) -> bytes:
     return rows_model("adder", [helper.make_node("Add", ["x", "c"], ["y"])], [c])
 
 
-def looper_model() -> bytes:
-    """y = x + max(x): adds 1 to x max(x) times, one Loop iteration at a time."""
+def _add_one_step() -> onnx.GraphProto:
+    """A Loop body that adds 1 to its [N, 4] value."""
     body = helper.make_graph(
         [
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
@@ -52,6 +52,12 @@ def looper_model() -> bytes:
         ],
         initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
     )
+    return body
+
+
+def looper_model() -> bytes:
+    """y = x + max(x): adds 1 to x max(x) times, one Loop iteration at a time."""
+    body = _add_one_step()
     return rows_model(
         "looper",
         [
@@ -60,4 +66,18 @@ def looper_model() -> bytes:
             helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body),
         ],
         [helper.make_tensor("go", TensorProto.BOOL, [], [True])],
+    )
+
+
+def slow_model(trips: int) -> bytes:
+    """y = x + trips, one Loop iteration at a time, whatever x holds: every run (the runs
+    a load makes to profile the model too) takes ``trips`` iterations."""
+    body = _add_one_step()
+    return rows_model(
+        "slow",
+        [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body)],
+        [
+            helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
+        ],
     )

@@ -7,10 +7,14 @@ hold the device while the other requests queue behind it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -198,3 +202,82 @@ def test_a_client_that_leaves_while_its_request_runs_does_not_harm_the_node(
     assert response.status_code == 200
     [out] = orjson.loads(response.content)["outputs"]
     assert out["data"] == [2.0] * 4
+
+
+def test_requests_still_queued_when_the_node_stops_get_a_503_not_a_500(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM with more queued than can run in the server's graceful time: what runs is
+    answered, what is still queued after the node's grace gets 503 with its reason; none
+    gets the bare 500 of a request cancelled by the server."""
+    root = tmp_path
+    (root / "looper.onnx").write_bytes(looper_model())
+    config = root / "node.yaml"
+    config.write_text(NODE_CONFIG)
+    with NodeProcess(state_dir=root / "state", config=config, demo=False) as proc:
+        proc.apply_as_admin(MANIFEST.replace("LOOPER", str(root / "looper.onnx")))
+        _wait_ready(proc)
+        key = proc.create_tenant_key("shop")
+        trips = _trips_for(proc, key, 2.0)  # 12 such requests queue far past 10 s
+        answers: list[httpx.Response] = []
+
+        def send() -> None:
+            answers.append(_infer(proc, key, trips))
+
+        senders = [threading.Thread(target=send) for _ in range(12)]
+        for sender in senders:
+            sender.start()
+        time.sleep(0.5)
+        assert proc.process is not None
+        proc.process.send_signal(signal.SIGTERM)
+        for sender in senders:
+            sender.join(60)
+        assert proc.process.wait(30) is not None
+    statuses = sorted(a.status_code for a in answers)
+    assert len(statuses) == 12 and set(statuses) <= {200, 503}, statuses
+    assert 200 in statuses and 503 in statuses, statuses
+    for answer in answers:
+        if answer.status_code == 503:
+            assert "the node is stopping" in answer.json()["error"], answer.text
+
+
+def test_a_worker_mid_batch_dies_with_its_killed_node(tmp_path: Path) -> None:
+    """SIGKILL the node while its worker runs a long batch: the worker goes too (the kernel
+    kills it), not once its batch is over."""
+    (tmp_path / "looper.onnx").write_bytes(looper_model())
+    config = tmp_path / "node.yaml"
+    config.write_text(NODE_CONFIG)
+    with NodeProcess(state_dir=tmp_path / "state", config=config, demo=False) as proc:
+        proc.apply_as_admin(MANIFEST.replace("LOOPER", str(tmp_path / "looper.onnx")))
+        _wait_ready(proc)
+        key = proc.create_tenant_key("shop")
+        [item] = httpx.get(
+            f"{proc.url}/api/v1/slices", headers=proc.auth(proc.admin_key), timeout=30
+        ).json()["items"]
+        worker = int(item["pid"])
+        trips = _trips_for(proc, key, 30.0)
+        sender = threading.Thread(target=lambda: _infer_ignoring_errors(proc, key, trips))
+        sender.start()
+        time.sleep(1.0)  # the batch runs
+        proc.stop(signal.SIGKILL)
+        sender.join(30)
+    deadline = time.monotonic() + 5
+    while _alive(worker):
+        assert time.monotonic() < deadline, f"worker {worker} outlived its node"
+        time.sleep(0.05)
+
+
+def _infer_ignoring_errors(node: NodeProcess, key: str, trips: float) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        _infer(node, key, trips)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (its parent, the test's node, has not reaped it yet) has exited too
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return False

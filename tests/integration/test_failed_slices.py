@@ -16,10 +16,10 @@ import onnxruntime as ort
 import orjson
 from controllers import running_controller
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import rows_model
+from onnx_models import rows_model, slow_model
 
 from gpuvisor.control.controller import Controller
-from gpuvisor.control.slices import Backoff, SliceState, file_stamp
+from gpuvisor.control.slices import MAX_FAILED_LOADS, Backoff, SliceState, file_stamp
 from gpuvisor.demo.models import build_demo_model, sample_inputs
 from gpuvisor.dispatch.queues import PendingRequest
 from gpuvisor.inventory.cpu import discover_cpu
@@ -213,3 +213,59 @@ async def swapped_link(db_url: str, tmp_path: Path) -> None:
         state = await reconcile_and_settle(ctl)
         assert state.state == "Failed", (state.state, state.reason)
         assert "now leads outside tenant 'analytics''s model folders" in state.reason
+
+
+def test_a_model_that_never_loads_in_time_ends_failed_not_retried_for_ever(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(never_loads_in_time(sqlite_url, tmp_path / "slow.onnx"))
+
+
+async def never_loads_in_time(db_url: str, model: Path) -> None:
+    model.write_bytes(slow_model(5_000_000))  # seconds per run; a load runs it several times
+    async with running_controller(
+        db_url,
+        MANIFEST.replace("MODEL", str(model)),
+        [discover_cpu(memory=4 << 30, threads=1)],
+        start_timeout=3.0,
+        restart=Backoff(0.1, 0.2),
+    ) as ctl:
+        await ctl.reconcile()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 90
+        while (state := ctl.slices[SLICE]).state != "Failed":
+            assert loop.time() < deadline, (state.state, state.reason)
+            await asyncio.sleep(0.1)
+        assert f"its model did not load {MAX_FAILED_LOADS} times in a row" in state.reason
+        assert "did not load the model within 3s (workers.startTimeout)" in state.reason
+        assert state.restarts == MAX_FAILED_LOADS
+        counted = ctl.metrics.worker_restarts.labels("analytics", "scorer")._value.get()
+        assert counted == MAX_FAILED_LOADS
+        assert not ctl.pool.workers, "no worker is left running the model"
+
+
+def test_a_worker_that_cannot_be_started_is_retried_until_it_can(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(started_once_it_can(sqlite_url, tmp_path / "scorer.onnx"))
+
+
+async def started_once_it_can(db_url: str, model: Path) -> None:
+    """The node could not start a process (no file descriptors left, say): the slice says so
+    and is tried again, with no limit, and serves once a worker starts."""
+    model.write_bytes(build_demo_model("basket-scorer").SerializeToString())
+    async with cpu_controller(db_url, model) as ctl:
+        python, ctl.pool.python = ctl.pool.python, "/nonexistent/python3"
+        ctl.restart = Backoff(0.1, 0.2)
+        await ctl.reconcile()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while (state := ctl.slices[SLICE]).restarts < MAX_FAILED_LOADS + 1:
+            assert loop.time() < deadline, (state.state, state.reason)
+            await asyncio.sleep(0.05)
+        assert state.state == "Restarting", (state.state, state.reason)
+        assert "starting a worker process failed: [Errno 2]" in state.reason
+        ctl.pool.python = python
+        ready = await reconcile_and_settle(ctl)
+        assert ready.state == "Ready", (ready.state, ready.reason)
+        await assert_serves(ctl, model, "features", sample_inputs("basket-scorer")["features"])

@@ -30,6 +30,10 @@ __all__ = [
 
 log = logging.getLogger("gpuvisor.control")
 
+#: consecutive loads that time out or whose worker dies before the model is loaded, after
+#: which the slice is Failed (until its model file changes) rather than tried for ever
+MAX_FAILED_LOADS = 3
+
 #: What a model file looked like when it was read: (inode, size, mtime in ns); None: no file.
 FileStamp = tuple[int, int, int] | None
 
@@ -190,6 +194,23 @@ class SliceSupervisor:
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"supervise-{self.slice.id}")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A supervisor that stopped on an error it did not expect leaves its slice Failed
+        with the error, not in a state that says it is loading or serving."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        s = self.slice
+        log.error(
+            "supervising slice %s failed",
+            s.id,
+            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+            extra={"tenant": s.tenant},
+        )
+        if not self.stopping:
+            s.set_state("Failed", f"internal error while supervising it: {exc!r}")
 
     async def stop(self, drain: float = 0.0, reason: str = "") -> None:
         """Stop serving: take no new requests, let what is queued or running finish for up
@@ -207,12 +228,14 @@ class SliceSupervisor:
         await self.pool.unload_slice(self.slice.id)
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # an error the supervisor ended on was logged when it ended (``_ended``)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
 
     async def _run(self) -> None:
         s = self.slice
         exits = 0  # consecutive worker exits and failed starts: the restart delay grows with them
+        failed_loads = 0  # consecutive loads that timed out or whose worker died
         while not self.stopping:
             stamp = file_stamp(self.launch.load.path)  # before reading it: no change is missed
             if self.verify_model is not None:
@@ -241,12 +264,41 @@ class SliceSupervisor:
                     "slice %s failed to load: %s", s.id, exc.message, extra={"tenant": s.tenant}
                 )
                 return
-            except Unavailable as exc:
+            except (Unavailable, OSError) as exc:
+                # a worker that did not start or load in time, or died first; or the node
+                # could not start a process at all (no file descriptors, say)
+                message = (
+                    exc.message
+                    if isinstance(exc, Unavailable)
+                    else (f"starting a worker process failed: {exc}")
+                )
+                s.restarts += 1
+                self.metrics.worker_restarts.labels(s.tenant, s.deployment).inc()
+                if isinstance(exc, Unavailable) and exc.fields.get("stage") == "load":
+                    failed_loads += 1
+                    if failed_loads >= MAX_FAILED_LOADS:
+                        self._fail(
+                            f"its model did not load {failed_loads} times in a row (last: "
+                            f"{message}; a load longer than workers.startTimeout is stopped)",
+                            stamp,
+                        )
+                        log.warning(
+                            "slice %s failed: %s", s.id, s.reason, extra={"tenant": s.tenant}
+                        )
+                        return
                 exits += 1
                 delay = self.restart.delay(exits)
-                s.set_state("Restarting", f"{exc.message}; retrying in {delay:.1f}s")
+                s.set_state("Restarting", f"{message}; retrying in {delay:.1f}s")
+                log.warning(
+                    "slice %s: %s; retrying in %.1fs",
+                    s.id,
+                    message,
+                    delay,
+                    extra={"tenant": s.tenant},
+                )
                 await asyncio.sleep(delay)
                 continue
+            failed_loads = 0
             over = self._memory_overrun(loaded)
             if over:
                 self._fail(over, stamp)

@@ -39,6 +39,25 @@ __all__ = ["SliceLaunch", "WorkerPool"]
 
 log = logging.getLogger("gpuvisor.runtime")
 
+_RUNTIME_PREFIX = "gpuvisor-"
+
+
+def sweep_stale_runtime_dirs() -> None:
+    """Remove the runtime folders (sockets) of this user's nodes that died without removing
+    their own (SIGKILL): ``gpuvisor-<pid>-*`` whose process is gone. A folder whose pid is
+    alive, or whose name has no pid, is left alone."""
+    uid = os.getuid()
+    for path in Path(tempfile.gettempdir()).glob(f"{_RUNTIME_PREFIX}*-*"):
+        pid = path.name[len(_RUNTIME_PREFIX) :].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.lstat().st_uid != uid or not path.is_dir():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive under another user, or gone between two looks
+
 
 @dataclass(frozen=True)
 class SliceLaunch:
@@ -62,9 +81,15 @@ class WorkerPool(WorkerLink):
 
     def __init__(self, start_timeout: float = 120.0, runtime_dir: Path | None = None) -> None:
         self.start_timeout = start_timeout
-        # ipc:// paths must stay short (about 100 bytes), so they live in a fresh temp dir.
+        self.python = sys.executable  # the interpreter workers run on
+        # ipc:// paths must stay short (about 100 bytes), so they live in a fresh temp dir,
+        # named after this process so that a node killed before it could remove its own is
+        # swept up by the next one
         self._own_dir = runtime_dir is None
-        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="gpuvisor-"))
+        if runtime_dir is None:
+            sweep_stale_runtime_dirs()
+            runtime_dir = Path(tempfile.mkdtemp(prefix=f"{_RUNTIME_PREFIX}{os.getpid()}-"))
+        self.runtime_dir = runtime_dir
         super().__init__(self.runtime_dir)
         self.by_key: dict[str, WorkerProcess] = {}
         self._spawning: dict[str, asyncio.Future[WorkerProcess]] = {}  # key -> its start
@@ -105,9 +130,12 @@ class WorkerPool(WorkerLink):
         try:
             result = await asyncio.wait_for(asyncio.shield(loaded), self.start_timeout)
         except TimeoutError:
-            await self.unload_slice(launch.slice_id)
+            # the worker is busy in the model (it cannot read a Shutdown): stop it promptly
+            await self.unload_slice(launch.slice_id, grace=0.25)
             raise Unavailable(
-                f"worker {worker.worker_id} did not load the model within {self.start_timeout:.0f}s"
+                f"worker {worker.worker_id} did not load the model within "
+                f"{self.start_timeout:.0f}s (workers.startTimeout)",
+                stage="load",
             ) from None
         except ModelError:
             await self.unload_slice(launch.slice_id)
@@ -116,8 +144,9 @@ class WorkerPool(WorkerLink):
             worker.loads.pop(launch.slice_id, None)
         return result, worker
 
-    async def unload_slice(self, slice_id: str) -> None:
-        """Unload a slice; its worker stops when no slice is left in it."""
+    async def unload_slice(self, slice_id: str, grace: float = 5.0) -> None:
+        """Unload a slice; its worker stops when no slice is left in it (given ``grace``
+        seconds after a Shutdown, and again after a SIGTERM, before it is killed)."""
         worker = self.slice_worker.pop(slice_id, None)
         if worker is None:
             return
@@ -126,7 +155,7 @@ class WorkerPool(WorkerLink):
             with contextlib.suppress(Unavailable):
                 await self._send(worker, p.UnloadModel(slice_id))
         else:
-            await self._stop_worker(worker)
+            await self._stop_worker(worker, grace)
 
     def start_batch(
         self,
@@ -292,7 +321,7 @@ class WorkerPool(WorkerLink):
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(threads)
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
+            self.python,
             "-m",
             "gpuvisor.runtime.worker",
             "--endpoint",
@@ -354,6 +383,8 @@ class WorkerPool(WorkerLink):
         crash = WorkerCrashed(
             f"{what} while serving this request; it is being restarted", retry_after=1.0
         )
+        crash_loading = WorkerCrashed(f"{what} while loading the model", stage="load")
+        crash_starting = WorkerCrashed(f"{what} while starting")
         batches = list(worker.batches.values())
         for batch_id in worker.batches:
             self._batch_worker.pop(batch_id, None)
@@ -364,10 +395,13 @@ class WorkerPool(WorkerLink):
                 finished(crash, [])
             except Exception:
                 log.exception("failing a batch of crashed worker %s failed", worker.worker_id)
-        pending: list[asyncio.Future[Any]] = [*worker.loads.values(), worker.ready]
-        for future in pending:
+        pending: list[tuple[asyncio.Future[Any], WorkerCrashed]] = [
+            *((load, crash_loading) for load in worker.loads.values()),
+            (worker.ready, crash_starting),
+        ]
+        for future, error in pending:
             if not future.done():
-                future.set_exception(crash)
+                future.set_exception(error)
                 future.exception()  # mark retrieved: nobody may be waiting any more
         if not worker.exited.done():
             worker.exited.set_result(returncode)

@@ -27,13 +27,15 @@ from gpuvisor.runtime.worker_loop import Worker
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this worker when the node dies, so no worker outlives its node."""
+    """Ask Linux to SIGKILL this worker when the node dies, so no worker outlives its node.
+    Not SIGTERM: its handler runs only between Python instructions, so a worker in the middle
+    of a long batch would run on, orphaned, until the batch ended."""
     if sys.platform != "linux":
         return
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     except OSError:
         pass
 
