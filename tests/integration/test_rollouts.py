@@ -234,6 +234,13 @@ spec: {model: scorer, profile: paced, replicas: 2}
     assert listed.exit_code == 0, listed.output
     [row] = [line.split() for line in listed.output.splitlines() if " scorer " in line]
     assert row[:6] == ["paced", "scorer", "scorer", "paced", "2/2", "0/2"], row
+    # version 1 still serves both replicas, though the deployment now asks for version 2:
+    # it cannot be deleted under them (a restart would also bring it back)
+    refused = admin.delete("/api/v1/models/scorer@1", params={"tenant": "paced"}, timeout=30)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"].startswith(
+        "Model scorer@1 still serves in paced/scorer/0, paced/scorer/1: a rolling update"
+    ), refused.text
     admin.close()
 
 

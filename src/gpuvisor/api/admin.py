@@ -18,6 +18,7 @@ from gpuvisor.api.objects import (
     IMPLICIT_DEFAULT_POOL,
     PLURALS,
     implicit_default_pool,
+    instances_serving,
     kind_of_plural,
     may_write,
     users_of,
@@ -433,6 +434,17 @@ def admin_router(node: Node) -> APIRouter:
                 raise Conflict(
                     f"{kind} {found.name} is used by {', '.join(users)}: delete or change those "
                     "first"
+                )
+            serving = (
+                instances_serving(node.controller.slices.values(), found)
+                if kind == "Model" and node.controller is not None
+                else []
+            )
+            if serving:
+                raise Conflict(
+                    f"Model {found.name} still serves in {', '.join(serving)}: a rolling update "
+                    "away from it has not finished. Wait until it has (gpuvisor describe "
+                    "deployment), or roll the deployment back to this version"
                 )
             if kind == "Tenant":
                 # its keys go first: a node that stops in between leaves a tenant without

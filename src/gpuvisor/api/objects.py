@@ -3,8 +3,10 @@ which, the implicit ``default`` pool, and what refers to an object."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from gpuvisor.control.slices import SliceState
 from gpuvisor.errors import Forbidden, NotFound
 from gpuvisor.security.keys import Principal
 from gpuvisor.spec.kinds import (
@@ -24,6 +26,7 @@ __all__ = [
     "IMPLICIT_DEFAULT_POOL",
     "PLURALS",
     "implicit_default_pool",
+    "instances_serving",
     "kind_of_plural",
     "may_write",
     "users_of",
@@ -105,6 +108,21 @@ def users_of(resources: list[Resource], kind: str, obj: StoredObject) -> list[st
             owner = f"{r.metadata.tenant}/" if r.metadata.tenant else ""
             users.append(f"{r.kind} {owner}{r.metadata.name}")
     return users
+
+
+def instances_serving(slices: Iterable[SliceState], model: StoredObject) -> list[str]:
+    """The instances that load or serve the stored model version ``model``: during a rolling
+    update (or one stalled on a broken version) the old version serves though no deployment
+    names it any more, and a restart would bring it back."""
+    name, version = model.body["metadata"]["name"], str(model.body["spec"].get("version"))
+    return sorted(
+        s.id
+        for s in slices
+        if s.tenant == model.tenant
+        and s.model_name == name
+        and s.model_version == version
+        and s.state in ("Ready", "Restarting", "Loading")
+    )
 
 
 def _uses_model_version(dep: Deployment, model: StoredObject, resources: list[Resource]) -> bool:

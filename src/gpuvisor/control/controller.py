@@ -193,7 +193,12 @@ class Controller:
                 *(self.running.stop(sid, self.drain_timeout, why) for sid, why in stopping)
             )
             await self._move_off_unusable_devices()
-            for want in desired.values():
+            # Replicas that have served are placed before those that never did: after a
+            # restart, or once a cordoned device is back, what ran gets its room back before
+            # a deployment that waited for room (an exclusive one, say) can take it.
+            for want in sorted(
+                desired.values(), key=lambda d: not self.served.has_served(d.slice_id)
+            ):
                 await self._reconcile_replica(want)
             self.served.keep(replica_ids(resources))
             self.served.started()

@@ -61,6 +61,10 @@ class ServedSpecs:
         self._known = {r.replica_id: r for r in records}
         self._to_restore = dict(self._known)
 
+    def has_served(self, replica_id: str) -> bool:
+        """Whether the replica has served (had a Ready instance) since it was asked for."""
+        return self._known is not None and replica_id in self._known
+
     def started(self) -> None:
         """The first reconcile is over: what was not restored by now is not restored later."""
         self._to_restore.clear()
