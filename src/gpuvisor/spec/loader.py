@@ -207,8 +207,29 @@ def find_model(
     return max(candidates, key=lambda m: _version_order(m.spec.version), default=None)
 
 
-def _version_order(version: str) -> tuple[tuple[int, int, str], ...]:
-    parts = re.split(r"(\d+)", version)
+_RELEASE = re.compile(r"[vV]?(\d+(?:\.\d+)*)(.*)", re.DOTALL)
+
+
+def _version_order(
+    version: str,
+) -> tuple[int, tuple[int, ...], int, tuple[tuple[int, int, str], ...]]:
+    """How versions sort, the highest last, as releases do: numbers compare as numbers
+    (``1.10`` > ``1.9``), a leading ``v`` is no part of the number (``v2`` is 2), a
+    pre-release comes before its release (``1.10-rc1`` < ``1.10``; a suffix that starts
+    with ``-`` or a letter), and a version that starts with no number at all comes before
+    every one that does."""
+    match = _RELEASE.fullmatch(version)
+    if match is None:
+        return (0, (), 0, _natural(version))
+    release = tuple(int(n) for n in match.group(1).split("."))
+    rest = match.group(2)
+    pre_release = bool(rest) and (rest[0] == "-" or rest[0].isalpha())
+    return (1, release, 0 if pre_release else 1, _natural(rest.lstrip("-._")))
+
+
+def _natural(text: str) -> tuple[tuple[int, int, str], ...]:
+    """``text`` with its runs of digits compared as numbers (``rc10`` > ``rc9``)."""
+    parts = re.split(r"(\d+)", text)
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part)
 
 
