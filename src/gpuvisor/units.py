@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
+from typing import Literal
 
 from gpuvisor.quoting import quoted
 
@@ -93,14 +94,22 @@ def parse_duration(value: str | int | float) -> float:
     return float(number) * _DURATION_UNITS[unit]
 
 
-def format_size(n_bytes: int | float) -> str:
-    """Return the shortest exact binary form of a size (``1073741824`` → ``"1Gi"``), else ``"1.5Gi"``."""
-    n = int(n_bytes)
+def format_size(
+    n_bytes: int | float, rounding: Literal["nearest", "up", "down"] = "nearest"
+) -> str:
+    """Return the shortest exact binary form of a size (``1073741824`` → ``"1Gi"``), else one
+    decimal (``"1.5Gi"``): the nearest, or rounded ``up`` (never less than the size: an
+    amount to raise a limit to, what is asked for) or ``down`` (never more: what is free)."""
+    n = math.ceil(n_bytes) if rounding == "up" else int(n_bytes)
     for unit in ("Ti", "Gi", "Mi", "Ki"):
         factor = _SIZE_UNITS[unit]
         if n >= factor:
             if n % factor == 0:
                 return f"{n // factor}{unit}"
+            if rounding == "up":
+                return f"{math.ceil(n * 10 / factor) / 10:.1f}{unit}"
+            if rounding == "down":
+                return f"{math.floor(n * 10 / factor) / 10:.1f}{unit}"
             return f"{n / factor:.1f}{unit}"
     return f"{n}"
 

@@ -12,6 +12,7 @@ and re-applying an unchanged manifest are never refused, even for a tenant that 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,20 @@ def _format(field: str, value: float) -> str:
     if field == "compute":
         return f"{value:.4g}"
     return str(int(value))
+
+
+def _at_least(field: str, usage: float, limit: float) -> str:
+    """``usage`` as text no smaller than it (a limit raised to what it says lets the apply
+    through), and never the same text as ``limit``'s."""
+    if field == "memory":
+        text = format_size(usage, rounding="up")
+        if text == _format(field, limit):
+            text = f"{math.ceil(usage / 2**20)}Mi"
+        return text
+    if field == "compute":
+        text = f"{math.ceil(round(usage * 1e4, 6)) / 1e4:g}"  # 3 × 0.0015 is 0.0045, not …46
+        return text if text != _format(field, limit) else repr(usage)
+    return str(math.ceil(usage))
 
 
 def _number(field: str, value: float) -> int | float:
@@ -170,6 +185,8 @@ class _Violation:
                 return fmt(value)
             return f"{int(value)} deployment" + ("" if value == 1 else "s")
 
+        needed = _at_least(self.field, self.usage, self.limit)
+
         what = "would have" if self.field == "deployments" else "would use"
         detail = ", ".join([f"currently {amount(self.current)}", *self.changes])
         # every deployment counts, whatever its replicas: only deleting one makes room
@@ -178,11 +195,10 @@ class _Violation:
             if self.field == "deployments"
             else "scale deployments down or delete some"
         )
-        fix = (
-            f"{shrink}, or raise the Tenant's spec.quota.{self.field} to at least {fmt(self.usage)}"
-        )
+        fix = f"{shrink}, or raise the Tenant's spec.quota.{self.field} to at least {needed}"
         noun = "it" if self.field == "deployments" else "its deployments"
-        return f"{head}: {noun} {what} {amount(self.usage)} ({detail}); {fix}"
+        used = amount(self.usage) if self.field == "deployments" else needed
+        return f"{head}: {noun} {what} {used} ({detail}); {fix}"
 
 
 def check_model_count(new: Sequence[Resource], existing: Sequence[Resource]) -> None:

@@ -65,6 +65,26 @@ def test_memory_over_quota_is_refused_with_limit_usage_and_the_growth() -> None:
     assert body["exceeded"] == 1
 
 
+@pytest.mark.parametrize(
+    ("quota", "memory", "replicas", "least"),
+    [
+        ("{memory: 4.2Gi}", "256Mi", 17, "4.3Gi"),  # 4.25Gi: one decimal, rounded up
+        ("{memory: 4.26Gi}", "4.27Gi", 1, "4373Mi"),  # 4.3Gi would read as the limit
+        ("{compute: 0.0044}", "1Mi", 3, "0.0045"),  # 3 × 0.0015, less its float noise
+    ],
+)
+def test_the_amount_to_raise_a_quota_to_is_enough_and_never_reads_as_the_limit(
+    quota: str, memory: str, replicas: int, least: str
+) -> None:
+    existing = docs(tenant(quota=quota), profile(memory=memory, share=0.0015), model())
+    parts = [deployment("big", replicas)]
+    exc = refusal(docs(*parts), existing)
+    assert exc.message.endswith(f"to at least {least}"), exc.message
+    field = "memory" if "memory" in quota else "compute"
+    raised = tenant(quota=f"{{{field}: {least}}}")
+    check_quotas(docs(raised, *parts), existing)  # what it says is enough
+
+
 def test_compute_over_quota_names_the_scaled_deployment_and_its_old_replicas() -> None:
     existing = stored("{compute: 1.0}", deployment("shelf-detector", 3))
     exc = refusal(docs(deployment("shelf-detector", 5)), existing)

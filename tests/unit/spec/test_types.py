@@ -19,6 +19,7 @@ from gpuvisor.spec.types import (
     Size,
     SpecModel,
 )
+from gpuvisor.units import format_size, parse_size
 
 SIZE = TypeAdapter(Size)
 DURATION = TypeAdapter(Duration)
@@ -195,3 +196,25 @@ def test_sha256_is_lowered_and_checked() -> None:
         adapter.validate_python("ab" * 31)
     with pytest.raises(ValidationError, match="64 hexadecimal characters"):
         adapter.validate_python("zz" * 32)
+
+
+@pytest.mark.parametrize(
+    ("n_bytes", "nearest", "up", "down"),
+    [
+        (2**30, "1Gi", "1Gi", "1Gi"),  # exact: the same whichever way
+        (int(4.25 * 2**30), "4.2Gi", "4.3Gi", "4.2Gi"),
+        (int(4.21 * 2**30), "4.2Gi", "4.3Gi", "4.2Gi"),
+        (int(4.29 * 2**30), "4.3Gi", "4.3Gi", "4.2Gi"),
+        (1536, "1.5Ki", "1.5Ki", "1.5Ki"),
+        (1000, "1000", "1000", "1000"),
+    ],
+)
+def test_sizes_are_written_rounded_as_asked(n_bytes: int, nearest: str, up: str, down: str) -> None:
+    assert format_size(n_bytes) == nearest
+    assert format_size(n_bytes, "up") == up
+    assert format_size(n_bytes, "down") == down
+    assert (
+        parse_size(format_size(n_bytes, "up"))
+        >= n_bytes
+        >= parse_size(format_size(n_bytes, "down"))
+    )

@@ -18,15 +18,17 @@ class MemoryFit:
             return Status.success()
         total, headroom = info.device.memory_total, cycle.pool.memory_headroom
         if request.memory + headroom > total:
-            what = f"{format_size(request.memory)} requested"
+            what = f"{format_size(request.memory, 'up')} requested"
             if headroom:
-                what += f" + {format_size(headroom)} headroom"
-            return Status.unresolvable(self.name, f"{what} > {format_size(total)} on this device")
+                what += f" + {format_size(headroom, 'up')} headroom"
+            total_text = format_size(total, "down")
+            return Status.unresolvable(self.name, f"{what} > {total_text} on this device")
         free = total - headroom - info.memory_used
         if request.memory > free:
             kept = f" ({format_size(headroom)} headroom kept)" if headroom else ""
             return Status.unschedulable(
                 self.name,
-                f"{format_size(max(0, free))} free < {format_size(request.memory)} requested{kept}",
+                f"{format_size(max(0, free), 'down')} free < {format_size(request.memory, 'up')} "
+                f"requested{kept}",
             )
         return Status.success()
