@@ -90,8 +90,9 @@ def up(
         typer.Option(
             "--db",
             metavar="URL",
-            help="database URL: sqlite:///PATH (its directory must exist) or "
-            "postgresql://USER@HOST/DATABASE; default sqlite in the state dir",
+            help="database URL: sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH (its "
+            "directory must exist), or postgresql://USER@HOST/DATABASE; default sqlite in the "
+            "state dir",
         ),
     ] = None,
     demo: Annotated[

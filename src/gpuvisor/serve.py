@@ -137,7 +137,8 @@ async def serve_node(
     # Before anything is written, each refused in one line rather than from inside the
     # server's start-up: a database URL that opening would create or fail on, a port in use,
     # a node file that asks for a GPU this host does not have.
-    state_dir = resolve_state_dir(state)
+    # absolute: the banner's commands are for other terminals, in other folders
+    state_dir = resolve_state_dir(state).resolve()
     check_state_dir(state_dir)
     if db is not None:
         check_database_url(db)
@@ -372,11 +373,13 @@ def _print_banner(
         retail, analytics = "$RETAIL_KEY", "$ANALYTICS_KEY"
         read = "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])"
         setup = "".join(
-            f"  export {name.upper()}_KEY=$(python3 -c '{read}' {demo.keys_file} {name})\n"
+            f"  export {name.upper()}_KEY=$(python3 -c '{read}' "
+            f"{shlex.quote(str(demo.keys_file))} {name})\n"
             for name in ("analytics", "retail")
         )
     if sys.prefix != sys.base_prefix:  # in a virtual environment: other terminals need it too
-        setup = f"  . {Path(sys.prefix) / 'bin' / 'activate'}   # in another terminal\n" + setup
+        activate = shlex.quote(str(Path(sys.prefix) / "bin" / "activate"))
+        setup = f"  . {activate}   # in another terminal\n" + setup
     retail_py = repr(retail) if shown else 'os.environ["RETAIL_KEY"]'
     features = ",".join(["0.5"] * 16)
     flags = _cli_flags(base, state_dir)

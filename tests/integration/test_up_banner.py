@@ -4,9 +4,11 @@ as printed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 from gpuvisor.launch import NodeProcess
 
@@ -45,3 +47,17 @@ def test_the_demo_banner_keeps_tenant_keys_off_a_log_and_its_examples_work(
     assert ran.returncode == 0, ran.stderr
     assert '"outputs"' in ran.stdout  # curl's answer from basket-scorer
     assert "shelf class:" in ran.stdout  # the Triton client's answer from shelf-detector
+
+
+def test_a_relative_state_directory_is_printed_as_an_absolute_one(tmp_path: Path) -> None:
+    """The banner's paths are for other terminals, in other folders."""
+    state = Path(os.path.relpath(tmp_path / "rel-state"))
+    assert not state.is_absolute()
+    with NodeProcess(state_dir=state, demo=False, log_path=tmp_path / "node.log") as node:
+        deadline = time.monotonic() + 30
+        while "admin key (shown once" not in (text := (tmp_path / "node.log").read_text()):
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.1)
+        assert node.process is not None
+    flat = " ".join(text.split())
+    assert f"also in {(tmp_path / 'rel-state').resolve()}/admin.key" in flat, flat[-1500:]

@@ -304,3 +304,13 @@ def test_a_benchmark_refuses_what_it_cannot_do_before_it_runs(
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert expected in _one_error_line(result.output)
+
+
+def test_three_slashes_to_an_absolute_folder_get_the_four_slash_form(tmp_path: Path) -> None:
+    """sqlite:///tmp/x.db is tmp/x.db in the current folder; the folder meant exists as
+    /tmp: the refusal gives the URL that names it."""
+    relative = str(tmp_path / "x.db").lstrip("/")
+    with pytest.raises(ConfigError) as refused:
+        check_database_url(f"sqlite:///{relative}")
+    assert f"for /{relative}, write sqlite:////{relative})" in refused.value.message
+    assert "sqlite:/// takes a path relative to the current folder" in refused.value.message

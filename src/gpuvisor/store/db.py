@@ -50,7 +50,7 @@ def check_database_url(url: str, *, must_exist: bool = False) -> str:
     return it. Raises ConfigError, saying what to pass instead, when it is not a SQLite or
     PostgreSQL URL, when a SQLite file's directory does not exist, when the file is not a
     SQLite database, or (``must_exist``) when there is no such file."""
-    hint = "pass sqlite:///PATH or postgresql://USER@HOST/DATABASE"
+    hint = "pass sqlite:///PATH (sqlite:////ABSOLUTE/PATH) or postgresql://USER@HOST/DATABASE"
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -69,8 +69,17 @@ def check_database_url(url: str, *, must_exist: bool = False) -> str:
         return url
     path = Path(database).expanduser()
     if not path.parent.is_dir():
+        # sqlite:///tmp/x.db names tmp/x.db in the current folder: three slashes start a
+        # relative path, four an absolute one
+        absolute = Path("/", database)
+        hint = (
+            f" (sqlite:/// takes a path relative to the current folder: for {absolute}, "
+            f"write sqlite:///{absolute})"
+            if not path.is_absolute() and absolute.parent.is_dir()
+            else ""
+        )
         raise ConfigError(
-            f"--db {shown}: the directory {path.parent} does not exist; create it first "
+            f"--db {shown}: the directory {path.parent} does not exist{hint}; create it first "
             "(gpuvisor does not create a database's directories)"
         )
     if not path.exists():
