@@ -9,10 +9,21 @@ from dataclasses import dataclass
 
 import orjson
 
-from gpuvisor.spec.kinds import DEFAULT_POOL, Deployment, Model, Pool, Profile, Resource, Tenant
+from gpuvisor.spec.kinds import (
+    DEFAULT_POOL,
+    Deployment,
+    Model,
+    Pool,
+    PoolSpec,
+    Profile,
+    Resource,
+    Tenant,
+)
 from gpuvisor.spec.loader import find_model
 
 __all__ = ["DesiredSlice", "desired_slices", "find_pool", "find_tenant"]
+
+_DEFAULTS = PoolSpec()  # the implicit pool's settings
 
 
 @dataclass(frozen=True)
@@ -76,12 +87,14 @@ def desired_slices(
         elif pool is None and dep.spec.pool != DEFAULT_POOL:
             problem = f"pool '{dep.spec.pool}' not found"
         # the replica count and the rollout pace are not part of a replica's spec: scaling or
-        # changing the pace leaves the running replicas as they are
+        # changing the pace leaves the running replicas as they are; nor is a pool's spec that
+        # holds only the defaults (a saved listing applied again makes the implicit pool
+        # `default` an applied one, with the same settings: nothing restarts)
         spec_hash = _hash(
             dep.spec.model_dump(mode="json", exclude={"replicas", "rollout"}),
             model.spec.model_dump(mode="json") if model else None,
             profile.spec.model_dump(mode="json") if profile else None,
-            pool.spec.model_dump(mode="json") if pool else None,
+            pool.spec.model_dump(mode="json") if pool and pool.spec != _DEFAULTS else None,
         )
         for replica in range(dep.spec.replicas):
             out.append(

@@ -52,6 +52,17 @@ def test_spec_hash_changes_with_the_profile() -> None:
     assert before != after
 
 
+def test_applying_the_implicit_default_pool_as_it_is_changes_no_replica() -> None:
+    """A saved `get pools` listing applied again stores the implicit pool `default` with its
+    settings: the same spec, so nothing restarts. Other settings are a change."""
+    implicit = desired_slices(load_documents(MANIFEST), set())[0].spec_hash
+    pool = "apiVersion: gpuvisor/v1\nkind: Pool\nmetadata: {name: default}\n"
+    applied = load_documents(MANIFEST + "---\n" + pool + "spec: {}\n")
+    assert desired_slices(applied, set())[0].spec_hash == implicit
+    spread = load_documents(MANIFEST + "---\n" + pool + "spec: {placement: spread}\n")
+    assert desired_slices(spread, set())[0].spec_hash != implicit
+
+
 def test_missing_model_is_a_reason_not_a_crash() -> None:
     docs = [d for d in load_documents(MANIFEST) if d.kind != "Model"]
     slices = desired_slices(docs, set())
