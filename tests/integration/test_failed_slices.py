@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import orjson
+import pytest
 from controllers import running_controller
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import rows_model, slow_model
@@ -269,3 +271,28 @@ async def started_once_it_can(db_url: str, model: Path) -> None:
         ready = await reconcile_and_settle(ctl)
         assert ready.state == "Ready", (ready.state, ready.reason)
         await assert_serves(ctl, model, "features", sample_inputs("basket-scorer")["features"])
+
+
+def test_a_model_file_changed_under_a_restarted_worker_is_said_in_the_log(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    asyncio.run(changed_under_a_restart(sqlite_url, tmp_path / "scorer.onnx"))
+    [line] = [r.getMessage() for r in caplog.records if "changed since it was loaded" in r.message]
+    assert line.startswith(f"slice {SLICE}: its model file ")
+    assert "it serves the new content as version 1 (give the Model a sha256" in line
+
+
+async def changed_under_a_restart(db_url: str, model: Path) -> None:
+    model.write_bytes(rows_model("one", [helper.make_node("Identity", ["x"], ["y"])]))
+    async with cpu_controller(db_url, model) as ctl:
+        ctl.restart = Backoff(0.1, 0.2)
+        first = await reconcile_and_settle(ctl)
+        assert first.state == "Ready" and first.worker_pid is not None
+        model.write_bytes(rows_model("two", [helper.make_node("Neg", ["x"], ["y"])]))
+        os.kill(first.worker_pid, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not (first.restarts == 1 and first.state == "Ready"):
+            assert loop.time() < deadline, (first.state, first.reason)
+            await asyncio.sleep(0.05)
+        await assert_serves(ctl, model, "x", np.ones((1, 4), dtype=np.float32))

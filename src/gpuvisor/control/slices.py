@@ -306,6 +306,19 @@ class SliceSupervisor:
                 log.warning("slice %s failed: %s", s.id, over, extra={"tenant": s.tenant})
                 await self.pool.unload_slice(s.id)
                 return
+            if s.loaded is not None and s.loaded.sha256 != loaded.sha256:
+                # loaded again after its worker exited: no sha256 in the spec pins the file
+                log.warning(
+                    "slice %s: its model file %s changed since it was loaded (sha256 %s… is "
+                    "now %s…); it serves the new content as version %s (give the Model a "
+                    "sha256 to refuse a changed file)",
+                    s.id,
+                    self.launch.load.path,
+                    s.loaded.sha256[:12],
+                    loaded.sha256[:12],
+                    s.model_version,
+                    extra={"tenant": s.tenant},
+                )
             s.loaded, s.worker_pid = loaded, worker.pid
             s.queue = self.make_queue(s)
             self.dispatcher.add_slice(s.queue)
