@@ -13,9 +13,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from gpuvisor.errors import ConfigError
+from gpuvisor.store.db import sqlite_file
 
 __all__ = [
     "check_port_free",
@@ -136,13 +135,9 @@ def lock_database(db_url: str) -> int | None:
     """Hold ``<database file>.lock`` for a SQLite database (``_hold_lock``): one node per
     database, whatever their state directories (``--db`` naming another node's file). None
     for a database that is not a file here (PostgreSQL: give each node its own)."""
-    url = make_url(db_url)
-    database = url.database or ""
-    if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+    path = sqlite_file(db_url)
+    if path is None:
         return None
-    if database.startswith("file:"):  # a URI: its options decide what it opens
-        return None
-    path = Path(database).expanduser().resolve()
     return _hold_lock(
         path.with_name(path.name + ".lock"),
         lambda who: (

@@ -142,6 +142,7 @@ class Controller:
     async def _loop(self, period: float) -> None:
         while True:
             try:
+                self.store.file_problem()  # a database file deleted under the node is logged
                 await self.reconcile()
             except Exception:
                 log.exception("reconcile failed; trying again in %.1fs", period)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import secrets
 import threading
@@ -44,6 +45,8 @@ __all__ = [
     "read_admin_key",
     "redact_secrets",
 ]
+
+log = logging.getLogger("gpuvisor.security")
 
 _SECRET_BYTES = 32  # token_urlsafe(32) is 43 characters
 NO_KEY_MESSAGE = "no API key: send 'Authorization: Bearer <key>'"
@@ -320,10 +323,23 @@ class KeyRing:
         usable admin key exists; the file is then left alone.
         """
         now = self._clock()
-        for key in self._store.list_keys(role="admin"):
+        admins = self._store.list_keys(role="admin")
+        for key in admins:
             if key.revoked_at is None and (key.expires_at is None or key.expires_at > now):
                 return None
         path = admin_key_path(state_dir)
+        if not admins and path.exists():
+            # a database that never held an admin key, in a state directory whose node had
+            # one: the database was deleted, or --db names another. Keep the old key's file.
+            kept = path.with_name(path.name + ".old")
+            path.replace(kept)
+            log.warning(
+                "the database holds no admin key but %s exists: this state directory had a "
+                "node whose database is not this one (deleted, or --db names another), and "
+                "what it stored is not here. A new admin key is made; the old one is kept in %s",
+                path,
+                kept,
+            )
         _, secret = self.create(
             role="admin",
             description="bootstrap admin key",

@@ -26,6 +26,7 @@ __all__ = [
     "default_url",
     "is_sqlite",
     "make_engine",
+    "sqlite_file",
     "upgrade_to_head",
 ]
 
@@ -102,6 +103,18 @@ def check_database_url(url: str, *, must_exist: bool = False) -> str:
             "a path where none exists yet to start a new one"
         )
     return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL, absolute; None for another database, an in-memory
+    one, or a ``file:`` URI (whose options decide what it opens)."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    if database.startswith("file:"):
+        return None
+    return Path(database).expanduser().resolve()
 
 
 def default_url(state_dir: Path) -> str:

@@ -4,21 +4,28 @@ served, and facts the node keeps about itself (a mixin of the Store)."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
+import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from gpuvisor.errors import Unavailable
 from gpuvisor.store.audit import AuditEvent, AuditLog
 from gpuvisor.store.tables import CordonRow, NodeFactRow, ServedSpecRow
 
 __all__ = ["AuditFor", "Cordon", "NodeRows", "ServedRecord", "canonical_json"]
+
+log = logging.getLogger("gpuvisor.store")
 
 _T = TypeVar("_T")
 #: The audit records of a write, made from what the write returned; they are committed in the
@@ -67,6 +74,38 @@ class NodeRows:
     _write_lock: threading.Lock
     _keys_version: int
     audit: AuditLog
+    _file: Path | None  # the SQLite database's file, None for another database
+    _file_id: tuple[int, int] | None  # its (device, inode) when the store opened it
+    _file_problem: str | None
+
+    def _remember_file(self, path: Path | None) -> None:
+        self._file, self._file_id, self._file_problem = path, None, None
+        if path is not None:
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                self._file_id = (info.st_dev, info.st_ino)
+
+    def file_problem(self) -> str | None:
+        """Why the store can no longer keep what it is given, or None: its SQLite file was
+        deleted or replaced while the node ran (writes would go to a file nobody will open
+        again, and be lost at the next start). Logged once."""
+        if self._file is None or self._file_id is None:
+            return None
+        try:
+            info = os.stat(self._file)
+            moved = (info.st_dev, info.st_ino) != self._file_id
+        except FileNotFoundError:
+            moved = True
+        if not moved:
+            return None
+        if self._file_problem is None:
+            self._file_problem = (
+                f"the database file {self._file} was deleted or replaced while the node ran: "
+                "nothing more can be stored. Stop the node, put the file back if you can, "
+                "and start it again (changes made since the file went are lost)"
+            )
+            log.error("%s", self._file_problem)
+        return self._file_problem
 
     def _write(
         self,
@@ -75,6 +114,9 @@ class NodeRows:
         keys_changed: bool = False,
         audit: AuditFor[_T] | None = None,
     ) -> _T:
+        problem = self.file_problem()
+        if problem is not None:
+            raise Unavailable(problem)
         with self._write_lock:
             try:
                 with Session(self._write_engine) as session, session.begin():

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from gpuvisor import errors
 from gpuvisor.store.audit import AuditLog
-from gpuvisor.store.db import WRITE_OPTION, make_engine, upgrade_to_head
+from gpuvisor.store.db import WRITE_OPTION, make_engine, sqlite_file, upgrade_to_head
 from gpuvisor.store.node_rows import AuditFor, Cordon, NodeRows, ServedRecord, canonical_json
 from gpuvisor.store.tables import ApiKeyRow, ObjectRow
 
@@ -126,6 +126,7 @@ class Store(NodeRows):
         self._write_lock = threading.Lock()
         self._keys_version = 0
         upgrade_to_head(self._engine)
+        self._remember_file(sqlite_file(url))
         # The audit log shares the write lock: one writer per process, whatever it writes.
         self.audit = AuditLog(self._engine, write_engine=self._write_engine, lock=self._write_lock)
 

@@ -24,7 +24,7 @@ from gpuvisor.security.keys import (
     read_admin_key,
     redact_secrets,
 )
-from gpuvisor.store.db import make_engine
+from gpuvisor.store.db import default_url, make_engine
 from gpuvisor.store.repo import Store
 
 SECRET_FORMAT = re.compile(r"^gvk_([a-z0-9]{8})_[A-Za-z0-9_-]{43}$")
@@ -392,3 +392,24 @@ def test_messages_name_the_kind_of_key_with_its_article() -> None:
     kinds = {role: Principal(role, None, "ab12cd34").kind_of_key for role in ("admin", "operator")}
     assert kinds == {"admin": "an admin key", "operator": "an operator key"}
     assert Principal("tenant", "retail", "ab12cd34").kind_of_key == "a tenant key"
+
+
+def test_a_new_database_under_an_old_admin_key_keeps_the_old_file_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state directory had a node (admin.key) but the database never held an admin key:
+    it was deleted, or --db names another. The new key does not overwrite the old file."""
+    state = tmp_path / "state"
+    with Store(default_url(state)) as first:
+        old = KeyRing(first).ensure_admin_key(state)
+    assert old is not None
+    (state / "gpuvisor.db").unlink()
+    for extra in ("gpuvisor.db-wal", "gpuvisor.db-shm"):
+        (state / extra).unlink(missing_ok=True)
+    with Store(default_url(state)) as second:
+        new = KeyRing(second).ensure_admin_key(state)
+    assert new is not None and new != old
+    assert read_admin_key(state) == new
+    assert (state / "admin.key.old").read_text() == old + "\n"
+    assert "the database holds no admin key but" in caplog.text
+    assert "admin.key.old" in caplog.text

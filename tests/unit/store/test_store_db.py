@@ -16,6 +16,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
+from gpuvisor.errors import Unavailable
 from gpuvisor.store.db import (
     MIGRATIONS_DIR,
     alembic_config,
@@ -184,3 +185,29 @@ def test_simultaneous_first_starts_migrate_once(sqlite_url: str) -> None:
         assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
             (head_revision(),)
         ]
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_file_gone_under_the_store_refuses_writes_and_says_why(
+    sqlite_url: str, state_dir: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite writes on to a deleted file's inode without a word, and the next start finds
+    none of it: the store refuses the writes instead, and logs it once."""
+    body = {"apiVersion": "gpuvisor/v1", "kind": "Tenant", "metadata": {"name": "a"}}
+    with Store(sqlite_url) as store:
+        store.apply([StoredObject("Tenant", "", "a", body=body)])
+        assert store.file_problem() is None
+        db = state_dir / "gpuvisor.db"
+        if how == "deleted":
+            db.unlink()
+        else:
+            db.rename(state_dir / "moved.db")
+            db.write_bytes(b"")
+        for _ in range(2):
+            with pytest.raises(Unavailable) as refused:
+                store.apply(
+                    [StoredObject("Tenant", "", "b", body={**body, "metadata": {"name": "b"}})]
+                )
+        assert refused.value.message.startswith(f"the database file {db} was deleted or replaced")
+        assert refused.value.http_status == 503
+    assert caplog.text.count("was deleted or replaced while the node ran") == 1
