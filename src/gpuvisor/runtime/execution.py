@@ -43,10 +43,11 @@ class LoadedSlice:
 
 
 def synthetic_inputs(metas: Sequence[TensorMeta], rows: int) -> dict[str, np.ndarray]:
-    """Return zero-valued inputs of the model's shapes with ``rows`` in the batch dimension."""
+    """Return zero-valued inputs of the model's shapes: ``rows`` in a first dimension the
+    model leaves open, the model's own size in one it fixes, 1 in other open ones."""
     out: dict[str, np.ndarray] = {}
     for meta in metas:
-        shape = [rows if i == 0 else (d if d > 0 else 1) for i, d in enumerate(meta.shape)]
+        shape = [d if d > 0 else (rows if i == 0 else 1) for i, d in enumerate(meta.shape)]
         if meta.datatype == "BYTES":
             out[meta.name] = np.full(shape, b"", dtype=object)
         else:
@@ -61,17 +62,7 @@ def profile_batches(
     profile: dict[int, float] = {}
     sizes = batch_sizes if slice_.batchable else [1]
     for rows in sizes:
-        feed = (
-            synthetic_inputs(slice_.inputs, rows)
-            if slice_.batchable
-            else synthetic_inputs(
-                [
-                    TensorMeta(m.name, m.datatype, tuple(d if d > 0 else 1 for d in m.shape))
-                    for m in slice_.inputs
-                ],
-                1,
-            )
-        )
+        feed = synthetic_inputs(slice_.inputs, rows)
         try:
             slice_.executor.run(feed)  # warm-up: first runs allocate
             times = []

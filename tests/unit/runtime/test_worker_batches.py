@@ -209,3 +209,21 @@ def test_an_output_not_batched_along_rows_is_computed_per_request(tmp_path: Path
     results, payloads = _run(loaded, [body([[1, 2], [3, 4]]), body([[5, 6], [7, 8]])])
     assert [r.status for r in results] == [200, 200]
     assert [orjson.loads(x)["outputs"][0]["data"] for x in payloads] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_a_model_whose_first_dimension_is_fixed_is_profiled_at_its_own_size(
+    tmp_path: Path,
+) -> None:
+    """x [8, 4], fixed: fed [1, 4], every profiling run failed and the profile was empty,
+    so the dispatcher predicted nothing for it until its first batch ran."""
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    loaded = _loaded_from(tmp_path, model)
+    assert not loaded.batchable
+    profile = profile_batches(loaded, [1, 2, 4], repeats=2)
+    assert list(profile) == [1] and profile[1] > 0
