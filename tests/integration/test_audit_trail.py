@@ -324,3 +324,28 @@ def test_a_flood_of_requests_without_a_valid_key_is_recorded_within_a_budget(
     records = authenticate_records()
     assert before < len(records) < before + 40
     assert "more from 127.0.0.1 not recorded one by one" in records[-1]["reason"], records[-1]
+
+
+def test_a_key_asking_again_and_again_for_what_it_may_not_see_is_recorded_within_a_budget(
+    demo_node: NodeProcess,
+) -> None:
+    """A valid tenant key refused (403 for the audit log, 404 for another tenant's objects)
+    is recorded, but cannot grow the database as fast as it sends either."""
+    key = demo_node.create_tenant_key("support", "asks too often")
+    key_id = key.split("_")[1]
+
+    def refusals() -> list[dict[str, Any]]:
+        records = _audit(demo_node, demo_node.admin_key, result="denied", limit=1000)
+        return [r for r in records if r["actor"] == key_id]
+
+    with httpx.Client(base_url=demo_node.url, headers=demo_node.auth(key), timeout=30) as http:
+        for i in range(60):
+            path = "/api/v1/audit" if i % 2 else "/api/v1/deployments?tenant=retail"
+            assert http.get(path).status_code in (403, 404)
+        time.sleep(0.6)  # a few records' worth of budget again
+        assert http.get("/api/v1/audit").status_code == 403
+    records = refusals()
+    assert 0 < len(records) < 40, len(records)
+    assert f"more from key gvk_{key_id} not recorded one by one" in records[-1]["reason"], records[
+        -1
+    ]

@@ -159,14 +159,18 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
         action = "authenticate" if isinstance(exc, Unauthenticated) else "request"
         target = AuditTarget(action, "endpoint", endpoint, named_tenant)
     key_id = str(exc.fields.get("key_id", "")) if isinstance(exc, Unauthenticated) else ""
-    more = ""
-    if isinstance(exc, Unauthenticated):
-        client = request.client.host if request.client is not None else ""
-        suppressed = _unauthenticated_budget(node).take(client)
-        if suppressed is None:
-            return  # counted: the address's next record says how many
-        if suppressed:
-            more = f" (and {suppressed} more from {client} not recorded one by one)"
+    # Each refusal is recorded, but no caller may grow the database as fast as it sends:
+    # past a budget, refusals are counted into the caller's next record. The caller is its
+    # address without a valid key, its key with one (a tenant key asking again and again
+    # for what it may not see).
+    if isinstance(exc, Unauthenticated) or principal is None:
+        caller = request.client.host if request.client is not None else ""
+    else:
+        caller = f"key gvk_{principal.key_id}"
+    suppressed = _refusal_budget(node).take(caller)
+    if suppressed is None:
+        return  # counted: the caller's next record says how many
+    more = f" (and {suppressed} more from {caller} not recorded one by one)" if suppressed else ""
     reason = _clipped(f"{exc.http_status} {exc.message}{more}")
     await _append(node, [_event(request, target, principal, result, reason, key_id)])
 
@@ -174,7 +178,7 @@ async def record_refusal(node: Node, request: Request, exc: GpuvisorError) -> No
 _BUDGETS: WeakKeyDictionary[Node, RefusalBudget] = WeakKeyDictionary()
 
 
-def _unauthenticated_budget(node: Node) -> RefusalBudget:
+def _refusal_budget(node: Node) -> RefusalBudget:
     budget = _BUDGETS.get(node)
     if budget is None:
         budget = _BUDGETS[node] = RefusalBudget()

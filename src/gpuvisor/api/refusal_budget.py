@@ -1,7 +1,7 @@
-"""How many refused unauthenticated requests from one client address the audit log records
-one by one. Each is recorded otherwise (who tried, with what key id), but a client with no
-key could then grow the node's database as fast as it can send; past the budget they are
-counted, and the count goes into the next record from that address."""
+"""How many refused requests from one caller (a client address without a valid key, a key
+with one) the audit log records one by one. Each is recorded otherwise (who tried, with what
+key id), but a caller could then grow the node's database as fast as it can send; past the
+budget they are counted, and the count goes into the caller's next record."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ class _Bucket:
 
 
 class RefusalBudget:
-    """A token bucket per client address: ``rate`` records a second, ``burst`` at once;
-    addresses are forgotten all at once past ``max_clients`` (memory stays bounded)."""
+    """A token bucket per caller: ``rate`` records a second, ``burst`` at once; callers are
+    forgotten all at once past ``max_clients`` (memory stays bounded)."""
 
     def __init__(
         self,
@@ -35,7 +35,7 @@ class RefusalBudget:
 
     def take(self, client: str) -> int | None:
         """None: do not record this refusal (it is counted); else record it, with the number
-        of this address's refusals not recorded since its last record."""
+        of this caller's refusals not recorded since its last record."""
         now = self.clock()
         bucket = self._buckets.get(client)
         if bucket is None:
