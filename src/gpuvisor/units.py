@@ -25,7 +25,8 @@ _SIZE_UNITS = {
 }
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?|B)?\s*$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)\s*$")
+# a number with no unit is seconds, as text too ("0.05"; 1e-1, which YAML reads as text)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
 _MAX_DIGITS = 30
 """Digits a written size or duration may have: far more than any real one needs, few enough
 that reading it stays exact and cheap (Python refuses to read integers of over 4300 digits)."""
@@ -91,7 +92,10 @@ def parse_duration(value: str | int | float) -> float:
         raise ValueError(
             f"duration {quoted(value, _MAX_QUOTED)} has too many digits (at most {_MAX_DIGITS})"
         )
-    return float(number) * _DURATION_UNITS[unit]
+    seconds = float(number) * _DURATION_UNITS[unit or "s"]
+    if not math.isfinite(seconds):  # 1e400
+        raise ValueError(f"duration {quoted(value, _MAX_QUOTED)} is too long")
+    return seconds
 
 
 def format_size(

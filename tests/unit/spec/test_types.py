@@ -65,6 +65,10 @@ def test_size_refuses_unreadable_values_and_names_the_accepted_form(bad: object)
         ("1h", 3600.0),
         (3, 3.0),
         (0.25, 0.25),
+        # text that reads as a number is seconds too, as for every other number
+        ("5", 5.0),
+        ("0.05", 0.05),
+        ("1e-1", 0.1),  # YAML reads it as text
     ],
 )
 def test_duration_reads_units_and_plain_seconds(given_value: object, expected: float) -> None:
@@ -73,7 +77,7 @@ def test_duration_reads_units_and_plain_seconds(given_value: object, expected: f
     assert isinstance(value, float)
 
 
-@pytest.mark.parametrize("bad", ["2 parsecs", "fast", "5", "-2ms", -1, False])
+@pytest.mark.parametrize("bad", ["2 parsecs", "fast", "5x", "-2ms", -1, False])
 def test_duration_refuses_unreadable_values(bad: object) -> None:
     with pytest.raises(ValidationError) as info:
         DURATION.validate_python(bad)
@@ -218,3 +222,8 @@ def test_sizes_are_written_rounded_as_asked(n_bytes: int, nearest: str, up: str,
         >= n_bytes
         >= parse_size(format_size(n_bytes, "down"))
     )
+
+
+def test_a_duration_too_long_for_a_number_says_so() -> None:
+    with pytest.raises(ValidationError, match="duration '1e400' is too long"):
+        DURATION.validate_python("1e400")
