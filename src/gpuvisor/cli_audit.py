@@ -182,7 +182,8 @@ def verify_command(
         raise typer.Exit(1)
     checked = f"; anchor {anchored[0]} matches" if anchored else ""
     stdout_console().print(
-        f"audit log intact: {report.records} records{checked}; head "
+        f"audit log intact: {report.records} record{'' if report.records == 1 else 's'}"
+        f"{checked}; head "
         f"{report.head_seq}:{report.head_hash}\n"
         "(keep the head elsewhere and pass it as --anchor later to detect a cut tail)",
         highlight=False,

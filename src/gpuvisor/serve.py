@@ -64,6 +64,8 @@ def load_node_config(path: Path | None) -> NodeSpec:
     """Return the node configuration in ``path`` (one ``kind: Node`` document), or the defaults."""
     if path is None:
         return NodeSpec()
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: -c/--config takes the node configuration file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such configuration file")
     docs = load_documents(path.read_text(), source=path.name, base_dir=path.parent)

@@ -175,10 +175,10 @@ def test_file_changed_after_signing_fails_the_slice_until_the_signed_file_is_bac
     assert httpx.post(f"{base}/unload", headers=tenant, timeout=30).status_code == 200
     reload = httpx.post(f"{base}/load", headers=tenant, timeout=60)
     assert reload.status_code == 503, reload.text
-    assert "changed after it was signed" in reload.json()["error"]
+    assert "is not the file that was signed" in reload.json()["error"]
     state = setup.wait_settled("tampered")
     assert state["state"] == "Failed"
-    assert "changed after it was signed" in str(state["reason"])
+    assert "is not the file that was signed" in str(state["reason"])
     assert setup.trusted.fingerprint in str(state["reason"])
     assert setup.infer("tampered").status_code == 503
     # putting the signed file back brings the slice back, with no apply and no load by hand

@@ -314,3 +314,13 @@ def test_three_slashes_to_an_absolute_folder_get_the_four_slash_form(tmp_path: P
         check_database_url(f"sqlite:///{relative}")
     assert f"for /{relative}, write sqlite:////{relative})" in refused.value.message
     assert "sqlite:/// takes a path relative to the current folder" in refused.value.message
+
+
+def test_a_folder_given_as_the_configuration_file_is_named_as_a_folder(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    code, output = _up(tmp_path, "-c", str(tmp_path), "--state", str(state))
+    assert code == 1
+    assert f"{tmp_path} is a folder: -c/--config takes the node configuration file" in (
+        _one_error_line(output)
+    )
+    assert not state.exists()

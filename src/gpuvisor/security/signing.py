@@ -337,10 +337,11 @@ class SignaturePolicy:
             )
         if actual_sha256 is not None and actual_sha256 != signed.sha256:
             raise IntegrityError(
-                f"model file {source} changed after it was signed: the signature (key "
-                f"{signed.fingerprint}) covers sha256 {signed.sha256}, which the file no "
-                "longer has; restore the signed file, or sign the new one "
-                "('gpuvisor models sign') and update spec.signature",
+                f"model file {source} is not the file that was signed (it is another file, "
+                f"or it changed after signing): the signature (key {signed.fingerprint}) "
+                f"covers sha256 {signed.sha256}, which this file does not have; name the "
+                "signed file, or sign this one ('gpuvisor models sign') and update "
+                "spec.signature",
                 reason="changed_after_signing",
                 key=signed.fingerprint,
                 expected=signed.sha256,

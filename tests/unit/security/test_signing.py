@@ -90,7 +90,7 @@ def _other_digest(signature: str) -> str:
 BAD_CASES = [
     ("unsigned", lambda s, o: "", False, "unsigned", ["not signed", "requireSignedModels"]),
     ("other key", lambda s, o: o, False, "untrusted_key", ["not in", "trustedKeys"]),
-    ("changed file", lambda s, o: s, True, "changed_after_signing", ["changed after it was signed"]),
+    ("changed file", lambda s, o: s, True, "changed_after_signing", ["is not the file that was signed"]),
     ("tampered bytes", lambda s, o: _tamper_signature(s), False, "bad_signature", ["altered"]),
     ("digest swapped", lambda s, o: _other_digest(s), False, "bad_signature", ["does not verify"]),
     ("three parts", lambda s, o: s.rsplit(":", 1)[0], False, "malformed_signature", ["4 parts"]),
@@ -312,7 +312,7 @@ def test_cli_keygen_sign_verify(tmp_path: Path, model_file: Path) -> None:
         app,
         ["models", "verify", "--signature", line, "--trusted-key", str(pub), str(model_file)],
     )
-    assert bad.exit_code == 1 and "changed after it was signed" in bad.output
+    assert bad.exit_code == 1 and "is not the file that was signed" in bad.output
     missing = runner.invoke(app, ["models", "sign", "--key", str(tmp_path / "no.key"), "x"])
     assert missing.exit_code == 1 and "keygen" in missing.output
     wrong = runner.invoke(app, ["models", "sign", "--key", str(pub), str(model_file)])
