@@ -78,11 +78,11 @@ _COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("ID", lambda i: i["id"]),
         ("KIND", lambda i: i["kind"]),
         ("MODEL", lambda i: i["model"]),
-        ("MEMORY", lambda i: _size(i.get("memory_total"))),
+        ("MEMORY", lambda i: _size(i.get("memoryTotal"))),
         ("RESERVED", lambda i: _size(i.get("memoryReserved"))),
-        ("THREADS/SMS", lambda i: i.get("threads") or i.get("sm_count") or "-"),
-        ("NUMA", lambda i: i.get("numa_node")),
-        ("MIG", lambda i: "on" if i.get("mig_mode") else "off"),
+        ("THREADS/SMS", lambda i: i.get("threads") or i.get("smCount") or "-"),
+        ("NUMA", lambda i: i.get("numaNode")),
+        ("MIG", lambda i: "on" if i.get("migMode") else "off"),
         ("NODE", lambda i: i.get("node")),
         ("STATUS", lambda i: _device_status(i)),
         ("SLICES", lambda i: len(i.get("slices", []))),
@@ -112,7 +112,7 @@ def _device_status(item: dict[str, Any]) -> str:
     if item.get("cordoned"):
         return "cordoned"
     if not item.get("healthy", True):
-        return "unhealthy" + (f": {item['health_reason']}" if item.get("health_reason") else "")
+        return "unhealthy" + (f": {item['healthReason']}" if item.get("healthReason") else "")
     return "ok"
 
 

@@ -312,6 +312,11 @@ def test_one_device_is_read_by_its_id(demo_node: NodeProcess) -> None:
     one = httpx.get(f"{demo_node.url}/api/v1/devices/cpu-0", headers=admin, timeout=30)
     assert one.status_code == 200, one.text
     assert one.json() == listed["items"][0]
+    # camelCase, as every other object of the API
+    assert {"memoryTotal", "numaNode", "migMode", "healthReason", "memoryReserved"} <= set(
+        one.json()
+    )
+    assert not [key for key in one.json() if "_" in key], one.json()
     missing = httpx.get(f"{demo_node.url}/api/v1/devices/gpu-9", headers=admin, timeout=30)
     assert missing.status_code == 404
     assert missing.json()["error"] == "device 'gpu-9' not found (this node has: cpu-0)"

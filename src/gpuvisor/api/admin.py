@@ -301,7 +301,7 @@ def admin_router(node: Node) -> APIRouter:
             if s.device_id == device.id and s.state != "Failed"
         ]
         return {
-            **device.to_dict(),
+            **device.document(),
             # a tenant key sees its own slices' ids only (they name their owners)
             "slices": [s.id for s in on_device if principal.may_see(s.tenant)],
             "memoryReserved": sum(s.memory for s in on_device),

@@ -121,6 +121,11 @@ class Device:
         """Return every field as a JSON-ready dict; ``Device.from_dict`` reverses it."""
         return dataclasses.asdict(self)
 
+    def document(self) -> dict[str, Any]:
+        """Return the device as the API and the CLI show it: every field, camelCase as every
+        other object of the API (``memoryTotal``, ``migInstances``)."""
+        return {_camel(name): value for name, value in self.to_dict().items()}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Device:
         """Rebuild a device from ``to_dict`` output; unknown keys (e.g. ``labels``) are ignored."""
@@ -178,3 +183,8 @@ class Topology:
     def to_dict(self) -> dict[str, Any]:
         """Return ``{"devices": [...]}`` with each device's ``to_dict``."""
         return {"devices": [d.to_dict() for d in self.devices]}
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.capitalize() for part in rest)

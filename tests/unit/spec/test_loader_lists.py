@@ -154,7 +154,7 @@ def test_an_items_problem_names_its_place_in_the_list(item: object, expected_lin
 @pytest.mark.parametrize(
     ("item", "what"),
     [
-        ({"id": "cpu-0", "kind": "cpu", "backend": "cpu", "memory_total": 2**30}, "a device"),
+        ({"id": "cpu-0", "kind": "cpu", "backend": "cpu", "memoryTotal": 2**30}, "a device"),
         ({"id": "retail/shelf/0", "state": "Ready", "tenant": "retail"}, "a slice"),
     ],
 )
