@@ -62,6 +62,8 @@ def test_apply_warns_about_a_missing_model_file_and_unplaceable_replicas(
     assert warnings[("Model", "nightly-scorer@1")] == []
     [pending] = warnings[("Deployment", "nightly-scorer")]
     assert pending.startswith("2 of 2 replica(s) Pending: cpu-0: compute shares would sum to ")
+    # said once, by the deployment: not again under the profile applied with it
+    assert warnings[("Profile", "huge")] == []
 
 
 WEEKLY = """

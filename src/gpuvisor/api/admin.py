@@ -36,6 +36,7 @@ from gpuvisor.spec.kinds import (
     API_VERSION,
     DEFAULT_POOL,
     TENANT_SCOPED,
+    Deployment,
     Resource,
     resource_key,
 )
@@ -196,6 +197,12 @@ def admin_router(node: Node) -> APIRouter:
         if node.controller is not None:
             await node.controller.reconcile()
         bodies = {resource_key(r): r for r in resources}
+        # a deployment in this apply says itself that it is Pending: its profile does not too
+        deployments = frozenset(
+            (r.metadata.tenant or "", r.metadata.name)
+            for r in resources
+            if isinstance(r, Deployment)
+        )
         return {
             "results": [
                 {
@@ -204,7 +211,7 @@ def admin_router(node: Node) -> APIRouter:
                     "tenant": o.tenant or None,
                     "outcome": outcome,
                     "warnings": apply_warnings(
-                        bodies.get((o.kind, o.tenant, o.name)), node.controller
+                        bodies.get((o.kind, o.tenant, o.name)), node.controller, deployments
                     ),
                     "notes": apply_notes(bodies.get((o.kind, o.tenant, o.name)), node.controller),
                 }

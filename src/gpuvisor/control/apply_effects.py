@@ -11,10 +11,15 @@ from gpuvisor.spec.kinds import Deployment, Model, Profile, Resource
 __all__ = ["apply_notes", "apply_warnings"]
 
 
-def apply_warnings(resource: Resource | None, controller: Controller | None) -> list[str]:
+def apply_warnings(
+    resource: Resource | None,
+    controller: Controller | None,
+    applied: frozenset[tuple[str, str]] = frozenset(),
+) -> list[str]:
     """What will keep an applied object from serving, as far as the node can tell now: a model
     file missing on the node, a deployment's replicas (or, for a profile, those of every
-    deployment that uses it) that fit on no device."""
+    deployment that uses it, but for those in the same apply, ``applied`` (tenant, name),
+    which say it themselves) that fit on no device."""
     if isinstance(resource, Model):
         source = Path(resource.spec.source)
         if not source.is_file():
@@ -29,7 +34,11 @@ def apply_warnings(resource: Resource | None, controller: Controller | None) -> 
         return [pending] if pending else []
     if isinstance(resource, Profile):
         name = resource.metadata.name
-        users = [d for d in controller.deployments() if d.spec.profile == name]
+        users = [
+            d
+            for d in controller.deployments()
+            if d.spec.profile == name and (d.metadata.tenant or "", d.metadata.name) not in applied
+        ]
         return [
             f"deployment {d.metadata.tenant}/{d.metadata.name}: {pending}"
             for d in users
