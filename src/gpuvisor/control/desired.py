@@ -90,8 +90,12 @@ def desired_slices(
         # changing the pace leaves the running replicas as they are; nor is a pool's spec that
         # holds only the defaults (a saved listing applied again makes the implicit pool
         # `default` an applied one, with the same settings: nothing restarts)
+        # The model counts as resolved (its spec, version included, below): `model: m` and
+        # `model: m@2` that resolve to the same version are the same spec.
+        dep_part = dep.spec.model_dump(mode="json", exclude={"replicas", "rollout"})
+        dep_part["model"] = dep.spec.model_name
         spec_hash = _hash(
-            dep.spec.model_dump(mode="json", exclude={"replicas", "rollout"}),
+            dep_part,
             model.spec.model_dump(mode="json") if model else None,
             profile.spec.model_dump(mode="json") if profile else None,
             pool.spec.model_dump(mode="json") if pool and pool.spec != _DEFAULTS else None,

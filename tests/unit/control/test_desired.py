@@ -63,6 +63,14 @@ def test_applying_the_implicit_default_pool_as_it_is_changes_no_replica() -> Non
     assert desired_slices(spread, set())[0].spec_hash != implicit
 
 
+def test_pinning_the_version_a_deployment_already_serves_changes_no_replica() -> None:
+    unpinned = desired_slices(load_documents(MANIFEST), set())[0].spec_hash
+    pinned = load_documents(MANIFEST.replace("spec: {model: m,", "spec: {model: m@10,"))
+    assert desired_slices(pinned, set())[0].spec_hash == unpinned
+    older = load_documents(MANIFEST.replace("spec: {model: m,", "spec: {model: m@2,"))
+    assert desired_slices(older, set())[0].spec_hash != unpinned
+
+
 def test_missing_model_is_a_reason_not_a_crash() -> None:
     docs = [d for d in load_documents(MANIFEST) if d.kind != "Model"]
     slices = desired_slices(docs, set())
