@@ -288,6 +288,13 @@ def plan_command(
         err_console.print(f"wrote {path}", highlight=False, markup=False)
     for note in notes:
         err_console.print(f"note: {note}", highlight=False, markup=False)
+    if not workloads:
+        err_console.print(
+            "warning: the manifests hold no Deployment: nothing was planned (give -f the "
+            "files with your Deployments, Profiles and Pools)",
+            highlight=False,
+            markup=False,
+        )
 
 
 def bench_placement(

@@ -203,6 +203,17 @@ def test_a_manifest_file_without_a_fleet_is_refused(files: tuple[Path, Path]) ->
     assert code == 1 and "expected one Fleet document, found 0" in err
 
 
+def test_manifests_without_a_deployment_plan_nothing_and_say_so(
+    files: tuple[Path, Path],
+) -> None:
+    fleet, apps = files
+    code, _, err = plan("--fleet", str(fleet), "-f", str(fleet))
+    assert code == 0
+    assert "warning: the manifests hold no Deployment: nothing was planned" in err
+    code, _, err = plan("--fleet", str(fleet), "-f", str(apps))
+    assert code == 0 and "warning" not in err
+
+
 def test_the_installed_command_runs(files: tuple[Path, Path]) -> None:
     fleet, apps = files
     done = subprocess.run(

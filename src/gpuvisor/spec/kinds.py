@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Any, Final, Literal, get_args
 
@@ -235,8 +236,10 @@ class PoolSpec(SpecModel):
     def _known_device_labels(cls, selector: dict[str, str]) -> dict[str, str]:
         unknown = sorted(set(selector) - set(DEVICE_LABELS))
         if unknown:
+            close = difflib.get_close_matches(unknown[0], DEVICE_LABELS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(
-                f"unknown device label {unknown[0]!r} (accepted: {', '.join(DEVICE_LABELS)})"
+                f"unknown device label {unknown[0]!r} ({hint}accepted: {', '.join(DEVICE_LABELS)})"
             )
         return selector
 

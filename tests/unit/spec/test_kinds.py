@@ -274,6 +274,8 @@ def test_pool_selector_refuses_unknown_device_labels() -> None:
     (error,) = errors_of("{kind: Pool, metadata: {name: p}, spec: {selector: {gpu: H100}}}")
     assert "unknown device label 'gpu'" in error["msg"]
     assert "kind, backend, model, id, node" in error["msg"]
+    (typo,) = errors_of("{kind: Pool, metadata: {name: p}, spec: {selector: {knd: gpu}}}")
+    assert "unknown device label 'knd' (did you mean 'kind'? accepted:" in typo["msg"]
 
 
 @pytest.mark.parametrize(
