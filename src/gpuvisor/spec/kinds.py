@@ -29,6 +29,7 @@ from gpuvisor.spec.types import (
     field_error,
     quoted,
 )
+from gpuvisor.units import format_size
 
 __all__ = [
     "API_VERSION",
@@ -210,6 +211,15 @@ class ProfileSpec(SpecModel):
                 "migProfile",
                 f"migProfile is only used with isolation 'partition' (this profile has "
                 f"isolation {self.isolation!r}): remove it or set isolation: partition",
+            )
+        # a MIG profile names its memory (1g.10gb: 10 GB): a slice cannot hold more
+        named = re.search(r"\d+g\.(\d+)gb", self.mig_profile or "")
+        if named is not None and self.memory > int(named.group(1)) * 2**30:
+            raise field_error(
+                "memory",
+                f"memory {format_size(self.memory)} is more than a {self.mig_profile} MIG "
+                f"instance holds ({named.group(1)} GB): ask for at most that, or name a larger "
+                "migProfile",
             )
         return self
 

@@ -252,6 +252,10 @@ def test_scope_sets_partition_the_kinds() -> None:
         ("{memory: 1Gi, isolation: process, migProfile: 1g.10gb}", "only used with isolation"),
         ("{memory: 0}", "greater than 0"),
         ("{memory: 1Gi, computeShare: 1.5}", "less than or equal to 1"),
+        (
+            "{memory: 70Gi, isolation: partition, migProfile: 1g.10gb}",
+            "memory 70Gi is more than a 1g.10gb MIG instance holds (10 GB)",
+        ),
         # a share too small to schedule by (it underflowed the dispatcher's arithmetic)
         ("{memory: 1Gi, computeShare: 5e-324}", "0 (no guarantee) or at least 0.001"),
         ("{memory: 1Gi, computeShare: 0.0005}", "0 (no guarantee) or at least 0.001"),
