@@ -89,15 +89,16 @@ def load_node_config(path: Path | None) -> NodeSpec:
 
 _GRACEFUL_SHUTDOWN = 10  # seconds the server gives open requests once it is told to stop
 _QUEUED_GRACE = 8.0  # of which queued requests may still start: the rest are answered 503
+_RUNNING_GRACE = 9.5  # and running ones may finish: the rest are answered 503 too
 
 
 async def _drain_when_stopping(server: uvicorn.Server, node: Node) -> None:
     """Once the server is told to stop, give queued requests ``_QUEUED_GRACE`` seconds and
-    answer the rest with 503: past its graceful timeout the server cancels open requests,
-    which would answer them with a bare 500."""
+    running ones ``_RUNNING_GRACE``, and answer the rest with 503: past its graceful timeout
+    the server cancels open requests, which would answer them with a bare 500."""
     while not server.should_exit:
         await asyncio.sleep(0.1)
-    node.begin_shutdown(_QUEUED_GRACE)
+    node.begin_shutdown(_QUEUED_GRACE, _RUNNING_GRACE)
 
 
 def _prepare_state(state_dir: Path, db_url: str, demo: bool) -> tuple[str | None, DemoState | None]:

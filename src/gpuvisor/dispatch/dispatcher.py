@@ -136,6 +136,14 @@ class DeviceDispatcher:
             if request.future is not None and not request.future.done():
                 request.future.set_exception(error)
 
+    def fail_running(self, error: GpuvisorError) -> None:
+        """Answer the requests of every batch on the device (running or staged) with
+        ``error`` now; the batches go on, and what they answer later goes nowhere."""
+        for grant in self._grants:
+            for request in grant.batch:
+                if request.future is not None and not request.future.done():
+                    request.future.set_exception(error)
+
     # ---- requests ---------------------------------------------------------------------
 
     def submit(self, slice_id: str, request: PendingRequest) -> asyncio.Future[Outcome]:

@@ -14,7 +14,7 @@ from gpuvisor.dispatch.dispatcher import BatchCallback, DeviceDispatcher
 from gpuvisor.dispatch.policy import FifoPolicy
 from gpuvisor.dispatch.profiles import ExecutionProfile
 from gpuvisor.dispatch.queues import Outcome, PendingRequest, SliceQueue
-from gpuvisor.errors import WorkerCrashed
+from gpuvisor.errors import Unavailable, WorkerCrashed
 
 
 class RecordingRunner:
@@ -680,3 +680,25 @@ def test_a_batch_that_holds_the_device_past_the_timeout_has_its_worker_stopped()
 def test_the_batch_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="the batch timeout must be positive, got 0"):
         DeviceDispatcher("cpu-0", ManualRunner(), batch_timeout=0)
+
+
+def test_failing_the_running_batches_answers_their_requests_now() -> None:
+    """A stopping node answers what still runs before its server gives up on it: the batch
+    goes on, and its late answer goes nowhere."""
+    runner = RecordingRunner(seconds=0.05)
+    dispatcher = DeviceDispatcher("cpu-0", runner)
+    dispatcher.add_slice(_queue("a"))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        future = dispatcher.submit("a", _request(0))
+        await asyncio.sleep(0.01)  # running
+        dispatcher.fail_running(Unavailable("the node is stopping"))
+        with pytest.raises(Unavailable, match="the node is stopping"):
+            await future
+        await asyncio.sleep(0.08)  # the batch ends; nothing breaks on its late answer
+        assert dispatcher.in_flight == 0
+        await dispatcher.stop()
+
+    asyncio.run(scenario())
+    assert [ids for _, ids in runner.batches] == [[0]]
