@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -30,10 +32,22 @@ def node_url(url: str | None) -> str:
     return text if "://" in text else f"http://{text}"
 
 
-def _key(given: str | None, state_dir: Path) -> str:
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine by a loopback address (127.0.0.0/8, ::1, localhost)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _key(given: str | None, state_dir: Path, url: str = DEFAULT_URL) -> str:
     """The key a command uses: ``given`` (--key), else GPUVISOR_KEY, else the state directory's
-    admin key. One given but empty is an error, never a silent fall back to the admin key (a
-    script's ``--key "$TENANT_KEY"`` with the variable unset must not run as admin)."""
+    admin key, which goes only to a node on this machine (a loopback ``url``). One given but
+    empty is an error, never a silent fall back to the admin key (a script's ``--key
+    "$TENANT_KEY"`` with the variable unset must not run as admin)."""
     if given is None:
         given = os.environ.get("GPUVISOR_KEY")
     if given is not None:
@@ -45,6 +59,12 @@ def _key(given: str | None, state_dir: Path) -> str:
         return given.strip()
     found = read_admin_key(state_dir)
     if found:
+        if not is_loopback_url(url):
+            raise ConfigError(
+                f"no API key for {url}: the admin key in {admin_key_path(state_dir)} is the "
+                "local node's, and is not sent to another machine. Pass --key or set "
+                "GPUVISOR_KEY to a key of that node"
+            )
         return found
     path = admin_key_path(state_dir)
     if path.exists():
@@ -72,10 +92,14 @@ class NodeClient:
     ) -> None:
         self.url = node_url(url)
         state_dir = resolve_state_dir(state)
-        self.key = _key(key, state_dir)
+        self.key = _key(key, state_dir, self.url)
         try:
             self.http = httpx.Client(
-                base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.key}"}
+                base_url=self.url,
+                timeout=timeout,
+                headers={"Authorization": f"Bearer {self.key}"},
+                # a node on this machine is reached directly, never through HTTP_PROXY
+                trust_env=not is_loopback_url(self.url),
             )
         except httpx.InvalidURL as exc:
             raise ConfigError(f"{self.url!r} is not a node URL ({exc}): {_URL_HINT}") from None

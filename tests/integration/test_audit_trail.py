@@ -261,7 +261,9 @@ def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
             transport = httpx.ASGITransport(
                 app=create_app(node, manage_lifecycle=False), raise_app_exceptions=False
             )
-            async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1"
+            ) as client:
                 answer = await client.post(
                     "/api/v1/apply",
                     content=PROFILE,
@@ -349,3 +351,17 @@ def test_a_key_asking_again_and_again_for_what_it_may_not_see_is_recorded_within
     assert f"more from key gvk_{key_id} not recorded one by one" in records[-1]["reason"], records[
         -1
     ]
+
+
+def test_a_key_pasted_where_a_name_goes_is_neither_logged_nor_recorded(
+    demo_node: NodeProcess,
+) -> None:
+    secret = "gvk_abcdefgh_" + "S3cretPart" * 4
+    retail = demo_node.auth(demo_node.tenant_key("retail"))
+    for path in (f"/api/v1/deployments/{secret}", f"/api/v1/deployments?tenant={secret}"):
+        answer = httpx.get(f"{demo_node.url}{path}", headers=retail, timeout=30)
+        assert answer.status_code == 404, answer.text
+    records = _audit(demo_node, demo_node.admin_key, limit=1000)
+    assert "S3cretPart" not in str(records)
+    assert any("gvk_abcdefgh_…" in r["tenant"] for r in records), records[-3:]
+    assert "S3cretPart" not in (demo_node.state_dir / "node.log").read_text()

@@ -294,7 +294,7 @@ def test_a_bytes_shape_far_beyond_its_data_is_400_and_the_worker_lives(node: Nod
 def test_a_client_that_hangs_up_mid_body_is_no_error(node: NodeProcess) -> None:
     key = node.tenant_key("analytics")
     head = (
-        "POST /v2/models/basket-scorer/infer HTTP/1.1\r\nHost: x\r\n"
+        "POST /v2/models/basket-scorer/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Bearer {key}\r\nContent-Length: 1000\r\n\r\n"
     )
     log_path = node.state_dir / "node.log"
@@ -426,3 +426,41 @@ spec: {memory: 1Gi, computeShares: 0.5}
     assert unknown_field.status_code == 400 and "computeShares" in unknown_field.json()["error"]
     nothing = httpx.get(f"{node.url}/v2/nowhere")
     assert nothing.status_code == 404 and "error" in nothing.json()
+
+
+def test_a_host_header_naming_another_machine_is_refused_on_a_loopback_node(
+    node: NodeProcess,
+) -> None:
+    """A web page that rebinds its own name to 127.0.0.1 reads the node as its own origin;
+    the node answers only requests addressed to a loopback name."""
+    port = node.url.rsplit(":", 1)[1]
+    for path in ("/metrics", "/ui/", "/v2/health/ready", "/v2/models/basket-scorer/infer"):
+        refused = httpx.get(
+            f"{node.url}{path}", headers={"Host": f"rebind.attacker.example:{port}"}, timeout=30
+        )
+        assert refused.status_code == 400, (path, refused.text)
+        assert "is not this node" in refused.json()["error"]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1"):
+        assert httpx.get(f"{node.url}/metrics", headers={"Host": host}, timeout=30).is_success
+
+
+def test_no_route_reads_a_body_past_the_api_limit(node: NodeProcess) -> None:
+    """A key creation or a cordon takes a few hundred bytes: a huge body, with no key at all,
+    is refused before it is read (Content-Length) or once it passes the limit (chunked)."""
+    huge = b"a" * (9 << 20)
+    for path in ("/api/v1/keys", "/api/v1/devices/cpu-0/cordon"):
+        declared = httpx.post(f"{node.url}{path}", content=huge, timeout=60)
+        assert declared.status_code == 413, declared.text
+        assert "over the limit of 8Mi (fixed for the node's API)" in declared.json()["error"]
+
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, len(huge), 1 << 20):
+                yield huge[start : start + (1 << 20)]
+
+        streamed = httpx.post(
+            f"{node.url}{path}", content=chunks(), headers=node.auth(node.admin_key), timeout=60
+        )
+        assert streamed.status_code == 413, streamed.text
+    ui = httpx.get(f"{node.url}/ui/", timeout=30)
+    assert ui.headers["X-Frame-Options"] == "DENY"
+    assert ui.headers["Content-Security-Policy"] == "frame-ancestors 'none'"

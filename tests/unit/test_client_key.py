@@ -57,3 +57,32 @@ def test_a_missing_admin_key_says_whether_a_node_ever_started_there(state: Path)
     (state / "admin.key").write_text("\n")
     with pytest.raises(ConfigError, match=r"admin.key is empty\. Pass --key"):
         NodeClient(state=str(state))
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("http://127.0.0.1:8700", True),
+        ("http://localhost:8700", True),
+        ("http://[::1]:8700", True),
+        ("http://127.0.0.2:9000", True),
+        ("http://192.0.2.1:8700", False),
+        ("http://gpu-box.example:8700", False),
+    ],
+)
+def test_the_local_admin_key_goes_to_a_node_on_this_machine_only(
+    state: Path, url: str, sent: bool
+) -> None:
+    if sent:
+        client = NodeClient(url=url, state=str(state))
+        assert client.key == "gvk_admin_secret"
+        # reached directly, whatever HTTP_PROXY says: the key never passes through a proxy
+        assert client.http.trust_env is False
+        return
+    with pytest.raises(ConfigError) as caught:
+        NodeClient(url=url, state=str(state))
+    assert caught.value.message.startswith(f"no API key for {url}: the admin key in ")
+    assert "is not sent to another machine" in caught.value.message
+    # a key given for that node is used, through a proxy if the environment names one
+    remote = NodeClient(url=url, key="gvk_remote", state=str(state))
+    assert remote.key == "gvk_remote" and remote.http.trust_env is True

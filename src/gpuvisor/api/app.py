@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -22,7 +23,12 @@ from gpuvisor.api.audit import (
 from gpuvisor.api.audit_log import audit_log_router
 from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.devices import devices_router
-from gpuvisor.api.errors import ErrorBody, error_responses, install_error_handlers
+from gpuvisor.api.errors import (
+    ErrorBody,
+    error_response,
+    error_responses,
+    install_error_handlers,
+)
 from gpuvisor.api.inference import (
     document_request_body,
     inference_router,
@@ -34,6 +40,7 @@ from gpuvisor.api.model_config import model_config_router
 from gpuvisor.api.oip import oip_router
 from gpuvisor.errors import GpuvisorError
 from gpuvisor.node import Node
+from gpuvisor.units import format_size
 
 __all__ = ["create_app"]
 
@@ -57,6 +64,66 @@ def _echoing_request_id(scope: Scope, send: Send) -> Send:
     return echo
 
 
+#: The largest body any route but inference takes (those that take a body bound it tighter:
+#: 4 MiB for manifests); a key creation or a cordon takes a few hundred bytes.
+MAX_API_BODY = 8 << 20
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _refusal(scope: Scope, node: Node) -> Response | None:
+    """The answer to a request refused before any route sees it, or None: a body declared
+    over ``MAX_API_BODY`` (not on the inference routes, which have their own limit), or,
+    on a node that listens on loopback only, a Host header that names no loopback address
+    (a web page that rebinds its own name to 127.0.0.1 would read the node as same-origin)."""
+    host = declared = b""
+    for key, value in scope["headers"]:
+        if key == b"host":
+            host = value
+        elif key == b"content-length":
+            declared = value
+    if node.options.host in _LOOPBACK_NAMES:
+        text = host.decode("latin-1")
+        name = text if text.endswith("]") else text.rsplit(":", 1)[0]
+        if name not in _LOOPBACK_NAMES:
+            return error_response(
+                400,
+                f"Host {text!r} is not this node: a node listening on {node.options.host} "
+                "answers requests addressed to 127.0.0.1, localhost or [::1] only",
+                code="invalid_request",
+            )
+    if declared.isdigit() and int(declared) > MAX_API_BODY and inference_target(scope) is None:
+        return error_response(
+            413,
+            f"request body is over the limit of {format_size(MAX_API_BODY)} (fixed for the "
+            "node's API)",
+            code="payload_too_large",
+        )
+    return None
+
+
+def _bounded(receive: Receive) -> Receive:
+    """``receive``, refusing a body (sent without a Content-Length, in chunks) once it
+    passes ``MAX_API_BODY``."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > MAX_API_BODY:
+                # an HTTPException: FastAPI passes it on from its body parsing, where it turns
+                # any other error into a 400
+                raise StarletteHTTPException(
+                    413,
+                    f"request body is over the limit of {format_size(MAX_API_BODY)} (fixed "
+                    "for the node's API)",
+                )
+        return message
+
+    return bounded
+
+
 class NodeApp(FastAPI):
     """The node's FastAPI app, with inference answered ahead of the middleware stack.
 
@@ -68,9 +135,12 @@ class NodeApp(FastAPI):
     node: Node
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (refusal := _refusal(scope, self.node)) is not None:
+            await refusal(scope, receive, send)
+            return
         target = inference_target(scope)
         if target is None:
-            await super().__call__(scope, receive, _echoing_request_id(scope, send))
+            await super().__call__(scope, _bounded(receive), _echoing_request_id(scope, send))
         else:
             await serve_inference(self.node, scope, receive, send, *target)
 

@@ -227,16 +227,17 @@ def _event(
     reason: str,
     key_id: str = "",
 ) -> AuditEvent:
-    """The record of ``target`` attempted by ``principal`` (``key_id`` when no key was valid)."""
+    """The record of ``target`` attempted by ``principal`` (``key_id`` when no key was valid);
+    a key's secret that a caller put where a name or tenant goes is not recorded."""
     return AuditEvent(
         action=target.action,
         result=result,
         actor=principal.key_id if principal else key_id,
         role=principal.role if principal else "",
-        tenant=target.tenant or (principal.tenant if principal else None) or "",
+        tenant=redact_secrets(target.tenant or (principal.tenant if principal else None) or ""),
         object_kind=target.kind,
-        object_name=target.name,
-        reason=reason,
+        object_name=redact_secrets(target.name),
+        reason=redact_secrets(reason),
         request_id=request_id_of(request),
     )
 

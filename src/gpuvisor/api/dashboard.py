@@ -63,5 +63,12 @@ def _serve(name: str) -> Response:
     media_type = UI_FILES.get(name)
     if media_type is None:
         raise NotFound(f"/ui/{name} does not exist (the dashboard is at /ui/)")
-    # no-cache: a node upgraded under an open page serves the new script on its next load
-    return Response(_ui_file(name), media_type=media_type, headers={"Cache-Control": "no-cache"})
+    # no-cache: a node upgraded under an open page serves the new script on its next load;
+    # no frames: another site cannot show the sign-in form inside its own page
+    headers = {
+        "Cache-Control": "no-cache",
+        "X-Frame-Options": "DENY",
+        "Content-Security-Policy": "frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+    }
+    return Response(_ui_file(name), media_type=media_type, headers=headers)

@@ -101,7 +101,7 @@ def gpuvisor_error_response(request: Request, exc: GpuvisorError) -> Response:
         redact_secrets(request.url.path),
         exc.http_status,
         exc.code,
-        exc.message,
+        redact_secrets(exc.message),  # a key pasted where a name goes is not logged
         extra={"request_id": request_id, "tenant": getattr(request.state, "tenant", None)},
     )
     response = error_response(exc.http_status, exc.message, retry_after, code=exc.code, **fields)
@@ -129,6 +129,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such endpoint: {request.method} {redact_secrets(request.url.path)}"
         code = "not_found"
+    elif exc.status_code == 413:
+        code = "payload_too_large"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {redact_secrets(request.url.path)}"
         code = "method_not_allowed"
