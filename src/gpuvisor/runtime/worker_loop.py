@@ -15,7 +15,7 @@ import msgspec
 import psutil
 import zmq
 
-from gpuvisor.errors import GpuvisorError
+from gpuvisor.errors import GpuvisorError, IntegrityError
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.batch_check import decide_batching
 from gpuvisor.runtime.execution import LoadedSlice, profile_batches, run_requests
@@ -259,6 +259,8 @@ class Worker:
         started = time.perf_counter()
         try:
             digest = verify_sha256(Path(spec.path), spec.sha256)
+            if spec.sha256 is not None and spec.format == "onnx":
+                refuse_external_data(Path(spec.path))
             device = ExecutorDevice(
                 kind="cuda" if spec.device_kind == "cuda" else "cpu",
                 index=spec.device_index,
@@ -378,4 +380,21 @@ class Worker:
                 error=error,
             ),
             out_frames,
+        )
+
+
+def refuse_external_data(path: Path) -> None:
+    """Raise IntegrityError for an ONNX model that keeps tensors in other files: a pinned
+    sha256 (or a signature) covers the model's own file only, and its weights could be
+    changed under it."""
+    from gpuvisor.runtime.executors.onnx import external_data_files
+
+    files = external_data_files(path)
+    if files:
+        raise IntegrityError(
+            f"model file {path} keeps tensors in {len(files)} other file(s) "
+            f"({', '.join(files[:3])}{', …' if len(files) > 3 else ''}), which its sha256 "
+            "or signature does not cover: save the model as one file (onnx.save_model "
+            "without save_as_external_data) to pin or sign it",
+            path=str(path),
         )

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import onnx
 import orjson
 import psutil
 import pytest
@@ -120,6 +121,38 @@ def test_tampered_model_is_refused(model: Path) -> None:
                 await pool.load_slice(_launch("a/x/0", model, sha256="0" * 64))
             assert "0" * 64 in refused.value.message
             assert not pool.workers, "the worker of a refused slice is stopped"
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_pinned_model_whose_weights_are_in_another_file_is_refused(
+    model: Path, tmp_path: Path
+) -> None:
+    """A sha256 (or a signature) covers the model's own file: weights kept beside it could be
+    changed under it, so such a model cannot be pinned. Unpinned, it loads."""
+    split = tmp_path / "split.onnx"
+    onnx.save_model(
+        onnx.load(str(model)),
+        str(split),
+        save_as_external_data=True,
+        location="split.weights",
+        size_threshold=0,
+    )
+    assert (tmp_path / "split.weights").exists()
+    digest = hashlib.sha256(split.read_bytes()).hexdigest()
+
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            with pytest.raises(IntegrityError) as refused:
+                await pool.load_slice(_launch("a/x/0", split, sha256=digest))
+            assert "keeps tensors in 1 other file(s) (split.weights)" in refused.value.message
+            assert "save the model as one file" in refused.value.message
+            loaded, _ = await pool.load_slice(_launch("a/y/0", split))
+            assert [t.name for t in loaded.inputs] == ["features"]
         finally:
             await pool.close()
 

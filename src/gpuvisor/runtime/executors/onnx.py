@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
@@ -16,7 +17,7 @@ from gpuvisor.errors import ExecutionError, GpuvisorError, InvalidRequest, Model
 from gpuvisor.runtime.executors.base import ExecutorDevice, is_batchable, reconcile_metadata
 from gpuvisor.runtime.tensors import TensorMeta
 
-__all__ = ["ONNX_DATATYPES", "OnnxExecutor"]
+__all__ = ["ONNX_DATATYPES", "OnnxExecutor", "external_data_files"]
 
 log = logging.getLogger("gpuvisor.runtime")
 
@@ -40,6 +41,40 @@ ONNX_DATATYPES: dict[str, str] = {
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
+
+
+def external_data_files(path: Path) -> list[str]:
+    """The files an ONNX model keeps tensors in beside its own (``save_as_external_data``),
+    by their location as the model names them; [] for a model in one file. Raises ModelError
+    when the file is no ONNX model."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"cannot read {path} as an ONNX model: {exc}", path=str(path)) from None
+    locations: list[str] = []
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if where not in locations:
+                locations.append(where)
+    return locations
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers, constants in attributes, subgraphs' too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
 
 
 class OnnxExecutor:
