@@ -71,8 +71,9 @@ def _same(together: np.ndarray, alone: np.ndarray, datatype: str) -> bool:
 def _differs(
     executor: Executor, inputs: Sequence[TensorMeta], outputs: Sequence[TensorMeta]
 ) -> str | None:
-    """Why two rows run together do not each get their own answer; None when they do, or when
-    the model does not run on these inputs (which then says nothing either way)."""
+    """Why two rows run together do not each get their own answer, or why that could not be
+    told; None when they do. A model the check cannot run (one exported for 4 rows or more,
+    say) is not merged: unchecked, merging could pair one request's rows with another's."""
     first, second = two_rows(inputs)
     both = {name: np.concatenate([first[name], second[name]]) for name in first}
     try:
@@ -80,7 +81,7 @@ def _differs(
         together = executor.run(both)
     except GpuvisorError as exc:
         log.info("the batching check could not run the model on its test rows: %s", exc.message)
-        return None
+        return f"the load-time check could not run it on two single-row requests ({exc.message})"
     datatypes = {m.name: m.datatype for m in outputs}
     for name, merged in together.items():
         a, b = alone[0][name], alone[1][name]

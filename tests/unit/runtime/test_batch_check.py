@@ -154,3 +154,21 @@ def test_kernel_noise_is_the_same_answer_and_another_rows_influence_is_not() -> 
     assert not _same(alone[:, :2], alone, "FP32")  # another shape is another answer
     assert _same(np.array([[1, 2]]), np.array([[1, 2]]), "INT64")
     assert not _same(np.array([[1, 2]]), np.array([[1, 3]]), "INT64")
+
+
+def test_a_model_the_check_cannot_run_is_not_merged(tmp_path: Path) -> None:
+    """y = x reshaped to 8 columns: it runs on an even number of rows only, so the check's
+    single-row requests fail. Unchecked, merging could pair one request's rows with
+    another's: its requests run alone, and the note says why."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 8])
+    pairs = _model(
+        "pairs", [helper.make_node("Reshape", ["x", "shape"], ["y"])], ["N", 4], ["M", 8], [shape]
+    )
+    executor = _executor(tmp_path, pairs)
+    assert executor.batchable
+    batchable, note = _decide(executor)
+    assert not batchable
+    assert note.startswith(
+        "requests are not merged into batches: the load-time check could not run it on two "
+        "single-row requests ("
+    ), note
