@@ -214,7 +214,8 @@ class Node(RequestPath):
             slices = self.controller.deployment_slices(tenant, name)
             if any(s.state == "Ready" for s in slices):
                 return
-            if slices and all(s.state in ("Failed", "Pending") for s in slices):
+            # none (no replicas, or deleted meanwhile), or none that will be Ready on its own
+            if all(s.state in ("Failed", "Pending") for s in slices):
                 break
             await asyncio.sleep(0.05)
         raise Unavailable(self._not_ready_reason(tenant, name))

@@ -225,3 +225,28 @@ spec: {{model: missing, profile: rt-small}}
     finally:
         for kind in ("deployments", "models"):
             httpx.delete(f"{demo_node.url}/api/v1/{kind}/missing?tenant=retail", headers=admin)
+
+
+def test_loading_a_deployment_with_no_replicas_answers_at_once(demo_node: NodeProcess) -> None:
+    """Nothing will turn Ready: the load says so now, not after workers.startTimeout."""
+    demo_node.apply_as_admin(
+        """
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {name: none-yet, tenant: analytics}
+spec: {model: basket-scorer, profile: batch-large, replicas: 0}
+"""
+    )
+    admin = demo_node.auth(demo_node.admin_key)
+    try:
+        started = time.monotonic()
+        answer = httpx.post(
+            f"{demo_node.url}/v2/repository/models/none-yet/load",
+            headers=demo_node.auth(demo_node.tenant_key("analytics")),
+            timeout=60,
+        )
+        assert answer.status_code == 503, answer.text
+        assert "has no replicas" in answer.json()["error"]
+        assert time.monotonic() - started < 10
+    finally:
+        httpx.delete(f"{demo_node.url}/api/v1/deployments/none-yet?tenant=analytics", headers=admin)

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pytest
 from controllers import apply_manifest, running_controller, settle
-from onnx_models import adder_model
+from onnx_models import adder_model, slow_model
 from typer.testing import CliRunner
 
 from gpuvisor.cli import app
@@ -632,3 +632,48 @@ async def unplaceable_spec(db_url: str, tmp_path: Path) -> None:
         assert ctl.slices[second] is old_second and old_second.reason == ""
         assert ctl.instances(first) == [old_first] and old_first.reason == ""
         assert ctl.rollout(TENANT, "adder").done
+
+
+def test_an_instance_stopped_while_it_loads_never_serves_nor_retires_the_old_one(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(superseded_while_loading(sqlite_url, tmp_path))
+
+
+async def superseded_while_loading(db_url: str, tmp_path: Path) -> None:
+    """Version 2 (slow to load) is superseded by version 3 while it loads: it stops, and
+    must neither turn Ready nor retire version 1, which serves until version 3 is Ready."""
+    one, two, three = model_files(tmp_path, adder_model(1.0), slow_model(200_000), adder_model(3.0))
+    text = manifest("{memory: 512Mi, computeShare: 0.2}")
+    async with cpu_controller(db_url, text + "---" + model_doc("1", one)) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        old = ctl.slices[REPLICA]
+        assert old.state == "Ready", old.reason
+        serving_gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while not stop.is_set():
+                if not ctl.ready_slices(TENANT, "adder"):
+                    serving_gaps.append(asyncio.get_running_loop().time())
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        apply_manifest(ctl.store, model_doc("2", two))
+        await ctl.reconcile()
+        second = ctl.slices[SUCCESSOR]
+        assert second.model_version == "2" and second.state == "Loading"
+        await asyncio.sleep(0.3)  # version 2 is loading
+        apply_manifest(ctl.store, model_doc("3", three))
+        await ctl.reconcile()
+        await settle(ctl)
+        await asyncio.sleep(0.5)  # time for a stopped load to finish, were it to go on
+        stop.set()
+        await watcher
+        assert second.state == "Stopping", (second.state, second.reason)
+        assert second.queue is None, "a stopped instance never joined its device's dispatcher"
+        [(final, state, version)] = [(s.id, s.state, s.model_version) for s in ctl.slices.values()]
+        assert (state, version) == ("Ready", "3"), (final, state, version)
+        assert not serving_gaps, "the replica served throughout"
+        assert await answer(ctl, final) == 3.0

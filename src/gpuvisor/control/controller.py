@@ -179,6 +179,8 @@ class Controller:
                 for r in resources
                 if isinstance(r, Deployment)
             }
+            # an unload goes with its deployment: one applied again under the name serves
+            self.unloaded &= set(self._deployments)
             desired = {d.slice_id: d for d in desired_slices(resources, self.unloaded)}
             self._desired = {}
             for d in desired.values():

@@ -252,10 +252,14 @@ class SliceSupervisor:
                         extra={"tenant": s.tenant},
                     )
                     return
+            if self.stopping:
+                return
             s.set_state("Loading", "starting worker and loading the model")
             try:
                 loaded, worker = await self.pool.load_slice(self.launch)
             except ModelError as exc:
+                if self.stopping:
+                    return  # stopped while it loaded: nothing to fail
                 out_of_memory = is_out_of_memory(exc.message.encode())
                 self._fail(exc.message, stamp, out_of_memory)
                 if out_of_memory:
@@ -265,6 +269,8 @@ class SliceSupervisor:
                 )
                 return
             except (Unavailable, OSError) as exc:
+                if self.stopping:
+                    return  # its worker was stopped under it: nothing to restart
                 # a worker that did not start or load in time, or died first; or the node
                 # could not start a process at all (no file descriptors, say)
                 message = (
@@ -299,6 +305,11 @@ class SliceSupervisor:
                 await asyncio.sleep(delay)
                 continue
             failed_loads = 0
+            if self.stopping:
+                # stopped while it loaded (a newer spec, a delete): it must not serve, nor
+                # retire the instance it was to replace
+                await self.pool.unload_slice(s.id)
+                return
             over = self._memory_overrun(loaded)
             if over:
                 self._fail(over, stamp)

@@ -93,6 +93,7 @@ class WorkerPool(WorkerLink):
         super().__init__(self.runtime_dir)
         self.by_key: dict[str, WorkerProcess] = {}
         self._spawning: dict[str, asyncio.Future[WorkerProcess]] = {}  # key -> its start
+        self._wanted: dict[str, int] = {}  # key -> loads waiting for its worker to start
         self.slice_worker: dict[str, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
@@ -121,7 +122,19 @@ class WorkerPool(WorkerLink):
         Raises ModelError when the model cannot be loaded or verified, Unavailable when
         the worker does not start in time or dies while loading.
         """
-        worker = await self._worker_for(launch)
+        key = launch.worker_key
+        self._wanted[key] = self._wanted.get(key, 0) + 1
+        try:
+            worker = await self._worker_for(launch)
+        except asyncio.CancelledError:
+            # the load was given up (its slice stopped) while its worker started: a worker
+            # nobody else waits for would run on with no slice, so it is stopped once started
+            self._give_up(key)
+            raise
+        finally:
+            self._wanted[key] -= 1
+            if not self._wanted[key]:
+                del self._wanted[key]
         loaded: asyncio.Future[p.ModelLoaded] = asyncio.get_running_loop().create_future()
         worker.loads[launch.slice_id] = loaded
         worker.slices.add(launch.slice_id)
@@ -305,6 +318,24 @@ class WorkerPool(WorkerLink):
             self._spawning[key] = spawning
             spawning.add_done_callback(functools.partial(self._spawned, key))
         return await asyncio.shield(spawning)
+
+    def _give_up(self, key: str) -> None:
+        """A load waiting for worker ``key`` to start was cancelled: once the worker has
+        started, stop it unless another load waits for it or it holds a slice."""
+
+        def stop_if_unused(_: object = None) -> None:
+            worker = self.by_key.get(key)
+            if worker is None or worker.slices or worker.loads or self._wanted.get(key):
+                return
+            task = asyncio.get_running_loop().create_task(self._stop_worker(worker, 0.25))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+
+        spawning = self._spawning.get(key)
+        if spawning is not None and not spawning.done():
+            spawning.add_done_callback(stop_if_unused)
+        else:
+            asyncio.get_running_loop().call_soon(stop_if_unused)
 
     def _spawned(self, key: str, spawning: asyncio.Future[WorkerProcess]) -> None:
         if self._spawning.get(key) is spawning:
