@@ -261,3 +261,33 @@ def test_unsupported_tensor_type_is_a_model_error(tmp_path: Path) -> None:
         ModelError, match=r"tensor 'x' has type tensor\(bfloat16\), which gpuvisor cannot serve"
     ):
         load_executor("onnx", path, CPU)
+
+
+def _relu(tmp_path: Path, shape: list[int] | None) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / f"relu-{'none' if shape is None else len(shape)}.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_a_tensor_of_unknown_rank_is_not_taken_for_a_scalar(tmp_path: Path) -> None:
+    """onnxruntime says [] for both; a scalar stays one, an input of unknown rank needs a
+    declared shape (else only scalars would pass), which the metadata then gives."""
+    scalar = load_executor("onnx", _relu(tmp_path, []), CPU)
+    assert [t.shape for t in scalar.inputs] == [()]
+    unranked = _relu(tmp_path, None)
+    with pytest.raises(ModelError, match="input 'x' has no rank in the model: declare its shape"):
+        load_executor("onnx", unranked, CPU)
+    declared = [TensorMeta("x", "FP32", (-1, 3))]
+    outputs = [TensorMeta("y", "FP32", (-1, 3))]
+    executor = load_executor("onnx", unranked, CPU, declared, outputs)
+    assert [t.shape for t in executor.inputs] == [(-1, 3)]
+    assert [t.shape for t in executor.outputs] == [(-1, 3)]
+    out = executor.run({"x": np.array([[-1.0, 2.0, -3.0]], dtype=np.float32)})
+    assert out["y"].tolist() == [[0.0, 2.0, 0.0]]

@@ -116,6 +116,24 @@ def test_torchscript_dict_outputs_map_by_name(tmp_path: Path) -> None:
     assert results["positive"].tolist() == want_positive.tolist()
 
 
+def test_torchscript_inputs_go_to_forwards_arguments_by_name(tmp_path: Path) -> None:
+    """forward(features, scale) declared as scale, features: each tensor still goes to its
+    own argument; names that are not forward's are refused at load."""
+    path = save_script(tmp_path / "bare.pt", Scorer(), None)
+    swapped = [INPUTS[1], INPUTS[0]]
+    executor = load_executor("torchscript", path, CPU, swapped, OUTPUTS)
+    features, scale = sample(3)
+    results = executor.run({"features": features, "scale": scale})
+    want_score, _ = expected(features, scale)
+    np.testing.assert_allclose(results["score"], want_score, rtol=1e-5, atol=1e-6)
+    renamed = [TensorMeta("x", "FP32", (-1, 4)), TensorMeta("s", "INT64", (-1,))]
+    with pytest.raises(ModelError) as caught:
+        load_executor("torchscript", path, CPU, renamed, OUTPUTS)
+    assert "its inputs are declared as x, s, but its forward takes features, scale" in (
+        caught.value.message
+    )
+
+
 def test_torchscript_without_metadata_needs_declared_tensors(tmp_path: Path) -> None:
     path = save_script(tmp_path / "bare.pt", Scorer(), None)
     with pytest.raises(ModelError) as caught:
@@ -257,3 +275,18 @@ def test_cuda_device_with_memory_fraction(export_model: Path) -> None:
         results["output__0"], expected(features, scale)[0], rtol=1e-4, atol=1e-5
     )
     executor.close()
+
+
+def test_an_output_the_metadata_misdescribes_is_an_error_not_a_cast(tmp_path: Path) -> None:
+    """score is FP32 [N, 3]: declared INT32, or with another rank, its values would be cast
+    or reshaped into a wrong answer."""
+    path = save_script(tmp_path / "bare.pt", Scorer(), None)
+    features, scale = sample(2)
+    for score in (TensorMeta("score", "INT32", (-1, 3)), TensorMeta("score", "FP32", (-1,))):
+        executor = load_executor("torchscript", path, CPU, INPUTS, [score, OUTPUTS[1]])
+        with pytest.raises(ExecutionError) as caught:
+            executor.run({"features": features, "scale": scale})
+        assert caught.value.message.startswith(
+            "output 'score' is FP32 with 2 dimension(s), but the model's metadata declares "
+            f"{score.datatype} {list(score.shape)}"
+        )

@@ -106,6 +106,15 @@ class OnnxExecutor:
             log.warning("model %s runs on the CPU: onnxruntime could not start CUDA", path)
         found_inputs = [_meta(arg, path) for arg in self._session.get_inputs()]
         found_outputs = [_meta(arg, path) for arg in self._session.get_outputs()]
+        if any(not t.shape for t in [*found_inputs, *found_outputs]):
+            # onnxruntime says [] for a scalar and for a tensor of unknown rank alike
+            unranked = _unranked(path)
+            found_inputs = _with_declared_rank(
+                "input", found_inputs, declared_inputs, unranked, path
+            )
+            found_outputs = _with_declared_rank(
+                "output", found_outputs, declared_outputs, unranked, path
+            )
         self.inputs = reconcile_metadata("input", found_inputs, declared_inputs)
         self.outputs = reconcile_metadata("output", found_outputs, declared_outputs)
         self.batchable = is_batchable(self.inputs, self.outputs)
@@ -167,6 +176,46 @@ def _providers(device: ExecutorDevice) -> list[Any]:
     if device.memory_limit is not None:
         cuda["gpu_mem_limit"] = device.memory_limit
     return [(_CUDA, cuda), _CPU]
+
+
+def _unranked(path: Path) -> set[str]:
+    """The graph inputs and outputs whose rank the model leaves open (no shape at all)."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # onnxruntime read it: what onnx cannot is left as onnxruntime says
+        return set()
+    return {
+        vi.name
+        for vi in [*graph.input, *graph.output]
+        if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")
+    }
+
+
+def _with_declared_rank(
+    what: str,
+    found: list[TensorMeta],
+    declared: list[TensorMeta] | None,
+    unranked: set[str],
+    path: Path,
+) -> list[TensorMeta]:
+    """``found``, with the declared shape of each tensor the model gives no rank; an input
+    with neither could take scalars only (a wrong shape for every other request): refused."""
+    by_name = {t.name: t for t in declared or []}
+    out = []
+    for tensor in found:
+        if tensor.name in unranked:
+            spec = by_name.get(tensor.name)
+            if spec is not None:
+                tensor = TensorMeta(tensor.name, tensor.datatype, spec.shape)
+            elif what == "input":
+                raise ModelError(
+                    f"model {path}: input '{tensor.name}' has no rank in the model: declare its "
+                    "shape in the Model's spec.inputs (for example [-1, 4]; -1 for a size that "
+                    "varies)",
+                    path=str(path),
+                )
+        out.append(tensor)
+    return out
 
 
 def _meta(arg: Any, path: Path) -> TensorMeta:

@@ -61,6 +61,8 @@ class _TorchExecutor:
                 )
         self.batchable = is_batchable(self.inputs, self.outputs)
         self._output_names = [t.name for t in self.outputs]
+        self._call_order = [t.name for t in self.inputs]  # the model's arguments, in order
+        self._declared_outputs = {t.name: t for t in self.outputs}
 
     def run(
         self, inputs: dict[str, Array], output_names: Sequence[str] | None = None
@@ -83,13 +85,27 @@ class _TorchExecutor:
             )
         try:
             with torch.inference_mode():
-                args = [self._to_tensor(inputs[t.name]) for t in self.inputs]
+                args = [self._to_tensor(inputs[name]) for name in self._call_order]
                 produced = self._collect(self._model(*args))
+                for name in names:
+                    self._check_output(name, produced[name])
                 return {name: produced[name].detach().cpu().numpy() for name in names}
         except GpuvisorError:
             raise
         except Exception as exc:
             raise ExecutionError(f"torch failed: {exc}") from None
+
+    def _check_output(self, name: str, tensor: torch.Tensor) -> None:
+        """Refuse an output the model's metadata does not describe: cast to the declared
+        datatype, or read with another rank, it would be a wrong answer, not an error."""
+        want = self._declared_outputs[name]
+        got = TORCH_DATATYPES.get(tensor.dtype, str(tensor.dtype))
+        if got != want.datatype or tensor.dim() != len(want.shape):
+            raise ExecutionError(
+                f"output '{name}' is {got} with {tensor.dim()} dimension(s), but the model's "
+                f"metadata declares {want.datatype} {list(want.shape)}: correct its "
+                "gpuvisor.json, or the Model's spec.outputs"
+            )
 
     def _to_tensor(self, array: Array) -> torch.Tensor:
         if not array.flags.writeable:  # torch.from_numpy warns on read-only buffers
@@ -151,6 +167,27 @@ class TorchScriptExecutor(_TorchExecutor):
                 path=str(path),
             )
         self._finish_metadata(path)
+        self._call_order = _forward_order(module, self._call_order, path)
+
+
+def _forward_order(module: Any, declared: list[str], path: Path) -> list[str]:
+    """The declared inputs in the order ``forward`` takes them, by its arguments' names: the
+    metadata's order is not the call's (``forward(a, b)`` declared as b, a). Raises ModelError
+    when several inputs are declared and their names are not forward's."""
+    try:
+        arguments = [a.name for a in module.forward.schema.arguments][1:]  # without self
+    except (AttributeError, RuntimeError):
+        return declared
+    if sorted(arguments) == sorted(declared):
+        return arguments
+    if len(declared) > 1:
+        raise ModelError(
+            f"TorchScript model {path}: its inputs are declared as {', '.join(declared)}, but "
+            f"its forward takes {', '.join(arguments) or 'no arguments'}: name the inputs "
+            "after forward's arguments (in any order), so that each tensor goes to its own",
+            path=str(path),
+        )
+    return declared
 
 
 class TorchExportExecutor(_TorchExecutor):
