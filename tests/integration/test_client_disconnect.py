@@ -204,20 +204,26 @@ def test_a_client_that_leaves_while_its_request_runs_does_not_harm_the_node(
     assert out["data"] == [2.0] * 4
 
 
-def test_requests_still_queued_when_the_node_stops_get_a_503_not_a_500(
-    tmp_path: Path,
-) -> None:
-    """SIGTERM with more queued than can run in the server's graceful time: what runs is
-    answered, what is still queued after the node's grace gets 503 with its reason; none
-    gets the bare 500 of a request cancelled by the server."""
-    root = tmp_path
+@contextlib.contextmanager
+def _node_of_its_own(root: Path) -> Iterator[tuple[NodeProcess, str]]:
+    """A node serving the looper for one test that stops or kills it, and a key of its
+    tenant."""
     (root / "looper.onnx").write_bytes(looper_model())
     config = root / "node.yaml"
     config.write_text(NODE_CONFIG)
     with NodeProcess(state_dir=root / "state", config=config, demo=False) as proc:
         proc.apply_as_admin(MANIFEST.replace("LOOPER", str(root / "looper.onnx")))
         _wait_ready(proc)
-        key = proc.create_tenant_key("shop")
+        yield proc, proc.create_tenant_key("shop")
+
+
+def test_requests_still_queued_when_the_node_stops_get_a_503_not_a_500(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM with more queued than can run in the server's graceful time: what runs is
+    answered, what is still queued after the node's grace gets 503 with its reason; none
+    gets the bare 500 of a request cancelled by the server."""
+    with _node_of_its_own(tmp_path) as (proc, key):
         trips = _trips_for(proc, key, 2.0)  # 12 such requests queue far past 10 s
         answers: list[httpx.Response] = []
 
@@ -245,13 +251,7 @@ def test_requests_still_queued_when_the_node_stops_get_a_503_not_a_500(
 def test_a_worker_mid_batch_dies_with_its_killed_node(tmp_path: Path) -> None:
     """SIGKILL the node while its worker runs a long batch: the worker goes too (the kernel
     kills it), not once its batch is over."""
-    (tmp_path / "looper.onnx").write_bytes(looper_model())
-    config = tmp_path / "node.yaml"
-    config.write_text(NODE_CONFIG)
-    with NodeProcess(state_dir=tmp_path / "state", config=config, demo=False) as proc:
-        proc.apply_as_admin(MANIFEST.replace("LOOPER", str(tmp_path / "looper.onnx")))
-        _wait_ready(proc)
-        key = proc.create_tenant_key("shop")
+    with _node_of_its_own(tmp_path) as (proc, key):
         [item] = httpx.get(
             f"{proc.url}/api/v1/slices", headers=proc.auth(proc.admin_key), timeout=30
         ).json()["items"]

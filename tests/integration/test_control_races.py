@@ -5,10 +5,12 @@ this process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from controllers import apply_manifest, running_controller, settle
 
+from gpuvisor.control.controller import Controller
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.inventory.cpu import discover_cpu
 
@@ -42,10 +44,16 @@ def test_a_deployment_deleted_while_its_worker_starts_leaves_no_worker(
     asyncio.run(deleted_while_starting(sqlite_url, tmp_path))
 
 
-async def deleted_while_starting(db_url: str, tmp_path: Path) -> None:
+def _controller(
+    db_url: str, tmp_path: Path, more: str = ""
+) -> contextlib.AbstractAsyncContextManager[Controller]:
     model = build_demo_models(tmp_path)["basket-scorer"]
-    base = MANIFEST.replace("MODEL", str(model))
-    async with running_controller(db_url, base, [discover_cpu(memory=4 << 30, threads=1)]) as ctl:
+    text = MANIFEST.replace("MODEL", str(model)) + more
+    return running_controller(db_url, text, [discover_cpu(memory=4 << 30, threads=1)])
+
+
+async def deleted_while_starting(db_url: str, tmp_path: Path) -> None:
+    async with _controller(db_url, tmp_path) as ctl:
         for _ in range(3):
             apply_manifest(ctl.store, DEPLOYMENT)
             await ctl.reconcile()  # its worker process is starting
@@ -66,11 +74,7 @@ def test_deleting_an_unloaded_deployment_forgets_the_unload(
 
 
 async def unload_then_delete(db_url: str, tmp_path: Path) -> None:
-    model = build_demo_models(tmp_path)["basket-scorer"]
-    base = MANIFEST.replace("MODEL", str(model))
-    async with running_controller(
-        db_url, base + "---" + DEPLOYMENT, [discover_cpu(memory=4 << 30, threads=1)]
-    ) as ctl:
+    async with _controller(db_url, tmp_path, "---" + DEPLOYMENT) as ctl:
         await ctl.reconcile()
         await settle(ctl)
         await ctl.unload("acme", "tmp")
