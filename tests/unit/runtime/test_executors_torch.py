@@ -290,3 +290,25 @@ def test_an_output_the_metadata_misdescribes_is_an_error_not_a_cast(tmp_path: Pa
             "output 'score' is FP32 with 2 dimension(s), but the model's metadata declares "
             f"{score.datatype} {list(score.shape)}"
         )
+
+
+def test_an_input_an_exported_programs_guard_refuses_is_the_callers_error(
+    tmp_path: Path,
+) -> None:
+    """Exported for 4 rows or more: one row is a shape the program refuses (400), not a
+    failure of the model (500)."""
+    at_least_4 = torch.export.Dim("rows", min=4)
+    features, scale = sample(5)
+    program = torch.export.export(
+        Scorer().eval(),
+        (torch.from_numpy(features), torch.from_numpy(scale)),
+        dynamic_shapes={"features": {0: at_least_4}, "scale": {0: at_least_4}},
+    )
+    path = tmp_path / "four.pt2"
+    torch.export.save(program, str(path))
+    executor = load_executor("torch-export", path, CPU)
+    one_features, one_scale = sample(1)
+    with pytest.raises(InvalidRequest, match="the model refused this input's shape: Guard failed"):
+        executor.run({"features": one_features, "scale": one_scale})
+    first = executor.outputs[0].name  # an exported program's outputs are output__0, ...
+    assert executor.run({"features": features, "scale": scale})[first].shape == (5, 3)

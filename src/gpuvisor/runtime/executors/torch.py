@@ -92,6 +92,10 @@ class _TorchExecutor:
                 return {name: produced[name].detach().cpu().numpy() for name in names}
         except GpuvisorError:
             raise
+        except AssertionError as exc:
+            if str(exc).startswith("Guard failed"):  # a torch.export program's input guard
+                raise InvalidRequest(f"the model refused this input's shape: {exc}") from None
+            raise ExecutionError(f"torch failed: {exc}") from None
         except Exception as exc:
             raise ExecutionError(f"torch failed: {exc}") from None
 
