@@ -291,3 +291,21 @@ def test_a_tensor_of_unknown_rank_is_not_taken_for_a_scalar(tmp_path: Path) -> N
     assert [t.shape for t in executor.outputs] == [(-1, 3)]
     out = executor.run({"x": np.array([[-1.0, 2.0, -3.0]], dtype=np.float32)})
     assert out["y"].tolist() == [[0.0, 2.0, 0.0]]
+
+
+def test_a_load_failure_says_what_is_wrong_without_onnxruntimes_cpp_signatures(
+    tmp_path: Path,
+) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "future",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 99)], ir_version=8)
+    path = tmp_path / "future.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError) as caught:
+        load_executor("onnx", path, CPU)
+    assert "Opset 99" in caught.value.message
+    assert "onnxruntime::" not in caught.value.message and "std::" not in caught.value.message

@@ -100,7 +100,9 @@ class OnnxExecutor:
                 str(path), sess_options=options, providers=_providers(device)
             )
         except Exception as exc:
-            raise ModelError(f"onnxruntime cannot load {path}: {exc}", path=str(path)) from None
+            raise ModelError(
+                f"onnxruntime cannot load {path}: {_short(exc)}", path=str(path)
+            ) from None
         self.providers: list[str] = list(self._session.get_providers())
         if device.kind == "cuda" and _CUDA not in self.providers:
             log.warning("model %s runs on the CPU: onnxruntime could not start CUDA", path)
@@ -234,9 +236,13 @@ def _meta(arg: Any, path: Path) -> TensorMeta:
 _SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^\n]*? was false\. )?")
 
 
+# the C++ function a load failed in, with its whole signature
+_FUNCTION = re.compile(r"(?:[\w<>*&]+(?:::[\w<>*&]+)* )?onnxruntime::[\w:]+\([^)]*\) ?")
+
+
 def _short(exc: Exception) -> str:
-    """onnxruntime's message without its source locations."""
-    return _SOURCE.sub("", str(exc))
+    """onnxruntime's message without its source locations and C++ signatures."""
+    return _FUNCTION.sub("", _SOURCE.sub("", str(exc)))
 
 
 def _to_strings(array: Array, name: str) -> Array:
