@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import yaml
+from onnx_models import slow_model
 from typer.testing import CliRunner
 
 from gpuvisor.cli import app
@@ -445,3 +447,44 @@ spec: {{model: garbage, profile: std-small}}
                 timeout=60,
             )
             assert deleted.status_code == 200, deleted.text
+
+
+def test_a_loading_slice_names_the_worker_that_loads_it(
+    demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    model = tmp_path / "slow.onnx"
+    model.write_bytes(slow_model(400_000))  # its load runs it several times: seconds
+    admin = demo_node.auth(demo_node.admin_key)
+    manifest = f"""
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {{name: slow, tenant: analytics}}
+spec: {{source: {model}}}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {{name: slow, tenant: analytics}}
+spec: {{model: slow, profile: std-small}}
+"""
+    applied = httpx.post(f"{demo_node.url}/api/v1/apply", headers=admin, content=manifest)
+    assert applied.status_code == 200, applied.text
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            items = httpx.get(f"{demo_node.url}/api/v1/slices", headers=admin, timeout=30)
+            [item] = [s for s in items.json()["items"] if s["id"] == "analytics/slow/0"]
+            if item["state"] == "Loading" and item["pid"] is not None:
+                break
+            assert item["state"] in ("Pending", "Loading"), item
+            assert time.monotonic() < deadline, item
+            time.sleep(0.05)
+        assert psutil.pid_exists(item["pid"])
+        assert "gpuvisor.runtime.worker" in " ".join(psutil.Process(item["pid"]).cmdline())
+    finally:
+        for plural in ("deployments", "models"):
+            httpx.delete(
+                f"{demo_node.url}/api/v1/{plural}/slow",
+                params={"tenant": "analytics"},
+                headers=admin,
+                timeout=60,
+            )

@@ -277,7 +277,12 @@ def admin_router(node: Node) -> APIRouter:
         before the first sample; ``rssBytes`` is what it used right after loading)."""
         sample = node.sampler.latest if node.sampler is not None else None
         used = sample.slice_memory.get(state.id) if sample is not None else None
-        return {**state.to_dict(), "memoryUsed": used}
+        item = {**state.to_dict(), "memoryUsed": used}
+        if item["pid"] is None and state.state == "Loading" and node.pool is not None:
+            # its worker runs already while it loads the model (for up to startTimeout)
+            worker = node.pool.worker_of(state.id)
+            item["pid"] = worker.pid if worker is not None else None
+        return item
 
     def _with_status(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("kind") != "Deployment" or node.controller is None:
