@@ -88,12 +88,26 @@ def _describe_gpu(nvml: Any, index: int, sysfs_root: Path) -> Device:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         nvml_name = _text(nvml.nvmlDeviceGetName(handle))
         gpu_uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-        memory_total = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
     except nvml.NVMLError as error:
         logger.warning(
             "GPU %d cannot be described by NVML (%s); marking %s unhealthy", index, error, device_id
         )
         return Device(device_id, "gpu", "nvml", "unknown", 0, healthy=False, index=index)
+    try:
+        memory_total = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except nvml.NVMLError as error:
+        # A MIG-enabled GPU answers NO_PERMISSION to a caller without privileges (a
+        # container, say): its product's nominal memory stands in
+        known = match_nvml_name(nvml_name)
+        memory_total = known.memory if known is not None else 0
+        logger.warning(
+            "NVML does not tell the memory of GPU %d (%s): %s",
+            index,
+            error,
+            f"taking the {known.name}'s nominal {memory_total} bytes"
+            if known is not None
+            else "it counts as 0 bytes, so nothing is placed on it",
+        )
     bus_id: str | None
     try:
         bus_id = sysfs_bus_id(_text(nvml.nvmlDeviceGetPciInfo(handle).busId))

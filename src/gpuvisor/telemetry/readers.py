@@ -6,6 +6,7 @@ from a worker thread."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -98,6 +99,15 @@ class CpuReader:
                 del self._processes[pid]
 
 
+_UNAVAILABLE = (
+    "NVMLError_NotSupported",
+    "NVMLError_NoPermission",
+    "NVMLError_FunctionNotFound",
+    "NVMLError_Deprecated",
+    "NVMLLibraryMismatchError",
+)
+
+
 class NvmlReader:
     """NVML readings of GPUs: utilisation, memory, temperature, power, clock event reasons,
     per-process GPU memory and critical Xid events. ``nvml`` is the ``pynvml`` module."""
@@ -112,15 +122,32 @@ class NvmlReader:
                 self.handles[device.id] = nvml.nvmlDeviceGetHandleByIndex(device.index or 0)
             except nvml.NVMLError as exc:
                 self.problems[device.id] = f"NVML has no handle for it: {exc}"
+        # what a GPU, its driver or this caller's privileges do not offer: a value left out,
+        # not a device that failed (NO_PERMISSION on a MIG GPU, a function an older driver
+        # lacks, one a newer NVML removed, a pynvml newer than the driver)
+        self._unavailable: tuple[type[BaseException], ...] = tuple(
+            kind
+            for name in _UNAVAILABLE
+            if isinstance(kind := getattr(nvml, name, None), type)
+            and issubclass(kind, BaseException)
+        )
         self.events: Any = None
         try:
             self.events = nvml.nvmlEventSetCreate()
-            for handle in self.handles.values():
+        except (nvml.NVMLError, AttributeError) as exc:
+            log.info("Xid events are not available from NVML here (%s)", exc)
+        registered = 0
+        for device_id, handle in self.handles.items() if self.events is not None else ():
+            try:  # each GPU on its own: one that refuses leaves the others watched
                 nvml.nvmlDeviceRegisterEvents(
                     handle, nvml.nvmlEventTypeXidCriticalError, self.events
                 )
-        except (nvml.NVMLError, AttributeError) as exc:
-            log.info("Xid events are not available from NVML here (%s)", exc)
+                registered += 1
+            except nvml.NVMLError as exc:
+                log.info("Xid events of %s are not available from NVML (%s)", device_id, exc)
+        if self.events is not None and not registered:
+            with contextlib.suppress(Exception):
+                nvml.nvmlEventSetFree(self.events)
             self.events = None
         self._uuid_of: dict[str, str] = {}
         for device_id, handle in self.handles.items():
@@ -128,10 +155,10 @@ class NvmlReader:
                 self._uuid_of[_text(nvml.nvmlDeviceGetUUID(handle))] = device_id
 
     def _optional(self, read: Callable[[], Any]) -> Any:
-        """Return what ``read`` returns, None where the GPU does not support it."""
+        """Return what ``read`` returns, None where it is not available here (``_UNAVAILABLE``)."""
         try:
             return read()
-        except self.nvml.NVMLError_NotSupported:
+        except self._unavailable:
             return None
 
     def xid_events(self) -> dict[str, list[int]]:
@@ -145,9 +172,24 @@ class NvmlReader:
                 event = nvml.nvmlEventSetWait_v2(self.events, 0)
             except nvml.NVMLError:  # Timeout: nothing (more) pending
                 break
-            device = self._uuid_of.get(_text(nvml.nvmlDeviceGetUUID(event.device)), "")
-            found.setdefault(device, []).append(int(event.eventData))
+            found.setdefault(self._device_of(event.device), []).append(int(event.eventData))
         return found
+
+    def _device_of(self, handle: Any) -> str:
+        """The id of the GPU an event came from: by its UUID, or, for a GPU NVML can no
+        longer ask (Xid 79, fallen off the bus), by its handle."""
+        try:
+            return self._uuid_of.get(_text(self.nvml.nvmlDeviceGetUUID(handle)), "")
+        except self.nvml.NVMLError:
+            address = _address(handle)
+            return next(
+                (
+                    device_id
+                    for device_id, known in self.handles.items()
+                    if known is handle or (address is not None and _address(known) == address)
+                ),
+                "",
+            )
 
     def read(self, device: Device) -> tuple[DeviceReading, dict[int, int]]:
         """Return the GPU's reading and its processes' GPU memory (pid → bytes)."""
@@ -157,7 +199,7 @@ class NvmlReader:
             problem = self.problems.get(device.id, "not known to NVML")
             return DeviceReading(device.id, healthy=False, problem=problem), {}
         try:
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            memory = self._optional(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
             rates = self._optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
             temperature = self._optional(
                 lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
@@ -178,7 +220,7 @@ class NvmlReader:
         reading = DeviceReading(
             device.id,
             utilization=rates.gpu / 100.0 if rates is not None else None,
-            memory_used=int(memory.used),
+            memory_used=int(memory.used) if memory is not None else None,
             temperature=float(temperature) if temperature is not None else None,
             power=milliwatts / 1000.0 if milliwatts is not None else None,
             throttle=throttle,
@@ -194,11 +236,25 @@ class NvmlReader:
 
 
 def _clock_event_reasons(nvml: Any, handle: Any) -> int:
-    # NVML renamed "throttle reasons" to "clock event reasons" (same bits); take either.
-    read = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or (
-        nvml.nvmlDeviceGetCurrentClocksThrottleReasons
-    )
-    return int(read(handle))
+    # NVML renamed "throttle reasons" to "clock event reasons" (same bits) in R535 drivers:
+    # pynvml has the new name whatever the driver, so an older driver lacks its function
+    read = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+    if read is not None:
+        missing = getattr(nvml, "NVMLError_FunctionNotFound", None)
+        try:
+            return int(read(handle))
+        except nvml.NVMLError as exc:
+            if missing is None or not isinstance(exc, missing):
+                raise
+    return int(nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
+
+
+def _address(handle: Any) -> int | None:
+    """The address an NVML device handle (a ctypes pointer) points at, or None."""
+    try:
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return None
 
 
 def _text(value: str | bytes) -> str:

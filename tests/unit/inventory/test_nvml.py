@@ -28,6 +28,7 @@ class FakeGpu:
     name: str | int = "NVIDIA H100 80GB HBM3"
     uuid: str = "GPU-11111111-2222-3333-4444-555555555555"
     memory_total: int = 81559 * 2**20
+    memory_error: int | None = None  # e.g. NO_PERMISSION: a MIG GPU read without privileges
     bus_id: str | int = "00000000:3B:00.0"
     numa: int = 0
     mig_current: int | None = 0  # None: NOT_SUPPORTED
@@ -85,6 +86,8 @@ class FakeNvml:
         return self._gpu(handle).uuid
 
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        if self._gpu(handle).memory_error is not None:
+            raise nvml_error(self._gpu(handle).memory_error)  # type: ignore[arg-type]
         return types.SimpleNamespace(total=self._gpu(handle).memory_total, free=0, used=0)
 
     def nvmlDeviceGetPciInfo(self, handle: int) -> Any:
@@ -222,6 +225,19 @@ def test_mig_not_supported_means_mig_off(install: Any) -> None:
     install(FakeNvml(gpus=[FakeGpu(name="NVIDIA L4", mig_current=None)]))
     devices, _ = discover_nvml()
     assert (devices[0].model, devices[0].mig_mode) == ("L4", False)
+
+
+def test_a_gpu_whose_memory_nvml_will_not_tell_keeps_what_it_does_tell(install: Any) -> None:
+    """A MIG-enabled GPU answers NO_PERMISSION for its memory to a caller without privileges
+    (a container): it is still the H100 with its UUID, with its nominal memory."""
+    install(FakeNvml(gpus=[FakeGpu(memory_error=pynvml.NVML_ERROR_NO_PERMISSION)]))
+    [device], _ = discover_nvml()
+    assert (device.healthy, device.model, device.uuid) == (
+        True,
+        "H100-80GB",
+        "GPU-11111111-2222-3333-4444-555555555555",
+    )
+    assert device.memory_total == 80 * 2**30  # the catalogue's nominal 80 GB
 
 
 def test_a_lost_gpu_is_listed_unhealthy_next_to_working_ones(install: Any) -> None:

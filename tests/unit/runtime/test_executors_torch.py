@@ -230,7 +230,12 @@ def test_run_errors(script_model: Path, export_model: Path) -> None:
             executor.run({"features": features})
         with pytest.raises(InvalidRequest, match="unknown output nope requested"):
             executor.run({"features": features, "scale": scale}, ["nope"])
-        with pytest.raises(ExecutionError, match="torch failed:"):
+        # a shape the model cannot take: a failure of TorchScript's code, but the guard of
+        # an exported program, which says the input is wrong
+        wrong = (InvalidRequest, "Guard failed") if model_format == "torch-export" else None
+        with pytest.raises(
+            wrong[0] if wrong else ExecutionError, match=wrong[1] if wrong else "torch failed:"
+        ):
             executor.run({"features": np.ones((2, 5), np.float32), "scale": scale})
         executor.close()
         with pytest.raises(ExecutionError, match="closed"):
@@ -312,3 +317,30 @@ def test_an_input_an_exported_programs_guard_refuses_is_the_callers_error(
         executor.run({"features": one_features, "scale": one_scale})
     first = executor.outputs[0].name  # an exported program's outputs are output__0, ...
     assert executor.run({"features": features, "scale": scale})[first].shape == (5, 3)
+
+
+def test_a_workers_torch_memory_cap_is_the_sum_of_its_models_caps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch caps a whole process; a shared worker holds several of its tenant's models: the
+    cap is theirs together, not the last one's (torch.cuda stood in for: no GPU here)."""
+    from gpuvisor.runtime.executors import torch as torch_executors
+
+    fractions: list[float] = []
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda index: type("Props", (), {"total_memory": 80 * 2**30})(),
+    )
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_per_process_memory_fraction",
+        lambda fraction, index: fractions.append(round(fraction, 4)),
+    )
+    monkeypatch.setattr(torch_executors, "_CAPS", {})
+    big, small = object(), object()
+    torch_executors.cap_memory(big, 0, 40 * 2**30)
+    torch_executors.cap_memory(small, 0, 2**30)
+    torch_executors.release_memory_cap(big, 0)
+    torch_executors.release_memory_cap(small, 0)
+    assert fractions == [0.5, round(41 / 80, 4), round(1 / 80, 4), 1.0]

@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -143,6 +144,15 @@ class StandInNvml:
     class NVMLError_NotSupported(NVMLError):  # pynvml's name
         pass
 
+    class NVMLError_NoPermission(NVMLError):  # a MIG GPU to a caller without privileges
+        pass
+
+    class NVMLError_FunctionNotFound(NVMLError):  # a driver older than the function
+        pass
+
+    class NVMLLibraryMismatchError(Exception):  # pynvml newer than the driver: no NVMLError
+        pass
+
     NVML_TEMPERATURE_GPU = 0
     nvmlEventTypeXidCriticalError = 8
 
@@ -168,9 +178,13 @@ class StandInNvml:
         return index
 
     def nvmlDeviceGetUUID(self, handle: int) -> str:
+        if self.gpus[handle].get("lost"):
+            raise self.NVMLError("GPU is lost")
         return f"GPU-{handle}"
 
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        if self._gpu(handle).get("memory_refused"):
+            raise self.NVMLError_NoPermission("Insufficient Permissions")
         return SimpleNamespace(used=self._gpu(handle)["used"], total=80 * 2**30)
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
@@ -186,15 +200,27 @@ class StandInNvml:
         return int(milliwatts)
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: int) -> int:
+        if self._gpu(handle).get("old_driver"):
+            raise self.NVMLError_FunctionNotFound("Function Not Found")
+        return int(self._gpu(handle)["reasons"])
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: int) -> int:
         return int(self._gpu(handle)["reasons"])
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
+        refused = self._gpu(handle).get("processes_refused")
+        if refused == "permission":
+            raise self.NVMLError_NoPermission("Insufficient Permissions")
+        if refused == "mismatch":
+            raise self.NVMLLibraryMismatchError("Unversioned function called")
         return [SimpleNamespace(pid=p, usedGpuMemory=b) for p, b in self._gpu(handle)["processes"]]
 
     def nvmlEventSetCreate(self) -> str:
         return "events"
 
     def nvmlDeviceRegisterEvents(self, handle: int, kinds: int, events: str) -> None:
+        if self.gpus[handle].get("no_events"):
+            raise self.NVMLError_NotSupported("Not Supported")
         self.registered.append(handle)
 
     def nvmlEventSetWait_v2(self, events: str, timeout_ms: int) -> SimpleNamespace:
@@ -302,3 +328,35 @@ def test_real_gpu_readings() -> None:
         assert reading.temperature is None or 0 < reading.temperature < 120
     finally:
         reader.close()
+
+
+def test_what_a_driver_or_privileges_do_not_offer_leaves_a_gpu_healthy() -> None:
+    """An R525 driver (no clock event reasons), a MIG GPU read without privileges (no
+    memory, no process list), a pynvml newer than the driver: values are missing, the GPU is
+    not failed, and its slices do not move."""
+    nvml = StandInNvml(
+        [
+            _gpu(old_driver=True, reasons=0x40),
+            _gpu(memory_refused=True, processes_refused="permission"),
+            _gpu(processes_refused="mismatch"),
+        ]
+    )
+    gpus = [replace(GPU, id=f"gpu-{i}", index=i) for i in range(3)]
+    reader = NvmlReader(nvml, gpus)
+    old_driver, mig, mismatch = (reader.read(gpu) for gpu in gpus)
+    assert old_driver[0].healthy and old_driver[0].throttle == {"hw_thermal"}
+    assert mig[0].healthy and mig[0].memory_used is None and mig[1] == {}
+    assert mig[0].utilization == pytest.approx(0.37)
+    assert mismatch[0].healthy and mismatch[1] == {}
+
+
+def test_xid_events_survive_a_lost_gpu_and_a_gpu_that_does_not_offer_them() -> None:
+    """gpu-1 does not register for events: gpu-0 is still watched. gpu-0 then falls off the
+    bus (Xid 79): NVML cannot tell its UUID any more, and the event is still its."""
+    nvml = StandInNvml([_gpu(), _gpu(no_events=True)])
+    gpus = [replace(GPU, id=f"gpu-{i}", index=i) for i in range(2)]
+    reader = NvmlReader(nvml, gpus)
+    assert nvml.registered == [0] and reader.events is not None
+    nvml.gpus[0]["lost"] = True
+    nvml.events.append(SimpleNamespace(device=0, eventData=79))
+    assert reader.xid_events() == {"gpu-0": [79]}

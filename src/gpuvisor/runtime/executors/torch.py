@@ -50,6 +50,8 @@ class _TorchExecutor:
     def __init__(self, device: ExecutorDevice) -> None:
         self.torch_device = _select_device(device)
         self._model: Any = None
+        if self.torch_device.type == "cuda" and device.memory_limit is not None:
+            cap_memory(self, device.index, device.memory_limit)
 
     def _finish_metadata(self, path: Path) -> None:
         for tensor in [*self.inputs, *self.outputs]:
@@ -131,6 +133,7 @@ class _TorchExecutor:
         """Drop the model and give cached CUDA memory back."""
         self._model = None
         if self.torch_device.type == "cuda":
+            release_memory_cap(self, self.torch_device.index or 0)
             torch.cuda.empty_cache()
 
 
@@ -240,12 +243,32 @@ def _select_device(device: ExecutorDevice) -> torch.device:
     if not torch.cuda.is_available():
         log.warning("torch has no CUDA device; cuda:%d falls back to the CPU", device.index)
         return torch.device("cpu")
-    if device.memory_limit is not None:
-        total = torch.cuda.get_device_properties(device.index).total_memory
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, device.memory_limit / total), device.index
-        )
     return torch.device("cuda", device.index)
+
+
+# The memory caps of the torch models this worker holds, per CUDA device: torch caps a
+# whole process (set_per_process_memory_fraction), and a `shared` worker holds several of
+# its tenant's models, so the process's cap is the sum of theirs.
+_CAPS: dict[int, dict[int, int]] = {}
+
+
+def cap_memory(owner: object, index: int, memory_limit: int) -> None:
+    """Count ``owner``'s memory cap on CUDA device ``index`` and set the process's cap."""
+    _CAPS.setdefault(index, {})[id(owner)] = memory_limit
+    _apply_caps(index)
+
+
+def release_memory_cap(owner: object, index: int) -> None:
+    """``owner`` is gone: its cap no longer counts towards the process's."""
+    if _CAPS.get(index, {}).pop(id(owner), None) is not None:
+        _apply_caps(index)
+
+
+def _apply_caps(index: int) -> None:
+    caps = _CAPS.get(index, {})
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, sum(caps.values()) / total) if caps else 1.0
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 def _parse_metadata_file(text: str, path: Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
