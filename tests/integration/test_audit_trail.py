@@ -365,3 +365,61 @@ def test_a_key_pasted_where_a_name_goes_is_neither_logged_nor_recorded(
     assert "S3cretPart" not in str(records)
     assert any("gvk_abcdefgh_…" in r["tenant"] for r in records), records[-3:]
     assert "S3cretPart" not in (demo_node.state_dir / "node.log").read_text()
+
+
+def test_a_full_disk_and_a_database_error_say_what_happened_and_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk is a 503 that says so; another database error is a 500 without the SQL
+    statement and its parameters (a new key's hash, say), in the answer and the record."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    async def scenario() -> None:
+        node = Node(NodeOptions(state_dir=tmp_path / "state"))
+        await node.start()
+        try:
+            assert node.store is not None
+            admin = (tmp_path / "state" / "admin.key").read_text().strip()
+            auth = {"Authorization": f"Bearer {admin}"}
+            transport = httpx.ASGITransport(
+                app=create_app(node, manage_lifecycle=False), raise_app_exceptions=False
+            )
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+
+                def full(*_: object, **__: object) -> None:
+                    raise OperationalError(
+                        "INSERT INTO objects", {}, Exception("database or disk is full")
+                    )
+
+                monkeypatch.setattr(node.store, "apply", full)
+                answer = await c.post("/api/v1/apply", content=PROFILE, headers=auth)
+                assert answer.status_code == 503, answer.text
+                assert "the disk that holds the node's database is full" in answer.json()["error"]
+
+                def refused(*_: object, **__: object) -> None:
+                    raise IntegrityError(
+                        "INSERT INTO api_keys (secret_hash) VALUES (%(secret_hash)s)",
+                        {"secret_hash": "a324eb-secret-hash"},
+                        ValueError("text fields cannot contain NUL"),
+                    )
+
+                monkeypatch.setattr(node.store, "apply", refused)
+                answer = await c.post("/api/v1/apply", content=PROFILE, headers=auth)
+                assert answer.status_code == 500
+                assert answer.json()["error"] == (
+                    "internal error: IntegrityError: ValueError: text fields cannot contain NUL"
+                )
+                # a NUL in a key's text, or in a path, is the caller's error before any store
+                nul = await c.post(
+                    "/api/v1/keys", json={"role": "operator", "description": "a\x00b"}, headers=auth
+                )
+                assert nul.status_code == 400 and "NUL character" in nul.json()["error"], nul.text
+                path = await c.get("/api/v1/tenants/x%00", headers=auth)
+                assert path.status_code == 400 and "NUL character" in path.json()["error"]
+            records = node.store.audit.list(limit=1000)
+            assert "a324eb" not in str(records) and "INSERT" not in str(records)
+            assert node.store.audit.verify().ok
+        finally:
+            await node.stop()
+
+    asyncio.run(scenario())

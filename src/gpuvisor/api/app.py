@@ -75,6 +75,11 @@ def _refusal(scope: Scope, node: Node) -> Response | None:
     over ``MAX_API_BODY`` (not on the inference routes, which have their own limit), or,
     on a node that listens on loopback only, a Host header that names no loopback address
     (a web page that rebinds its own name to 127.0.0.1 would read the node as same-origin)."""
+    if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+        # no name holds one, and PostgreSQL could not even look it up
+        return error_response(
+            400, "the request's path or query holds a NUL character", code="invalid_request"
+        )
     host = declared = b""
     for key, value in scope["headers"]:
         if key == b"host":

@@ -17,6 +17,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from gpuvisor.api.errors import (
+    described_error,
     gpuvisor_error_response,
     refused_for_its_input,
     request_id_of,
@@ -263,6 +264,18 @@ def database_busy_handler(node: Node) -> Callable[[Request, Exception], Awaitabl
     unexpected = audited_unexpected_handler(node)
 
     async def handle(request: Request, exc: Exception) -> Response:
+        if "database or disk is full" in str(exc):
+            log.error(
+                "%s %s: the database's disk is full; answered 503",
+                request.method,
+                redact_secrets(request.url.path),
+            )
+            full = Unavailable(
+                "the disk that holds the node's database is full, and nothing was changed: "
+                "free some space there, then try again",
+                retry_after=30.0,
+            )
+            return gpuvisor_error_response(request, full)
         if "database is locked" not in str(exc):
             return await unexpected(request, exc)
         log.warning(
@@ -289,7 +302,7 @@ def audited_unexpected_handler(node: Node) -> Callable[[Request, Exception], Awa
         target: AuditTarget | None = getattr(request.state, "audit", None)
         principal: Principal | None = getattr(request.state, "principal", None)
         if target is not None:
-            reason = f"500 internal error: {type(exc).__name__}: {exc}"
+            reason = f"500 internal error: {described_error(exc)}"
             await _append(node, [_event(request, target, principal, "failed", reason)])
         return unexpected_error_response(request, exc)
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from gpuvisor.api import audit
-from gpuvisor.api.errors import error_responses
+from gpuvisor.api.errors import Text, error_responses
 from gpuvisor.api.oip import principal_of
 from gpuvisor.control.controller import Controller
 from gpuvisor.errors import Forbidden
@@ -32,7 +32,7 @@ _SETTLED = ("Ready", "Pending", "Failed")
 
 
 class CordonRequest(BaseModel):
-    reason: str = Field("", max_length=1024, description="why, for the audit log and status")
+    reason: Text = Field("", max_length=1024, description="why, for the audit log and status")
 
 
 class DeviceAction(BaseModel):

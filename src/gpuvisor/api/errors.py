@@ -6,12 +6,13 @@ import logging
 import math
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from sqlalchemy.exc import StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -21,6 +22,8 @@ from gpuvisor.security.keys import redact_secrets
 
 __all__ = [
     "ErrorBody",
+    "Text",
+    "described_error",
     "error_response",
     "error_responses",
     "gpuvisor_error_response",
@@ -31,6 +34,17 @@ __all__ = [
 ]
 
 log = logging.getLogger("gpuvisor.api")
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return text
+
+
+#: Text of a request body that the store keeps: a NUL character is refused (400), as
+#: PostgreSQL refuses it (SQLite would keep it).
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 _MAX_RETRY_AFTER = 86_400  # seconds
 
@@ -203,9 +217,18 @@ def unexpected_error_response(request: Request, exc: Exception) -> Response:
         exc_info=(type(exc), exc, exc.__traceback__),
         extra={"request_id": request_id, "tenant": getattr(request.state, "tenant", None)},
     )
-    response = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    response = error_response(500, f"internal error: {described_error(exc)}")
     response.headers["X-Request-ID"] = request_id
     return response
+
+
+def described_error(exc: Exception) -> str:
+    """The type and message of an unexpected error, for its 500; a database error without
+    the statement and parameters SQLAlchemy adds (a new key's hash, say)."""
+    original = getattr(exc, "orig", None)
+    if isinstance(exc, StatementError) and original is not None:
+        return f"{type(exc).__name__}: {type(original).__name__}: {original}".strip()
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

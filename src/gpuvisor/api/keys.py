@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from gpuvisor.api import audit
-from gpuvisor.api.errors import error_responses
+from gpuvisor.api.errors import Text, error_responses
 from gpuvisor.api.oip import principal_of
 from gpuvisor.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gpuvisor.node import Node
@@ -41,8 +41,8 @@ __all__ = [
 
 class KeyCreate(BaseModel):
     role: Literal["admin", "operator", "tenant"] = "tenant"
-    tenant: str | None = None
-    description: str = ""
+    tenant: Text | None = None
+    description: Text = Field("", max_length=1024)
     expires_in: str | None = Field(
         default=None,
         alias="expiresIn",

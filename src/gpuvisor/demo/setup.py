@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from importlib import resources
@@ -21,6 +22,8 @@ from gpuvisor.store.audit import NODE_ROLE, AuditEvent
 from gpuvisor.store.repo import Store, StoredObject
 
 __all__ = ["DEMO_FACT", "DemoState", "prepare_demo"]
+
+log = logging.getLogger("gpuvisor.demo")
 
 #: The fact the store keeps once the demo's manifests are in it: the keys file they were
 #: written to. The database decides, not the state directory: a deleted keys file, or a new
@@ -62,6 +65,13 @@ def prepare_demo(state_dir: Path, store: Store, keys: KeyRing) -> DemoState:
     build_demo_models(demo.models)
     applied = store.get_fact(DEMO_FACT)
     if applied is None and demo.keys_file.exists():  # applied before the store kept the fact
+        store.set_fact(DEMO_FACT, str(demo.keys_file))
+        return demo
+    if applied is None and store.list():
+        # A database that holds objects but no record of the demo: one from before the store
+        # kept the fact (its demo applied from another state directory), or an operator's
+        # own. The demo is not applied over it.
+        log.info("the database holds objects already: the demo is not applied to it")
         store.set_fact(DEMO_FACT, str(demo.keys_file))
         return demo
     if applied is not None:

@@ -195,8 +195,10 @@ def _record_from_row(row: AuditRow) -> AuditRecord:
 def _clip(event: AuditEvent) -> dict[str, str]:
     """Return the event's fields cut to their column widths (the hash covers what is stored)."""
     values: dict[str, str] = asdict(event)
-    for name, limit in _LIMITS.items():
-        values[name] = values[name][:limit]
+    for name, value in values.items():
+        # no NUL: PostgreSQL's text refuses it, and the record would be lost
+        value = value.replace("\x00", "\\0")
+        values[name] = value[: _LIMITS[name]] if name in _LIMITS else value
     return values
 
 

@@ -90,6 +90,24 @@ def test_a_database_from_before_the_fact_keeps_what_the_operator_changed(
         assert store.get_fact(DEMO_FACT) == str(tmp_path / "demo" / "tenant-keys.json")
 
 
+def test_a_database_from_before_the_fact_used_from_another_state_directory_keeps_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """No fact and no keys file here (the demo was applied from elsewhere, before the store
+    kept the fact): the database holds objects, so the demo is not applied over them."""
+    with Store(sqlite_url) as store:
+        keys = KeyRing(store)
+        prepare_demo(tmp_path / "old", store, keys)
+        objects = _changed_by_the_operator(store)
+        key_count = len(keys.list())
+    with Store(sqlite_url) as store:
+        store._write(lambda s: s.execute(delete(NodeFactRow)))
+        prepare_demo(tmp_path / "new", store, KeyRing(store))
+        assert {(o.kind, o.tenant, o.name) for o in store.list()} == objects
+        assert len(KeyRing(store).list()) == key_count, "no demo keys made again"
+        assert not (tmp_path / "new" / "demo" / "tenant-keys.json").exists()
+
+
 def test_up_says_where_the_demo_keys_went_when_they_are_not_in_its_state_directory(
     sqlite_url: str, tmp_path: Path
 ) -> None:

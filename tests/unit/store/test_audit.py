@@ -400,3 +400,12 @@ def test_a_value_the_log_never_writes_is_tampering_not_a_crash(
     assert report.problem.startswith(
         "a record after record 2 cannot be read as the log writes it, so it was changed"
     )
+
+
+def test_a_nul_in_a_records_text_is_kept_as_text_not_lost(store: Store) -> None:
+    """PostgreSQL's text refuses NUL: the record would not be written at all."""
+    event = AuditEvent(action="request", result="denied", object_name="x\x00y", reason="r\x00")
+    store.audit.append([event])
+    [record] = store.audit.list(action="request")
+    assert (record.object_name, record.reason) == ("x\\0y", "r\\0")
+    assert store.audit.verify().ok
