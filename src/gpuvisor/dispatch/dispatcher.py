@@ -265,6 +265,13 @@ class DeviceDispatcher:
             )
             return min(candidates, key=lambda q: (q.head_arrival, q.slice_id))
 
+    def _preempts(self, critical: SliceQueue, staged: SliceQueue, now: float) -> bool:
+        try:
+            return self.policy.preempts(critical, staged, now)
+        except Exception:  # a policy's bug must not stall the device: critical goes first
+            log.exception("the dispatch policy failed on device %s", self.device_id)
+            return True
+
     def _preempt_staged(self, now: float) -> bool:
         """A critical request is ready while a non-critical batch waits (staged) for the device:
         take that batch back (it keeps its place but runs nothing, and its requests return to
@@ -283,6 +290,7 @@ class DeviceDispatcher:
                 and queue.items
                 and (not queue.in_flight or (queue.in_flight == 1 and ahead.queue is queue))
                 and ready_at(queue) <= now
+                and self._preempts(queue, staged.queue, now)
                 for queue in self.queues.values()
             ):
                 return False
@@ -466,7 +474,14 @@ class DeviceDispatcher:
                 if not other.revoking:  # a batch taken back runs nothing
                     self._observe_start(other)
                 self._arm_watchdog(other)
+        removed = self.queues.get(queue.slice_id) is not queue  # its slice left the device
         if result is None:  # revoked before it started: the requests queue again, first
+            if removed:  # no queue will run them: they are answered now
+                gone = Unavailable(f"slice {queue.slice_id} left device {self.device_id}")
+                for request in batch:
+                    if request.future is not None and not request.future.done():
+                        request.future.set_exception(gone)
+                return
             queue.requeue([r for r in batch if not r.withdrawn])
             self._charge(queue, -grant.cost, now)
             return
@@ -483,7 +498,8 @@ class DeviceDispatcher:
             for request, outcome in zip(batch, result):
                 if request.future is not None and not request.future.done():
                     request.future.set_result(outcome)
-        self._charge(queue, device_seconds - grant.cost, now)
+        if not removed:  # a slice the policy forgot is not brought back by a late charge
+            self._charge(queue, device_seconds - grant.cost, now)
         try:
             if device_seconds > 0 and not failed:
                 queue.profile.observe(sum(r.rows for r in batch), device_seconds)

@@ -13,10 +13,12 @@ Each decision, over the ``candidates`` (slices with a ready batch that are not b
    while ``usage >= c * span``; a slice with no usage (or span 0) is never held back. When
    every candidate is held back, ``choose`` returns None (the device idles: a cap is a cap)
    and ``next_eligible`` says when the first of them may run again.
-3. Guarantee tier. Entitlement ``e = share`` (best-effort, fixed-share) or ``1/K`` for an
-   ``equal-share`` slice (``K``: the candidates, of every mode: an equal part of the device
-   among the slices with work, so that on a device shared with other pools an equal-share
-   slice does not claim it whole). Candidates with ``e > 0`` that
+3. Guarantee tier. Entitlement ``e = share`` (best-effort, fixed-share) or ``(1 - S)/K``
+   for an ``equal-share`` slice (``S``: the shares of the other candidates that have one;
+   ``K``: the candidates, of every mode). On a device of equal-share slices only that is
+   1/K; on one shared with other pools, an equal-share slice neither claims the device whole
+   nor pushes the guarantees past it, and a slice with no share still gets surplus turns.
+   Candidates with ``e > 0`` that
    used less than ``e * max(span, quantum)`` go first, ordered by latency class
    (``CLASS_RANK``), then by how much of their entitlement they used, then oldest request.
    The floor of one quantum keeps a new slice within its guarantee for its first batch
@@ -163,6 +165,24 @@ class FairSharePolicy:
                 earliest = at
         return earliest
 
+    def preempts(self, critical: SliceQueue, staged: SliceQueue, now: float) -> bool:
+        """Whether a critical slice may take the device back from ``staged``'s waiting batch:
+        when it is within its guarantee, or neither is and its tenant is not ahead of the
+        other's in fair queuing; never past a fixed-share cap. A critical slice over its
+        share thus waits its fair-share turn, as the other slices do."""
+        if critical.mode == FIXED_SHARE and self._held(
+            self._peek(critical, now), self._cap(critical), now
+        ):
+            return False
+        pair = [(queue, self._peek(queue, now)) for queue in (critical, staged)]
+        under = self._guaranteed(pair, now)
+        if under is not None:
+            return under is critical
+        floor = self._tenant_v
+        return max(self._tenant(critical.tenant).vt, floor) <= max(
+            self._tenant(staged.tenant).vt, floor
+        )
+
     def forget(self, slice_id: str) -> None:
         state = self._slices.pop(slice_id, None)
         if state is not None and state.mode == FIXED_SHARE:
@@ -186,6 +206,14 @@ class FairSharePolicy:
         elif state.mode != queue.mode:  # the pool's scheduler was changed
             self._fixed += (queue.mode == FIXED_SHARE) - (state.mode == FIXED_SHARE)
             state.mode = queue.mode
+        self._prune(state, now)
+        return state
+
+    def _peek(self, queue: SliceQueue, now: float) -> _SliceState:
+        """The slice's state, or a fresh one that is not kept (a question changes nothing)."""
+        state = self._slices.get(queue.slice_id)
+        if state is None:
+            return _SliceState(now, queue.mode)
         self._prune(state, now)
         return state
 
@@ -247,7 +275,10 @@ class FairSharePolicy:
     def _guaranteed(
         self, ready: list[tuple[SliceQueue, _SliceState]], now: float
     ) -> SliceQueue | None:
-        equal_part = 1.0 / len(ready)
+        # an equal part of what the other slices' guarantees leave, among every candidate:
+        # guarantees never add up past the device, and a slice with none still gets a turn
+        promised = sum(q.share for q, _ in ready if q.mode != EQUAL_SHARE and q.share > 0)
+        equal_part = max(0.0, 1.0 - promised) / len(ready)
         window = self.window
         best: SliceQueue | None = None
         best_key: tuple[int, float, float, str] | None = None

@@ -34,6 +34,12 @@ class DispatchPolicy(Protocol):
         """Drop what is kept about a slice that left the device."""
         ...
 
+    def preempts(self, critical: SliceQueue, staged: SliceQueue, now: float) -> bool:
+        """Whether ``critical``'s ready batch may take the device back from a batch of
+        ``staged`` that waits for it: when the critical slice would be chosen over the other
+        now. Asks without changing what the policy keeps."""
+        ...
+
 
 class FifoPolicy:
     """First come, first served across slices: the oldest waiting request goes next."""
@@ -52,3 +58,6 @@ class FifoPolicy:
 
     def forget(self, slice_id: str) -> None:
         return None
+
+    def preempts(self, critical: SliceQueue, staged: SliceQueue, now: float) -> bool:
+        return True

@@ -702,3 +702,70 @@ def test_failing_the_running_batches_answers_their_requests_now() -> None:
 
     asyncio.run(scenario())
     assert [ids for _, ids in runner.batches] == [[0]]
+
+
+def test_a_critical_flood_over_its_share_does_not_starve_a_guaranteed_slice() -> None:
+    """With lookahead, a critical slice with no share took back every batch staged for a
+    standard slice with half the device guaranteed: the standard slice ran once in 3 s."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    runner = RecordingRunner(seconds=0.005)
+    dispatcher = DeviceDispatcher("cpu-0", runner, FairSharePolicy(0.005), lookahead=0.002)
+    critical = _profiled("crit", 0.005, latency_class="critical")
+    standard = _profiled("std", 0.005, share=0.5)
+    dispatcher.add_slice(critical)
+    dispatcher.add_slice(standard)
+    done = {"crit": 0, "std": 0}
+
+    async def client(slice_id: str, stop: float) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            await dispatcher.submit(slice_id, _request(i))
+            done[slice_id] += 1
+
+    async def scenario() -> None:
+        dispatcher.start()
+        stop = time.monotonic() + 1.0
+        await asyncio.gather(*(client("crit", stop) for _ in range(20)), client("std", stop))
+        await dispatcher.stop()
+
+    asyncio.run(scenario())
+    # one standard client, one request at a time: it gets a batch about every other turn
+    assert done["std"] >= 0.25 * (done["crit"] + done["std"]), done
+
+
+def test_a_slice_removed_while_its_batches_are_on_the_device_leaves_nothing_behind() -> None:
+    """Its running batch's late charge does not bring it back into the policy (where a
+    fixed-share slice would shrink the others' 1/N cap for good), and the requests of a
+    batch of it that was taken back are answered, not left waiting for a queue that is gone."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    policy = FairSharePolicy(0.03)
+    runner = RecordingRunner(seconds=0.03)
+    dispatcher = DeviceDispatcher("cpu-0", runner, policy, lookahead=0.03)
+    std = _profiled("std", 0.03)
+    crit = _profiled("crit", 0.001, latency_class="critical", share=0.5)
+    capped = [_profiled(f"f{i}", 0.001, mode="fixed-share") for i in (1, 2)]
+    for queue in (std, crit, *capped):
+        dispatcher.add_slice(queue)
+
+    async def scenario() -> None:
+        dispatcher.start()
+        await asyncio.gather(*(dispatcher.submit(q.slice_id, _request(9)) for q in capped))
+        running = dispatcher.submit("std", _request(0))  # runs
+        staged = dispatcher.submit("std", _request(1))  # staged behind it
+        await asyncio.sleep(0.005)
+        critical = dispatcher.submit("crit", _request(2))  # takes the staged batch back
+        dispatcher.remove_slice("std", Unavailable("slice std is stopping"))
+        dispatcher.remove_slice("f1", Unavailable("slice f1 is stopping"))
+        await critical
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(staged, 1.0)
+        await asyncio.wait_for(running, 1.0)  # a running batch is answered as it ends
+        await asyncio.sleep(0.05)
+        await dispatcher.stop()
+
+    asyncio.run(scenario())
+    assert "std" not in policy._slices and "f1" not in policy._slices
+    assert policy._fixed == 1 and policy._cap(capped[1]) == 1.0

@@ -407,3 +407,38 @@ def test_tenant_ties_go_to_the_oldest_request_of_the_best_class() -> None:
     a_batch = _queue("a2", "A", arrival=0.0, latency_class="batch")
     b_critical = _queue("b1", "B", arrival=3.0, latency_class="critical")
     assert policy.choose([a_critical, a_batch, b_critical], 10.0) is b_critical
+
+
+def test_a_critical_slice_takes_the_device_back_only_within_its_guarantee_or_turn() -> None:
+    policy = FairSharePolicy(quantum=0.01, window=1.0)
+    critical = _queue("crit", "tc", latency_class="critical", share=0.2)
+    standard = _queue("std", "ts", latency_class="standard", share=0.5)
+    policy.choose([critical, standard], 0.0)
+    assert policy.preempts(critical, standard, 0.5)  # neither has used anything
+    policy.charge(critical, 0.4, 0.5)  # over its 0.2
+    assert not policy.preempts(critical, standard, 0.6), "the standard slice is under its 0.5"
+    policy.charge(standard, 0.55, 0.6)  # now over its own too, and ahead in fair queuing
+    assert policy.preempts(critical, standard, 0.7)
+    capped = _queue("cap", "tc", latency_class="critical", share=0.1, mode="fixed-share")
+    policy.choose([capped], 0.7)
+    policy.charge(capped, 0.3, 0.7)  # far past its cap
+    assert not policy.preempts(capped, standard, 0.8)
+
+
+def test_equal_share_pools_beside_guaranteed_slices_leave_every_slice_its_turn() -> None:
+    """Two equal-share slices, one best-effort slice guaranteed half the device and one with
+    no share, all saturating: the guarantees do not add up past the device, the half is
+    kept, and the slice with no share still runs."""
+    from gpuvisor.dispatch.simulate import SimSlice, simulate
+
+    slices = [
+        SimSlice("e1", "t1", cost=lambda rows: 0.005, mode="equal-share"),
+        SimSlice("e2", "t2", cost=lambda rows: 0.005, mode="equal-share"),
+        SimSlice("h", "t3", cost=lambda rows: 0.005, share=0.5),
+        SimSlice("z", "t4", cost=lambda rows: 0.005),
+    ]
+    result = simulate(FairSharePolicy(0.005), slices, until=10.0, seed=1)
+    shares = {s: result.device_time([s]) / result.end for s in ("e1", "e2", "h", "z")}
+    assert shares["h"] >= 0.49, shares
+    assert shares["z"] >= 0.05, shares
+    assert result.longest_gap("z") < 1.0, result.longest_gap("z")
