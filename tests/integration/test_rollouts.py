@@ -677,3 +677,47 @@ async def superseded_while_loading(db_url: str, tmp_path: Path) -> None:
         assert (state, version) == ("Ready", "3"), (final, state, version)
         assert not serving_gaps, "the replica served throughout"
         assert await answer(ctl, final) == 3.0
+
+
+def test_no_in_place_replacement_for_room_that_slices_still_loading_hold(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(in_place_waits_for_loads(sqlite_url, tmp_path))
+
+
+async def in_place_waits_for_loads(db_url: str, tmp_path: Path) -> None:
+    """Version 2 does not fit beside version 1 while another slice loads (it may yet give its
+    room back): version 1 serves on, and the choice is made once that load is done."""
+    one, two, slow = model_files(tmp_path, adder_model(1.0), adder_model(2.0), slow_model(150_000))
+    other = f"""
+---
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {{name: slow, tenant: {TENANT}}}
+spec: {{source: "{slow}"}}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {{name: slow, tenant: {TENANT}}}
+spec: {{model: slow, profile: rollout}}
+"""
+    text = manifest("{memory: 400Mi}") + "---" + model_doc("1", one)
+    devices = [discover_cpu(memory=1 << 30, threads=1)]
+    async with running_controller(db_url, text, devices) as ctl:
+        await ctl.reconcile()
+        await settle(ctl)
+        old = ctl.slices[REPLICA]
+        assert old.state == "Ready", old.reason
+        apply_manifest(ctl.store, other)
+        await ctl.reconcile()
+        assert ctl.slices[f"{TENANT}/slow/0"].state == "Loading"
+        apply_manifest(ctl.store, model_doc("2", two))
+        await ctl.reconcile()
+        new = ctl.slices[SUCCESSOR]
+        assert (old.state, new.state) == ("Ready", "Pending"), (old.reason, new.reason)
+        assert "while 1 slice(s) load" in new.reason, new.reason
+        await settle(ctl)  # the slow slice is Ready: there is no room beside, so in place
+        await ctl.reconcile()
+        await settle(ctl)
+        serving = ctl.ready_slices(TENANT, "adder")
+        assert [s.model_version for s in serving] == ["2"], [(s.id, s.state) for s in serving]

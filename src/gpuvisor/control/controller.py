@@ -323,6 +323,18 @@ class Controller:
             return
         if not state.unplaced:
             return
+        loading = [s.id for s in self.slices.values() if s.state == "Loading" and s is not state]
+        if not leaving and loading:
+            # Room that slices still loading hold may come back (a load that fails gives it
+            # back): the old instance serves on rather than be stopped for room that may be
+            # there once they are done. Decided again at every reconcile.
+            state.set_state(
+                "Pending",
+                f"no device has room for the new spec beside the old one while {len(loading)} "
+                f"slice(s) load ({serving.id} serves the old spec meanwhile; decided once they "
+                "are done)",
+            )
+            return
         if not leaving and not self._fits_in_place(want, state, serving):
             # Stopping the old instance would not make room now: it serves on, and the new
             # spec stays Pending, placed again at every reconcile (room may free up, as when
