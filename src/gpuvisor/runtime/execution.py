@@ -61,6 +61,7 @@ def profile_batches(
     """Return the median measured seconds per batch for each batch size the model accepts."""
     profile: dict[int, float] = {}
     sizes = batch_sizes if slice_.batchable else [1]
+    last_error = ""
     for rows in sizes:
         feed = synthetic_inputs(slice_.inputs, rows)
         try:
@@ -80,8 +81,16 @@ def profile_batches(
             # synthetic inputs a model rejects (values out of its range, say) say nothing
             # about real requests: that size goes unprofiled
             log.debug("profiling %s at batch %d failed: %s", slice_.spec.slice_id, rows, exc)
+            last_error = exc.message
             continue
         profile[rows] = statistics.median(times)
+    if not profile and last_error:
+        log.warning(
+            "slice %s: every run of the model at load failed (last: %s); it serves, but its "
+            "requests may fail the same way, and the dispatcher predicts nothing for it",
+            slice_.spec.slice_id,
+            last_error,
+        )
     return profile
 
 

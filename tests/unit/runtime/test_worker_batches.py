@@ -227,3 +227,18 @@ def test_a_model_whose_first_dimension_is_fixed_is_profiled_at_its_own_size(
     assert not loaded.batchable
     profile = profile_batches(loaded, [1, 2, 4], repeats=2)
     assert list(profile) == [1] and profile[1] > 0
+
+
+def test_a_model_that_fails_every_run_at_load_is_said_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """x [N, 4] reshaped to 3 columns: no batch runs. It loads (real requests might differ),
+    and the log says that every run failed."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 3])
+    model = _graph("never", [helper.make_node("Reshape", ["x", "shape"], ["y"])], ["x"], ["N", 3])
+    model.graph.initializer.append(shape)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 4
+    loaded = _loaded_from(tmp_path, model)
+    with caplog.at_level(logging.WARNING):
+        assert profile_batches(loaded, [1, 2], repeats=1) == {}
+    assert "every run of the model at load failed" in caplog.text
