@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -403,45 +404,30 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def test_a_failed_slice_holds_no_room_on_its_device(demo_node: NodeProcess, tmp_path: Path) -> None:
-    """Placement gives a Failed slice's room back; the device listing says the same."""
-    admin = demo_node.auth(demo_node.admin_key)
-    garbage = tmp_path / "garbage.onnx"
-    garbage.write_bytes(b"not a model")
+@contextlib.contextmanager
+def _analytics_deployment(node: NodeProcess, name: str, source: Path) -> Iterator[None]:
+    """A Model ``name`` of ``source`` and its Deployment in the demo's analytics tenant, for
+    the test's time."""
+    admin = node.auth(node.admin_key)
     manifest = f"""
 apiVersion: gpuvisor/v1
 kind: Model
-metadata: {{name: garbage, tenant: analytics}}
-spec: {{source: {garbage}}}
+metadata: {{name: {name}, tenant: analytics}}
+spec: {{source: {source}}}
 ---
 apiVersion: gpuvisor/v1
 kind: Deployment
-metadata: {{name: garbage, tenant: analytics}}
-spec: {{model: garbage, profile: std-small}}
+metadata: {{name: {name}, tenant: analytics}}
+spec: {{model: {name}, profile: std-small}}
 """
-    applied = httpx.post(
-        f"{demo_node.url}/api/v1/apply", headers=admin, content=manifest, timeout=60
-    )
+    applied = httpx.post(f"{node.url}/api/v1/apply", headers=admin, content=manifest, timeout=60)
     assert applied.status_code == 200, applied.text
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            slices = httpx.get(f"{demo_node.url}/api/v1/slices", headers=admin, timeout=30)
-            items = slices.json()["items"]
-            [failed] = [s for s in items if s["id"] == "analytics/garbage/0"]
-            if failed["state"] == "Failed":
-                break
-            assert time.monotonic() < deadline, failed
-            time.sleep(0.2)
-        device = httpx.get(f"{demo_node.url}/api/v1/devices/cpu-0", headers=admin, timeout=30)
-        holding = [s for s in items if s["device"] == "cpu-0" and s["state"] != "Failed"]
-        assert failed["id"] not in device.json()["slices"]
-        assert sorted(device.json()["slices"]) == sorted(s["id"] for s in holding)
-        assert device.json()["memoryReserved"] == sum(s["memory"] for s in holding)
+        yield
     finally:
         for plural in ("deployments", "models"):
             deleted = httpx.delete(
-                f"{demo_node.url}/api/v1/{plural}/garbage",
+                f"{node.url}/api/v1/{plural}/{name}",
                 params={"tenant": "analytics"},
                 headers=admin,
                 timeout=60,
@@ -449,30 +435,44 @@ spec: {{model: garbage, profile: std-small}}
             assert deleted.status_code == 200, deleted.text
 
 
+def _slice(node: NodeProcess, slice_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One slice as the API lists it, and every slice listed with it."""
+    listed = httpx.get(f"{node.url}/api/v1/slices", headers=node.auth(node.admin_key), timeout=30)
+    items: list[dict[str, Any]] = listed.json()["items"]
+    [item] = [s for s in items if s["id"] == slice_id]
+    return item, items
+
+
+def test_a_failed_slice_holds_no_room_on_its_device(demo_node: NodeProcess, tmp_path: Path) -> None:
+    """Placement gives a Failed slice's room back; the device listing says the same."""
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with _analytics_deployment(demo_node, "garbage", garbage):
+        deadline = time.monotonic() + 60
+        while (found := _slice(demo_node, "analytics/garbage/0"))[0]["state"] != "Failed":
+            assert time.monotonic() < deadline, found[0]
+            time.sleep(0.2)
+        failed, items = found
+        device = httpx.get(
+            f"{demo_node.url}/api/v1/devices/cpu-0",
+            headers=demo_node.auth(demo_node.admin_key),
+            timeout=30,
+        ).json()
+        holding = [s for s in items if s["device"] == "cpu-0" and s["state"] != "Failed"]
+        assert failed["id"] not in device["slices"]
+        assert sorted(device["slices"]) == sorted(s["id"] for s in holding)
+        assert device["memoryReserved"] == sum(s["memory"] for s in holding)
+
+
 def test_a_loading_slice_names_the_worker_that_loads_it(
     demo_node: NodeProcess, tmp_path: Path
 ) -> None:
     model = tmp_path / "slow.onnx"
     model.write_bytes(slow_model(400_000))  # its load runs it several times: seconds
-    admin = demo_node.auth(demo_node.admin_key)
-    manifest = f"""
-apiVersion: gpuvisor/v1
-kind: Model
-metadata: {{name: slow, tenant: analytics}}
-spec: {{source: {model}}}
----
-apiVersion: gpuvisor/v1
-kind: Deployment
-metadata: {{name: slow, tenant: analytics}}
-spec: {{model: slow, profile: std-small}}
-"""
-    applied = httpx.post(f"{demo_node.url}/api/v1/apply", headers=admin, content=manifest)
-    assert applied.status_code == 200, applied.text
-    try:
+    with _analytics_deployment(demo_node, "slow", model):
         deadline = time.monotonic() + 60
         while True:
-            items = httpx.get(f"{demo_node.url}/api/v1/slices", headers=admin, timeout=30)
-            [item] = [s for s in items.json()["items"] if s["id"] == "analytics/slow/0"]
+            item, _ = _slice(demo_node, "analytics/slow/0")
             if item["state"] == "Loading" and item["pid"] is not None:
                 break
             assert item["state"] in ("Pending", "Loading"), item
@@ -480,11 +480,3 @@ spec: {{model: slow, profile: std-small}}
             time.sleep(0.05)
         assert psutil.pid_exists(item["pid"])
         assert "gpuvisor.runtime.worker" in " ".join(psutil.Process(item["pid"]).cmdline())
-    finally:
-        for plural in ("deployments", "models"):
-            httpx.delete(
-                f"{demo_node.url}/api/v1/{plural}/slow",
-                params={"tenant": "analytics"},
-                headers=admin,
-                timeout=60,
-            )

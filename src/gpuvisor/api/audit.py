@@ -256,40 +256,48 @@ def audited_error_handler(node: Node) -> Callable[[Request, Exception], Awaitabl
     return handle
 
 
+# SQLite's words for a database the node cannot write now, and what the node answers (503):
+# the log level and line, the message, and when to try again
+_DATABASE_UNAVAILABLE = {
+    "database or disk is full": (
+        logging.ERROR,
+        "the database's disk is full",
+        "the disk that holds the node's database is full, and nothing was changed: free some "
+        "space there, then try again",
+        30.0,
+    ),
+    "database is locked": (
+        logging.WARNING,
+        "the database is locked by another process",
+        "the database is busy: another process holds its write lock, and nothing was "
+        "changed. Try again; if this lasts, look for a process holding the node's database "
+        "open (a sqlite3 shell in a transaction, a backup)",
+        1.0,
+    ),
+}
+
+
 def database_busy_handler(node: Node) -> Callable[[Request, Exception], Awaitable[Response]]:
     """Return the app's handler for database errors: a SQLite database another process holds
-    the write lock of past the busy timeout is a 503 with Retry-After (nothing was changed,
-    and no audit record can be written either: the warning in the log is the record); any
-    other database error is a bug (``audited_unexpected``)."""
+    the write lock of past the busy timeout, or whose disk is full, is a 503 with Retry-After
+    (nothing was changed, and no audit record can be written either: the line in the log is
+    the record); any other database error is a bug (``audited_unexpected``)."""
     unexpected = audited_unexpected_handler(node)
 
     async def handle(request: Request, exc: Exception) -> Response:
-        if "database or disk is full" in str(exc):
-            log.error(
-                "%s %s: the database's disk is full; answered 503",
-                request.method,
-                redact_secrets(request.url.path),
-            )
-            full = Unavailable(
-                "the disk that holds the node's database is full, and nothing was changed: "
-                "free some space there, then try again",
-                retry_after=30.0,
-            )
-            return gpuvisor_error_response(request, full)
-        if "database is locked" not in str(exc):
+        text = str(exc)
+        known = next((v for k, v in _DATABASE_UNAVAILABLE.items() if k in text), None)
+        if known is None:
             return await unexpected(request, exc)
-        log.warning(
-            "%s %s: the database is locked by another process; answered 503",
+        level, what, message, retry_after = known
+        log.log(
+            level,
+            "%s %s: %s; answered 503",
             request.method,
             redact_secrets(request.url.path),
+            what,
         )
-        busy = Unavailable(
-            "the database is busy: another process holds its write lock, and nothing was "
-            "changed. Try again; if this lasts, look for a process holding the node's database "
-            "open (a sqlite3 shell in a transaction, a backup)",
-            retry_after=1.0,
-        )
-        return gpuvisor_error_response(request, busy)
+        return gpuvisor_error_response(request, Unavailable(message, retry_after=retry_after))
 
     return handle
 
