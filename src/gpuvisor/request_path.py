@@ -190,53 +190,39 @@ class RequestPath:
         rows: int = 1,
         priority: int = DEFAULT_PRIORITY,
     ) -> None:
-        """Refuse a request before it queues: rate, queue caps, then a deadline it cannot meet."""
+        """Refuse a request before it queues: rate, queue caps, then a deadline it cannot meet
+        (a request refused after the rate check gives its token back)."""
         assert self.controller is not None
         admission = self.controller.admission
         admission.check_rate(tenant, now)
         try:
-            self._check_room(tenant, queue, dispatcher, budget, now, rows, priority)
+            tenant_cap = admission.limits(tenant).max_queued
+            if tenant_cap is not None or len(queue.items) >= queue.max_queued:
+                tenant_queued = sum(
+                    len(q.items)
+                    for d in self.dispatchers.values()
+                    for q in d.queues.values()
+                    if q.tenant == tenant
+                )
+                if (tenant_cap is not None and tenant_queued >= tenant_cap) or len(
+                    queue.items
+                ) >= queue.max_queued:
+                    admission.check_queues(
+                        tenant,
+                        tenant_queued,
+                        queue.slice_id,
+                        len(queue.items),
+                        queue.max_queued,
+                        dispatcher.predict_completion(queue, 0, now),
+                    )
+            if budget is not None:
+                predicted = dispatcher.predict_completion(queue, rows, now, priority)
+                if predicted > budget:
+                    ahead = queue.ahead_of(priority)[0]
+                    raise deadline_error(budget, predicted, ahead, queue.profile.predict(rows))
         except GpuvisorError:
             admission.refund(tenant)
             raise
-
-    def _check_room(
-        self,
-        tenant: str,
-        queue: SliceQueue,
-        dispatcher: DeviceDispatcher,
-        budget: float | None,
-        now: float,
-        rows: int,
-        priority: int,
-    ) -> None:
-        """Refuse a request for a full queue or a deadline it cannot meet."""
-        assert self.controller is not None
-        admission = self.controller.admission
-        tenant_cap = admission.limits(tenant).max_queued
-        if tenant_cap is not None or len(queue.items) >= queue.max_queued:
-            tenant_queued = sum(
-                len(q.items)
-                for d in self.dispatchers.values()
-                for q in d.queues.values()
-                if q.tenant == tenant
-            )
-            if (tenant_cap is not None and tenant_queued >= tenant_cap) or len(
-                queue.items
-            ) >= queue.max_queued:
-                admission.check_queues(
-                    tenant,
-                    tenant_queued,
-                    queue.slice_id,
-                    len(queue.items),
-                    queue.max_queued,
-                    dispatcher.predict_completion(queue, 0, now),
-                )
-        if budget is not None:
-            predicted = dispatcher.predict_completion(queue, rows, now, priority)
-            if predicted > budget:
-                ahead = queue.ahead_of(priority)[0]
-                raise deadline_error(budget, predicted, ahead, queue.profile.predict(rows))
 
     async def _await_within(
         self,

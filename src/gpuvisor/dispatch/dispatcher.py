@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from gpuvisor.dispatch.batching import ready_at, take_batch
@@ -132,17 +132,13 @@ class DeviceDispatcher:
             self.policy.forget(slice_id)
 
     def fail_queued(self, queue: SliceQueue, error: GpuvisorError) -> None:
-        for request in queue.drain():
-            if request.future is not None and not request.future.done():
-                request.future.set_exception(error)
+        _fail(queue.drain(), error)
 
     def fail_running(self, error: GpuvisorError) -> None:
         """Answer the requests of every batch on the device (running or staged) with
         ``error`` now; the batches go on, and what they answer later goes nowhere."""
         for grant in self._grants:
-            for request in grant.batch:
-                if request.future is not None and not request.future.done():
-                    request.future.set_exception(error)
+            _fail(grant.batch, error)
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -477,10 +473,7 @@ class DeviceDispatcher:
         removed = self.queues.get(queue.slice_id) is not queue  # its slice left the device
         if result is None:  # revoked before it started: the requests queue again, first
             if removed:  # no queue will run them: they are answered now
-                gone = Unavailable(f"slice {queue.slice_id} left device {self.device_id}")
-                for request in batch:
-                    if request.future is not None and not request.future.done():
-                        request.future.set_exception(gone)
+                _fail(batch, Unavailable(f"slice {queue.slice_id} left device {self.device_id}"))
                 return
             queue.requeue([r for r in batch if not r.withdrawn])
             self._charge(queue, -grant.cost, now)
@@ -491,9 +484,7 @@ class DeviceDispatcher:
             # (a worker that crashed or hung): its slice is charged for that time.
             started = grant.started if sent else None
             device_seconds = now - started if started is not None else 0.0
-            for request in batch:
-                if request.future is not None and not request.future.done():
-                    request.future.set_exception(result)
+            _fail(batch, result)
         else:
             for request, outcome in zip(batch, result):
                 if request.future is not None and not request.future.done():
@@ -507,3 +498,10 @@ class DeviceDispatcher:
                 self._on_complete(queue, batch, device_seconds)
         except Exception:  # an observer's bug must not stall the device
             log.exception("accounting the batch of slice %s failed", queue.slice_id)
+
+
+def _fail(requests: Iterable[PendingRequest], error: GpuvisorError) -> None:
+    """Answer each request not answered yet with ``error``."""
+    for request in requests:
+        if request.future is not None and not request.future.done():
+            request.future.set_exception(error)
