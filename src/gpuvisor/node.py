@@ -18,9 +18,7 @@ from gpuvisor.control.slices import Backoff, SliceState
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.fairshare import FairSharePolicy
 from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
-from gpuvisor.errors import (
-    Unavailable,
-)
+from gpuvisor.errors import Unavailable
 from gpuvisor.inventory.device import Topology
 from gpuvisor.inventory.discovery import discover
 from gpuvisor.request_path import RequestPath

@@ -199,14 +199,14 @@ class SliceSupervisor:
     def _ended(self, task: asyncio.Task[None]) -> None:
         """A supervisor that stopped on an error it did not expect leaves its slice Failed
         with the error, not in a state that says it is loading or serving."""
-        if task.cancelled() or task.exception() is None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
             return
-        exc = task.exception()
         s = self.slice
         log.error(
             "supervising slice %s failed",
             s.id,
-            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+            exc_info=(type(exc), exc, exc.__traceback__),
             extra={"tenant": s.tenant},
         )
         if not self.stopping:
@@ -276,7 +276,7 @@ class SliceSupervisor:
                 message = (
                     exc.message
                     if isinstance(exc, Unavailable)
-                    else (f"starting a worker process failed: {exc}")
+                    else f"starting a worker process failed: {exc}"
                 )
                 s.restarts += 1
                 self.metrics.worker_restarts.labels(s.tenant, s.deployment).inc()
