@@ -5,8 +5,10 @@ changed in the database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,26 @@ def test_secrets_sent_by_mistake_are_kept_out_of_answers_logs_and_the_audit_log(
             assert secret not in text, f"a secret reached {where}"
 
 
+@contextlib.asynccontextmanager
+async def _node_in_this_process(
+    state: Path,
+) -> AsyncIterator[tuple[Node, httpx.AsyncClient, dict[str, str]]]:
+    """A node run in the test's own process (so that its store can be made to fail), a client
+    of its app, and its admin key's header."""
+    node = Node(NodeOptions(state_dir=state))
+    await node.start()
+    try:
+        assert node.store is not None
+        admin = {"Authorization": f"Bearer {(state / 'admin.key').read_text().strip()}"}
+        transport = httpx.ASGITransport(
+            app=create_app(node, manage_lifecycle=False), raise_app_exceptions=False
+        )
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield node, client, admin
+    finally:
+        await node.stop()
+
+
 def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,23 +274,12 @@ def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
         raise RuntimeError("disk on fire")
 
     async def scenario() -> None:
-        node = Node(NodeOptions(state_dir=tmp_path / "state"))
-        await node.start()
-        try:
+        async with _node_in_this_process(tmp_path / "state") as (node, client, admin):
             assert node.store is not None
-            admin = (tmp_path / "state" / "admin.key").read_text().strip()
             monkeypatch.setattr(node.store, "apply", broken)
-            transport = httpx.ASGITransport(
-                app=create_app(node, manage_lifecycle=False), raise_app_exceptions=False
+            answer = await client.post(
+                "/api/v1/apply", content=PROFILE, headers={**admin, "X-Request-ID": "req-500"}
             )
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://127.0.0.1"
-            ) as client:
-                answer = await client.post(
-                    "/api/v1/apply",
-                    content=PROFILE,
-                    headers={"Authorization": f"Bearer {admin}", "X-Request-ID": "req-500"},
-                )
             assert answer.status_code == 500
             assert answer.json()["error"] == "internal error: RuntimeError: disk on fire"
             (record,) = node.store.audit.list(action="apply", result="failed")
@@ -280,8 +291,6 @@ def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
             assert record.reason == "500 internal error: RuntimeError: disk on fire"
             assert record.request_id == "req-500"
             assert node.store.audit.verify().ok
-        finally:
-            await node.stop()
 
     asyncio.run(scenario())
 
@@ -375,51 +384,41 @@ def test_a_full_disk_and_a_database_error_say_what_happened_and_no_more(
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     async def scenario() -> None:
-        node = Node(NodeOptions(state_dir=tmp_path / "state"))
-        await node.start()
-        try:
+        async with _node_in_this_process(tmp_path / "state") as (node, c, auth):
             assert node.store is not None
-            admin = (tmp_path / "state" / "admin.key").read_text().strip()
-            auth = {"Authorization": f"Bearer {admin}"}
-            transport = httpx.ASGITransport(
-                app=create_app(node, manage_lifecycle=False), raise_app_exceptions=False
+
+            def full(*_: object, **__: object) -> None:
+                raise OperationalError(
+                    "INSERT INTO objects", {}, Exception("database or disk is full")
+                )
+
+            monkeypatch.setattr(node.store, "apply", full)
+            answer = await c.post("/api/v1/apply", content=PROFILE, headers=auth)
+            assert answer.status_code == 503, answer.text
+            assert "the disk that holds the node's database is full" in answer.json()["error"]
+
+            def refused(*_: object, **__: object) -> None:
+                raise IntegrityError(
+                    "INSERT INTO api_keys (secret_hash) VALUES (%(secret_hash)s)",
+                    {"secret_hash": "a324eb-secret-hash"},
+                    ValueError("text fields cannot contain NUL"),
+                )
+
+            monkeypatch.setattr(node.store, "apply", refused)
+            answer = await c.post("/api/v1/apply", content=PROFILE, headers=auth)
+            assert answer.status_code == 500
+            assert answer.json()["error"] == (
+                "internal error: IntegrityError: ValueError: text fields cannot contain NUL"
             )
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-
-                def full(*_: object, **__: object) -> None:
-                    raise OperationalError(
-                        "INSERT INTO objects", {}, Exception("database or disk is full")
-                    )
-
-                monkeypatch.setattr(node.store, "apply", full)
-                answer = await c.post("/api/v1/apply", content=PROFILE, headers=auth)
-                assert answer.status_code == 503, answer.text
-                assert "the disk that holds the node's database is full" in answer.json()["error"]
-
-                def refused(*_: object, **__: object) -> None:
-                    raise IntegrityError(
-                        "INSERT INTO api_keys (secret_hash) VALUES (%(secret_hash)s)",
-                        {"secret_hash": "a324eb-secret-hash"},
-                        ValueError("text fields cannot contain NUL"),
-                    )
-
-                monkeypatch.setattr(node.store, "apply", refused)
-                answer = await c.post("/api/v1/apply", content=PROFILE, headers=auth)
-                assert answer.status_code == 500
-                assert answer.json()["error"] == (
-                    "internal error: IntegrityError: ValueError: text fields cannot contain NUL"
-                )
-                # a NUL in a key's text, or in a path, is the caller's error before any store
-                nul = await c.post(
-                    "/api/v1/keys", json={"role": "operator", "description": "a\x00b"}, headers=auth
-                )
-                assert nul.status_code == 400 and "NUL character" in nul.json()["error"], nul.text
-                path = await c.get("/api/v1/tenants/x%00", headers=auth)
-                assert path.status_code == 400 and "NUL character" in path.json()["error"]
+            # a NUL in a key's text, or in a path, is the caller's error before any store
+            nul = await c.post(
+                "/api/v1/keys", json={"role": "operator", "description": "a\x00b"}, headers=auth
+            )
+            assert nul.status_code == 400 and "NUL character" in nul.json()["error"], nul.text
+            path = await c.get("/api/v1/tenants/x%00", headers=auth)
+            assert path.status_code == 400 and "NUL character" in path.json()["error"]
             records = node.store.audit.list(limit=1000)
             assert "a324eb" not in str(records) and "INSERT" not in str(records)
             assert node.store.audit.verify().ok
-        finally:
-            await node.stop()
 
     asyncio.run(scenario())
