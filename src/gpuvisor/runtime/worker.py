@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for loaded in worker.slices.values():
             loaded.executor.close()
         worker.socket.close(0)
+        worker.wake_main.close()
+        worker.wake_runner.close()
         if worker.trace is not None:
             worker.trace.close()
         if worker.handoff is not None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -28,6 +31,10 @@ __all__ = ["Worker"]
 log = logging.getLogger("gpuvisor.worker")
 
 _PARENT_POLL_MS = 1000
+# A batch expected to run longer than this (as its slice's last one did) has the main thread
+# read the link meanwhile, so that the next batch is decoded and ready when it ends; a
+# shorter one is over before a second thread could help, and waking it costs more than it saves.
+_WATCH_AFTER = 0.001
 _REMEMBERED = 1024  # batch ids kept in the released / completed sets
 _TOKEN = struct.Struct("<q")  # a handoff datagram: the id of the batch that is done
 
@@ -48,13 +55,47 @@ def _remember(ids: dict[int, None], batch_id: int) -> None:
         del ids[next(iter(ids))]
 
 
-class Worker:
-    """Receives messages from the node and answers them, one at a time.
+class _Wake:
+    """A flag one thread sets and another waits for with ``select``/``poll`` (a pipe)."""
 
-    Batches run in the order they arrive. A batch with ``wait_for`` starts only once that
-    batch (another worker's) is done: its worker's datagram on this worker's handoff socket,
-    or the node's ``Go``, says so. Control messages (``ReleaseAfter``, ``Go``, ``Shutdown``)
-    are taken as soon as they are read, even while a batch waits or runs.
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: it is set already
+            os.write(self._write, b"\0")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+class Worker:
+    """Receives messages from the node and answers them; runs its slices' work in turn.
+
+    The runner thread (``run``) does the work: it reads the node's messages, takes control
+    messages (``ReleaseAfter``, ``Go``, ``Revoke``, ``Shutdown``) at once and the rest
+    (batches, loads, unloads) in arrival order. A batch with ``wait_for`` starts only once
+    that batch (another worker's) is done, which that worker's datagram on this worker's
+    handoff socket, or the node's ``Go``, says.
+
+    The main thread (``serve``) helps while a long batch runs (longer than ``_WATCH_AFTER``,
+    as the slice's last batch took): it reads the messages that come meanwhile, so the next
+    batch is decoded by the time this one ends, and the runner, finding it ready, starts it at
+    once and leaves this one's reply for the main thread to send. Otherwise the runner sends
+    its replies itself, the shortest way back to the node, and short batches cost no wake-up
+    of a second thread. The link's socket is used by one thread at a time (``link_lock``); the
+    state both threads touch is guarded by ``lock``.
 
     A message that does not decode is logged and dropped, never fatal: the worker serves its
     other slices on. What it is can be answered only as far as it can be read (``glimpse``):
@@ -70,27 +111,35 @@ class Worker:
         self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
+        self.link_fd = int(self.socket.getsockopt(zmq.FD))
         self.handoff: socket.socket | None = None
         if handoff_path:
             self.handoff = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.handoff.bind(handoff_path)
             self.handoff.setblocking(False)
-        self.poller = zmq.Poller()
-        self.poller.register(self.socket, zmq.POLLIN)
-        if self.handoff is not None:
-            self.poller.register(self.handoff.fileno(), zmq.POLLIN)
         self.slices: dict[str, LoadedSlice] = {}
         self.parent_pid = os.getppid()
         self.process = psutil.Process()
+        self.lock = threading.Lock()
+        self.link_lock = threading.RLock()
+        self.wake_main = _Wake()  # a long batch started, or replies wait to be sent
+        self.wake_runner = _Wake()  # the main thread queued work, released a batch or stops
+        # guarded by ``lock``:
         self.pending: deque[tuple[p.Message, list[memoryview]]] = deque()
         self.released: dict[int, None] = {}  # other workers' batches known to be done
         self.completed: dict[int, None] = {}  # this worker's batches that are done
         self.release_after: dict[int, list[str]] = {}  # own batch id -> handoff paths
         self.revoked: dict[int, None] = {}  # own batches taken back before they started
+        self.unreadable: dict[int, str] = {}  # own batches that did not decode -> what was wrong
+        self.watched = False  # the main thread reads the link (a long batch runs)
+        self.stopping = False
+        # the runner's own:
         self.handoff_failures: set[int] = set()  # passed-over batches whose handoff failed
         self.handed_early: dict[int, list[str]] = {}  # passed-over batches -> paths told
-        self.unreadable: dict[int, str] = {}  # own batches that did not decode -> what was wrong
-        self.stopping = False
+        self.runner_ident = 0  # the runner thread's ``threading.get_ident()``
+        self.took: dict[str, float] = {}  # slice id -> seconds its last batch ran
+        self.outbox: deque[tuple[p.Message, Sequence[bytes]]] = deque()  # replies, in order
+        self.failure: Exception | None = None  # what ended the runner, if it failed
         self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self.nice = self.base_nice
         # GPUVISOR_BATCH_TRACE=<file>: append "<worker> <batch> <start> <end> <revoked>" per
@@ -98,55 +147,41 @@ class Worker:
         trace = os.environ.get("GPUVISOR_BATCH_TRACE")
         self.trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
+    # ---- the link -------------------------------------------------------------------------
+
     def send(self, message: p.Message, frames: Sequence[bytes] = ()) -> None:
-        self.socket.send_multipart([p.encode(message), *frames], copy=False)
+        with self.link_lock:
+            self.socket.send_multipart([p.encode(message), *frames], copy=False)
+            self._signal_waiting()
 
-    def serve(self) -> None:
-        """Serve until told to shut down or until the node process disappears."""
-        self.send(p.WorkerReady(self.worker_id, os.getpid()))
-        while not self.stopping:
-            if not self.pending:
-                if not self.read(_PARENT_POLL_MS) and self.orphaned():
+    def flush(self) -> None:
+        """Send the replies the runner left while it went on to the next batch, in order."""
+        while self.outbox:
+            with self.link_lock:
+                # popped under the link's lock: a reply the runner sends itself cannot overtake
+                if not self.outbox:
                     return
-                continue
-            message, frames = self.pending.popleft()
-            if isinstance(message, p.ExecuteBatch):
-                if self.wait_for(message.wait_for):
-                    self.execute(message, frames)
-            elif isinstance(message, p.LoadModel):
-                self.load(message)
-            elif isinstance(message, p.UnloadModel):
-                loaded = self.slices.pop(message.slice_id, None)
-                if loaded is not None:
-                    loaded.executor.close()
-                    self.apply_nice()
+                message, frames = self.outbox.popleft()
+                self.socket.send_multipart([p.encode(message), *frames], copy=False)
+                self._signal_waiting()
 
-    def orphaned(self) -> bool:
-        if os.getppid() != self.parent_pid:
-            log.warning("node process %d is gone; worker %s exits", self.parent_pid, self.worker_id)
-            return True
-        return False
+    def _signal_waiting(self) -> None:
+        """Sending can take the signal that a message waits (``ZMQ_FD`` is edge-triggered)
+        from the thread that waits for it: wake both, or that message would wait."""
+        if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self.wake_runner.set()
+            self.wake_main.set()
 
-    def read(self, timeout_ms: int) -> bool:
-        """Read what has arrived (waiting up to ``timeout_ms``): handoff datagrams and control
-        messages take effect now, everything else queues in ``pending``. False: nothing came."""
-        ready = dict(self.poller.poll(timeout_ms))
-        if not ready:
-            return False
-        if self.handoff is not None and self.handoff.fileno() in ready:
-            while True:
-                try:
-                    data = self.handoff.recv(64)
-                except BlockingIOError:
-                    break
-                if len(data) == _TOKEN.size:
-                    _remember(self.released, _TOKEN.unpack(data)[0])
-        if self.socket in ready:
-            socket = self.socket
+    def read(self) -> bool:
+        """Take every message that has arrived: control messages take effect now, everything
+        else queues for the runner. False: nothing came."""
+        came = False
+        with self.link_lock:  # held throughout: two readers must not reorder messages
             # ask whether a message waits rather than reading until zmq.Again: raising that
             # exception cost more than the check, once per read
-            while int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                came = True
                 header, payload = frames[0].buffer, [f.buffer for f in frames[1:]]
                 try:
                     message = p.decode(header)
@@ -154,7 +189,41 @@ class Worker:
                     self.drop_unreadable(header, len(payload), exc)
                     continue
                 self.take(message, payload)
-        return True
+        return came
+
+    def orphaned(self) -> bool:
+        if os.getppid() != self.parent_pid:
+            log.warning("node process %d is gone; worker %s exits", self.parent_pid, self.worker_id)
+            return True
+        return False
+
+    # ---- the main thread ------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until told to shut down or until the node process disappears."""
+        runner = threading.Thread(target=self.run, name=f"{self.worker_id}-runner", daemon=True)
+        runner.start()
+        try:
+            self.send(p.WorkerReady(self.worker_id, os.getpid()))
+            while not self.stopping:
+                with self.lock:
+                    watched = self.watched
+                fds = [self.wake_main.fileno(), self.link_fd] if watched else [self.wake_main]
+                came, _, _ = select.select(fds, [], [], _PARENT_POLL_MS / 1000)
+                self.wake_main.clear()
+                self.flush()
+                if watched and self.read():
+                    continue
+                if not came and self.orphaned():
+                    break
+        finally:
+            with self.lock:
+                self.stopping = True
+            self.wake_runner.set()
+            runner.join()
+            self.flush()
+        if self.failure is not None:
+            raise self.failure  # a bug: end the worker as a crash, which the node restarts
 
     def drop_unreadable(self, header: memoryview, payload: int, error: msgspec.DecodeError) -> None:
         """Log a message whose header does not decode, and answer it where it can be told what
@@ -171,10 +240,12 @@ class Worker:
                 problem,
                 seen.batch_id,
             )
-            self.unreadable[seen.batch_id] = problem
             # an empty batch in the readable one's place, so that it keeps its turn on the device
             empty = p.ExecuteBatch(seen.batch_id, seen.slice_id or "", [], seen.wait_for or 0)
-            self.pending.append((empty, []))
+            with self.lock:
+                self.unreadable[seen.batch_id] = problem
+                self.pending.append((empty, []))
+            self.wake_runner.set()
         elif seen.type == "LoadModel" and seen.slice_id is not None:
             log.warning(
                 "worker %s drops %s; the load of slice %s is answered as failed",
@@ -200,45 +271,129 @@ class Worker:
             log.warning("worker %s drops %s", self.worker_id, problem)
 
     def take(self, message: p.Message, frames: list[memoryview]) -> None:
-        if isinstance(message, p.ReleaseAfter):
-            if message.batch_id in self.completed:
-                self.release(message.batch_id, [message.path])
+        done_already = False
+        with self.lock:
+            if isinstance(message, p.ReleaseAfter):
+                done_already = message.batch_id in self.completed
+                if not done_already:
+                    self.release_after.setdefault(message.batch_id, []).append(message.path)
+            elif isinstance(message, p.Go):
+                _remember(self.released, message.batch_id)
+            elif isinstance(message, p.Revoke):
+                if message.batch_id not in self.completed:
+                    _remember(self.revoked, message.batch_id)
+                return  # the runner looks for it when the batch's turn comes
+            elif isinstance(message, p.Shutdown):
+                self.stopping = True
             else:
-                self.release_after.setdefault(message.batch_id, []).append(message.path)
-        elif isinstance(message, p.Go):
-            _remember(self.released, message.batch_id)
-        elif isinstance(message, p.Revoke):
-            if message.batch_id not in self.completed:
-                _remember(self.revoked, message.batch_id)
-        elif isinstance(message, p.Shutdown):
-            self.stopping = True
-        else:
-            self.pending.append((message, frames))
+                self.pending.append((message, frames))
+        if done_already:
+            self.release(message.batch_id, [message.path])  # type: ignore[union-attr]
+        elif threading.get_ident() != self.runner_ident:
+            self.wake_runner.set()
 
-    def wait_for(self, batch_id: int) -> bool:
-        """Block until batch ``batch_id`` is done (0: nothing to wait for); False if the worker
-        was told to stop (or lost its node) meanwhile."""
-        while batch_id and batch_id not in self.released and batch_id not in self.completed:
-            if self.stopping or (not self.read(_PARENT_POLL_MS) and self.orphaned()):
-                return False
-        return not self.stopping
+    # ---- the runner thread -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Take the queued work in order, each item once it may start, until told to stop."""
+        self.runner_ident = threading.get_ident()
+        try:
+            while True:
+                with self.lock:
+                    if self.stopping:
+                        return
+                    item = self.pending.popleft() if self.ready_next() else None
+                if item is None and not self.read():
+                    self.flush()  # replies the main thread has not sent yet
+                    with self.lock:
+                        self.watched = False
+                    self.wait()
+                if item is None:
+                    continue
+                message, frames = item
+                if isinstance(message, p.ExecuteBatch):
+                    self.execute(message, frames)
+                elif isinstance(message, p.LoadModel):
+                    self.load(message)
+                elif isinstance(message, p.UnloadModel):
+                    loaded = self.slices.pop(message.slice_id, None)
+                    self.took.pop(message.slice_id, None)
+                    if loaded is not None:
+                        loaded.executor.close()
+                        self.apply_nice()
+        except Exception as exc:
+            self.failure = exc
+            with self.lock:
+                self.stopping = True
+            self.wake_main.set()
+
+    def ready_next(self) -> bool:
+        """Whether the next queued item may start now (``lock`` held)."""
+        if not self.pending:
+            return False
+        message = self.pending[0][0]
+        if not isinstance(message, p.ExecuteBatch):
+            return True
+        waited = message.wait_for
+        return not waited or waited in self.released or waited in self.completed
+
+    def wait(self) -> None:
+        """Sleep until a message or a handoff datagram comes or the main thread has news (or
+        a while has passed, to look at ``stopping`` again)."""
+        fds = [self.wake_runner.fileno(), self.link_fd]
+        if self.handoff is not None:
+            fds.append(self.handoff.fileno())
+        select.select(fds, [], [], _PARENT_POLL_MS / 1000)
+        self.wake_runner.clear()
+        if self.handoff is None:
+            return
+        while True:
+            try:
+                data = self.handoff.recv(64)
+            except BlockingIOError:
+                return
+            if len(data) == _TOKEN.size:
+                with self.lock:
+                    _remember(self.released, _TOKEN.unpack(data)[0])
+
+    def reply(self, message: p.Message, frames: Sequence[bytes] = ()) -> None:
+        """Send a reply from the runner: through the main thread when it watches the link and
+        the next batch may start now, else itself (the shortest way back to the node)."""
+        with self.lock:
+            go_on = self.watched and self.ready_next() and not self.stopping
+        if go_on or self.outbox:
+            self.outbox.append((message, frames))
+            self.wake_main.set()
+        else:
+            self.send(message, frames)
+
+    def watch(self) -> None:
+        """Have the main thread read the link while a long batch runs."""
+        with self.lock:
+            if self.watched:
+                return
+            self.watched = True
+        self.wake_main.set()
 
     def pass_over_revoked(self) -> None:
         """Batches of this worker that were taken back and are next in line run nothing: their
         turn is now, so hand the device on to whoever waits behind them at once, rather than
         after this batch's reply has gone out (their own empty replies follow as usual)."""
-        for message, _ in self.pending:
-            if not isinstance(message, p.ExecuteBatch) or message.batch_id not in self.revoked:
-                return
-            waited = message.wait_for
-            if waited and waited not in self.released and waited not in self.completed:
-                return
-            _remember(self.completed, message.batch_id)
-            paths = self.release_after.pop(message.batch_id, [])
-            told = self.release(message.batch_id, paths)
-            self.handed_early[message.batch_id] = told
+        with self.lock:
+            passed = []
+            for message, _ in self.pending:
+                if not isinstance(message, p.ExecuteBatch) or message.batch_id not in self.revoked:
+                    break
+                waited = message.wait_for
+                if waited and waited not in self.released and waited not in self.completed:
+                    break
+                _remember(self.completed, message.batch_id)
+                passed.append((message.batch_id, self.release_after.pop(message.batch_id, [])))
+        for batch_id, paths in passed:
+            told = self.release(batch_id, paths)
+            self.handed_early[batch_id] = told
             if len(told) < len(paths):
-                self.handoff_failures.add(message.batch_id)
+                self.handoff_failures.add(batch_id)
 
     def release(self, batch_id: int, paths: Sequence[str]) -> list[str]:
         """Tell the workers waiting behind ``batch_id`` that it is done; return the paths that
@@ -280,14 +435,15 @@ class Worker:
             sizes = [b for b in spec.profile_batch_sizes if b <= max(1, spec.max_batch_size)]
             profile = profile_batches(loaded, sizes or [1], spec.profile_repeats)
         except GpuvisorError as exc:
-            self.send(p.LoadFailed(spec.slice_id, exc.code, exc.message))
+            self.reply(p.LoadFailed(spec.slice_id, exc.code, exc.message))
             return
         except Exception as exc:  # a broken model file can raise anything from the framework
-            self.send(p.LoadFailed(spec.slice_id, "model_error", f"{type(exc).__name__}: {exc}"))
+            self.reply(p.LoadFailed(spec.slice_id, "model_error", f"{type(exc).__name__}: {exc}"))
             return
         self.slices[spec.slice_id] = loaded
+        self.took[spec.slice_id] = min(profile.values(), default=0.0)
         self.apply_nice()
-        self.send(
+        self.reply(
             p.ModelLoaded(
                 slice_id=spec.slice_id,
                 platform=executor.platform,
@@ -329,19 +485,22 @@ class Worker:
         self.nice = wanted
 
     def execute(self, batch: p.ExecuteBatch, bodies: list[memoryview]) -> None:
-        self.read(0)  # a Revoke may be waiting
+        watched = self.took.get(batch.slice_id, 0.0) > _WATCH_AFTER
+        if watched:
+            self.watch()
         started = time.perf_counter()
         loaded = self.slices.get(batch.slice_id)
         results: list[p.RequestResult] = []
         out_frames: list[bytes] = []
-        revoked = batch.batch_id in self.revoked
-        error = self.unreadable.pop(batch.batch_id, "")
+        with self.lock:
+            revoked = batch.batch_id in self.revoked
+            if revoked:
+                del self.revoked[batch.batch_id]
+            error = self.unreadable.pop(batch.batch_id, "")
         handoff_failed = batch.batch_id in self.handoff_failures
         self.handoff_failures.discard(batch.batch_id)
-        if revoked:
-            del self.revoked[batch.batch_id]
-        elif error:
-            pass  # nothing of it could be read to run: the node fails the batch with ``error``
+        if revoked or error:
+            pass  # nothing runs (taken back, or unreadable: the node fails it with ``error``)
         elif loaded is None:
             for header in batch.requests:
                 results.append(p.RequestResult(header.request_id, 503, -1, 0))
@@ -355,19 +514,24 @@ class Worker:
             results, out_frames = run_requests(loaded, batch.requests, bodies)
         ended = time.perf_counter()
         device_seconds = 0.0 if revoked or error else ended - started
+        if loaded is not None and device_seconds:
+            self.took[batch.slice_id] = device_seconds
+        # The device is free: hand it to whoever waits behind this batch before telling the
+        # node (a ReleaseAfter may have arrived while the batch ran, unread unless the main
+        # thread watched; one read from now on is answered as it is read).
+        if not watched:
+            self.read()
+        with self.lock:
+            _remember(self.completed, batch.batch_id)
+            paths = self.release_after.pop(batch.batch_id, [])
+        told = self.release(batch.batch_id, paths) + self.handed_early.pop(batch.batch_id, [])
+        handoff_failed = handoff_failed or len(told) < len(paths)
+        self.pass_over_revoked()
         if self.trace is not None:
             self.trace.write(
                 f"{self.worker_id} {batch.batch_id} {started:.6f} {ended:.6f} {int(revoked)}\n"
             )
-        # The device is free: hand it to whoever waits behind this batch before telling the
-        # node (a ReleaseAfter may have arrived while the batch ran).
-        self.read(0)
-        _remember(self.completed, batch.batch_id)
-        paths = self.release_after.pop(batch.batch_id, [])
-        told = self.release(batch.batch_id, paths) + self.handed_early.pop(batch.batch_id, [])
-        handoff_failed = handoff_failed or len(told) < len(paths)
-        self.pass_over_revoked()
-        self.send(
+        self.reply(
             p.BatchDone(
                 batch_id=batch.batch_id,
                 slice_id=batch.slice_id,

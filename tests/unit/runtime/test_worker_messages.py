@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import orjson
 import pytest
 import zmq
 
+from gpuvisor.bench.mlp import BenchModel
+from gpuvisor.bench.oip_clients import oip_body
 from gpuvisor.demo.models import build_demo_models
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.worker_loop import Worker
@@ -169,3 +172,73 @@ def test_a_load_with_a_readable_slice_id_is_answered_load_failed(link: Link, mod
     assert isinstance(failed, p.LoadFailed) and failed.slice_id == SLICE
     assert failed.code == "internal" and "(LoadModel, " in failed.message, failed.message
     assert isinstance(link.load(model), p.ModelLoaded)
+
+
+SLOW = BenchModel("slow-mlp", (512,) * 25)  # ~50-150 ms for 64 rows on one thread
+
+
+def test_a_batch_ready_behind_another_starts_without_waiting_for_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner goes from a batch to the next one that may start at once, leaving the reply
+    to the main thread: both batches run while the link is held busy, and their replies then
+    come in order."""
+    trace = tmp_path / "batches"
+    monkeypatch.setenv("GPUVISOR_BATCH_TRACE", str(trace))
+    slow = SLOW.build(tmp_path)
+    body, header_length = oip_body(SLOW.inputs(64))
+    with tempfile.TemporaryDirectory(prefix="gpuvisor-") as directory:
+        link = Link(directory)
+        try:
+            assert isinstance(link.load(slow), p.ModelLoaded)
+            for batch_id in (1, 2):
+                request = p.RequestHeader(batch_id, header_length)
+                link.send_message(p.ExecuteBatch(batch_id, SLICE, [request]), body)
+            deadline = time.monotonic() + 10
+            while not _queued(link.worker, 2):
+                assert time.monotonic() < deadline, "batch 2 never reached the runner's queue"
+                time.sleep(0.001)
+            with link.worker.link_lock:  # neither thread can send or read meanwhile
+                while len(_lines(trace)) < 2:
+                    assert time.monotonic() < deadline + 30, _lines(trace)
+                    time.sleep(0.005)
+            replies = [link.receive()[0] for _ in range(2)]
+        finally:
+            link.close()
+    assert [line.split()[1] for line in _lines(trace)] == ["1", "2"]
+    done = [r for r in replies if isinstance(r, p.BatchDone)]
+    assert [d.batch_id for d in done] == [1, 2]
+    assert all([r.status for r in d.results] == [200] for d in done)
+
+
+def _queued(worker: Worker, batch_id: int) -> bool:
+    with worker.lock:
+        return any(getattr(m, "batch_id", None) == batch_id for m, _ in worker.pending)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_runner_that_fails_ends_the_worker_with_its_error(
+    link: Link, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the runner thread must not leave a worker that reads messages and runs
+    nothing: ``serve`` raises it, so the process ends as a crash and the node restarts it."""
+    ended: list[BaseException] = []
+
+    def broken(spec: p.LoadModel) -> None:
+        raise RuntimeError("the runner broke")
+
+    monkeypatch.setattr(link.worker, "load", broken)
+    monkeypatch.setattr(
+        threading,
+        "excepthook",
+        lambda args: ended.append(args.exc_value),  # type: ignore[arg-type]
+    )
+    link.send_message(
+        p.LoadModel(SLICE, "scorer", "1", "onnx", str(model), None, "cpu", 0, 1, None, 4)
+    )
+    link.thread.join(10)
+    assert not link.thread.is_alive()
+    assert [str(e) for e in ended] == ["the runner broke"]
