@@ -216,7 +216,7 @@ class Node(RequestPath):
             if all(s.state in ("Failed", "Pending") for s in slices):
                 break
             await asyncio.sleep(0.05)
-        raise Unavailable(self._not_ready_reason(tenant, name))
+        raise Unavailable(self.not_ready_reason(tenant, name))
 
     def _observe_hung(self, queue: SliceQueue) -> None:
         device = self._device_of(queue.slice_id)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from gpuvisor.client_watch import ClientWatch
 from gpuvisor.control.controller import Controller
+from gpuvisor.control.slices import SliceState
 from gpuvisor.dispatch.admission import deadline_error
 from gpuvisor.dispatch.dispatcher import DeviceDispatcher
 from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, Outcome, PendingRequest, SliceQueue
@@ -61,22 +62,36 @@ class RequestPath:
                     f"{principal.role} key (create one with 'gpuvisor keys create --tenant NAME')"
                 )
             raise NotFound(f"model '{name}' not found")
-        if version is not None and version != self.model_version(dep):
+        if version is not None and version not in self.model_versions(dep):
+            served = " and ".join(f"'{v}'" for v in self.model_versions(dep))
+            plural = "s" if " and " in served else ""
             raise NotFound(
-                f"model '{name}' has no version '{version}' (it serves version "
-                f"'{self.model_version(dep)}')"
+                f"model '{name}' has no version '{version}' (it serves version{plural} {served})"
             )
         return dep
 
-    def model_version(self, dep: Deployment) -> str:
-        """The version the deployment serves: that of the slices requests go to (during a
-        rolling update, the old one's until the new one is Ready)."""
+    def model_versions(self, dep: Deployment) -> list[str]:
+        """The versions the deployment serves: those of its Ready instances (two during a
+        rolling update of several replicas), else those of the instances on their way, else
+        the one it asks for. The first is the one a request without a version is counted under."""
         assert self.controller is not None
         info = self.controller.deployment_slices(dep.metadata.tenant or "", dep.metadata.name)
-        ready = [s for s in info if s.state == "Ready"]
-        if ready or info:
-            return (ready or info)[0].model_version
-        return dep.spec.model_version or "1"
+        ready = [s.model_version for s in info if s.state == "Ready"]
+        coming = [s.model_version for s in info if s.state != "Stopping"]
+        versions = ready or coming or [s.model_version for s in info]
+        return list(dict.fromkeys(versions)) or [dep.spec.model_version or "1"]
+
+    def model_version(self, dep: Deployment) -> str:
+        """The version a request without one is counted under: that of the slices requests go
+        to (during a rolling update, the old one's until the new one is Ready)."""
+        return self.model_versions(dep)[0]
+
+    def serving(self, dep: Deployment, version: str | None) -> list[SliceState]:
+        """The Ready instances of ``dep`` a request for ``version`` (None: any) may go to."""
+        assert self.controller is not None
+        tenant, name = dep.metadata.tenant or "", dep.metadata.name
+        slices = self.controller.ready_slices(tenant, name)
+        return slices if version is None else [s for s in slices if s.model_version == version]
 
     def count_request(self, dep: Deployment, outcome: str) -> None:
         """Count one request to ``dep`` that did not reach a slice (refused, or none ready) in
@@ -95,6 +110,7 @@ class RequestPath:
         timeout: float | None = None,
         rows: int = 1,
         client_gone: Callable[[], Awaitable[None]] | None = None,
+        version: str | None = None,
     ) -> Outcome:
         """Admit a request to the least-loaded ready slice of ``dep`` and wait for its outcome.
 
@@ -106,16 +122,17 @@ class RequestPath:
         it is refused before queueing, DeadlineExceeded when its deadline passes while queued.
         ``client_gone`` waits until the caller has left: if it returns while the request is
         still queued, the request is dropped (ClientGone) and spends no device time.
+        ``version`` (from ``/versions/N/infer``) sends it only to instances of that version.
         """
         assert self.controller is not None
         tenant, name = dep.metadata.tenant or "", dep.metadata.name
         if self.stopping:
             self.count_request(dep, Unavailable.code)
             raise Unavailable("the node is stopping: send the request again once it is back")
-        slices = self.controller.ready_slices(tenant, name)
+        slices = self.serving(dep, version)
         if not slices:
             self.count_request(dep, Unavailable.code)
-            raise Unavailable(self._not_ready_reason(tenant, name), retry_after=1.0)
+            raise Unavailable(self.not_ready_reason(tenant, name, version), retry_after=1.0)
         chosen = min(slices, key=lambda s: s.queue.queued_rows if s.queue else 0)
         queue, device_id = chosen.queue, chosen.device_id
         assert queue is not None and device_id is not None
@@ -272,15 +289,18 @@ class RequestPath:
             )
         )
 
-    def _not_ready_reason(self, tenant: str, name: str) -> str:
+    def not_ready_reason(self, tenant: str, name: str, version: str | None = None) -> str:
         assert self.controller is not None
         states = self.controller.deployment_slices(tenant, name)
         if not states:
             return f"model '{name}' has no replicas (unloaded or scaled to 0)"
         details = "; ".join(
-            f"{s.id}: {s.state}{' (' + s.reason + ')' if s.reason else ''}" for s in states
+            f"{s.id}: {s.state}{' (' + s.reason + ')' if s.reason else ''}"
+            + (f", version '{s.model_version}'" if version is not None else "")
+            for s in states
         )
-        return f"model '{name}' is not ready: {details}"
+        which = f"model '{name}' version '{version}'" if version is not None else f"model '{name}'"
+        return f"{which} is not ready: {details}"
 
 
 def _earliest(*limits: float | None) -> float | None:

@@ -222,6 +222,10 @@ spec: {{model: missing, profile: rt-small}}
             time.sleep(0.05)
         assert entry["state"] == "UNAVAILABLE"
         assert "not found" in entry["reason"]
+        # its metadata says why, and does not ask to retry what no retry mends
+        answer = httpx.get(f"{demo_node.url}/v2/models/missing", headers=headers)
+        assert answer.status_code == 503 and "retry-after" not in answer.headers
+        assert "Failed" in answer.json()["error"] and "not found" in answer.json()["error"]
     finally:
         for kind in ("deployments", "models"):
             httpx.delete(f"{demo_node.url}/api/v1/{kind}/missing?tenant=retail", headers=admin)

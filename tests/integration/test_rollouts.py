@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from gpuvisor.cli import app
 from gpuvisor.control.controller import Controller
 from gpuvisor.control.slices import SliceState
-from gpuvisor.dispatch.queues import PendingRequest
+from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
 from gpuvisor.errors import NotFound
 from gpuvisor.inventory.cpu import discover_cpu
 from gpuvisor.inventory.device import Topology
@@ -419,6 +419,23 @@ def test_the_version_served_is_that_of_the_ready_slice(sqlite_url: str, tmp_path
         old.set_state("Ready")
         new.set_state("Loading")
         assert node.model_version(dep) == "1"
+        assert node.serving(dep, "2") == [] and node.serving(dep, "1") == []  # no queue yet
+        # two replicas half-way through an update: each version is served, and a request
+        # for one goes only to its instances
+        other = instance(f"{TENANT}/adder/1", "1", "Ready")
+        new.set_state("Ready")
+        old.set_state("Stopping")
+        node.controller._by_deployment[(TENANT, "adder")] = [old, new, other]
+        assert node.model_versions(dep) == ["2", "1"]
+        assert node.find_deployment(principal, "adder", "1") is dep
+        with pytest.raises(
+            NotFound, match="has no version '3' \\(it serves versions '2' and '1'\\)"
+        ):
+            node.find_deployment(principal, "adder", "3")
+        for s in (new, other):
+            s.queue = SliceQueue(s.id, s.tenant, "adder", "default", "p")
+        assert node.serving(dep, "1") == [other] and node.serving(dep, "2") == [new]
+        assert node.serving(dep, None) == [new, other]
     finally:
         store.close()
 

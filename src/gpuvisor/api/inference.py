@@ -195,6 +195,7 @@ async def infer_response(node: Node, request: Request, name: str, version: str |
         outline.timeout,
         outline.rows,
         client_gone=disconnect_of(request.receive),
+        version=version,
     )
     headers = {"X-Request-ID": trace_id}
     if outcome.status != 200:

@@ -228,15 +228,22 @@ def oip_router(node: Node) -> APIRouter:
         principal = principal_of(node, request)
         dep = node.find_deployment(principal, name, version)
         assert node.controller is not None
-        info = node.controller.model_info.get((principal.tenant or "", name))
-        if info is None:
+        tenant = principal.tenant or ""
+        slices = node.controller.deployment_slices(tenant, name)
+        wanted = [s for s in slices if version is None or s.model_version == version]
+        # what a Ready instance runs (requests go there), else what any instance loaded last
+        loaded = [s.loaded for s in wanted if s.loaded is not None and s.state == "Ready"]
+        loaded += [s.loaded for s in wanted if s.loaded is not None]
+        if not loaded:
+            coming = any(s.state in ("Pending", "Loading", "Restarting") for s in wanted)
             raise Unavailable(
-                f"model '{name}' has not been loaded yet; try again shortly", retry_after=1.0
+                node.not_ready_reason(tenant, name, version), retry_after=1.0 if coming else None
             )
+        info = loaded[0]
         return _json(
             {
                 "name": name,
-                "versions": [node.model_version(dep)],
+                "versions": node.model_versions(dep),
                 "platform": info.platform,
                 "inputs": [
                     {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.inputs
@@ -269,7 +276,7 @@ def oip_router(node: Node) -> APIRouter:
         principal = principal_of(node, request)
         dep = node.find_deployment(principal, name, version)
         assert node.controller is not None
-        is_ready = bool(node.controller.ready_slices(principal.tenant or "", dep.metadata.name))
+        is_ready = bool(node.serving(dep, version))
         body = {"name": name, "ready": is_ready}
         if not is_ready:
             body["error"] = f"model '{name}' is not ready"

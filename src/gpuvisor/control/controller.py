@@ -47,7 +47,6 @@ from gpuvisor.dispatch.queues import SliceQueue
 from gpuvisor.inventory.device import Topology
 from gpuvisor.placement.defaults import default_framework
 from gpuvisor.placement.framework import Framework, Snapshot
-from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.pool import WorkerPool
 from gpuvisor.security.model_roots import load_check
 from gpuvisor.security.signing import SignaturePolicy
@@ -100,7 +99,6 @@ class Controller:
         self.supervisors = self.running.supervisors
         self._by_deployment = self.running.by_deployment
         self.unloaded: set[tuple[str, str]] = set()
-        self.model_info: dict[tuple[str, str], p.ModelLoaded] = {}
         self.moved: dict[str, str] = {}  # slice id -> why it was moved, for its next status
         self.resources: list[Resource] = []
         self._deployments: dict[tuple[str, str], Deployment] = {}
@@ -490,14 +488,9 @@ class Controller:
         dep = self.find_deployment(state.tenant, state.deployment)
         return slice_queue(state, dep, self.max_queued_per_slice, self.resources)
 
-    def _remember_model(self, state: SliceState) -> None:
-        if state.loaded is not None:
-            self.model_info[(state.tenant, state.deployment)] = state.loaded
-
     def _slice_ready(self, state: SliceState) -> None:
-        """An instance became Ready: remember its model, and retire the instance it replaces
-        at once (new requests go to this one from now; the old one finishes its queue)."""
-        self._remember_model(state)
+        """An instance became Ready: retire the instance it replaces at once (new requests go
+        to this one from now; the old one finishes its queue)."""
         wanted = self._desired.get((state.tenant, state.deployment), [])
         want = next((w for w in wanted if w.slice_id == state.replica_id), None)
         if want is not None and want.spec_hash == state.spec_hash:
