@@ -119,9 +119,12 @@ def test_apply_says_which_deployments_roll_and_which_a_profile_leaves_pending(
     assert first[("Model", "weekly-scorer@1")]["notes"] == []  # nothing served it before
     _wait_serving(demo_node, [("weekly-scorer@1", "Ready")])
 
-    # a new version of a model the deployment names without a version: it rolls to it
-    v2 = manifest.split("---")[2].replace('version: "1"', 'version: "2"')
-    second = _apply_results(demo_node, v2)
+    # a new version of a model the deployment names without a version: it rolls to it (and
+    # not to the old version, which the same file holds)
+    v1 = manifest.split("---")[2]
+    v2 = v1.replace('version: "1"', 'version: "2"')
+    second = _apply_results(demo_node, v1 + "---" + v2)
+    assert second[("Model", "weekly-scorer@1")]["notes"] == []
     assert second[("Model", "weekly-scorer@2")]["notes"] == [
         "deployment weekly-scorer rolls from weekly-scorer@1 to weekly-scorer@2, replica by "
         "replica: follow it with `gpuvisor describe deployment weekly-scorer -t weekly`"

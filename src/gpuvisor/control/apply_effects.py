@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gpuvisor.control.controller import Controller
 from gpuvisor.spec.kinds import Deployment, Model, Profile, Resource
+from gpuvisor.spec.loader import find_model
 
 __all__ = ["apply_notes", "apply_warnings"]
 
@@ -55,9 +56,13 @@ def apply_notes(resource: Resource | None, controller: Controller | None) -> lis
     tenant, name = resource.metadata.tenant or "", resource.metadata.name
     version = resource.spec.version
     notes = []
+    models = [r for r in controller.resources if isinstance(r, Model)]
     for dep in controller.deployments():
         if dep.metadata.tenant != tenant or dep.spec.model_name != name:
             continue
+        target = find_model(models, tenant, name, dep.spec.model_version)
+        if target is None or target.spec.version != version:
+            continue  # the deployment rolls to another version (or none), not to this one
         serving = {s.model_version for s in controller.deployment_slices(tenant, dep.metadata.name)}
         if version in serving and len(serving) > 1:
             older = ", ".join(f"@{v}" for v in sorted(serving - {version}))
