@@ -470,6 +470,12 @@ class DeviceDispatcher:
                 if not other.revoking:  # a batch taken back runs nothing
                     self._observe_start(other)
                 self._arm_watchdog(other)
+        ran = result is not None and not isinstance(result, GpuvisorError)
+        if grant.started is None and sent and ran:
+            # Its reply overtook that of the batch it followed (two workers' replies can
+            # cross): its turn came before now, when it started running.
+            grant.started = now - device_seconds
+            self._observe_start(grant)
         removed = self.queues.get(queue.slice_id) is not queue  # its slice left the device
         if result is None:  # revoked before it started: the requests queue again, first
             if removed:  # no queue will run them: they are answered now

@@ -386,6 +386,37 @@ def test_a_batch_is_observed_when_its_turn_comes_not_when_it_is_staged(
     assert waits[1] >= 0.025 and waits[2] >= 0.055, waits
 
 
+def test_a_staged_batch_whose_reply_comes_first_is_observed_all_the_same() -> None:
+    """Two workers' replies can cross: the batch staged behind another one may be answered
+    before it. Its requests still waited, and the queue-wait metric still sees them."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    runner = ManualRunner()
+    observed: list[int] = []
+    dispatcher = DeviceDispatcher(
+        "cpu-0",
+        runner,
+        FairSharePolicy(quantum=0.01),
+        lookahead=10.0,
+        on_start=lambda q, batch, at: observed.extend(r.request_id for r in batch),
+    )
+    dispatcher.add_slice(_profiled("a", 0.001))
+    dispatcher.add_slice(_profiled("b", 0.001))
+
+    async def scenario() -> None:
+        dispatcher.start()
+        first, second = dispatcher.submit("a", _request(1)), dispatcher.submit("b", _request(2))
+        await asyncio.sleep(0.01)
+        assert [(h, s, after) for h, s, _, after in runner.sent] == [(1, "a", None), (2, "b", 1)]
+        runner.finish(2)  # b's reply first
+        runner.finish(1)
+        assert (await first).status == 200 and (await second).status == 200
+        await dispatcher.stop()
+
+    asyncio.run(scenario())
+    assert sorted(observed) == [1, 2]
+
+
 def _one_slice_of_four(name: str, latency_class: str) -> tuple[RecordingRunner, DeviceDispatcher]:
     """A dispatcher with a 30 ms lookahead and one slice whose batches of 1-4 rows take 30 ms."""
     runner = RecordingRunner(seconds=0.03)
