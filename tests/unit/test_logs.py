@@ -101,3 +101,19 @@ def test_text_fields_a_client_chose_cannot_pass_for_other_fields(restore_logging
     assert " tenant=" not in first.replace('"r1 tenant=retail"', "")
     assert second.endswith(" ok tenant=support request_id=plain-id_7")
     assert third.endswith(' odd request_id="a\\"b\\nc"')
+
+
+def test_a_message_holding_a_newline_stays_one_line(restore_logging: None) -> None:
+    """A name from a URL (``/v2/models/x%0A2026-… WARNING …``) is quoted in error messages:
+    its newline must not start a line that passes for an event of the node's own."""
+    out = io.StringIO()
+    sys.stderr = out
+    configure_logging("INFO")
+    forged = "x\n2026-11-22T00:00:00Z WARNING gpuvisor.control FAKE\r\x1b[2J\tend"
+    logging.getLogger("gpuvisor.api").info("model '%s' not found", forged)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        "model 'x\\n2026-11-22T00:00:00Z WARNING gpuvisor.control FAKE\\r\\u001b[2J\\tend' "
+        "not found"
+    ), lines[0]
