@@ -197,6 +197,28 @@ def test_mutations_and_refusals_are_recorded_and_verified(demo_node: NodeProcess
     assert f"record {apply_record['seq']} was modified" in tampered.output
 
 
+def test_a_write_without_a_request_id_is_told_the_one_its_record_holds(
+    demo_node: NodeProcess,
+) -> None:
+    """The id a write is recorded under is generated when the client sent none: the answer
+    says it, so that the client can find its record."""
+    headers = demo_node.auth(demo_node.admin_key)
+    applied = httpx.post(f"{demo_node.url}/api/v1/apply", headers=headers, content=PROFILE)
+    assert applied.status_code == 200, applied.text
+    request_id = applied.headers.get("X-Request-ID", "")
+    assert len(request_id) == 32, applied.headers
+    [record] = [
+        r
+        for r in _audit(demo_node, demo_node.admin_key, action="apply", limit=1000)
+        if r["request_id"] == request_id
+    ]
+    assert record["object_name"] == "audited-extra" and record["result"] == "ok"
+    deleted = httpx.delete(f"{demo_node.url}/api/v1/profiles/audited-extra", headers=headers)
+    assert deleted.status_code == 200, deleted.text
+    assert len(deleted.headers.get("X-Request-ID", "")) == 32
+    assert deleted.headers["X-Request-ID"] != request_id
+
+
 def test_secrets_sent_by_mistake_are_kept_out_of_answers_logs_and_the_audit_log(
     demo_node: NodeProcess,
 ) -> None:

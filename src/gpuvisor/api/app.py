@@ -46,19 +46,20 @@ __all__ = ["create_app"]
 
 
 def _echoing_request_id(scope: Scope, send: Send) -> Send:
-    """``send``, with the client's ``X-Request-ID`` on the answer (as inference answers and
-    every error carry it) where the route did not set one."""
+    """``send``, with the request's id on the answer where the route did not set one: the
+    client's ``X-Request-ID``, or the one a route generated for it (an admin write records it
+    in the audit log, so its answer must say it)."""
     if scope["type"] != "http":
         return send
     given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
-    if not given:
-        return send
 
     async def echo(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = list(message.get("headers", []))
-            if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                message = {**message, "headers": [*headers, (b"x-request-id", given)]}
+            generated = scope.get("state", {}).get("request_id")
+            request_id = given or (str(generated).encode() if generated else None)
+            if request_id and not any(k.lower() == b"x-request-id" for k, _ in headers):
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
         await send(message)
 
     return echo
