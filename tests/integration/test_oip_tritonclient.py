@@ -47,6 +47,18 @@ def test_server_health_and_metadata(demo_node: NodeProcess) -> None:
     assert "model_repository" in meta["extensions"]
 
 
+def test_head_is_answered_wherever_get_is(demo_node: NodeProcess) -> None:
+    """Health checkers and load balancers send HEAD: the GET answer's status and headers."""
+    headers = demo_node.auth(demo_node.tenant_key("retail"))
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/shelf-detector"):
+        got = httpx.get(demo_node.url + path, headers=headers, timeout=30)
+        head = httpx.head(demo_node.url + path, headers=headers, timeout=30)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and int(head.headers["content-length"]) == len(got.content)
+    assert httpx.head(demo_node.url + "/v2/models/shelf-detector", timeout=30).status_code == 401
+    assert httpx.head(demo_node.url + "/v2/models/shelf-detector/infer").status_code == 405
+
+
 @pytest.mark.parametrize("deployment", sorted(DEMO))
 def test_model_ready_and_metadata(
     demo_node: NodeProcess, models_dir: Path, deployment: str
@@ -182,6 +194,19 @@ def test_repository_index_unload_and_load(demo_node: NodeProcess) -> None:
     with pytest.raises(InferenceServerException) as unavailable:
         client.infer("shelf-detector", [image], headers=headers)
     assert unavailable.value.status() == "503"
+
+    # Triton's load with a configuration or files of its own: gpuvisor loads what the
+    # manifests say, and says so rather than loading something else than asked
+    with pytest.raises(InferenceServerException) as override:
+        client.load_model(
+            "shelf-detector",
+            headers=dict(headers),  # tritonclient adds to the dict it is given
+            config='{"max_batch_size": 4}',
+            files={"file:1/model.onnx": b"xx"},
+        )
+    assert override.value.status() == "400"
+    assert "override its config, file:1/model.onnx" in str(override.value.message())
+    assert not client.is_model_ready("shelf-detector", headers=headers)
 
     client.load_model("shelf-detector", headers=headers)
     assert client.is_model_ready("shelf-detector", headers=headers)

@@ -70,6 +70,7 @@ def test_missing_or_wrong_key_is_401(
     )
     assert response.status_code == 401, response.text
     assert "error" in response.json()
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gpuvisor"'
 
 
 def test_tenant_sees_only_its_own_objects(demo_node: NodeProcess) -> None:

@@ -65,6 +65,17 @@ def _echoing_request_id(scope: Scope, send: Send) -> Send:
     return echo
 
 
+def _without_body(send: Send) -> Send:
+    """``send``, with the answer's headers (its Content-Length too) and none of its body."""
+
+    async def headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only
+
+
 #: The largest body any route but inference takes (those that take a body bound it tighter:
 #: 4 MiB for manifests); a key creation or a cordon takes a few hundred bytes.
 MAX_API_BODY = 8 << 20
@@ -144,6 +155,10 @@ class NodeApp(FastAPI):
         if scope["type"] == "http" and (refusal := _refusal(scope, self.node)) is not None:
             await refusal(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            # RFC 9110 9.3.2: HEAD wherever GET is, answered as GET without the body (health
+            # checkers and load balancers send it)
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         target = inference_target(scope)
         if target is None:
             await super().__call__(scope, _bounded(receive), _echoing_request_id(scope, send))
@@ -237,6 +252,8 @@ def create_app(node: Node, manage_lifecycle: bool = True) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
+        if node.controller is not None:  # instances change state between reconciles too
+            node.controller.running.publish_counts()
         return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

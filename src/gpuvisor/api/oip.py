@@ -84,7 +84,12 @@ class EmptyBody(BaseModel):
 _REPOSITORY_REQUEST = {
     "requestBody": {
         "required": False,
-        "description": 'optional: {"parameters": {...}} (the parameters are not used)',
+        "description": (
+            'optional: {"parameters": {...}}. A model\'s configuration and files come from '
+            "its Model and Deployment manifests: the `config` and `file:` parameters "
+            "(Triton's load with an override) are refused with 400; other parameters are "
+            "not used"
+        ),
         "content": {
             "application/json": {
                 "schema": {
@@ -95,6 +100,12 @@ _REPOSITORY_REQUEST = {
         },
     }
 }
+
+
+def _is_override(parameter: str) -> bool:
+    """Whether a load parameter is Triton's configuration or file override."""
+    return parameter == "config" or parameter.startswith("file:")
+
 
 _INDEX_REQUEST = {
     "requestBody": {
@@ -150,7 +161,9 @@ async def read_body(
                 raise too_large
             chunks.append(chunk)
         body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "x-gzip":  # RFC 9110 8.4.1.3: the same as gzip
+        encoding = "gzip"
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -365,7 +378,17 @@ def oip_router(node: Node) -> APIRouter:
         principal = principal_of(node, request)
         begin(request, "model.load", "Deployment", name, principal.tenant or "")
         dep = node.find_deployment(principal, name)
-        await _repository_body(request)
+        parameters = (await _repository_body(request)).get("parameters")
+        overrides = sorted(
+            k for k in (parameters if isinstance(parameters, dict) else {}) if _is_override(k)
+        )
+        if overrides:
+            raise InvalidRequest(
+                f"the load of model '{name}' asks to override its {', '.join(overrides)}: "
+                "gpuvisor loads a model as its Model and Deployment manifests say; change "
+                "them with 'gpuvisor apply' (batching under the Deployment's spec.batching, "
+                "the file under the Model's spec.source), then load"
+            )
         assert node.controller is not None
         await record_ok(node, request, principal, "model.load", [("Deployment", name, "", "")])
         await node.controller.load(dep.metadata.tenant or "", name)
