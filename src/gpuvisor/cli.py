@@ -25,6 +25,7 @@ from gpuvisor.cli_options import (
     StateOpt,
     UrlOpt,
     choice_parser,
+    expand_home,
     fail,
     node_client,
     print_data,
@@ -83,7 +84,10 @@ def up(
     ] = 8700,
     state: StateOpt = None,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="node configuration (kind: Node)")
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="node configuration (kind: Node)", callback=expand_home
+        ),
     ] = None,
     db: Annotated[
         str | None,

@@ -13,6 +13,7 @@ from gpuvisor.cli_options import (
     PlainUsageError,
     StateOpt,
     UrlOpt,
+    expand_home,
     fail,
     node_client,
     stdout_console,
@@ -31,6 +32,7 @@ def apply_command(
             metavar="FILE",
             help="a YAML manifest, a directory (its *.yaml and *.yml files in name order, "
             "not its subdirectories) or '-' for stdin (once); repeat for more",
+            callback=expand_home,
         ),
     ],
     url: UrlOpt = None,
@@ -102,7 +104,7 @@ def _read_manifest(name: str, path: Path | None) -> tuple[str, str, Path]:
     if path is None:
         return "stdin", sys.stdin.read(), Path.cwd()
     try:
-        return path.name, path.read_text(), path.parent
+        return name, path.read_text(), path.parent
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         fail(ConfigError(f"cannot read {name}: {reason}"))

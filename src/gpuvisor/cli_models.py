@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gpuvisor.cli_options import fail, stdout_console
+from gpuvisor.cli_options import expand_home, fail, stdout_console
 from gpuvisor.errors import ConfigError, GpuvisorError
 
 __all__ = ["models_app"]
@@ -22,7 +22,12 @@ models_app = typer.Typer(
 def keygen(
     out: Annotated[
         Path,
-        typer.Option("--out", metavar="DIR", help="folder to write NAME.key and NAME.pub into"),
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="folder to write NAME.key and NAME.pub into",
+            callback=expand_home,
+        ),
     ],
     name: Annotated[
         str, typer.Option("--name", metavar="NAME", help="file name of the key pair")
@@ -45,16 +50,22 @@ def keygen(
 
 @models_app.command("sign")
 def sign(
-    file: Annotated[Path, typer.Argument(help="the model file to sign")],
+    file: Annotated[Path, typer.Argument(help="the model file to sign", callback=expand_home)],
     key: Annotated[
         Path,
-        typer.Option("--key", metavar="FILE", help="private key from 'gpuvisor models keygen'"),
+        typer.Option(
+            "--key",
+            metavar="FILE",
+            help="private key from 'gpuvisor models keygen'",
+            callback=expand_home,
+        ),
     ],
     write: Annotated[
         Path | None,
         typer.Option(
             "--write",
             metavar="MANIFEST",
+            callback=expand_home,
             help="manifest to update: sets spec.signature of its Model documents whose source "
             "is FILE (the file is rewritten; YAML comments are not kept)",
         ),
@@ -109,7 +120,7 @@ def _write_signature(manifest: Path, file: Path, signature: str) -> list[str]:
 
 @models_app.command("verify")
 def verify(
-    file: Annotated[Path, typer.Argument(help="the model file to check")],
+    file: Annotated[Path, typer.Argument(help="the model file to check", callback=expand_home)],
     signature: Annotated[
         str, typer.Option("--signature", help="the signature text (a Model's spec.signature)")
     ],
@@ -118,6 +129,7 @@ def verify(
         typer.Option(
             "--trusted-key",
             metavar="KEY",
+            callback=expand_home,
             help="a public key 'ed25519:...' or a .pub file (repeatable)",
         ),
     ],

@@ -9,6 +9,7 @@ Kept light to import: ``gpuvisor --help`` and ``gpuvisor version`` load this mod
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -35,6 +36,7 @@ __all__ = [
     "check_tenant_exists",
     "choice_parser",
     "count_option",
+    "expand_home",
     "fail",
     "node_client",
     "print_data",
@@ -42,6 +44,18 @@ __all__ = [
     "stdout_console",
     "tenant_option",
 ]
+
+
+def expand_home(value: Any) -> Any:
+    """A path option (or each of a repeated one) with ``~`` expanded where the shell left it
+    as it is: ``--out=~/keys``, a quoted path, a service file. ``-`` (stdin) stays."""
+    if isinstance(value, list):
+        return [expand_home(v) for v in value]
+    if isinstance(value, Path):
+        return value.expanduser()
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    return value
 
 
 def count_option(help: str, minimum: int = 1, maximum: int | None = None) -> Any:

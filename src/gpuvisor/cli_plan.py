@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from gpuvisor.cli_options import count_option, fail, run_bench, stdout_console
+from gpuvisor.cli_options import count_option, expand_home, fail, run_bench, stdout_console
 from gpuvisor.errors import ConfigError, GpuvisorError, SpecError
 from gpuvisor.units import format_size
 
@@ -226,6 +226,7 @@ def plan_command(
         typer.Option(
             "--fleet",
             metavar="FILE",
+            callback=expand_home,
             help="Fleet YAML: the nodes and (simulated) GPUs to plan for",
         ),
     ],
@@ -236,6 +237,7 @@ def plan_command(
             "-f",
             metavar="FILE",
             help="manifests with Profiles, Pools, Deployments (a folder: all its YAML)",
+            callback=expand_home,
         ),
     ],
     output: Annotated[
@@ -246,6 +248,7 @@ def plan_command(
         typer.Option(
             metavar="DIR",
             help="folder to write mig-parted.yaml and device-plugin-<node>.yaml into",
+            callback=expand_home,
         ),
     ] = None,
     sharing: Annotated[

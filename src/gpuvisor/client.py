@@ -29,7 +29,17 @@ def node_url(url: str | None) -> str:
     """Return the node's URL: ``url``, else GPUVISOR_URL, else the default; ``host:port``
     without a scheme means plain HTTP, which is what a node serves."""
     text = (url or os.environ.get("GPUVISOR_URL") or DEFAULT_URL).strip().rstrip("/")
-    return text if "://" in text else f"http://{text}"
+    text = text if "://" in text else f"http://{text}"
+    api = next((a for a in _API_PATHS if urlsplit(text).path.endswith(a)), None)
+    if api is not None:
+        raise ConfigError(
+            f"{text} is the address of the node's {api} API, not of the node: give --url "
+            f"(or GPUVISOR_URL) as {text.removesuffix(api)}, which the commands add {api} to"
+        )
+    return text
+
+
+_API_PATHS = ("/api/v1", "/v2")
 
 
 def is_loopback_url(url: str) -> bool:
@@ -93,6 +103,9 @@ class NodeClient:
         self.url = node_url(url)
         state_dir = resolve_state_dir(state)
         self.key = _key(key, state_dir, self.url)
+        given = key is not None or os.environ.get("GPUVISOR_KEY") is not None
+        # where the key came from, for a node that does not know it
+        self.key_source = "" if given else str(admin_key_path(state_dir))
         try:
             self.http = httpx.Client(
                 base_url=self.url,
@@ -109,7 +122,13 @@ class NodeClient:
         (ConfigError when the URL is wrong or nothing answers there)."""
         try:
             response = self.http.request(method, path, **kwargs)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            if self.url.startswith("https:") and "SSL" in str(exc):
+                plain = "http:" + self.url.removeprefix("https:")
+                raise ConfigError(
+                    f"the node at {self.url} does not speak TLS ({exc}): a gpuvisor node "
+                    f"serves plain HTTP, so use {plain} (or put a TLS proxy in front of it)"
+                ) from None
             raise ConfigError(
                 f"cannot reach a gpuvisor node at {self.url}: is 'gpuvisor up' running? "
                 "(use --url or GPUVISOR_URL for another address)"
@@ -130,6 +149,12 @@ class NodeClient:
             except ValueError:
                 message, code = response.text, ""
             if response.status_code == 401:
+                if self.key_source:
+                    message += (
+                        f" (the key is the admin key in {self.key_source}: is {self.url} the "
+                        "node of that state directory? Pass --state for another node's, or "
+                        "--key)"
+                    )
                 raise Unauthenticated(message)
             error = error_from_code(code, message) if code else GpuvisorError(message)
             error.http_status = response.status_code

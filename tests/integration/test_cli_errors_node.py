@@ -93,10 +93,10 @@ def test_the_first_failing_file_stops_the_rest(env: dict[str, str], tmp_path: Pa
         args = ["apply", "-f", str(first), "-f", str(bad), "-f", str(last)]
         result = runner.invoke(app, args, env=env)
         assert result.exit_code == 1
-        assert result.output.startswith("tenant/file-one created\nerror: 2.yaml")
-        assert "nothing from 2.yaml or the files after it was applied" in " ".join(
-            result.output.split()
-        )
+        # named as given: several -f folders may each hold a 2.yaml
+        output = " ".join(result.output.split())
+        assert output.startswith(f"tenant/file-one created error: {bad} doc 1"), output
+        assert f"nothing from {bad} or the files after it was applied" in output
         tenants = runner.invoke(app, ["get", "tenants", "-o", "json"], env=env)
         names = {t["metadata"]["name"] for t in json.loads(tenants.output)["items"]}
         assert "file-one" in names and not {"file-two", "file-three"} & names
@@ -112,5 +112,30 @@ def test_a_manifest_over_the_nodes_limit_is_named(env: dict[str, str], tmp_path:
     result = runner.invoke(app, ["apply", "-f", str(small), "-f", str(big)], env=env)
     assert result.exit_code == 1
     output = " ".join(result.output.split())
-    assert f"error: {big.name}: request body is over the limit of 4Mi" in output, output
-    assert f"nothing from {big.name} or the files after it was applied" in output
+    assert f"error: {big}: request body is over the limit of 4Mi" in output, output
+    assert f"nothing from {big} or the files after it was applied" in output
+
+
+def test_an_admin_key_of_another_node_says_where_it_was_read(
+    env: dict[str, str], demo_node: NodeProcess, tmp_path: Path
+) -> None:
+    """--state of one node and --url of another: the node does not know the key, and the
+    error says which file the key came from."""
+    other = tmp_path / "other-state"
+    other.mkdir()
+    (other / "admin.key").write_text("gvk_abcdefgh_notthisnodessecret\n")
+    plain = {k: v for k, v in env.items() if k not in ("GPUVISOR_KEY", "GPUVISOR_STATE")}
+    result = runner.invoke(
+        app, ["get", "slices", "--state", str(other), "--url", demo_node.url], env=plain
+    )
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert output.startswith("error: unknown API key (no key gvk_abcdefgh with this secret)")
+    assert (
+        f"the key is the admin key in {other / 'admin.key'}: is {demo_node.url} the node" in output
+    )
+    # a key given on the command line is the operator's own choice: nothing to add
+    given = runner.invoke(
+        app, ["get", "slices", "--key", "gvk_abcdefgh_x", "--url", demo_node.url], env=plain
+    )
+    assert given.exit_code == 1 and "admin key in" not in given.output

@@ -3,6 +3,8 @@ key; a key given but empty is refused rather than replaced by the admin key."""
 
 from __future__ import annotations
 
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,32 @@ def test_the_local_admin_key_goes_to_a_node_on_this_machine_only(
     # a key given for that node is used, through a proxy if the environment names one
     remote = NodeClient(url=url, key="gvk_remote", state=str(state))
     assert remote.key == "gvk_remote" and remote.http.trust_env is True
+
+
+@pytest.mark.parametrize("api", ["/api/v1", "/v2", "/api/v1/"])
+def test_an_api_address_given_as_the_node_url_says_which_to_give(state: Path, api: str) -> None:
+    """The banner prints the admin API's address; pasted as --url it would become
+    /api/v1/api/v1/... and answer 'no such endpoint'."""
+    with pytest.raises(ConfigError) as refused:
+        NodeClient(url=f"http://127.0.0.1:8700{api}", state=str(state))
+    assert "not of the node: give --url (or GPUVISOR_URL) as http://127.0.0.1:8700," in str(
+        refused.value
+    )
+
+
+def test_https_to_a_plain_http_node_says_so(state: Path) -> None:
+    """A node serves plain HTTP: https:// to it fails in the TLS handshake, which is not a
+    node that is down."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        client = NodeClient(url=f"https://127.0.0.1:{port}", state=str(state), timeout=10)
+        with pytest.raises(ConfigError) as refused:
+            client.request("GET", "/api/v1/status")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "does not speak TLS" in str(refused.value)
+    assert f"use http://127.0.0.1:{port}" in str(refused.value)

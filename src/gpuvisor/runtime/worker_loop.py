@@ -488,6 +488,8 @@ class Worker:
         watched = self.took.get(batch.slice_id, 0.0) > _WATCH_AFTER
         if watched:
             self.watch()
+        else:
+            self.read()  # a Revoke may be waiting (the main thread reads it when it watches)
         started = time.perf_counter()
         loaded = self.slices.get(batch.slice_id)
         results: list[p.RequestResult] = []

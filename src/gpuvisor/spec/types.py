@@ -127,6 +127,8 @@ def _count(value: Any) -> Any:
     """Refuse what is not a count, or a count above ``MAX_COUNT``, before pydantic reads it
     (a float as large as ``1.0e+30`` would get pydantic's message about parsing strings)."""
     value = _whole_number(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
     if isinstance(value, (int, float)) and value > MAX_COUNT:
         raise ValueError(f"must be at most {MAX_COUNT}, got {quoted(value)}")
     return value
@@ -143,7 +145,13 @@ def _not_boolean(value: Any) -> Any:
             f"expected a number, got the boolean {str(value).lower()} "
             "(YAML reads true, false, yes, no, on and off as booleans)"
         )
-    if isinstance(value, float) and not math.isfinite(value):
+    number = value
+    if isinstance(value, str):  # text pydantic would read as a number: "inf", "NaN", "1e-5"
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+    if isinstance(number, float) and not math.isfinite(number):
         # before the field's bounds, which would say "less than or equal to 1 (got nan)"
         raise ValueError(f"must be a finite number, got {value}")
     return value

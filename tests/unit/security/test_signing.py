@@ -341,3 +341,24 @@ def test_cli_sign_writes_the_signature_into_a_manifest(
     policy = SignaturePolicy("secure", (trusted.public_text,))
     assert policy.check_file(scorer).fingerprint == trusted.fingerprint
     assert other.spec.signature is None
+
+
+def test_cli_paths_given_with_a_tilde_the_shell_left_are_under_home(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out=~/keys`` reaches the command as it is written (the shell expands ``~`` only at
+    the start of a word): the key pair goes to the home folder, not to a ``~`` folder here."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    runner = CliRunner()
+    made = runner.invoke(app, ["models", "keygen", "--out=~/.gpuvisor/keys"])
+    assert made.exit_code == 0, made.output
+    key = home / ".gpuvisor" / "keys" / "model-signing.key"
+    assert key.is_file() and not (here / "~").exists()
+    assert f"private key: {key} " in made.output.replace("\n", "")
+    signed = runner.invoke(
+        app, ["models", "sign", "--key=~/.gpuvisor/keys/model-signing.key", str(model_file)]
+    )
+    assert signed.exit_code == 0, signed.output

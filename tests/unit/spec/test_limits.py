@@ -188,6 +188,16 @@ def test_non_finite_messages_say_what_is_wrong(message_part: str) -> None:
         (TENANT + "spec: {weight: .nan}\n", "spec.weight"),
         (PROFILE + "spec: {memory: 1Gi, computeShare: .nan}\n", "spec.computeShare"),
         (PROFILE + "spec: {memory: 1Gi, computeShare: -.inf}\n", "spec.computeShare"),
+        # as text, which pydantic reads as a number too
+        (TENANT + 'spec: {weight: "inf"}\n', "spec.weight"),
+        (TENANT + 'spec: {weight: "NaN"}\n', "spec.weight"),
+        (PROFILE + 'spec: {memory: 1Gi, computeShare: "nan"}\n', "spec.computeShare"),
+        # a count, whose upper bound came first
+        (
+            "apiVersion: gpuvisor/v1\nkind: Model\nmetadata: {name: m, tenant: t}\n"
+            "spec: {source: /m.onnx, maxBatchSize: .inf}\n",
+            "spec.maxBatchSize",
+        ),
     ],
 )
 def test_a_bounded_number_that_is_not_finite_says_so_not_its_bounds(text: str, path: str) -> None:
