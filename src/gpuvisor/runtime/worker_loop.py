@@ -325,7 +325,8 @@ class Worker:
             self.failure = exc
             with self.lock:
                 self.stopping = True
-            self.wake_main.set()
+        finally:
+            self.wake_main.set()  # the runner read Shutdown, or failed: the main thread ends too
 
     def ready_next(self) -> bool:
         """Whether the next queued item may start now (``lock`` held)."""

@@ -242,3 +242,12 @@ def test_a_runner_that_fails_ends_the_worker_with_its_error(
     link.thread.join(10)
     assert not link.thread.is_alive()
     assert [str(e) for e in ended] == ["the runner broke"]
+
+
+def test_shutdown_read_by_the_runner_ends_the_worker_at_once(link: Link, model: Path) -> None:
+    """An idle worker's runner reads the link: a Shutdown it reads must end the main thread
+    too, not at that thread's next look at the clock (a second later)."""
+    assert isinstance(link.load(model), p.ModelLoaded)
+    link.send_message(p.Shutdown())
+    link.thread.join(0.9)
+    assert not link.thread.is_alive()
