@@ -78,6 +78,9 @@ class Node(RequestPath):
         self.stopping = False  # the server is shutting down: no new requests
         self.started_at = 0.0
         self._request_ids = itertools.count(1)
+        # One write to the stored objects and keys at a time (api/admin.py says why); a key
+        # created for a tenant holds it too, or a delete could miss it and leave it valid.
+        self.writes = asyncio.Lock()
 
     # ---- lifecycle ----------------------------------------------------------------------
 

@@ -131,6 +131,42 @@ def test_deleting_a_tenant_revokes_its_keys(demo_node: NodeProcess) -> None:
     assert revoked["seq"] < deleted["seq"]
 
 
+def test_a_key_created_while_its_tenant_is_deleted_never_outlives_it(
+    demo_node: NodeProcess,
+) -> None:
+    """A key is created for the tenant (which then revokes it as it goes) or refused (the
+    tenant is gone): never created valid after the delete listed the tenant's keys, to open
+    a tenant created later under the same name."""
+    admin = demo_node.auth(demo_node.admin_key)
+    survivors = []
+    for attempt in range(10):
+        tenant = f"brief-{attempt}"
+        demo_node.apply_as_admin(
+            f"apiVersion: gpuvisor/v1\nkind: Tenant\nmetadata: {{name: {tenant}}}\n"
+        )
+
+        def create(_: int, tenant: str = tenant) -> httpx.Response:
+            body = {"role": "tenant", "tenant": tenant}
+            return httpx.post(f"{demo_node.url}/api/v1/keys", headers=admin, json=body, timeout=30)
+
+        with ThreadPoolExecutor(4) as pool:
+            created = [pool.submit(create, i) for i in range(3)]
+            deleted = pool.submit(_delete, demo_node, f"tenants/{tenant}")
+        assert deleted.result().status_code == 200, deleted.result().text
+        keys = [a.json()["key"] for a in (c.result() for c in created) if a.status_code == 201]
+        refused = [a for a in (c.result() for c in created) if a.status_code != 201]
+        assert all("does not exist" in a.text for a in refused), [a.text for a in refused]
+        demo_node.apply_as_admin(
+            f"apiVersion: gpuvisor/v1\nkind: Tenant\nmetadata: {{name: {tenant}}}\n"
+        )
+        for key in keys:
+            answer = httpx.get(f"{demo_node.url}/api/v1/status", headers=demo_node.auth(key))
+            if answer.status_code != 401:
+                survivors.append((tenant, answer.status_code))
+        assert _delete(demo_node, f"tenants/{tenant}").status_code == 200
+    assert survivors == []
+
+
 def test_a_tenants_pools_cannot_leave_out_its_deployments_pool(demo_node: NodeProcess) -> None:
     _tenant_with_model(demo_node, "pooled")
     assert _apply(demo_node, _deployment("pooled", "d1", pool="inference")).status_code == 200

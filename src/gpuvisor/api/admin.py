@@ -140,7 +140,7 @@ def admin_router(node: Node) -> APIRouter:
     # check that nothing uses the object hold only against what is stored when it commits.
     # Two applies checked side by side would each pass a quota that both together exceed,
     # and a delete beside an apply could remove what the apply refers to.
-    writes = asyncio.Lock()
+    writes = node.writes
 
     async def all_resources() -> list[Resource]:
         objects = await asyncio.to_thread(store().list)

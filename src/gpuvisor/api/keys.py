@@ -172,13 +172,6 @@ def keys_router(node: Node) -> APIRouter:
         request: Request, body: KeyCreate, principal: Principal = Depends(key_creator)
     ) -> dict[str, Any]:
         audit.begin(request, "key.create", "ApiKey", "", body.tenant or "")
-        if body.role == "tenant" and body.tenant:
-            store = node.store
-            assert store is not None
-            known = await asyncio.to_thread(store.get, "Tenant", "", body.tenant)
-            if known is None:
-                tenants = await asyncio.to_thread(store.list, "Tenant")
-                raise _no_such_tenant(body.tenant, [t.name for t in tenants])
         expires_at = None
         if body.expires_in:
             # named as the API and the CLI call it: a CLI user never typed "expiresIn"
@@ -201,16 +194,26 @@ def keys_router(node: Node) -> APIRouter:
         assert node.keys is not None
         expiry = f", expires {expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else ""
         ok = audit.recorder(request, principal, "key.create")
-        info, secret = await asyncio.to_thread(
-            node.keys.create,
-            body.role,
-            body.tenant,
-            body.description,
-            expires_at,
-            lambda info: ok(
-                [("ApiKey", info.display_id, info.tenant or "", f"role {info.role}{expiry}")]
-            ),
-        )
+        # under the node's write lock: a tenant deleted meanwhile revokes its keys, and one
+        # created between its listing of them and its commit would outlive it
+        async with node.writes:
+            if body.role == "tenant" and body.tenant:
+                store = node.store
+                assert store is not None
+                known = await asyncio.to_thread(store.get, "Tenant", "", body.tenant)
+                if known is None:
+                    tenants = await asyncio.to_thread(store.list, "Tenant")
+                    raise _no_such_tenant(body.tenant, [t.name for t in tenants])
+            info, secret = await asyncio.to_thread(
+                node.keys.create,
+                body.role,
+                body.tenant,
+                body.description,
+                expires_at,
+                lambda info: ok(
+                    [("ApiKey", info.display_id, info.tenant or "", f"role {info.role}{expiry}")]
+                ),
+            )
         return {**_key_view(info), "key": secret}
 
     async def _refuse_last_admin_key(key_id: str) -> None:
