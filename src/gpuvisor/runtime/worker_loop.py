@@ -139,6 +139,7 @@ class Worker:
         self.runner_ident = 0  # the runner thread's ``threading.get_ident()``
         self.took: dict[str, float] = {}  # slice id -> seconds its last batch ran
         self.outbox: deque[tuple[p.Message, Sequence[bytes]]] = deque()  # replies, in order
+        self.wake_later = False  # replies wait in the outbox for the next batch to start
         self.failure: Exception | None = None  # what ended the runner, if it failed
         self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self.nice = self.base_nice
@@ -305,12 +306,16 @@ class Worker:
                     item = self.pending.popleft() if self.ready_next() else None
                 if item is None and not self.read():
                     self.flush()  # replies the main thread has not sent yet
+                    self.wake_later = False
                     with self.lock:
                         self.watched = False
                     self.wait()
                 if item is None:
                     continue
                 message, frames = item
+                if self.wake_later and not isinstance(message, p.ExecuteBatch):
+                    self.wake_later = False
+                    self.wake_main.set()
                 if isinstance(message, p.ExecuteBatch):
                     self.execute(message, frames)
                 elif isinstance(message, p.LoadModel):
@@ -362,7 +367,12 @@ class Worker:
         the next batch may start now, else itself (the shortest way back to the node)."""
         with self.lock:
             go_on = self.watched and self.ready_next() and not self.stopping
-        if go_on or self.outbox:
+        if go_on:
+            # woken now, the main thread would take the CPU and the GIL from the runner before
+            # the next batch starts: it is woken once that batch runs (``execute``)
+            self.outbox.append((message, frames))
+            self.wake_later = True
+        elif self.outbox:
             self.outbox.append((message, frames))
             self.wake_main.set()
         else:
@@ -492,6 +502,9 @@ class Worker:
         else:
             self.read()  # a Revoke may be waiting (the main thread reads it when it watches)
         started = time.perf_counter()
+        if self.wake_later:  # the last batch's reply, for the main thread to send meanwhile
+            self.wake_later = False
+            self.wake_main.set()
         loaded = self.slices.get(batch.slice_id)
         results: list[p.RequestResult] = []
         out_frames: list[bytes] = []
