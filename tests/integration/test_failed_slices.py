@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 import pytest
-from controllers import running_controller
+from controllers import running_controller, settle
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import rows_model, slow_model
 
@@ -296,3 +296,47 @@ async def changed_under_a_restart(db_url: str, model: Path) -> None:
             assert loop.time() < deadline, (first.state, first.reason)
             await asyncio.sleep(0.05)
         await assert_serves(ctl, model, "x", np.ones((1, 4), dtype=np.float32))
+
+
+def test_a_slice_whose_file_appears_when_there_is_no_room_is_placed_once_room_frees_up(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(room_after_the_file(sqlite_url, tmp_path))
+
+
+async def room_after_the_file(db_url: str, folder: Path) -> None:
+    late, ok = folder / "late.onnx", folder / "ok.onnx"
+    ok.write_bytes(build_demo_model("basket-scorer").SerializeToString())
+    two = (
+        MANIFEST.replace("MODEL", str(late)).replace(
+            "{memory: 1Gi}", "{memory: 1Gi, computeShare: 0.6}"
+        )
+        + f"""---
+apiVersion: gpuvisor/v1
+kind: Model
+metadata: {{name: ok, tenant: analytics}}
+spec: {{source: "{ok}"}}
+---
+apiVersion: gpuvisor/v1
+kind: Deployment
+metadata: {{name: zother, tenant: analytics}}
+spec: {{model: ok, profile: small}}
+"""
+    )
+    async with running_controller(db_url, two, [discover_cpu(memory=4 << 30, threads=1)]) as ctl:
+        # the missing file fails the slice, which gives its share back: the other one loads
+        state = await reconcile_and_settle(ctl)
+        await ctl.reconcile()
+        await settle(ctl)
+        assert state.state == "Failed" and "not found" in state.reason
+        assert ctl.slices["analytics/zother/0"].state == "Ready"
+        # the file appears while the other holds the share it needs: Pending
+        late.write_bytes(build_demo_model("basket-scorer").SerializeToString())
+        state = await reconcile_and_settle(ctl)
+        assert state.state == "Pending" and "compute shares would sum to" in state.reason
+        # room frees up: the next reconcile places it
+        ctl.store.delete("Deployment", "analytics", "zother")
+        await ctl.reconcile()
+        await settle(ctl)
+        state = await reconcile_and_settle(ctl)
+        assert state.state == "Ready", (state.state, state.reason)

@@ -430,6 +430,11 @@ class Controller:
             replaced is not None and replaced.spec_hash == want.spec_hash and replaced.took_over
         )
         self.running.put(state, replaced)
+        stale = self.supervisors.get(state.id)
+        if stale is not None and stale.task is not None and stale.task.done():
+            # the supervisor of the instance this one replaces (it failed): left in place, it
+            # would make this one, if Pending, look supervised and never placed again
+            del self.supervisors[state.id]
         if want.problem or want.model is None or profile is None:
             state.set_state("Pending", want.problem)
             return state
