@@ -43,6 +43,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "QuotaExceeded",
+    "RequestTimeout",
     "SpecError",
     "TooManyRequests",
     "Unauthenticated",
@@ -119,6 +120,13 @@ class PayloadTooLarge(GpuvisorError):
     http_status = 413
 
 
+class RequestTimeout(GpuvisorError):
+    """The client stopped sending its request's body."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
 class TooManyRequests(GpuvisorError):
     """Rate limit or queue cap reached; ``retry_after`` (seconds) says when to try again
     (None: a retry cannot succeed until the limit itself changes)."""
@@ -186,6 +194,7 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         NotFound,
         Conflict,
         PayloadTooLarge,
+        RequestTimeout,
         TooManyRequests,
         ModelError,
         IntegrityError,

@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gpuvisor import __version__
 from gpuvisor.api.app import create_app
+from gpuvisor.api.timeouts import http_protocol
 from gpuvisor.client import DEFAULT_STATE, DEFAULT_URL, resolve_state_dir
 from gpuvisor.demo.setup import DemoState, prepare_demo
 from gpuvisor.errors import ConfigError
@@ -202,6 +203,7 @@ async def serve_node(
                 access_log=False,
                 timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
                 lifespan="on",
+                http=http_protocol(),  # uvicorn's own, closing connections that send no request
             )
         )
         serving = asyncio.create_task(server.serve())

@@ -5,22 +5,19 @@ changed in the database."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from in_process import node_in_this_process
 from typer.testing import CliRunner
 
-from gpuvisor.api.app import create_app
 from gpuvisor.cli import app
 from gpuvisor.launch import NodeProcess
-from gpuvisor.node import Node, NodeOptions
 
 runner = CliRunner()
 
@@ -266,26 +263,6 @@ def test_secrets_sent_by_mistake_are_kept_out_of_answers_logs_and_the_audit_log(
             assert secret not in text, f"a secret reached {where}"
 
 
-@contextlib.asynccontextmanager
-async def _node_in_this_process(
-    state: Path,
-) -> AsyncIterator[tuple[Node, httpx.AsyncClient, dict[str, str]]]:
-    """A node run in the test's own process (so that its store can be made to fail), a client
-    of its app, and its admin key's header."""
-    node = Node(NodeOptions(state_dir=state))
-    await node.start()
-    try:
-        assert node.store is not None
-        admin = {"Authorization": f"Bearer {(state / 'admin.key').read_text().strip()}"}
-        transport = httpx.ASGITransport(
-            app=create_app(node, manage_lifecycle=False), raise_app_exceptions=False
-        )
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            yield node, client, admin
-    finally:
-        await node.stop()
-
-
 def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -296,7 +273,7 @@ def test_a_mutation_that_fails_on_a_bug_is_recorded_as_failed(
         raise RuntimeError("disk on fire")
 
     async def scenario() -> None:
-        async with _node_in_this_process(tmp_path / "state") as (node, client, admin):
+        async with node_in_this_process(tmp_path / "state") as (node, client, admin):
             assert node.store is not None
             monkeypatch.setattr(node.store, "apply", broken)
             answer = await client.post(
@@ -406,7 +383,7 @@ def test_a_full_disk_and_a_database_error_say_what_happened_and_no_more(
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     async def scenario() -> None:
-        async with _node_in_this_process(tmp_path / "state") as (node, c, auth):
+        async with node_in_this_process(tmp_path / "state") as (node, c, auth):
             assert node.store is not None
 
             def full(*_: object, **__: object) -> None:

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gpuvisor import __version__
+from gpuvisor.api import timeouts
 from gpuvisor.api.admin import admin_router
 from gpuvisor.api.audit import (
     audited_error_handler,
@@ -38,7 +39,8 @@ from gpuvisor.api.inference import (
 from gpuvisor.api.keys import keys_router
 from gpuvisor.api.model_config import model_config_router
 from gpuvisor.api.oip import oip_router
-from gpuvisor.errors import GpuvisorError
+from gpuvisor.api.timeouts import body_deadline
+from gpuvisor.errors import GpuvisorError, RequestTimeout
 from gpuvisor.node import Node
 from gpuvisor.units import format_size
 
@@ -74,6 +76,13 @@ def _without_body(send: Send) -> Send:
         await send(message)
 
     return headers_only
+
+
+def _stalled() -> str:
+    return (
+        f"the request's body stopped arriving for {timeouts.BODY_STALL:g}s: the request is "
+        "given up (send the whole body without pausing)"
+    )
 
 
 #: The largest body any route but inference takes (those that take a body bound it tighter:
@@ -161,8 +170,10 @@ class NodeApp(FastAPI):
             scope, send = {**scope, "method": "GET"}, _without_body(send)
         target = inference_target(scope)
         if target is None:
+            receive = body_deadline(receive, lambda: StarletteHTTPException(408, _stalled()))
             await super().__call__(scope, _bounded(receive), _echoing_request_id(scope, send))
         else:
+            receive = body_deadline(receive, lambda: RequestTimeout(_stalled()))
             await serve_inference(self.node, scope, receive, send, *target)
 
     def openapi(self) -> dict[str, Any]:

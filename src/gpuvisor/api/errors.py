@@ -88,6 +88,8 @@ def error_response(
     if retry_after is not None and math.isfinite(retry_after):
         # whole seconds, at least 1; a day at most, whatever a slow rate limit works out to
         headers["Retry-After"] = str(max(1, min(_MAX_RETRY_AFTER, math.ceil(retry_after))))
+    if status == 408:  # what is left of the body would be read as the next request
+        headers["Connection"] = "close"
     if status == 401:  # RFC 9110 15.5.2: say how to authenticate
         headers["WWW-Authenticate"] = 'Bearer realm="gpuvisor"'
     body = {"error": message, **{k: v for k, v in extra.items() if v is not None}}
