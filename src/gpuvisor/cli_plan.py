@@ -50,7 +50,11 @@ def load_fleet(path: Path) -> list[Device]:
 
 
 def load_manifests(paths: list[Path]) -> list[Resource]:
-    """Return the documents of every manifest (a folder means its *.yaml and *.yml files)."""
+    """Return the documents of every manifest (a folder means its *.yaml and *.yml files).
+    An object in several files is taken as the last one says, as ``apply`` of the same files
+    would leave it."""
+    from gpuvisor.spec.kinds import resource_key
+
     resources: list[Resource] = []
     problems: list[str] = []
     for path in paths:
@@ -62,7 +66,8 @@ def load_manifests(paths: list[Path]) -> list[Resource]:
                 problems.append(exc.message)
     if problems:
         raise SpecError("\n".join(problems))
-    return resources
+    last = {resource_key(r): r for r in resources}
+    return [r for r in resources if last[resource_key(r)] is r]
 
 
 def write_exports(plan: FleetPlan, folder: Path, sharing: str) -> tuple[list[Path], list[str]]:
@@ -80,9 +85,15 @@ def write_exports(plan: FleetPlan, folder: Path, sharing: str) -> tuple[list[Pat
         mig_parted_config,
     )
 
+    mig = mig_parted_config(plan)
+    if not mig["mig-configs"]:
+        raise ConfigError(
+            "nothing to export: the fleet has no GPU (mig-parted.yaml and the device "
+            "plugin's configuration describe GPUs); plan without --export, or add devices "
+            "to the Fleet's nodes"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    mig = mig_parted_config(plan)
     problems = check_mig_parted(mig)
     plugins, notes = device_plugin_configs(plan, sharing)
     for config in plugins.values():

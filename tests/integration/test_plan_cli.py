@@ -236,3 +236,35 @@ def test_the_installed_command_runs(files: tuple[Path, Path]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["summary"]["gpus"] == 5
+
+
+def test_an_object_in_two_files_is_planned_as_the_last_says(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """As `apply -f a -f b` would leave it: the second file's 2 shelf replicas, not 5 + 2
+    credited to one deployment with a pending remainder."""
+    fleet, apps = files
+    again = tmp_path / "shelf-again.yaml"
+    shelf = next(d for d in APPS.split("---\n") if "name: shelf," in d)
+    again.write_text(shelf.replace("replicas: 5", "replicas: 2"))
+    code, out, _ = plan("--fleet", str(fleet), "-f", str(apps), "-f", str(again), "-o", "json")
+    assert code == 0
+    data = json.loads(out)
+    held = [i for g in data["gpus"] for i in g["instances"] if i["deployment"] == "shelf"]
+    assert len(held) == 2, held
+    assert all(p["deployment"] != "shelf" for p in data["pending"])
+
+
+def test_exporting_a_fleet_without_gpus_says_there_is_nothing_to_export(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, apps = files
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(
+        "apiVersion: gpuvisor/v1\nkind: Fleet\nmetadata: {name: lab}\n"
+        "spec:\n  nodes:\n    - {name: edge-1}\n"
+    )
+    code, _, err = plan("--fleet", str(empty), "-f", str(apps), "--export", str(tmp_path / "out"))
+    assert code == 1
+    assert "nothing to export: the fleet has no GPU" in " ".join(err.split())
+    assert not (tmp_path / "out").exists()

@@ -338,6 +338,10 @@ def plan_fleet(
                 groups.setdefault((workload.selector, workload.tenancy), []).append(workload)
         for group in groups.values():
             planner.on_blank_gpus(group)
+        for workload in partition:
+            # GPUs another group laid out (another pool selecting them too) may have room
+            # left at free offsets
+            planner.into_free_offsets(workload)
     others = sorted(
         (w for w in workloads if w.isolation != "partition"),
         key=lambda w: (w.isolation != "exclusive", -w.memory, -w.compute_share),

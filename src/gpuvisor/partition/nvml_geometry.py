@@ -34,7 +34,8 @@ def _name(nvml: Any, info: Any, enum: int, memory_total: int) -> str:
     gib = max(1, round(memory / 2**30))
     if memory_total > 0:
         eighths = math.ceil(memory * 8 / memory_total)
-        gib = round(eighths / 8 * math.ceil(memory_total / 2**30))
+        # half up, as NVIDIA names them (H200: 4/8 of 141 GB is 3g.71gb), not to the even
+        gib = math.floor(eighths / 8 * math.ceil(memory_total / 2**30) + 0.5)
     suffix = "+me" if enum == getattr(nvml, "NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1", -1) else ""
     return f"{int(info.sliceCount)}g.{gib}gb{suffix}"
 

@@ -31,9 +31,13 @@ class MigSetting(SpecModel):
         return self
 
 
+MAX_GPUS_PER_GROUP = 64
+"""A node's GPUs of one model: more than any server holds, few enough to plan quickly."""
+
+
 class FleetDevices(SpecModel):
     model: str = Field(min_length=1)
-    count: Count = Field(default=1, ge=1)
+    count: Count = Field(default=1, ge=1, le=MAX_GPUS_PER_GROUP)
     numa: Count = Field(default=0, ge=0)
     mig: MigSetting = Field(default_factory=MigSetting)
 

@@ -213,7 +213,7 @@ class ProfileSpec(SpecModel):
                 f"isolation {self.isolation!r}): remove it or set isolation: partition",
             )
         # a MIG profile names its memory (1g.10gb: 10 GB): a slice cannot hold more
-        named = re.search(r"\d+g\.(\d+)gb", self.mig_profile or "")
+        named = re.search(r"\d+g\.(\d+)gb", self.mig_profile or "", re.IGNORECASE)
         if named is not None and self.memory > int(named.group(1)) * 2**30:
             raise field_error(
                 "memory",

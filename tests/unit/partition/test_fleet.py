@@ -56,6 +56,21 @@ def test_free_offsets_are_filled_before_blank_gpus_are_laid_out() -> None:
     assert check_layout(H100, first.instances) == []
 
 
+def test_a_gpu_one_pool_laid_out_takes_another_pools_replicas_at_its_free_offsets() -> None:
+    """Two pools select the same blank GPU: the second's replica goes beside the first's,
+    not Pending with a reason that says it fits there."""
+    first = mig("a", "3g.40gb", 1, tenant="t1", pool="all")
+    second = mig("b", "3g.40gb", 1, tenant="t2", selector=(("model", "H100*"),), pool="h100")
+    plan = plan_fleet([gpu(0)], [first, second])
+    assert plan.pending == []
+    [laid_out] = plan.gpus
+    assert sorted((i.start, i.profile) for i in laid_out.instances) == [
+        (0, "3g.40gb"),
+        (4, "3g.40gb"),
+    ]
+    assert check_layout(H100, laid_out.instances) == []
+
+
 def test_blank_gpus_are_laid_out_on_as_few_gpus_as_possible() -> None:
     devices = [gpu(i) for i in range(4)]
     plan = plan_fleet(devices, [mig("big", "4g.40gb", 2), mig("mid", "3g.40gb", 2)])

@@ -80,6 +80,16 @@ def test_the_driver_geometry_of_an_h100_equals_the_tables(names: bool) -> None:
     assert geometry.profiles == table.profiles
 
 
+def test_names_rebuilt_from_memory_round_half_up_as_nvidia_names_them() -> None:
+    """An H200 (141 GB) driver that leaves names out: 4/8 of 141 GB is 70.5, which NVIDIA
+    names 3g.71gb and 4g.71gb (Python's round() would say 70, to the even number)."""
+    import gpuvisor.partition.nvml_geometry as geometry_module
+
+    info = types.SimpleNamespace(name=b"", memorySizeMB=70 * 1024, sliceCount=3)  # 4/8
+    name = geometry_module._name(FakeMigNvml(), info, 0, 143771 * 2**20)
+    assert name == "3g.71gb"
+
+
 def test_no_mig_api_means_no_geometry() -> None:
     assert read_geometry(types.SimpleNamespace(NVMLError=pynvml.NVMLError), 0, "H100-80GB") is None
 

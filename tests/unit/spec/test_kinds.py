@@ -256,6 +256,10 @@ def test_scope_sets_partition_the_kinds() -> None:
             "{memory: 70Gi, isolation: partition, migProfile: 1g.10gb}",
             "memory 70Gi is more than a 1g.10gb MIG instance holds (10 GB)",
         ),
+        (  # MIG profile names are read in any case (as placement reads them)
+            "{memory: 500Gi, isolation: partition, migProfile: 1G.10GB}",
+            "memory 500Gi is more than a 1G.10GB MIG instance holds (10 GB)",
+        ),
         # a share too small to schedule by (it underflowed the dispatcher's arithmetic)
         ("{memory: 1Gi, computeShare: 5e-324}", "0 (no guarantee) or at least 0.001"),
         ("{memory: 1Gi, computeShare: 0.0005}", "0 (no guarantee) or at least 0.001"),
@@ -292,6 +296,11 @@ def test_pool_selector_refuses_unknown_device_labels() -> None:
         ),
         ("{nodes: [{name: a}, {name: a}]}", "listed twice"),
         ("{nodes: [{name: a, devices: [{model: L4, count: 0}]}]}", "greater than or equal to 1"),
+        # a group of a node's GPUs: no server holds a million (which took a minute to plan)
+        (
+            "{nodes: [{name: a, devices: [{model: L4, count: 1000000}]}]}",
+            "less than or equal to 64",
+        ),
     ],
 )
 def test_fleet_rules(spec: str, fragment: str) -> None:
