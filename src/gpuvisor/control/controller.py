@@ -48,7 +48,7 @@ from gpuvisor.inventory.device import Topology
 from gpuvisor.placement.defaults import default_framework
 from gpuvisor.placement.framework import Framework, Snapshot
 from gpuvisor.runtime.pool import WorkerPool
-from gpuvisor.security.model_roots import load_check
+from gpuvisor.security.model_roots import confining_roots, load_check
 from gpuvisor.security.signing import SignaturePolicy
 from gpuvisor.spec.kinds import Deployment, Resource, Tenant
 from gpuvisor.spec.loader import resource_from_dict
@@ -467,6 +467,7 @@ class Controller:
         launch = slice_launch(state, want.model, dep, device, self.batch_nice)
         policy, model = SignaturePolicy.of(want.pool), want.model
         confined = load_check(model, self._tenant(state.tenant))
+        launch.load.roots = confining_roots(model, self._tenant(state.tenant))
 
         def verify() -> str | None:
             if confined is not None:

@@ -82,6 +82,9 @@ class LoadModel(msgspec.Struct, tag=True):
     profile_batch_sizes: list[int] = []
     profile_repeats: int = 3
     nice: int = 0  # OS niceness this slice asks of its worker process
+    # the tenant's model folders (Tenant spec.modelRoots) the file must lie in, links
+    # followed, as the worker opens it; None: not confined
+    roots: list[str] | None = None
 
 
 class UnloadModel(msgspec.Struct, tag=True):

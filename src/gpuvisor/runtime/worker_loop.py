@@ -22,7 +22,12 @@ from gpuvisor.errors import GpuvisorError, IntegrityError
 from gpuvisor.runtime import protocol as p
 from gpuvisor.runtime.batch_check import decide_batching
 from gpuvisor.runtime.execution import LoadedSlice, profile_batches, run_requests
-from gpuvisor.runtime.executors.base import ExecutorDevice, load_executor, verify_sha256
+from gpuvisor.runtime.executors.base import (
+    ExecutorDevice,
+    load_executor,
+    read_model,
+    verify_sha256,
+)
 from gpuvisor.runtime.niceness import set_niceness
 from gpuvisor.runtime.tensors import TensorMeta, encode_error
 
@@ -424,9 +429,16 @@ class Worker:
     def load(self, spec: p.LoadModel) -> None:
         started = time.perf_counter()
         try:
-            digest = verify_sha256(Path(spec.path), spec.sha256)
-            if spec.sha256 is not None and spec.format == "onnx":
-                refuse_external_data(Path(spec.path))
+            path = Path(spec.path)
+            data = None
+            if spec.sha256 is not None or spec.roots is not None:
+                # checked and loaded from the same bytes: a file swapped after a check by
+                # path would otherwise load unchecked
+                data, digest = read_model(path, spec.sha256, spec.roots)
+                if spec.format == "onnx":
+                    refuse_external_data(path, data, pinned=spec.sha256 is not None)
+            else:
+                digest = verify_sha256(path, None)
             device = ExecutorDevice(
                 kind="cuda" if spec.device_kind == "cuda" else "cpu",
                 index=spec.device_index,
@@ -435,11 +447,13 @@ class Worker:
             )
             executor = load_executor(
                 spec.format,
-                Path(spec.path),
+                path,
                 device,
                 declared_inputs=_meta_list(spec.declared_inputs),
                 declared_outputs=_meta_list(spec.declared_outputs),
+                data=data,
             )
+            del data  # the executor holds what it needs
             inputs, outputs = list(executor.inputs), list(executor.outputs)
             batchable, note = decide_batching(executor, inputs, outputs, spec.batchable)
             loaded = LoadedSlice(spec, executor, inputs, outputs, batchable)
@@ -563,18 +577,24 @@ class Worker:
         )
 
 
-def refuse_external_data(path: Path) -> None:
+def refuse_external_data(path: Path, data: bytes | None = None, pinned: bool = True) -> None:
     """Raise IntegrityError for an ONNX model that keeps tensors in other files: a pinned
     sha256 (or a signature) covers the model's own file only, and its weights could be
-    changed under it."""
+    changed under it; a model confined to its tenant's folders is checked file by file as it
+    is read, which its other files would not be. ``data``: the file's bytes, read already."""
     from gpuvisor.runtime.executors.onnx import external_data_files
 
-    files = external_data_files(path)
+    files = external_data_files(path, data)
     if files:
+        covered = (
+            "which its sha256 or signature does not cover: save the model as one file "
+            "(onnx.save_model without save_as_external_data) to pin or sign it"
+            if pinned
+            else "which the check of the tenant's model folders does not cover: save the "
+            "model as one file (onnx.save_model without save_as_external_data)"
+        )
         raise IntegrityError(
             f"model file {path} keeps tensors in {len(files)} other file(s) "
-            f"({', '.join(files[:3])}{', …' if len(files) > 3 else ''}), which its sha256 "
-            "or signature does not cover: save the model as one file (onnx.save_model "
-            "without save_as_external_data) to pin or sign it",
+            f"({', '.join(files[:3])}{', …' if len(files) > 3 else ''}), {covered}",
             path=str(path),
         )

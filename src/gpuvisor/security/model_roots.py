@@ -15,7 +15,7 @@ from gpuvisor.errors import Forbidden, IntegrityError
 from gpuvisor.quoting import quoted
 from gpuvisor.spec.kinds import Model, Resource, Tenant
 
-__all__ = ["check_model_roots", "inside", "load_check"]
+__all__ = ["check_model_roots", "confining_roots", "inside", "load_check"]
 
 
 def inside(path: str, roots: Sequence[str]) -> bool:
@@ -38,14 +38,25 @@ def _named_inside(path: str, roots: Sequence[str]) -> bool:
     )
 
 
+def confining_roots(model: Model, tenant: Tenant | None) -> list[str] | None:
+    """The folders a load of ``model`` must find its file in: the tenant's, when the source
+    is named in them (as a tenant key must name it); None when nothing confines it (no
+    folders, or a source an admin named elsewhere)."""
+    roots = tenant.spec.model_roots if tenant is not None else None
+    if not roots or not _named_inside(model.spec.source, roots):
+        return None
+    return list(roots)
+
+
 def load_check(model: Model, tenant: Tenant | None) -> Callable[[], None] | None:
     """What a load of ``model`` checks again, just before it reads the file: a source named in
     the tenant's model folders must still lead inside them. A link there can be pointed
-    elsewhere after the apply (at another tenant's model, say); the load then fails instead.
-    None when there is nothing to check (no folders, or a source an admin named elsewhere)."""
-    roots = tenant.spec.model_roots if tenant is not None else None
+    elsewhere after the apply (at another tenant's model, say); the load then fails instead
+    (and the worker checks the file it opens once more, ``LoadModel.roots``). None when there
+    is nothing to check (no folders, or a source an admin named elsewhere)."""
+    roots = confining_roots(model, tenant)
     source = model.spec.source
-    if not roots or not _named_inside(source, roots):
+    if roots is None:
         return None
 
     def check() -> None:
@@ -68,12 +79,22 @@ def check_model_roots(tenant: str, new: Sequence[Resource], existing: Sequence[R
     roots = owner.spec.model_roots if owner is not None else None
     if roots is None:
         return
+    folders = ", ".join(roots) if roots else "none"
     for model in (r for r in new if isinstance(r, Model)):
-        if not inside(model.spec.source, roots):
-            folders = ", ".join(roots) if roots else "none"
+        source = model.spec.source
+        if not inside(source, roots):
             raise Forbidden(
                 f"Model {model.metadata.name}@{model.spec.version}: its source "
-                f"{quoted(model.spec.source)} is outside tenant '{tenant}''s model folders "
+                f"{quoted(source)} is outside tenant '{tenant}''s model folders "
                 f"({folders}; Tenant spec.modelRoots): put the file in one of them, or ask an "
                 "admin to apply this Model"
+            )
+        if not _named_inside(source, roots):
+            # it leads inside through a link named elsewhere: every load checks a source
+            # named inside, and that link could be pointed elsewhere after the apply
+            raise Forbidden(
+                f"Model {model.metadata.name}@{model.spec.version}: its source "
+                f"{quoted(source)} leads into tenant '{tenant}''s model folders ({folders}) "
+                "through a link named outside them: name the file by its path in the "
+                "folders (as written in Tenant spec.modelRoots)"
             )

@@ -4,12 +4,16 @@ serves on."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import orjson
@@ -251,3 +255,61 @@ def test_shutdown_read_by_the_runner_ends_the_worker_at_once(link: Link, model: 
     link.send_message(p.Shutdown())
     link.thread.join(0.9)
     assert not link.thread.is_alive()
+
+
+def _load(
+    link: Link, path: Path, sha256: str | None = None, roots: list[str] | None = None
+) -> p.Message:
+    link.send_message(
+        p.LoadModel(
+            SLICE, "scorer", "1", "onnx", str(path), sha256, "cpu", 0, 1, None, 4, roots=roots
+        )
+    )
+    return link.receive()[0]
+
+
+def test_a_confined_file_is_checked_where_the_worker_opens_it(
+    link: Link, model: Path, tmp_path: Path
+) -> None:
+    """The node's roots travel with the load: the file the worker opens, links followed,
+    must lie in them (a link swapped after the node's check does not pass)."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    (theirs / "secret.onnx").write_bytes(model.read_bytes())
+    escape = mine / "current.onnx"
+    escape.symlink_to(theirs / "secret.onnx")
+    failed = _load(link, escape, roots=[str(mine)])
+    assert isinstance(failed, p.LoadFailed) and failed.code == "integrity_error"
+    assert "now leads outside the tenant's model folders" in failed.message
+    escape.unlink()
+    escape.symlink_to(model)
+    shutil.copy(model, mine / "own.onnx")
+    escape.unlink()
+    escape.symlink_to(mine / "own.onnx")
+    assert isinstance(_load(link, escape, roots=[str(mine)]), p.ModelLoaded)
+
+
+def test_a_pinned_file_loads_the_bytes_its_digest_was_taken_of(
+    link: Link, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is replaced right after the worker read and checked it: what loads is what
+    was checked, not what the path holds by then."""
+    import gpuvisor.runtime.worker_loop as worker_loop
+
+    source = tmp_path / "model.onnx"
+    source.write_bytes(model.read_bytes())
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    other = SLOW.build(tmp_path)  # another model, with other inputs
+    read = worker_loop.read_model
+
+    def read_then_swap(*args: Any, **kwargs: Any) -> tuple[bytes, str]:
+        checked = read(*args, **kwargs)
+        os.replace(other, source)  # the swap a racing writer would make
+        return checked
+
+    monkeypatch.setattr(worker_loop, "read_model", read_then_swap)
+    loaded = _load(link, source, sha256=digest)
+    assert isinstance(loaded, p.ModelLoaded) and loaded.sha256 == digest
+    # the demo scorer's 16 features, not the other model's 512
+    assert [(i.name, i.shape[1:]) for i in loaded.inputs] == [("features", [16])]

@@ -101,3 +101,27 @@ def test_a_link_pointed_outside_after_the_apply_fails_the_next_load(tree: Path) 
     (_, elsewhere) = load_documents(_tenant("{}") + "---\n" + _model(tree / "other" / "model.onnx"))
     assert isinstance(elsewhere, Model) and load_check(elsewhere, tenant) is None
     assert load_check(model, None) is None
+
+
+def test_a_tenant_names_its_file_in_its_folders_not_through_a_link_from_elsewhere(
+    tree: Path,
+) -> None:
+    """A link named outside the folders that leads inside would be checked at apply only:
+    pointed at another tenant's file afterwards, nothing at load would see it. So is a file
+    named by the real path of a folder the Tenant names through a link."""
+    tenant = load_documents(_tenant(f"{{modelRoots: ['{tree / 'root'}']}}"), "t.yaml")
+    into = tree / "other" / "into.onnx"
+    into.symlink_to(tree / "root" / "model.onnx")
+    with pytest.raises(Forbidden) as refused:
+        check_model_roots("shop", load_documents(_model(into), "m.yaml"), tenant)
+    assert "through a link named outside them: name the file by its path in the folders" in str(
+        refused.value
+    )
+    real = tree / "real-root"
+    real.mkdir()
+    (real / "model.onnx").write_bytes(b"x")
+    (tree / "linked-root").symlink_to(real)
+    linked = load_documents(_tenant(f"{{modelRoots: ['{tree / 'linked-root'}']}}"), "t.yaml")
+    check_model_roots("shop", load_documents(_model(tree / "linked-root" / "model.onnx")), linked)
+    with pytest.raises(Forbidden):
+        check_model_roots("shop", load_documents(_model(real / "model.onnx")), linked)

@@ -23,6 +23,7 @@ __all__ = [
     "file_sha256",
     "is_batchable",
     "load_executor",
+    "read_model",
     "reconcile_metadata",
     "verify_sha256",
 ]
@@ -128,6 +129,20 @@ def file_sha256(path: Path) -> str:
     /dev/zero never ends (the file is opened without blocking and checked before a byte is
     read, so it cannot be swapped for one in between)."""
     digest = hashlib.sha256()
+    with os.fdopen(_open_model(path), "rb") as stream:
+        try:
+            while chunk := stream.read(_HASH_CHUNK):
+                digest.update(chunk)
+        except OSError as exc:
+            raise ModelError(
+                f"cannot read model file {path}: {exc.strerror}", path=str(path)
+            ) from None
+    return digest.hexdigest()
+
+
+def _open_model(path: Path) -> int:
+    """Open a model file for reading and return its descriptor; ModelError when it cannot be
+    read or is not a regular file (checked on the open file, so it cannot be swapped)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -141,15 +156,59 @@ def file_sha256(path: Path) -> str:
             "point the Model's source at the model file itself",
             path=str(path),
         )
+    return fd
+
+
+def read_model(
+    path: Path, expected: str | None, roots: Sequence[str] | None = None
+) -> tuple[bytes, str]:
+    """Read a model file once and return its bytes and their sha256, for the checks and the
+    load to see the same bytes: a file (or a link) swapped between a check by path and a
+    load by path would load unchecked. ``expected``: the sha256 the bytes must have.
+    ``roots``: folders the file opened must lie in (its own path, links followed)."""
+    fd = _open_model(path)
     with os.fdopen(fd, "rb") as stream:
+        if roots is not None:
+            try:
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # no /proc: the path as it resolves now
+                opened = os.path.realpath(path)
+            if not _within(opened, roots):
+                raise IntegrityError(
+                    f"model file {path} now leads outside the tenant's model folders "
+                    f"({', '.join(roots)}; Tenant spec.modelRoots), to {opened}: point it "
+                    "back inside",
+                    path=str(path),
+                    reason="outside_model_roots",
+                )
         try:
-            while chunk := stream.read(_HASH_CHUNK):
-                digest.update(chunk)
+            data = stream.read()
         except OSError as exc:
             raise ModelError(
                 f"cannot read model file {path}: {exc.strerror}", path=str(path)
             ) from None
-    return digest.hexdigest()
+    actual = hashlib.sha256(data).hexdigest()
+    _check_digest(path, actual, expected)
+    return data, actual
+
+
+def _within(real: str, roots: Sequence[str]) -> bool:
+    for root in roots:
+        base = os.path.realpath(root)
+        if real == base or real.startswith(base.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def _check_digest(path: Path, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected.lower():
+        # the file's own digest is not said: a tenant could otherwise learn the digest of
+        # any file the node can read (sha256sum gives it to whoever may read the file)
+        raise IntegrityError(
+            f"model file {path} does not match the spec's sha256 {expected.lower()}",
+            path=str(path),
+            expected=expected.lower(),
+        )
 
 
 def verify_sha256(path: Path, expected: str | None) -> str:
@@ -159,14 +218,7 @@ def verify_sha256(path: Path, expected: str | None) -> str:
     ``expected`` is given and differs.
     """
     actual = file_sha256(Path(path))
-    if expected is not None and actual != expected.lower():
-        # the file's own digest is not said: a tenant could otherwise learn the digest of
-        # any file the node can read (sha256sum gives it to whoever may read the file)
-        raise IntegrityError(
-            f"model file {path} does not match the spec's sha256 {expected.lower()}",
-            path=str(path),
-            expected=expected.lower(),
-        )
+    _check_digest(path, actual, expected)
     return actual
 
 
@@ -176,8 +228,10 @@ def load_executor(
     device: ExecutorDevice,
     declared_inputs: list[TensorMeta] | None = None,
     declared_outputs: list[TensorMeta] | None = None,
+    data: bytes | None = None,
 ) -> Executor:
-    """Load the model at ``path`` in ``format`` onto ``device``.
+    """Load the model at ``path`` in ``format`` onto ``device`` (``data``: the file's bytes,
+    read and checked already by ``read_model``, loaded as they are).
 
     Returns a ready Executor. Raises ModelError when the file is missing, the format is
     unknown, torch is missing for a torch format, or the model cannot be loaded.
@@ -185,16 +239,16 @@ def load_executor(
     path = Path(path)
     if format not in FORMATS:
         raise ModelError(f"unknown model format '{format}' (expected one of {', '.join(FORMATS)})")
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ModelError(f"model file not found: {path}", path=str(path))
     if format == "onnx":
         from gpuvisor.runtime.executors.onnx import OnnxExecutor
 
-        return OnnxExecutor(path, device, declared_inputs, declared_outputs)
+        return OnnxExecutor(path, device, declared_inputs, declared_outputs, data)
     if importlib.util.find_spec("torch") is None:
         raise ModelError(f"format {format} needs the torch extra: pip install 'gpuvisor[torch]'")
     from gpuvisor.runtime.executors.torch import TorchExportExecutor, TorchScriptExecutor
 
     if format == "torchscript":
-        return TorchScriptExecutor(path, device, declared_inputs, declared_outputs)
-    return TorchExportExecutor(path, device, declared_inputs, declared_outputs)
+        return TorchScriptExecutor(path, device, declared_inputs, declared_outputs, data)
+    return TorchExportExecutor(path, device, declared_inputs, declared_outputs, data)

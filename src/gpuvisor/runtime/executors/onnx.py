@@ -43,12 +43,15 @@ _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
 
-def external_data_files(path: Path) -> list[str]:
+def external_data_files(path: Path, data: bytes | None = None) -> list[str]:
     """The files an ONNX model keeps tensors in beside its own (``save_as_external_data``),
-    by their location as the model names them; [] for a model in one file. Raises ModelError
-    when the file is no ONNX model."""
+    by their location as the model names them; [] for a model in one file. ``data``: the
+    file's bytes, read already. Raises ModelError when the file is no ONNX model."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if data is not None:
+            model = onnx.load_model_from_string(data)
+        else:
+            model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ModelError(f"cannot read {path} as an ONNX model: {exc}", path=str(path)) from None
     locations: list[str] = []
@@ -88,8 +91,11 @@ class OnnxExecutor:
         device: ExecutorDevice,
         declared_inputs: list[TensorMeta] | None = None,
         declared_outputs: list[TensorMeta] | None = None,
+        data: bytes | None = None,
     ) -> None:
-        """Load the model at ``path``; raises ModelError with onnxruntime's message on failure."""
+        """Load the model at ``path`` (``data``: its bytes, read already, which are loaded
+        rather than the file opened again); raises ModelError with onnxruntime's message on
+        failure."""
         self.device = device
         options = ort.SessionOptions()
         options.intra_op_num_threads = device.threads or 0  # 0 = onnxruntime's default
@@ -97,7 +103,9 @@ class OnnxExecutor:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
             self._session: ort.InferenceSession | None = ort.InferenceSession(
-                str(path), sess_options=options, providers=_providers(device)
+                data if data is not None else str(path),
+                sess_options=options,
+                providers=_providers(device),
             )
         except Exception as exc:
             raise ModelError(

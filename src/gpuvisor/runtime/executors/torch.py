@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -148,13 +149,16 @@ class TorchScriptExecutor(_TorchExecutor):
         device: ExecutorDevice,
         declared_inputs: list[TensorMeta] | None = None,
         declared_outputs: list[TensorMeta] | None = None,
+        data: bytes | None = None,
     ) -> None:
-        """Load the module at ``path``; raises ModelError when it cannot load or lacks metadata."""
+        """Load the module at ``path`` (``data``: its bytes, read already); raises ModelError
+        when it cannot load or lacks metadata."""
         super().__init__(device)
         extra = {METADATA_FILE: ""}
+        source: str | io.BytesIO = io.BytesIO(data) if data is not None else str(path)
         try:
             module = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(path), map_location=self.torch_device, _extra_files=extra
+                source, map_location=self.torch_device, _extra_files=extra
             )
         except Exception as exc:
             raise ModelError(f"torch.jit cannot load {path}: {exc}", path=str(path)) from None
@@ -208,11 +212,13 @@ class TorchExportExecutor(_TorchExecutor):
         device: ExecutorDevice,
         declared_inputs: list[TensorMeta] | None = None,
         declared_outputs: list[TensorMeta] | None = None,
+        data: bytes | None = None,
     ) -> None:
-        """Load the program at ``path``; raises ModelError when it cannot be loaded or served."""
+        """Load the program at ``path`` (``data``: its bytes, read already); raises ModelError
+        when it cannot be loaded or served."""
         super().__init__(device)
         try:
-            program = torch.export.load(str(path))
+            program = torch.export.load(io.BytesIO(data) if data is not None else str(path))
             found_inputs, found_outputs = _program_metadata(program, path)
             self._model = program.module().to(self.torch_device)
         except GpuvisorError:
