@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from gpuvisor.dispatch.queues import PendingRequest, SliceQueue
 
-__all__ = ["ready_at", "take_batch"]
+__all__ = ["DEADLINE_MARGIN", "ready_at", "take_batch"]
+
+DEADLINE_MARGIN = 0.002
+"""Seconds, at least, a batch held for a deadline is released before it would have to start:
+room for the timer, the trip to the worker and back, and the answer (half the batch's
+predicted time when that is more)."""
 
 
 def ready_at(queue: SliceQueue) -> float:
@@ -13,8 +18,8 @@ def ready_at(queue: SliceQueue) -> float:
     A batch is ready once it is full (``max_batch_size`` rows queued) or once its
     oldest request has waited ``max_queue_delay``; an empty queue is never ready. A queued
     request with a deadline does not wait for the batch to fill past the moment its batch
-    must start to make it (its deadline less the batch's predicted time), so the batching
-    delay never costs a request its deadline.
+    must start to make it (its deadline less the batch's predicted time and a margin,
+    ``DEADLINE_MARGIN``), so the batching delay never costs a request its deadline.
     """
     if not queue.items:
         return float("inf")
@@ -22,7 +27,9 @@ def ready_at(queue: SliceQueue) -> float:
         return queue.head_arrival
     at = queue.head_arrival + queue.max_queue_delay
     if queue.earliest_deadline < at:
-        at = min(at, queue.earliest_deadline - queue.profile.predict(queue.queued_rows))
+        predicted = queue.profile.predict(queue.queued_rows)
+        margin = max(DEADLINE_MARGIN, predicted / 2)
+        at = min(at, queue.earliest_deadline - predicted - margin)
     return at
 
 

@@ -309,10 +309,14 @@ class DeviceDispatcher:
         """
         running = max((grant.end - now for grant in self._grants), default=0.0)
         size = max(1, self.policy.batch_rows(queue))
-        ahead = queue.ahead_of(priority)[1] + rows
-        full, rest = divmod(ahead, size)
-        own = full * queue.profile.predict(size) + (queue.profile.predict(rest) if rest else 0.0)
-        batches = full + (1 if rest else 0)
+        predict = queue.profile.predict
+        full, rest = divmod(queue.ahead_of(priority)[1], size)
+        own, batches = full * predict(size), full
+        if rest + rows <= size:  # it joins the last batch ahead of it, or one of its own
+            own, batches = own + predict(rest + rows), batches + 1
+        else:  # a request is never split: its rows run as one batch, however many
+            own += (predict(rest) if rest else 0.0) + predict(rows)
+            batches += 2 if rest else 1
         others = [
             q.profile.predict(max(1, self.policy.batch_rows(q)))
             for q in self.queues.values()

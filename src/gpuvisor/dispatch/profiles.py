@@ -19,6 +19,12 @@ batch look cheaper than a smaller one and ``predict`` is non-decreasing in ``row
   above ``v_min``;
 - no measurement at all: 0.0 (and ``max_rows_within`` answers 1, so an unprofiled slice
   runs one-row batches until its first batch has been measured).
+
+A load-time figure can be far off (measured while other slices loaded beside it), and one
+for a size the scheduler never grants would never be measured again: so each batch served
+also bounds the sizes not yet measured online: a smaller batch costs no more than it did, a
+larger one of ``s`` rows no more than ``s / rows`` times it (per-row cost does not grow with
+the batch). A size measured online keeps its own average.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ __all__ = ["ExecutionProfile"]
 class ExecutionProfile:
     """Predicted device seconds per batch, by batch size (rows): measured at load, kept current."""
 
-    __slots__ = ("_alpha", "_envelope", "_means", "_sizes")
+    __slots__ = ("_alpha", "_envelope", "_means", "_online", "_sizes")
 
     def __init__(self, measured: Mapping[int, float] | None = None, alpha: float = 0.2) -> None:
         if not (0.0 < alpha <= 1.0):
@@ -43,6 +49,7 @@ class ExecutionProfile:
             )
         self._alpha = alpha
         self._means: dict[int, float] = {}
+        self._online: set[int] = set()  # sizes measured since the load
         self._sizes: list[int] = []
         self._envelope: list[float] = []
         for rows, seconds in (measured or {}).items():
@@ -63,6 +70,14 @@ class ExecutionProfile:
             self._means[rows] = float(seconds)
         else:
             self._means[rows] = old + self._alpha * (seconds - old)
+        self._online.add(rows)
+        mean = self._means[rows]
+        for size, value in self._means.items():
+            if size in self._online:
+                continue
+            bound = mean if size < rows else mean * size / rows
+            if value > bound:
+                self._means[size] = bound
         self._rebuild()
 
     @property

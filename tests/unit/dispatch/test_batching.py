@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpuvisor.dispatch.batching import ready_at, take_batch
+from gpuvisor.dispatch.batching import DEADLINE_MARGIN, ready_at, take_batch
 from gpuvisor.dispatch.profiles import ExecutionProfile
 from gpuvisor.dispatch.queues import DEFAULT_PRIORITY, PendingRequest, SliceQueue
 
@@ -48,8 +48,9 @@ def test_ready_at(queued_rows: int, delay: float, expected: float) -> None:
 
 
 def test_a_deadline_releases_a_batch_before_its_batching_delay_ends() -> None:
-    """A 50 ms deadline under a 100 ms maxQueueDelay: the batch may start once the time its
-    deadline leaves is no more than its predicted run, not 100 ms after its first request."""
+    """A 50 ms deadline under a 100 ms maxQueueDelay: the batch starts once the time its
+    deadline leaves is its predicted run and a margin for the trip to the worker and back,
+    not 100 ms after its first request (nor so late that its answer misses the deadline)."""
     queue = _queue(max_batch=8, delay=0.1)
     queue.profile = ExecutionProfile({1: 0.002, 2: 0.003})
     queue.push(_request(0, arrival=10.0))
@@ -57,7 +58,9 @@ def test_a_deadline_releases_a_batch_before_its_batching_delay_ends() -> None:
     late = _request(1, arrival=10.01)
     late.deadline = 10.06
     queue.push(late)
-    assert ready_at(queue) == pytest.approx(10.06 - 0.003)
+    assert ready_at(queue) == pytest.approx(10.06 - 0.003 - DEADLINE_MARGIN)
+    queue.profile = ExecutionProfile({1: 0.010, 2: 0.020})  # a long batch: half its time more
+    assert ready_at(queue) == pytest.approx(10.06 - 0.020 - 0.010)
     queue.pop(), queue.pop()
     assert queue.earliest_deadline == float("inf")  # an empty queue keeps no old deadline
     queue.push(_request(2, arrival=11.0))

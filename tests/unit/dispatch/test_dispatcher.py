@@ -284,6 +284,22 @@ def test_predicted_completion_counts_what_waits_ahead() -> None:
     assert dispatcher.predict_completion(queue, 1, time.monotonic()) == pytest.approx(0.004)
 
 
+def test_a_request_larger_than_a_quantums_batch_is_predicted_as_the_one_batch_it_runs_in() -> None:
+    """A request is never split: 16 rows where the quantum fits 1 run as one 16-row batch
+    (12 ms), not as 16 one-row batches (55 ms, refused as infeasible)."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+
+    dispatcher = DeviceDispatcher("cpu-0", RecordingRunner(), FairSharePolicy(quantum=0.002))
+    queue = _queue("a", max_batch=16)
+    queue.profile = ExecutionProfile({1: 0.0034, 16: 0.0121})
+    dispatcher.add_slice(queue)
+    now = time.monotonic()
+    assert dispatcher.policy.batch_rows(queue) == 1
+    assert dispatcher.predict_completion(queue, 16, now) == pytest.approx(0.0121)
+    queue.push(_request(0))  # one row ahead: its own batch, then the request's
+    assert dispatcher.predict_completion(queue, 16, now) == pytest.approx(0.0034 + 0.0121)
+
+
 def test_predicted_completion_counts_only_what_goes_before_the_request() -> None:
     """A priority-1 request waits behind priority-1 requests only; the batching delay is not
     counted (a batch with a deadline in it does not wait past it)."""

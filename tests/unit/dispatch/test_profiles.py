@@ -153,3 +153,31 @@ def test_max_rows_within_is_the_largest_fitting_batch(
     profile = ExecutionProfile(measured)
     fitting = [rows for rows in range(1, limit + 1) if profile.predict(rows) <= budget]
     assert profile.max_rows_within(budget, limit) == max(fitting, default=1)
+
+
+def test_a_load_time_profile_that_overestimates_is_corrected_by_the_batches_served() -> None:
+    """Measured while other slices loaded, 4 and 8 rows looked over the 10 ms quantum, so
+    neither would be granted and measured again: the batches served bound them, and the
+    batch grows to all 8 rows its model runs in 5.3 ms."""
+    from gpuvisor.dispatch.fairshare import FairSharePolicy
+    from gpuvisor.dispatch.queues import SliceQueue
+
+    queue = SliceQueue("t/d/0", "t", "d", "default", "p", max_batch_size=8)
+    queue.profile = ExecutionProfile({1: 0.0072, 2: 0.0076, 4: 0.0118, 8: 0.0173})
+    policy = FairSharePolicy(quantum=0.010)
+    assert policy.batch_rows(queue) < 4
+    for _ in range(50):
+        rows = policy.batch_rows(queue)
+        queue.profile.observe(rows, 0.0035 + (rows - 1) * 0.00026)  # what it really costs
+    assert policy.batch_rows(queue) == 8
+    assert queue.profile.predict(8) == pytest.approx(0.0035 + 7 * 0.00026, rel=1e-3)
+
+
+def test_a_size_measured_online_keeps_its_own_average() -> None:
+    """A model whose big batches really cost more per row than small ones: what the big
+    batch measured stands, whatever the small ones say."""
+    profile = ExecutionProfile({1: 0.001, 4: 0.004})
+    profile.observe(4, 0.010)  # measured online: 4 rows cost more than 4 times 1
+    for _ in range(5):
+        profile.observe(1, 0.001)
+    assert profile.predict(4) > 0.004
