@@ -22,6 +22,7 @@ from gpuvisor.cli_options import (
     stdout_console,
 )
 from gpuvisor.errors import ConfigError, GpuvisorError
+from gpuvisor.quoting import printable
 from gpuvisor.units import parse_duration
 
 # gpuvisor.store.audit.NODE_ROLE, written out: the CLI starts without the store
@@ -129,7 +130,7 @@ def list_command(
             r["result"],
             r["reason"],
         )
-        table.add_row(*(Text(cell) for cell in cells))  # text, never markup
+        table.add_row(*(Text(printable(cell)) for cell in cells))  # text, never markup
     stdout_console().print(table)
 
 

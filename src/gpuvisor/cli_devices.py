@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from gpuvisor.cli_options import KeyOpt, StateOpt, UrlOpt, fail, node_client, stdout_console
 from gpuvisor.errors import GpuvisorError
+from gpuvisor.quoting import printable
 
 __all__ = ["cordon", "drain", "uncordon"]
 
@@ -55,7 +57,8 @@ def _device_action(
     out.print(f"device/{device} {verb}{note}", highlight=False)
     for sl in result["slices"]:
         where = f"on {sl['device']}" if sl.get("device") else "on no device"
-        out.print(f"  {sl['id']}: {sl['state']} {where}  {sl.get('reason', '')}", highlight=False)
+        line = f"  {sl['id']}: {sl['state']} {where}  {sl.get('reason', '')}"
+        out.print(Text(printable(line)), highlight=False)
     stranded = [sl for sl in result["slices"] if sl["state"] == "Pending"]
     if stranded and action != "uncordon":
         out.print(

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from gpuvisor.errors import GpuvisorError, NotFound
+from gpuvisor.quoting import printable
 
 if TYPE_CHECKING:
     from gpuvisor.client import NodeClient
@@ -191,7 +192,7 @@ def cli_message(message: str) -> str:
 def fail(error: GpuvisorError | str) -> NoReturn:
     """Print ``error: MESSAGE`` on stderr and exit with status 1."""
     message = error if isinstance(error, str) else error.message
-    line = Text.assemble(("error:", "red"), " ", cli_message(message))
+    line = Text.assemble(("error:", "red"), " ", printable(cli_message(message), newlines=True))
     _err_console.print(line, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 

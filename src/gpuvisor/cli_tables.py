@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from gpuvisor.quoting import printable
 from gpuvisor.units import format_duration, format_size
 
 __all__ = ["describe_deployment", "render_status", "render_table"]
@@ -220,7 +221,7 @@ def describe_deployment(body: dict[str, Any]) -> str:
         lines.append("  (none)")
     for sl in slices:
         lines.extend(_slice_lines(sl))
-    return "\n".join(lines)
+    return printable("\n".join(lines), newlines=True)  # reasons quote what tenants named
 
 
 def _age(seconds: float) -> str:
@@ -268,6 +269,9 @@ def render_table(kind: str, items: list[dict[str, Any]]) -> Table:
         table.add_column(header, overflow="fold")
     for item in items:
         table.add_row(
-            *(Text("" if (v := getter(item)) is None else str(v)) for _, getter in columns)
+            *(
+                Text("" if (v := getter(item)) is None else printable(str(v)))
+                for _, getter in columns
+            )
         )
     return table

@@ -13,6 +13,8 @@ from typing import TextIO
 
 import orjson
 
+from gpuvisor.quoting import printable
+
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
@@ -37,7 +39,7 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%SZ")
-        line = f"{stamp} {record.levelname} {record.name} {_one_line(record.getMessage())}"
+        line = f"{stamp} {record.levelname} {record.name} {printable(record.getMessage())}"
         for name in _CONTEXT_FIELDS:
             value = getattr(record, name, None)
             if value:
@@ -45,20 +47,6 @@ class KeyValueFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
-
-
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _one_line(message: str) -> str:
-    """``message`` with its control characters escaped (a newline as ``\\n``): one event is
-    one line, and a name a client put in a URL (``x%0A2026-… WARNING …``) cannot start a
-    line that passes for an event of its own."""
-    if message.isprintable():
-        return message
-    return "".join(
-        c if c.isprintable() or c == " " else _ESCAPES.get(c, f"\\u{ord(c):04x}") for c in message
-    )
 
 
 def _field_value(value: object) -> str:

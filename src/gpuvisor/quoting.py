@@ -7,7 +7,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["quoted", "shorten"]
+__all__ = ["printable", "printable_data", "quoted", "shorten"]
 
 _MAX_QUOTED = 200
 """The most characters of an input an error message quotes."""
@@ -26,6 +26,36 @@ def quoted(value: Any, limit: int = _MAX_QUOTED) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
         return "a huge number"  # str() refuses integers of over 4300 digits
     return shorten(_QUOTE.repr(value), limit)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` with its control characters escaped (a newline as ``\\n``, ESC as
+    ``\\u001b``), for a log line or a terminal: a name a client chose (``x%0A…`` or
+    ``\\e[2J`` in a URL) must not start a line of its own, nor clear or recolour the screen
+    of the operator reading it. ``newlines``: keep newlines (a multi-line message)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c
+        if c.isprintable() or c == " " or (newlines and c == "\n")
+        else _ESCAPES.get(c, f"\\u{ord(c):04x}")
+        for c in text
+    )
+
+
+def printable_data(data: Any) -> Any:
+    """``data`` (decoded JSON) with every string in it ``printable``: for a view that shows
+    what tenants named."""
+    if isinstance(data, str):
+        return printable(data)
+    if isinstance(data, list):
+        return [printable_data(v) for v in data]
+    if isinstance(data, dict):
+        return {k: printable_data(v) for k, v in data.items()}
+    return data
 
 
 def shorten(text: str, limit: int = 60) -> str:

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from gpuvisor.client import NodeClient
 from gpuvisor.errors import GpuvisorError
+from gpuvisor.quoting import printable_data
 from gpuvisor.units import format_size
 
 __all__ = ["render_top", "run_top"]
@@ -101,6 +102,7 @@ def _table(*columns: str) -> Table:
 
 def render_top(data: dict[str, Any], width: int = 100) -> RenderableType:
     """Return one frame of the view of a dashboard document (``GET /api/v1/dashboard``)."""
+    data = printable_data(data)  # names and reasons tenants chose: no escape sequences
     viewer = data["viewer"]
     who = f"tenant {viewer['tenant']}" if viewer.get("tenant") else viewer["role"]
     node = data["node"]

@@ -5,10 +5,13 @@ pool, the last admin key) are refused or resolved with a clear answer."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+from in_process import node_in_this_process
 
 from gpuvisor.launch import NodeProcess
 from gpuvisor.store.repo import Store
@@ -311,3 +314,27 @@ def test_the_last_valid_admin_key_cannot_be_revoked(demo_node: NodeProcess) -> N
     # with a second admin key the first may go, revoked by the second
     answer = _delete(demo_node, f"keys/{admins[0]}", key=created.json()["key"])
     assert answer.status_code == 200, answer.text
+
+
+def test_two_admins_revoking_each_other_at_once_leave_one(tmp_path: Path) -> None:
+    """Each request saw the other's key valid: both were revoked and no admin was left until
+    the node restarted. One of them must be refused as the last admin key."""
+
+    async def scenario() -> list[int]:
+        async with node_in_this_process(tmp_path / "state") as (_, client, first):
+            made = await client.post("/api/v1/keys", headers=first, json={"role": "admin"})
+            second = {"Authorization": f"Bearer {made.json()['key']}"}
+            listed = (await client.get("/api/v1/keys", headers=first)).json()["items"]
+            [bootstrap] = [k["id"] for k in listed if k["id"] != made.json()["id"]]
+            ids = {"first": bootstrap, "second": made.json()["id"]}
+            answers = await asyncio.gather(
+                client.delete(f"/api/v1/keys/{ids['second']}", headers=first),
+                client.delete(f"/api/v1/keys/{ids['first']}", headers=second),
+            )
+            valid = [
+                (await client.get("/api/v1/status", headers=h)).status_code for h in (first, second)
+            ]
+            assert 200 in valid, valid
+            return sorted(a.status_code for a in answers)
+
+    assert asyncio.run(scenario()) == [200, 409]

@@ -120,3 +120,35 @@ def test_the_api_tenant_advice_is_put_in_cli_terms() -> None:
         == "Deployment objects belong to a tenant: pass -t TENANT"
     )
     assert cli_message("tenant 'x' not found") == "tenant 'x' not found"
+
+
+ESCAPE = "\x1b[2J\x1b[31mFAKE"  # clear the screen, then red: in a name a tenant chose
+
+
+def test_escape_sequences_from_the_node_are_shown_not_sent_to_the_terminal(
+    tmp_path: Path,
+) -> None:
+    """Names, paths and reasons a tenant chose reach an admin's terminal in tables, top, a
+    deployment's description and error messages: shown escaped, never obeyed."""
+    console = Console(width=200, force_terminal=False)
+    with console.capture() as captured:
+        console.print(render_table("models", [_model(f"/models/{ESCAPE}.onnx")]))
+        console.print(render_table("slices", [_slice("retail/x/0", reason=ESCAPE)]))
+        pending = [{"slice": f"retail/{ESCAPE}/0", "state": "Pending", "reason": ESCAPE}]
+        data = {
+            "generatedAt": 1_800_000_000.0,
+            "viewer": {"role": "admin", "tenant": None},
+            "node": {"version": "0.1.0", "cluster": "lab"},
+            "attention": [{"level": "warning", "text": ESCAPE}],
+            "devices": [],
+            "tenants": [],
+            "deployments": [],
+            "pending": pending,
+        }
+        console.print(render_top(data, 120))
+    text = captured.get()
+    assert "\x1b" not in text
+    assert text.count("\\u001b[2J\\u001b[31mFAKE") == 5
+    missing = tmp_path / "x\x1b[2J.yaml"
+    result = runner.invoke(app, ["apply", "-f", str(missing), "--key", "gvk_x_y"])
+    assert "\x1b" not in result.output and "x\\u001b[2J.yaml: no such file" in result.output

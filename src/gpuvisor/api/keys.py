@@ -266,11 +266,14 @@ def keys_router(node: Node) -> APIRouter:
         audit.begin(request, "key.revoke", "ApiKey", f"gvk_{plain}")
         require_admin(principal)
         assert node.keys is not None
-        await _refuse_last_admin_key(f"gvk_{plain}")
         ok = audit.recorder(request, principal, "key.revoke")
-        outcome = await asyncio.to_thread(
-            node.keys.revoke_once, plain, lambda outcome: ok([_revocation_record(outcome)])
-        )
+        # the last-admin check and the revocation under the node's write lock: two admins
+        # revoking each other at once each saw the other's key valid, and both went
+        async with node.writes:
+            await _refuse_last_admin_key(f"gvk_{plain}")
+            outcome = await asyncio.to_thread(
+                node.keys.revoke_once, plain, lambda outcome: ok([_revocation_record(outcome)])
+            )
         if outcome is None:
             raise NotFound(f"API key gvk_{plain} not found")
         if outcome.already_revoked:
