@@ -5,6 +5,7 @@ changed in the database."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from contextlib import closing
@@ -421,3 +422,53 @@ def test_a_full_disk_and_a_database_error_say_what_happened_and_no_more(
             assert node.store.audit.verify().ok
 
     asyncio.run(scenario())
+
+
+def test_a_request_id_too_long_to_keep_is_replaced_not_echoed_or_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any client may send an X-Request-ID: one of megabytes was written whole into a log
+    line per request, and echoed back. Past 128 characters it is replaced by a generated id
+    (as the audit log would have cut it); a usable one is kept."""
+    huge = "C" * (1 << 20)
+
+    async def scenario() -> list[str]:
+        async with node_in_this_process(tmp_path / "state") as (_, client, admin):
+            ids = []
+            for given in (huge, "ok-id_7", "two words"):
+                for url, headers in (
+                    ("/api/v1/status", {"X-Request-ID": given}),  # refused: no key
+                    ("/api/v1/status", {**admin, "X-Request-ID": given}),
+                    ("/v2/models/nosuch/infer", {**admin, "X-Request-ID": given}),
+                ):
+                    answer = await client.request(
+                        "GET" if "status" in url else "POST", url, headers=headers
+                    )
+                    ids.append(answer.headers.get("X-Request-ID", ""))
+            return ids
+
+    with caplog.at_level(logging.INFO):
+        ids = asyncio.run(scenario())
+    too_long, usable, spaced = ids[0:3], ids[3:6], ids[6:9]
+    # generated where the node makes one (refusals, inference; a plain read needs none)
+    assert [len(i) for i in too_long] == [32, 0, 32] and huge[:32] not in too_long, too_long
+    assert usable == ["ok-id_7"] * 3
+    assert [len(i) for i in spaced] == [32, 0, 32], spaced
+    assert all(len(r.getMessage()) < 10_000 for r in caplog.records)
+    assert not any(huge[:200] in str(getattr(r, "request_id", "")) for r in caplog.records)
+
+
+def test_repeated_unloads_and_loads_record_each_change_once(demo_node: NodeProcess) -> None:
+    """A tenant key may unload its own model as often as it likes: only what changes is
+    recorded, so it cannot fill the audit log with a loop of calls that change nothing."""
+    analytics = demo_node.auth(demo_node.tenant_key("analytics"))
+
+    def records(verb: str) -> int:
+        return len(_audit(demo_node, demo_node.admin_key, action=f"model.{verb}", limit=1000))
+
+    before = {verb: records(verb) for verb in ("unload", "load")}
+    with httpx.Client(base_url=demo_node.url, headers=analytics, timeout=60) as http:
+        for verb in ("unload", "unload", "unload", "load", "load"):
+            answer = http.post(f"/v2/repository/models/basket-scorer/{verb}")
+            assert answer.status_code == 200, answer.text
+    assert {verb: records(verb) - before[verb] for verb in before} == {"unload": 1, "load": 1}

@@ -26,6 +26,7 @@ from gpuvisor.api.dashboard import dashboard_router
 from gpuvisor.api.devices import devices_router
 from gpuvisor.api.errors import (
     ErrorBody,
+    client_request_id,
     error_response,
     error_responses,
     install_error_handlers,
@@ -53,7 +54,9 @@ def _echoing_request_id(scope: Scope, send: Send) -> Send:
     in the audit log, so its answer must say it)."""
     if scope["type"] != "http":
         return send
-    given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    raw = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    usable = client_request_id(raw.decode("latin-1")) if raw is not None else None
+    given = usable.encode() if usable is not None else None
 
     async def echo(message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -98,12 +98,25 @@ def error_response(
     )
 
 
+MAX_REQUEST_ID = 128
+"""The longest client ``X-Request-ID`` used as the request's id (the audit log keeps as many
+characters); a longer one is replaced by a generated id, not logged and echoed whole."""
+
+
+def client_request_id(given: str | None) -> str | None:
+    """The client's ``X-Request-ID`` when it can be the request's id: 1 to ``MAX_REQUEST_ID``
+    printable ASCII characters (no space); None otherwise, for a generated one."""
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable():
+        return given if " " not in given else None
+    return None
+
+
 def request_id_of(request: Request) -> str:
-    """Return the request's id (the client's ``X-Request-ID``, else a new one), kept on the
-    request so error responses and logs carry the same id."""
+    """Return the request's id (the client's ``X-Request-ID`` if usable, else a new one),
+    kept on the request so error responses and logs carry the same id."""
     current = getattr(request.state, "request_id", None)
     if not current:
-        current = request.headers.get("x-request-id") or uuid.uuid4().hex
+        current = client_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
         request.state.request_id = current
     return str(current)
 

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from gpuvisor.api.audit import record_refusal
 from gpuvisor.api.errors import (
     ErrorBody,
+    client_request_id,
     error_response,
     error_responses,
     gpuvisor_error_response,
@@ -177,7 +178,7 @@ async def _read_request(node: Node, request: Request) -> tuple[bytes, int, Reque
 
 async def infer_response(node: Node, request: Request, name: str, version: str | None) -> Response:
     """Serve one inference request on the caller's deployment ``name``; raise GpuvisorError on refusal."""
-    trace_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+    trace_id = client_request_id(request.headers.get("x-request-id")) or os.urandom(16).hex()
     request.state.request_id = trace_id
     principal = principal_of(node, request)
     dep = node.find_deployment(principal, name, version)

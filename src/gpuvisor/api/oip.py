@@ -390,8 +390,10 @@ def oip_router(node: Node) -> APIRouter:
                 "the file under the Model's spec.source), then load"
             )
         assert node.controller is not None
-        await record_ok(node, request, principal, "model.load", [("Deployment", name, "", "")])
-        await node.controller.load(dep.metadata.tenant or "", name)
+        tenant = dep.metadata.tenant or ""
+        if (tenant, name) in node.controller.unloaded:  # a record per change, not per call
+            await record_ok(node, request, principal, "model.load", [("Deployment", name, "", "")])
+        await node.controller.load(tenant, name)
         await node.wait_deployment_loaded(dep, timeout=node.spec.workers.start_timeout)
         return _json({})
 
@@ -408,8 +410,12 @@ def oip_router(node: Node) -> APIRouter:
         dep = node.find_deployment(principal, name)
         await _repository_body(request)
         assert node.controller is not None
-        await record_ok(node, request, principal, "model.unload", [("Deployment", name, "", "")])
-        await node.controller.unload(dep.metadata.tenant or "", name)
+        tenant = dep.metadata.tenant or ""
+        if (tenant, name) not in node.controller.unloaded:  # a record per change, not per call
+            await record_ok(
+                node, request, principal, "model.unload", [("Deployment", name, "", "")]
+            )
+            await node.controller.unload(tenant, name)
         return _json({})
 
     return router
