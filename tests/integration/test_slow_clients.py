@@ -109,3 +109,18 @@ spec: {{model: scorer, profile: small}}
             assert served.status_code == 200, served.text
 
     asyncio.run(scenario())
+
+
+def test_a_write_with_an_unknown_key_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    """A client without a valid key gets its 401 at once: the node does not wait for, nor
+    hold, the body it announced (up to 8 MiB a connection on the admin API)."""
+
+    async def scenario() -> None:
+        async with node_in_this_process(tmp_path / "state") as (node, _, _):
+            app = create_app(node, manage_lifecycle=False)
+            for path in ("/api/v1/keys", "/api/v1/apply", "/v2/repository/models/x/load"):
+                sent = await _call_stalling(app, path, "Bearer gvk_nosuchid_secret", b"{")
+                assert sent[0]["status"] == 401, (path, sent)
+                assert dict(sent[0]["headers"])[b"connection"] == b"close"
+
+    asyncio.run(scenario())

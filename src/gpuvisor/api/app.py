@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from gpuvisor.api.audit import (
     audited_error_handler,
     audited_unexpected_handler,
     database_busy_handler,
+    record_refusal,
 )
 from gpuvisor.api.audit_log import audit_log_router
 from gpuvisor.api.dashboard import dashboard_router
@@ -29,6 +31,7 @@ from gpuvisor.api.errors import (
     client_request_id,
     error_response,
     error_responses,
+    gpuvisor_error_response,
     install_error_handlers,
 )
 from gpuvisor.api.inference import (
@@ -39,9 +42,9 @@ from gpuvisor.api.inference import (
 )
 from gpuvisor.api.keys import keys_router
 from gpuvisor.api.model_config import model_config_router
-from gpuvisor.api.oip import oip_router
+from gpuvisor.api.oip import oip_router, principal_of
 from gpuvisor.api.timeouts import body_deadline
-from gpuvisor.errors import GpuvisorError, RequestTimeout
+from gpuvisor.errors import GpuvisorError, RequestTimeout, Unauthenticated
 from gpuvisor.node import Node
 from gpuvisor.units import format_size
 
@@ -68,6 +71,19 @@ def _echoing_request_id(scope: Scope, send: Send) -> Send:
         await send(message)
 
     return echo
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _takes_a_body(scope: Scope) -> bool:
+    """Whether a request is one of the admin or repository API's writes (which read a body)."""
+    if scope["type"] != "http":
+        return False
+    path: str = scope["path"]
+    return scope["method"] in _BODY_METHODS and (
+        path.startswith("/api/v1/") or path.startswith("/v2/repository/")
+    )
 
 
 def _without_body(send: Send) -> Send:
@@ -173,11 +189,28 @@ class NodeApp(FastAPI):
             scope, send = {**scope, "method": "GET"}, _without_body(send)
         target = inference_target(scope)
         if target is None:
+            if _takes_a_body(scope) and (early := await self._unknown_key(scope)) is not None:
+                await early(scope, receive, send)
+                return
             receive = body_deadline(receive, lambda: StarletteHTTPException(408, _stalled()))
             await super().__call__(scope, _bounded(receive), _echoing_request_id(scope, send))
         else:
             receive = body_deadline(receive, lambda: RequestTimeout(_stalled()))
             await serve_inference(self.node, scope, receive, send, *target)
+
+    async def _unknown_key(self, scope: Scope) -> Response | None:
+        """The 401 of a write whose key the node does not know, answered before its body is
+        read (FastAPI reads a route's body before its key is checked: a client without a
+        key could make the node hold up to 8 MiB per connection); None for a known key."""
+        request = Request(scope)
+        try:
+            principal_of(self.node, request)
+        except Unauthenticated as exc:
+            await record_refusal(self.node, request, exc)
+            response = gpuvisor_error_response(request, exc)
+            response.headers["Connection"] = "close"  # its body is left unread
+            return response
+        return None
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI document, with invalid parameters and bodies documented as answered.
