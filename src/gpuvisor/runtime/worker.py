@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from gpuvisor.logs import configure_worker_logging
 from gpuvisor.runtime.worker_loop import Worker
 
+_CLOSE_LINGER_MS = 2000
+
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this worker when the node dies, so no worker outlives its node.
@@ -60,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for loaded in worker.slices.values():
             loaded.executor.close()
-        worker.socket.close(0)
+        # replies still in the socket's queue go out (a batch that ran is answered), unless
+        # the node is gone for that long
+        worker.socket.close(linger=_CLOSE_LINGER_MS)
         worker.wake_main.close()
         worker.wake_runner.close()
         if worker.trace is not None:

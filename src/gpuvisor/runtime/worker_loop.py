@@ -160,6 +160,16 @@ class Worker:
             self.socket.send_multipart([p.encode(message), *frames], copy=False)
             self._signal_waiting()
 
+    def give_back_unstarted(self) -> None:
+        """Answer the batches still queued when the worker stops as taken back (nothing ran):
+        the node queues their requests again, or answers them as its slice's are, rather
+        than as lost in a crash."""
+        with self.lock:
+            unstarted = [m for m, _ in self.pending if isinstance(m, p.ExecuteBatch)]
+            self.pending.clear()
+        for batch in unstarted:
+            self.send(p.BatchDone(batch.batch_id, batch.slice_id, [], 0.0, 0, revoked=True))
+
     def flush(self) -> None:
         """Send the replies the runner left while it went on to the next batch, in order."""
         while self.outbox:
@@ -228,6 +238,7 @@ class Worker:
             self.wake_runner.set()
             runner.join()
             self.flush()
+            self.give_back_unstarted()
         if self.failure is not None:
             raise self.failure  # a bug: end the worker as a crash, which the node restarts
 
@@ -511,10 +522,12 @@ class Worker:
 
     def execute(self, batch: p.ExecuteBatch, bodies: list[memoryview]) -> None:
         watched = self.took.get(batch.slice_id, 0.0) > _WATCH_AFTER
+        with self.lock:
+            read_already = self.watched  # the main thread read the link until now
         if watched:
             self.watch()
-        else:
-            self.read()  # a Revoke may be waiting (the main thread reads it when it watches)
+        if not read_already:
+            self.read()  # a Revoke may be waiting (one sent during a load, say)
         started = time.perf_counter()
         if self.wake_later:  # the last batch's reply, for the main thread to send meanwhile
             self.wake_later = False

@@ -313,3 +313,63 @@ def test_a_pinned_file_loads_the_bytes_its_digest_was_taken_of(
     assert isinstance(loaded, p.ModelLoaded) and loaded.sha256 == digest
     # the demo scorer's 16 features, not the other model's 512
     assert [(i.name, i.shape[1:]) for i in loaded.inputs] == [("features", [16])]
+
+
+def _slow_batch(batch_id: int, slice_id: str, rows: int = 64) -> tuple[p.ExecuteBatch, bytes]:
+    body, header_length = oip_body(SLOW.inputs(rows))
+    return p.ExecuteBatch(batch_id, slice_id, [p.RequestHeader(batch_id, header_length)]), body
+
+
+def _load_slow(link: Link, slice_id: str, path: Path) -> None:
+    link.send_message(
+        p.LoadModel(slice_id, "slow", "1", "onnx", str(path), None, "cpu", 0, 1, None, 64)
+    )
+
+
+def test_a_revoke_sent_while_the_worker_loads_takes_back_the_batch_behind_the_load(
+    tmp_path: Path,
+) -> None:
+    """Nobody read the link while the runner loaded a model: a Revoke for the long batch
+    queued behind the load must still be seen before that batch starts."""
+    slow = SLOW.build(tmp_path)
+    with tempfile.TemporaryDirectory(prefix="gpuvisor-") as directory:
+        link = Link(directory)
+        try:
+            _load_slow(link, "t/a/0", slow)
+            assert isinstance(link.receive(60)[0], p.ModelLoaded)
+            first, body = _slow_batch(1, "t/a/0")
+            link.send_message(first, body)  # its slice's batches now count as long
+            assert isinstance(link.receive(60)[0], p.BatchDone)
+            _load_slow(link, "t/b/0", slow)  # a second load: it profiles for a while
+            third, body = _slow_batch(3, "t/a/0")
+            link.send_message(third, body)
+            time.sleep(0.05)
+            link.send_message(p.Revoke(3))
+            replies = [link.receive(60)[0] for _ in range(2)]
+        finally:
+            link.close()
+    loaded, done = replies
+    assert isinstance(loaded, p.ModelLoaded)
+    assert isinstance(done, p.BatchDone) and done.batch_id == 3
+    assert done.revoked and done.results == [] and done.device_seconds == 0.0
+
+
+def test_batches_queued_when_the_worker_stops_are_given_back_not_lost(
+    link: Link, tmp_path: Path
+) -> None:
+    """The batch that runs is answered; those still queued are answered as taken back
+    (nothing ran), so the node queues or answers their requests rather than report a crash."""
+    _load_slow(link, SLICE, SLOW.build(tmp_path))
+    assert isinstance(link.receive(60)[0], p.ModelLoaded)
+    for batch_id in (1, 2, 3):
+        batch, body = _slow_batch(batch_id, SLICE)
+        link.send_message(batch, body)
+    time.sleep(0.01)
+    link.send_message(p.Shutdown())
+    replies = [link.receive(60)[0] for _ in range(3)]
+    done = [r for r in replies if isinstance(r, p.BatchDone)]
+    assert [d.batch_id for d in done] == [1, 2, 3]
+    ran = [d for d in done if not d.revoked]
+    assert ran and all([r.status for r in d.results] == [200] for d in ran)
+    assert all(d.results == [] and d.device_seconds == 0.0 for d in done if d.revoked)
+    assert done[-1].revoked  # the last one cannot have started before the Shutdown
