@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -99,8 +99,10 @@ class Worker:
     batch is decoded by the time this one ends, and the runner, finding it ready, starts it at
     once and leaves this one's reply for the main thread to send. Otherwise the runner sends
     its replies itself, the shortest way back to the node, and short batches cost no wake-up
-    of a second thread. The link's socket is used by one thread at a time (``link_lock``); the
-    state both threads touch is guarded by ``lock``.
+    of a second thread. A load beside slices that serve already (a ``shared`` worker) runs
+    in a loader thread, one at a time, so their batches do not wait seconds behind it. The
+    link's socket is used by one thread at a time (``link_lock``); the state the threads
+    share is guarded by ``lock``.
 
     A message that does not decode is logged and dropped, never fatal: the worker serves its
     other slices on. What it is can be answered only as far as it can be read (``glimpse``):
@@ -137,6 +139,10 @@ class Worker:
         self.revoked: dict[int, None] = {}  # own batches taken back before they started
         self.unreadable: dict[int, str] = {}  # own batches that did not decode -> what was wrong
         self.watched = False  # the main thread reads the link (a long batch runs)
+        self.to_load: deque[p.LoadModel] = deque()  # loads beside serving slices, in turn
+        self.loading: set[str] = set()  # slices whose load is under way
+        self.cancelled: set[str] = set()  # of those, the ones unloaded meanwhile
+        self.loader: threading.Thread | None = None
         self.stopping = False
         # the runner's own:
         self.handoff_failures: set[int] = set()  # passed-over batches whose handoff failed
@@ -335,8 +341,14 @@ class Worker:
                 if isinstance(message, p.ExecuteBatch):
                     self.execute(message, frames)
                 elif isinstance(message, p.LoadModel):
-                    self.load(message)
+                    if self.slices:  # others serve: they go on while it loads
+                        self.load_beside(message)
+                    else:
+                        self.load(message)
                 elif isinstance(message, p.UnloadModel):
+                    with self.lock:
+                        if message.slice_id in self.loading:
+                            self.cancelled.add(message.slice_id)
                     loaded = self.slices.pop(message.slice_id, None)
                     self.took.pop(message.slice_id, None)
                     if loaded is not None:
@@ -437,7 +449,39 @@ class Worker:
             told.append(path)
         return told
 
-    def load(self, spec: p.LoadModel) -> None:
+    def load_beside(self, spec: p.LoadModel) -> None:
+        """Load a slice in the loader thread, in turn with other loads: a load (with its
+        profiling) takes seconds, and the batches of the slices this worker serves already,
+        granted the device meanwhile, would wait behind it, holding the device idle."""
+        with self.lock:
+            self.loading.add(spec.slice_id)
+            self.to_load.append(spec)
+            if self.loader is not None and self.loader.is_alive():
+                return
+            self.loader = threading.Thread(
+                target=self._load_in_turn, name=f"{self.worker_id}-loader", daemon=True
+            )
+        self.loader.start()
+
+    def _load_in_turn(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if self.stopping or not self.to_load:
+                        self.loader = None
+                        return
+                    spec = self.to_load.popleft()
+                self.load(spec, answer=self.send)
+        except Exception as exc:  # a bug: end the worker as a crash, as the runner does
+            self.failure = exc
+            with self.lock:
+                self.stopping = True
+            self.wake_main.set()
+
+    def load(self, spec: p.LoadModel, answer: Callable[[p.Message], None] | None = None) -> None:
+        """Load a slice and answer ModelLoaded or LoadFailed (``answer``: how, from a thread
+        other than the runner)."""
+        reply = answer or self.reply
         started = time.perf_counter()
         try:
             path = Path(spec.path)
@@ -471,15 +515,25 @@ class Worker:
             sizes = [b for b in spec.profile_batch_sizes if b <= max(1, spec.max_batch_size)]
             profile = profile_batches(loaded, sizes or [1], spec.profile_repeats)
         except GpuvisorError as exc:
-            self.reply(p.LoadFailed(spec.slice_id, exc.code, exc.message))
+            self._loaded(spec.slice_id)
+            reply(p.LoadFailed(spec.slice_id, exc.code, exc.message))
             return
         except Exception as exc:  # a broken model file can raise anything from the framework
-            self.reply(p.LoadFailed(spec.slice_id, "model_error", f"{type(exc).__name__}: {exc}"))
+            self._loaded(spec.slice_id)
+            reply(p.LoadFailed(spec.slice_id, "model_error", f"{type(exc).__name__}: {exc}"))
+            return
+        if self._loaded(spec.slice_id):  # unloaded while it loaded: it never serves
+            executor.close()
+            reply(
+                p.LoadFailed(
+                    spec.slice_id, "unavailable", "the slice was unloaded while its model loaded"
+                )
+            )
             return
         self.slices[spec.slice_id] = loaded
         self.took[spec.slice_id] = min(profile.values(), default=0.0)
         self.apply_nice()
-        self.reply(
+        reply(
             p.ModelLoaded(
                 slice_id=spec.slice_id,
                 platform=executor.platform,
@@ -493,6 +547,14 @@ class Worker:
                 batching_note=note,
             )
         )
+
+    def _loaded(self, slice_id: str) -> bool:
+        """A load of ``slice_id`` is over; whether it was unloaded meanwhile."""
+        with self.lock:
+            self.loading.discard(slice_id)
+            cancelled = slice_id in self.cancelled
+            self.cancelled.discard(slice_id)
+        return cancelled
 
     def apply_nice(self) -> None:
         """Run at the niceness the most urgent of this worker's slices asks for (the node's own

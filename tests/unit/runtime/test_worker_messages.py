@@ -326,34 +326,6 @@ def _load_slow(link: Link, slice_id: str, path: Path) -> None:
     )
 
 
-def test_a_revoke_sent_while_the_worker_loads_takes_back_the_batch_behind_the_load(
-    tmp_path: Path,
-) -> None:
-    """Nobody read the link while the runner loaded a model: a Revoke for the long batch
-    queued behind the load must still be seen before that batch starts."""
-    slow = SLOW.build(tmp_path)
-    with tempfile.TemporaryDirectory(prefix="gpuvisor-") as directory:
-        link = Link(directory)
-        try:
-            _load_slow(link, "t/a/0", slow)
-            assert isinstance(link.receive(60)[0], p.ModelLoaded)
-            first, body = _slow_batch(1, "t/a/0")
-            link.send_message(first, body)  # its slice's batches now count as long
-            assert isinstance(link.receive(60)[0], p.BatchDone)
-            _load_slow(link, "t/b/0", slow)  # a second load: it profiles for a while
-            third, body = _slow_batch(3, "t/a/0")
-            link.send_message(third, body)
-            time.sleep(0.05)
-            link.send_message(p.Revoke(3))
-            replies = [link.receive(60)[0] for _ in range(2)]
-        finally:
-            link.close()
-    loaded, done = replies
-    assert isinstance(loaded, p.ModelLoaded)
-    assert isinstance(done, p.BatchDone) and done.batch_id == 3
-    assert done.revoked and done.results == [] and done.device_seconds == 0.0
-
-
 def test_batches_queued_when_the_worker_stops_are_given_back_not_lost(
     link: Link, tmp_path: Path
 ) -> None:
@@ -373,3 +345,41 @@ def test_batches_queued_when_the_worker_stops_are_given_back_not_lost(
     assert ran and all([r.status for r in d.results] == [200] for d in ran)
     assert all(d.results == [] and d.device_seconds == 0.0 for d in done if d.revoked)
     assert done[-1].revoked  # the last one cannot have started before the Shutdown
+
+
+BIG = BenchModel("big-mlp", (1024,) * 10)  # its load profiles batches of up to 256 rows
+
+
+def test_a_load_beside_serving_slices_does_not_hold_up_their_batches(
+    link: Link, model: Path, tmp_path: Path
+) -> None:
+    """A shared worker serves a slice; another slice's model loads (and profiles, for a
+    while): the first slice's batch, granted the device meanwhile, runs at once."""
+    assert isinstance(link.load(model), p.ModelLoaded)
+    big = BIG.build(tmp_path)
+    link.send_message(
+        p.LoadModel("t/big/0", "big", "1", "onnx", str(big), None, "cpu", 0, 1, None, 256)
+    )
+    time.sleep(0.05)  # the load is under way
+    link.send_message(_batch(7), BODY)
+    first, _ = link.receive(60)
+    second, _ = link.receive(60)
+    assert isinstance(first, p.BatchDone) and first.batch_id == 7
+    assert [r.status for r in first.results] == [200]
+    assert isinstance(second, p.ModelLoaded) and second.slice_id == "t/big/0"
+    assert second.load_seconds > first.device_seconds
+
+
+def test_a_slice_unloaded_while_it_loads_never_serves(
+    link: Link, model: Path, tmp_path: Path
+) -> None:
+    assert isinstance(link.load(model), p.ModelLoaded)
+    big = BIG.build(tmp_path)
+    link.send_message(
+        p.LoadModel("t/big/0", "big", "1", "onnx", str(big), None, "cpu", 0, 1, None, 256)
+    )
+    time.sleep(0.05)
+    link.send_message(p.UnloadModel("t/big/0"))
+    failed, _ = link.receive(60)
+    assert isinstance(failed, p.LoadFailed) and "unloaded while its model loaded" in failed.message
+    assert "t/big/0" not in link.worker.slices
