@@ -189,10 +189,15 @@ class Worker:
 
     def _signal_waiting(self) -> None:
         """Sending can take the signal that a message waits (``ZMQ_FD`` is edge-triggered)
-        from the thread that waits for it: wake both, or that message would wait."""
+        from the thread that waits for it: wake that thread, or the message would wait. The
+        runner reads the link itself before it waits, so its own sends wake nobody (a wake-up
+        per batch was a measurable share of a small model's request)."""
+        if threading.get_ident() == self.runner_ident:
+            return
         if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self.wake_runner.set()
-            self.wake_main.set()
+            if self.watched:
+                self.wake_main.set()
 
     def read(self) -> bool:
         """Take every message that has arrived: control messages take effect now, everything
@@ -377,9 +382,10 @@ class Worker:
         fds = [self.wake_runner.fileno(), self.link_fd]
         if self.handoff is not None:
             fds.append(self.handoff.fileno())
-        select.select(fds, [], [], _PARENT_POLL_MS / 1000)
-        self.wake_runner.clear()
-        if self.handoff is None:
+        ready, _, _ = select.select(fds, [], [], _PARENT_POLL_MS / 1000)
+        if self.wake_runner.fileno() in ready:
+            self.wake_runner.clear()
+        if self.handoff is None or self.handoff.fileno() not in ready:
             return
         while True:
             try:
