@@ -105,9 +105,10 @@ characters); a longer one is replaced by a generated id, not logged and echoed w
 
 def client_request_id(given: str | None) -> str | None:
     """The client's ``X-Request-ID`` when it can be the request's id: 1 to ``MAX_REQUEST_ID``
-    printable ASCII characters (no space); None otherwise, for a generated one."""
+    printable ASCII characters (a log line quotes one with spaces); None otherwise, for a
+    generated one."""
     if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable():
-        return given if " " not in given else None
+        return given
     return None
 
 
