@@ -189,15 +189,16 @@ class Worker:
 
     def _signal_waiting(self) -> None:
         """Sending can take the signal that a message waits (``ZMQ_FD`` is edge-triggered)
-        from the thread that waits for it: wake that thread, or the message would wait. The
-        runner reads the link itself before it waits, so its own sends wake nobody (a wake-up
-        per batch was a measurable share of a small model's request)."""
-        if threading.get_ident() == self.runner_ident:
-            return
+        from the thread that waits for it: wake that thread, or the message would wait (a
+        ReleaseAfter unread at its batch's end costs the next worker a trip through the node).
+        The main thread while it watches the link, else the runner; not the runner for its
+        own sends, as it reads the link itself before it waits (waking it, or both, after
+        every reply cost a small model's requests a tenth of their throughput)."""
         if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            self.wake_runner.set()
             if self.watched:
                 self.wake_main.set()
+            elif threading.get_ident() != self.runner_ident:
+                self.wake_runner.set()
 
     def read(self) -> bool:
         """Take every message that has arrived: control messages take effect now, everything
