@@ -569,9 +569,10 @@ class Worker:
         the CPU to the node and to every other worker. Raising the priority again (a more
         urgent slice joined a shared worker) needs CAP_SYS_NICE; without it the worker keeps
         its niceness and says so."""
-        if not self.slices:
+        slices = list(self.slices.values())  # one copy: the loader thread may add one meanwhile
+        if not slices:
             return
-        wanted = min(19, self.base_nice + min(s.spec.nice for s in self.slices.values()))
+        wanted = min(19, self.base_nice + min(s.spec.nice for s in slices))
         if wanted == self.nice:
             return
         try:
