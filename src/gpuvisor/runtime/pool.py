@@ -436,6 +436,9 @@ class WorkerPool(WorkerLink):
                 future.exception()  # mark retrieved: nobody may be waiting any more
         if not worker.exited.done():
             worker.exited.set_result(returncode)
+        # a worker that was killed could not remove its handoff socket's file itself
+        with contextlib.suppress(OSError):
+            os.unlink(worker.handoff_path)
         level = logging.INFO if returncode in (0, -signal.SIGTERM) else logging.WARNING
         log.log(
             level,

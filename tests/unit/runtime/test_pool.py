@@ -165,9 +165,11 @@ def test_crash_fails_in_flight_batches_and_resolves_exited(model: Path) -> None:
         pool.start()
         try:
             _, worker = await pool.load_slice(_launch("a/x/0", model))
+            assert os.path.exists(worker.handoff_path)
             os.kill(worker.pid, signal.SIGKILL)
             code = await asyncio.wait_for(worker.exited, 10)
             assert code == -signal.SIGKILL
+            assert not os.path.exists(worker.handoff_path)  # killed, it could not remove it
             with pytest.raises(WorkerCrashed):
                 await pool.run_batch("a/x/0", [_request(1)])
         finally:
