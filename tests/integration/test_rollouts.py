@@ -377,10 +377,11 @@ async def in_place(db_url: str, tmp_path: Path) -> None:
 def test_the_version_served_is_that_of_the_ready_slice(sqlite_url: str, tmp_path: Path) -> None:
     """Between the new instance becoming Ready and the old one's removal, the old one is
     Stopping: a request for a version is checked against the new one, which answers it."""
+    pool = WorkerPool()  # never started: its folder goes when it is closed
     store = Store(sqlite_url)
     try:
         node = Node(NodeOptions(state_dir=tmp_path / "state"))
-        node.controller = Controller(store, Topology([]), WorkerPool(), {}, Metrics())
+        node.controller = Controller(store, Topology([]), pool, {}, Metrics())
         [dep] = load_documents(
             f"apiVersion: gpuvisor/v1\nkind: Deployment\n"
             f"metadata: {{name: adder, tenant: {TENANT}}}\nspec: {{model: adder, profile: p}}\n"
@@ -437,6 +438,7 @@ def test_the_version_served_is_that_of_the_ready_slice(sqlite_url: str, tmp_path
         assert node.serving(dep, "1") == [other] and node.serving(dep, "2") == [new]
         assert node.serving(dep, None) == [new, other]
     finally:
+        asyncio.run(pool.close())
         store.close()
 
 

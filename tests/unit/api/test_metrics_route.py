@@ -25,9 +25,10 @@ def _states(text: str) -> dict[str, float]:
 
 def test_the_slices_gauge_follows_a_state_change_made_between_reconciles(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    pool = WorkerPool()  # never started: its folder goes when it is closed
     try:
         node = Node(NodeOptions(state_dir=tmp_path / "state"))
-        node.controller = Controller(store, Topology([]), WorkerPool(), {}, node.metrics)
+        node.controller = Controller(store, Topology([]), pool, {}, node.metrics)
         ready = SliceState(
             "t/scorer/0", "t", "scorer", 0, "h", "default", "p", 0, 0.0, "process",
             "standard", "scorer", "1",
@@ -48,4 +49,5 @@ def test_the_slices_gauge_follows_a_state_change_made_between_reconciles(tmp_pat
         ready.set_state("Restarting", "its worker exited")  # a supervisor's doing
         assert _states(asyncio.run(scrape())) == {"Restarting": 1.0}
     finally:
+        asyncio.run(pool.close())
         store.close()
