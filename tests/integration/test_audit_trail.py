@@ -324,6 +324,7 @@ def test_a_flood_of_requests_without_a_valid_key_is_recorded_within_a_budget(
 
     before = len(authenticate_records())
     bad = demo_node.auth("gvk_nosuchid_flood")
+    started = time.monotonic()
     with httpx.Client(base_url=demo_node.url, headers=bad, timeout=30) as http:
         for _ in range(60):
             answer = http.get("/api/v1/status")
@@ -333,8 +334,7 @@ def test_a_flood_of_requests_without_a_valid_key_is_recorded_within_a_budget(
         time.sleep(0.6)  # a few records' worth of budget again
         assert http.get("/api/v1/status").status_code == 401
     records = authenticate_records()
-    assert before < len(records) < before + 40
-    assert "more from 127.0.0.1 not recorded one by one" in records[-1]["reason"], records[-1]
+    _assert_within_budget(records[before:], 61, time.monotonic() - started, "127.0.0.1")
 
 
 def test_a_key_asking_again_and_again_for_what_it_may_not_see_is_recorded_within_a_budget(
@@ -349,6 +349,7 @@ def test_a_key_asking_again_and_again_for_what_it_may_not_see_is_recorded_within
         records = _audit(demo_node, demo_node.admin_key, result="denied", limit=1000)
         return [r for r in records if r["actor"] == key_id]
 
+    started = time.monotonic()
     with httpx.Client(base_url=demo_node.url, headers=demo_node.auth(key), timeout=30) as http:
         for i in range(60):
             path = "/api/v1/audit" if i % 2 else "/api/v1/deployments?tenant=retail"
@@ -356,10 +357,17 @@ def test_a_key_asking_again_and_again_for_what_it_may_not_see_is_recorded_within
         time.sleep(0.6)  # a few records' worth of budget again
         assert http.get("/api/v1/audit").status_code == 403
     records = refusals()
-    assert 0 < len(records) < 40, len(records)
-    assert f"more from key gvk_{key_id} not recorded one by one" in records[-1]["reason"], records[
-        -1
-    ]
+    _assert_within_budget(records, 61, time.monotonic() - started, f"key gvk_{key_id}")
+
+
+def _assert_within_budget(
+    records: list[dict[str, Any]], sent: int, seconds: float, caller: str
+) -> None:
+    """At most the budget's burst (20) and its rate (5 a second) over ``seconds`` of the
+    ``sent`` refusals are records of their own; the others are counted in the next one."""
+    assert 0 < len(records) <= min(sent, 20 + 5 * seconds + 1), (len(records), seconds)
+    if len(records) < sent:  # some were not recorded one by one: the last record says so
+        assert f"more from {caller} not recorded one by one" in records[-1]["reason"], records[-1]
 
 
 def test_a_key_pasted_where_a_name_goes_is_neither_logged_nor_recorded(
