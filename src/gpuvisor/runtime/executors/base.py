@@ -169,11 +169,13 @@ def read_model(
     fd = _open_model(path)
     with os.fdopen(fd, "rb") as stream:
         if roots is not None:
+            from gpuvisor.security.model_roots import inside
+
             try:
                 opened = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:  # no /proc: the path as it resolves now
                 opened = os.path.realpath(path)
-            if not _within(opened, roots):
+            if not inside(opened, roots):
                 raise IntegrityError(
                     f"model file {path} now leads outside the tenant's model folders "
                     f"({', '.join(roots)}; Tenant spec.modelRoots), to {opened}: point it "
@@ -190,14 +192,6 @@ def read_model(
     actual = hashlib.sha256(data).hexdigest()
     _check_digest(path, actual, expected)
     return data, actual
-
-
-def _within(real: str, roots: Sequence[str]) -> bool:
-    for root in roots:
-        base = os.path.realpath(root)
-        if real == base or real.startswith(base.rstrip("/") + "/"):
-            return True
-    return False
 
 
 def _check_digest(path: Path, actual: str, expected: str | None) -> None:
