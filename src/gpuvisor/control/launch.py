@@ -187,6 +187,7 @@ def slice_launch(
 ) -> SliceLaunch:
     """Return what starts ``state``'s worker on ``device`` (and keep its load message in
     ``state.launch``)."""
+    pinned = device.backend == "nvml" and bool(device.uuid)
     max_batch = dep.spec.batching.max_batch_size
     if model.spec.max_batch_size:
         max_batch = min(max_batch, model.spec.max_batch_size)
@@ -198,7 +199,8 @@ def slice_launch(
         path=model.spec.source,
         sha256=model.spec.sha256,
         device_kind="cuda" if device.backend == "nvml" else "cpu",
-        device_index=device.index or 0,
+        # the worker of a GPU with a known UUID sees that GPU alone (``SliceLaunch.gpu_uuid``)
+        device_index=0 if pinned else device.index or 0,
         threads=device.threads,
         memory_limit=state.memory,
         max_batch_size=max_batch,
@@ -215,7 +217,9 @@ def slice_launch(
         nice=batch_nice if state.latency_class == "batch" else 0,
     )
     state.launch = load
-    return SliceLaunch(state.id, state.tenant, device.id, state.isolation, load)
+    return SliceLaunch(
+        state.id, state.tenant, device.id, state.isolation, load, device.uuid if pinned else None
+    )
 
 
 def slice_queue(

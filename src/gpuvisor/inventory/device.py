@@ -47,9 +47,9 @@ class Device:
 
     ``quantum`` left at ``0.0`` takes the kind's default (``DEFAULT_CPU_QUANTUM`` or
     ``DEFAULT_GPU_QUANTUM``), ``lookahead`` left at None the kind's default lookahead (0
-    turns the lookahead off). ``index`` is the NVML index of a real GPU, which is the CUDA
-    index when workers run with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; prefer ``uuid`` to pin a
-    worker to a GPU. ``pci_bus_id`` uses the sysfs form ``0000:3b:00.0``.
+    turns the lookahead off). ``index`` is the NVML (``nvidia-smi``) index of a real GPU, not
+    necessarily CUDA's: its workers are pinned to it by ``uuid`` (``SliceLaunch.gpu_uuid``).
+    ``pci_bus_id`` uses the sysfs form ``0000:3b:00.0``.
 
     Raises ValueError when a field is out of range (a programming error, not user input).
     """

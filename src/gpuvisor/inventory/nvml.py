@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from gpuvisor.inventory.simulated import match_nvml_name
 from gpuvisor.partition.mig import use_driver_geometry
 from gpuvisor.partition.nvml_geometry import read_geometry
 
-__all__ = ["discover_nvml", "sysfs_bus_id"]
+__all__ = ["discover_nvml", "sysfs_bus_id", "visible_gpus"]
 
 logger = logging.getLogger("gpuvisor.inventory")
 
@@ -138,8 +139,42 @@ def _describe_gpu(nvml: Any, index: int, sysfs_root: Path) -> Device:
     )
 
 
+def visible_gpus(devices: list[Device], setting: str) -> list[Device]:
+    """Return the GPUs a ``CUDA_VISIBLE_DEVICES`` value names, in its order.
+
+    Entries are indices as NVML and ``nvidia-smi`` number the GPUs, or UUIDs (``GPU-…``, a
+    unique prefix is enough). As CUDA does, the list ends at the first entry that names no
+    GPU (``-1``, say, hides every GPU), which is logged; a GPU named twice counts once.
+    """
+    chosen: list[Device] = []
+    for entry in (part.strip() for part in setting.split(",")):
+        if entry.isdigit():
+            found = [d for d in devices if d.index == int(entry)]
+        elif entry.upper().startswith("GPU-"):
+            found = [d for d in devices if d.uuid and d.uuid.upper().startswith(entry.upper())]
+        else:
+            found = []
+        if len(found) != 1:
+            if entry not in ("", "-1"):  # those two hide the GPUs on purpose
+                why = "matches several GPUs" if found else "names no GPU NVML reports"
+                logger.warning(
+                    "CUDA_VISIBLE_DEVICES=%r: entry %r %s; it and the entries after it are "
+                    "ignored, as CUDA ignores them (give nvidia-smi indices or GPU UUIDs)",
+                    setting,
+                    entry,
+                    why,
+                )
+            break
+        if found[0] not in chosen:
+            chosen.append(found[0])
+    return chosen
+
+
 def discover_nvml(sysfs_root: Path = Path("/sys")) -> tuple[list[Device], str | None]:
     """Return the GPUs NVML reports (ids ``gpu-<nvml index>``) and, when none, the reason why.
+
+    Where ``CUDA_VISIBLE_DEVICES`` is set, only the GPUs it names (``visible_gpus``): an
+    operator sets it to keep a node off some GPUs, and NVML itself ignores it.
 
     Never raises for a missing library, driver or GPU: the reason says which (e.g. "NVML
     library not found"). NVML is always shut down again before returning.
@@ -164,4 +199,10 @@ def discover_nvml(sysfs_root: Path = Path("/sys")) -> tuple[list[Device], str | 
             logger.debug("nvmlShutdown failed: %s", error)
     if not devices:
         return [], "NVML reports no GPUs"
+    setting = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if setting is not None:
+        devices = visible_gpus(devices, setting)
+        if not devices:
+            return [], f"CUDA_VISIBLE_DEVICES={setting!r} hides every GPU"
+        logger.info("CUDA_VISIBLE_DEVICES=%r: using %s", setting, ", ".join(d.id for d in devices))
     return devices, None

@@ -68,6 +68,7 @@ class SliceLaunch:
     device_id: str
     isolation: str  # shared | process | partition | exclusive
     load: p.LoadModel
+    gpu_uuid: str | None = None  # the GPU the worker is pinned to (it sees no other)
 
     @property
     def worker_key(self) -> str:
@@ -314,7 +315,9 @@ class WorkerPool(WorkerLink):
             worker = self.by_key.get(key)
             if worker is not None and not worker.exited.done():
                 return worker
-            spawning = asyncio.ensure_future(self._spawn(key, launch.tenant, launch.load.threads))
+            spawning = asyncio.ensure_future(
+                self._spawn(key, launch.tenant, launch.load.threads, launch.gpu_uuid)
+            )
             self._spawning[key] = spawning
             spawning.add_done_callback(functools.partial(self._spawned, key))
         return await asyncio.shield(spawning)
@@ -343,9 +346,17 @@ class WorkerPool(WorkerLink):
         if not spawning.cancelled():
             spawning.exception()  # its loads see it; retrieved here when none is left waiting
 
-    async def _spawn(self, key: str, tenant: str, threads: int | None) -> WorkerProcess:
+    async def _spawn(
+        self, key: str, tenant: str, threads: int | None, gpu_uuid: str | None = None
+    ) -> WorkerProcess:
         worker_id = f"w{next(self._ids)}-{os.getpid()}"
         env = {**os.environ, **worker_log_environment()}  # logs as the node does
+        if gpu_uuid:
+            # A worker serves one device: pinned by UUID, it sees that GPU alone, as cuda:0.
+            # NVML's index (the node's) is CUDA's only under PCI bus order and with no
+            # CUDA_VISIBLE_DEVICES of the node's own in the way.
+            env["CUDA_VISIBLE_DEVICES"] = gpu_uuid
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         handoff_path = str(self.runtime_dir / f"{worker_id}.go")
         if threads:
             # Keep math libraries inside the worker's thread budget.

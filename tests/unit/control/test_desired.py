@@ -98,3 +98,28 @@ def test_a_slice_of_a_dedicated_pool_tells_placement_so() -> None:
             placement_snapshot([discover_cpu(memory=4 << 30)], [state], "").get("cpu-0").slices
         )
         assert (state.dedicated, placed.dedicated) == (expected, expected)
+
+
+def test_a_slice_on_a_gpu_has_its_worker_pinned_to_that_gpu_by_uuid() -> None:
+    """NVML's index is CUDA's only under PCI bus order and with no CUDA_VISIBLE_DEVICES of the
+    node's own: the worker sees its GPU alone, by UUID, as cuda:0."""
+    from gpuvisor.control.launch import new_instance, slice_launch
+    from gpuvisor.inventory.cpu import discover_cpu
+    from gpuvisor.inventory.device import Device
+
+    want = desired_slices(load_documents(MANIFEST), unloaded=set())[0]
+    assert want.model is not None
+    state = new_instance(want, want.slice_id)
+    gpu = Device("gpu-3", "gpu", "nvml", "H100-80GB", 80 << 30, uuid="GPU-abcd", index=3)
+    launch = slice_launch(state, want.model, want.deployment, gpu, batch_nice=10)
+    assert (launch.gpu_uuid, launch.load.device_kind, launch.load.device_index) == (
+        "GPU-abcd",
+        "cuda",
+        0,
+    )
+    # NVML could not tell its UUID: the index is all there is
+    unknown = Device("gpu-3", "gpu", "nvml", "H100-80GB", 80 << 30, index=3)
+    launch = slice_launch(state, want.model, want.deployment, unknown, batch_nice=10)
+    assert (launch.gpu_uuid, launch.load.device_index) == (None, 3)
+    launch = slice_launch(state, want.model, want.deployment, discover_cpu(4 << 30), 10)
+    assert (launch.gpu_uuid, launch.load.device_kind) == (None, "cpu")

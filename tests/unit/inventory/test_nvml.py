@@ -123,6 +123,8 @@ class FakeNvml:
 
 @pytest.fixture
 def install(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
     def install_fake(fake: FakeNvml) -> FakeNvml:
         monkeypatch.setitem(sys.modules, "pynvml", fake.module())
         return fake
@@ -276,6 +278,56 @@ def test_a_failing_device_count_still_shuts_nvml_down(install: Any) -> None:
     fake = install(FakeNvml(count_error=pynvml.NVML_ERROR_UNKNOWN))
     assert discover_nvml() == ([], "NVML could not list GPUs: Unknown Error")
     assert fake.calls == ["init", "shutdown"]
+
+
+def _three_gpus() -> FakeNvml:
+    return FakeNvml(
+        gpus=[
+            FakeGpu(uuid="GPU-aaaa0000-0000"),
+            FakeGpu(uuid="GPU-bbbb0000-0000", bus_id="00000000:5E:00.0"),
+            FakeGpu(uuid="GPU-bbbc0000-0000", bus_id="00000000:86:00.0"),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "ids"),
+    [
+        ("2", ["gpu-2"]),
+        ("2,0", ["gpu-2", "gpu-0"]),  # CUDA's order, not NVML's
+        (" 1 , GPU-aaaa ", ["gpu-1", "gpu-0"]),  # a unique UUID prefix names its GPU
+        ("gpu-bbbc0000-0000", ["gpu-2"]),
+        ("0,0,1", ["gpu-0", "gpu-1"]),  # named twice, counted once
+        ("1,7,0", ["gpu-1"]),  # the list ends at the first entry that names no GPU
+        ("0,GPU-bbb,2", ["gpu-0"]),  # ... or names several
+    ],
+)
+def test_cuda_visible_devices_keeps_the_node_on_the_gpus_it_names(
+    install: Any, monkeypatch: pytest.MonkeyPatch, setting: str, ids: list[str]
+) -> None:
+    install(_three_gpus())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", setting)
+    devices, reason = discover_nvml()
+    assert reason is None
+    assert [d.id for d in devices] == ids
+    # the ids stay NVML's (nvidia-smi's) numbers, whatever the order CUDA would give
+    assert [d.index for d in devices] == [int(i.split("-")[1]) for i in ids]
+
+
+@pytest.mark.parametrize("setting", ["", "-1", "7", "NoDevFiles"])
+def test_cuda_visible_devices_that_hides_every_gpu_is_the_reason_for_none(
+    install: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, setting: str
+) -> None:
+    install(_three_gpus())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", setting)
+    with caplog.at_level("WARNING", logger="gpuvisor.inventory"):
+        assert discover_nvml() == ([], f"CUDA_VISIBLE_DEVICES={setting!r} hides every GPU")
+    # hiding them on purpose ("" or -1) is not worth a warning; a typo is
+    warned = [r.getMessage() for r in caplog.records]
+    if setting in ("", "-1"):
+        assert warned == []
+    else:
+        assert len(warned) == 1 and f"entry {setting!r} names no GPU NVML reports" in warned[0]
 
 
 def test_missing_pynvml_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,6 +39,7 @@ def _launch(
     isolation: str = "process",
     sha256: str | None = None,
     nice: int = 0,
+    gpu_uuid: str | None = None,
 ) -> SliceLaunch:
     load = p.LoadModel(
         slice_id,
@@ -55,7 +56,7 @@ def _launch(
         profile_batch_sizes=[1, 2, 4],
         nice=nice,
     )
-    return SliceLaunch(slice_id, tenant, "cpu-0", isolation, load)
+    return SliceLaunch(slice_id, tenant, "cpu-0", isolation, load, gpu_uuid)
 
 
 def _request(i: int) -> PendingRequest:
@@ -350,6 +351,36 @@ def test_a_worker_runs_at_the_niceness_its_most_urgent_slice_asks(model: Path) -
             await _until_niceness(shared.pid, urgent)
             await pool.unload_slice("b/chat/0")
             await _until_niceness(shared.pid, {base + 10})
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def _environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().partition("=")[::2] for e in entries if e)
+
+
+def test_a_worker_sees_only_the_gpu_its_slices_run_on(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the node's own CUDA_VISIBLE_DEVICES (which its GPU list already honours), a
+    GPU slice's worker is pinned to its GPU by UUID; the others keep the node's setting."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+
+    async def scenario() -> None:
+        pool = WorkerPool(start_timeout=60)
+        pool.start()
+        try:
+            _, pinned = await pool.load_slice(_launch("a/m/0", model, "a", gpu_uuid="GPU-abcd"))
+            _, other = await pool.load_slice(_launch("b/m/0", model, "b"))
+            env = _environment(pinned.pid)
+            assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == (
+                "GPU-abcd",
+                "PCI_BUS_ID",
+            )
+            assert _environment(other.pid)["CUDA_VISIBLE_DEVICES"] == "1,0"
         finally:
             await pool.close()
 
