@@ -68,6 +68,13 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def other_pg_url() -> Iterator[str]:
+    """Another fresh, empty schema on the same server, beside ``pg_url``'s."""
+    with fresh_postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 

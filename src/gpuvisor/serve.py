@@ -32,6 +32,7 @@ from gpuvisor.node import Node, NodeOptions
 from gpuvisor.security.admin_key import read_admin_key
 from gpuvisor.security.keys import KeyRing, admin_key_path, claimed_key_id
 from gpuvisor.serve_guards import (
+    HeldLock,
     check_port_free,
     check_state_dir,
     lock_database,
@@ -149,15 +150,16 @@ async def serve_node(
     check_port_free(host, port)
     # a node already running on this state directory is refused first (then it exists)
     early = lock_state_dir(state_dir) if state_dir.is_dir() else None
-    db_lock: int | None = None
+    db_lock: HeldLock | None = None
     try:
         # and a node already running on the database (another state directory's, say)
         db_lock = lock_database(db) if db is not None else None
         topology = await asyncio.to_thread(discover, spec)
     except BaseException:
-        for fd in (early, db_lock):
-            if fd is not None:
-                os.close(fd)
+        if early is not None:
+            os.close(early)
+        if db_lock is not None:
+            db_lock.close()
         raise
     make_state_dir(state_dir)
     lock = early if early is not None else lock_state_dir(state_dir)
@@ -245,7 +247,7 @@ async def serve_node(
             watching.cancel()
         os.close(lock)
         if db_lock is not None:
-            os.close(db_lock)
+            db_lock.close()
 
 
 def _key_status(keys: KeyRing, secret: str) -> str:

@@ -1,22 +1,28 @@
 """What `gpuvisor up` checks and holds before it starts anything: that it can listen on its
 address, that its state directory is a directory, and that no other node runs on the same
-state directory or SQLite database (each refused in one line, before anything is written)."""
+state directory or database (each refused in one line, before anything is written)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import resource
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
 from gpuvisor.errors import ConfigError
-from gpuvisor.store.db import sqlite_file
+from gpuvisor.store.db import make_engine, sqlite_file
 
 __all__ = [
+    "HeldLock",
     "check_port_free",
     "check_state_dir",
     "lock_database",
@@ -131,18 +137,88 @@ def lock_state_dir(state_dir: Path) -> int:
     )
 
 
-def lock_database(db_url: str) -> int | None:
-    """Hold ``<database file>.lock`` for a SQLite database (``_hold_lock``): one node per
-    database, whatever their state directories (``--db`` naming another node's file). None
-    for a database that is not a file here (PostgreSQL: give each node its own)."""
+class HeldLock:
+    """A lock the node holds while it runs; ``close`` lets it go (the system does when the
+    process ends, SIGKILL included)."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def lock_database(db_url: str) -> HeldLock | None:
+    """Hold the database for this node: one node per database, whatever their state
+    directories (``--db`` naming another node's). A SQLite file's lock file
+    ``<file>.lock`` (``_hold_lock``); on PostgreSQL, an advisory lock on the node's schema,
+    held by a connection of its own for as long as the node runs. None for an in-memory
+    database (nothing else can open it)."""
+    parsed = make_url(db_url)
+    if parsed.get_backend_name() in ("postgres", "postgresql"):
+        return _hold_postgres_lock(db_url)
     path = sqlite_file(db_url)
     if path is None:
         return None
-    return _hold_lock(
+    fd = _hold_lock(
         path.with_name(path.name + ".lock"),
         lambda who: (
             f"{who} uses the database {path}: two nodes on one database would book the same "
             "devices twice and start each other's deployments. Stop that node first, or give "
             "this one its own --db"
         ),
+    )
+    return HeldLock(lambda: os.close(fd))
+
+
+def _hold_postgres_lock(db_url: str) -> HeldLock:
+    """Take the node's advisory lock on the schema ``db_url`` opens (``current_schema()``:
+    nodes on other schemas of the same database keep their own state) on a connection kept
+    open for it. Raise ConfigError when the database cannot be reached or another node
+    holds the lock (named by the ``application_name`` its connection gave)."""
+    shown = make_url(db_url).render_as_string(hide_password=True)
+    engine = make_engine(db_url)
+    try:
+        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        schema = connection.execute(text("SELECT current_schema()")).scalar()
+        digest = hashlib.sha256(f"gpuvisor node {schema}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        me = f"gpuvisor node pid {os.getpid()} on {socket.gethostname()}"[:63]
+        connection.execute(text("SELECT set_config('application_name', :me, false)"), {"me": me})
+        held = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key})
+        if held.scalar():
+            connection.commit()
+
+            def release() -> None:
+                with contextlib.suppress(SQLAlchemyError):
+                    connection.close()
+                engine.dispose()  # closes the connection, which lets the lock go
+
+            return HeldLock(release)
+        # an advisory lock's 64-bit key shows in pg_locks as two 32-bit halves
+        holder = connection.execute(
+            text(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+                "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1 "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = "
+                "current_database())"
+            ),
+            {"high": (key >> 32) & 0xFFFFFFFF, "low": key & 0xFFFFFFFF},
+        ).scalar()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"cannot open the database {shown}: {reason} (check --db: that PostgreSQL runs "
+            "there and that the URL's user, password and database are right)"
+        ) from None
+    engine.dispose()
+    who = f"another gpuvisor node{f' ({holder})' if holder else ''}"
+    raise ConfigError(
+        f"{who} uses the database {shown} (schema {schema}): two nodes on one database would "
+        "book the same devices twice and start each other's deployments. Stop that node "
+        "first, or give this one its own database or schema"
     )

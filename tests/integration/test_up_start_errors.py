@@ -90,3 +90,39 @@ def test_a_second_node_on_another_nodes_database_is_refused(tmp_path: Path) -> N
         assert httpx.get(f"{first.url}/v2/health/ready", timeout=10).status_code == 200
     finally:
         first.stop()
+
+
+@pytest.mark.postgres
+def test_a_second_node_on_another_nodes_postgresql_schema_is_refused(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """On PostgreSQL too: the first node holds an advisory lock on its schema as long as it
+    runs (SIGKILL included: the server drops the lock with the connection)."""
+    first = NodeProcess(state_dir=tmp_path / "first", demo=False, db=pg_url).start(timeout=120)
+    try:
+        result = runner.invoke(
+            app,
+            [
+                "up",
+                "--no-demo",
+                "--state",
+                str(tmp_path / "second"),
+                "--db",
+                pg_url,
+                "--port",
+                str(free_port()),
+            ],
+        )
+        assert result.exit_code == 1, result.output
+        output = " ".join(result.output.split())
+        assert output.startswith(
+            f"error: another gpuvisor node (gpuvisor node pid {first.process.pid} on "
+        ), output
+        assert "give this one its own database or schema" in output
+        assert "Traceback" not in result.output
+        assert httpx.get(f"{first.url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        first.stop(signal.SIGKILL)
+    # the lock went with the killed node's connection (its admin key file is in its state)
+    second = NodeProcess(state_dir=tmp_path / "first", demo=False, db=pg_url).start(timeout=120)
+    second.stop()

@@ -12,10 +12,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from gpuvisor.errors import ConfigError
+from gpuvisor.launch import free_port
 from gpuvisor.runtime.pool import sweep_stale_runtime_dirs
-from gpuvisor.serve_guards import lock_state_dir
+from gpuvisor.serve_guards import lock_database, lock_state_dir
 
 
 def test_a_state_directory_the_node_cannot_write_is_one_clear_error() -> None:
@@ -59,3 +61,30 @@ def test_socket_folders_of_killed_nodes_are_swept_and_live_ones_kept() -> None:
         for path in (stale, live, unnamed):
             if path.exists():
                 path.rmdir()
+
+
+@pytest.mark.postgres
+def test_one_node_per_postgresql_schema(pg_url: str, other_pg_url: str) -> None:
+
+    held = lock_database(pg_url)
+    assert held is not None
+    try:
+        with pytest.raises(ConfigError) as caught:
+            lock_database(pg_url)  # another connection: another node, as far as the server knows
+        message = caught.value.message
+        assert message.startswith(f"another gpuvisor node (gpuvisor node pid {os.getpid()} on ")
+        assert "(schema gv_test_" in message
+        other = lock_database(other_pg_url)  # another schema is another node's state
+        assert other is not None
+        other.close()
+    finally:
+        held.close()
+    again = lock_database(pg_url)  # let go with its connection
+    assert again is not None
+    again.close()
+    # a server that does not answer is one clear error, with the password hidden
+    unreachable = make_url(pg_url).set(port=free_port(), password="s3cret")
+    with pytest.raises(ConfigError) as caught:
+        lock_database(unreachable.render_as_string(hide_password=False))
+    assert caught.value.message.startswith("cannot open the database postgresql+psycopg://")
+    assert "s3cret" not in caught.value.message and "check --db" in caught.value.message
